@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/pretrain/shapes-tiny.yaml
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test lint format tensorboard bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-lock.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements-lock.txt -e ".[dev,triton,streaming]"
+	$(BIN)/python -c "import vlp, torch, torchvision, timm, lightning, transformers"
+	touch $(STAMP)
+
+train: install
+	$(BIN)/vlp fit --config $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check vlp tests benchmarks
+	$(BIN)/ruff format --check vlp tests benchmarks
+
+format: install
+	$(BIN)/ruff format vlp tests benchmarks
+	$(BIN)/ruff check --fix vlp tests benchmarks
+
+tensorboard: install
+	$(BIN)/tensorboard --logdir runs
+
+bench: install
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

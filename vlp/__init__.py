@@ -1,0 +1,1 @@
+"""Multi-task vision-language pre-training on Lightning."""

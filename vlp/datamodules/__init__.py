@@ -1,0 +1,1 @@
+"""One file per data source, and the multi-task data module that samples between them."""

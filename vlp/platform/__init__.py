@@ -1,0 +1,1 @@
+"""What every objective shares: backbone, sampler, kernels, metrics, callbacks."""
