@@ -1,0 +1,405 @@
+"""Token merging (ToMe-style bipartite soft matching, PuMer-style text-guided merging).
+
+Merging averages similar tokens instead of dropping them, so a layer sees fewer tokens while every
+original token still contributes. Each merged token carries a *size* (how many originals it holds); the
+average is size-weighted and attention adds `log(size)` on the key axis (proportional attention) so a
+merged token is attended as much as the tokens it replaced. Implemented from the papers' descriptions:
+Bolya et al. 2023 (ToMe), Cao et al. 2023 (PuMer).
+
+A merge is a pair of closures: `merge_fn(x [B, N, C], mode) -> [B, N - r, C]` reduces tokens with a
+`torch.scatter_reduce` mode ("sum", "mean", "amax"), `unmerge_fn` maps merged tokens back to [B, N, C].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers.attention import Attention, maybe_add_mask
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor
+
+MergeFn = Callable[..., Tensor]
+SCHEDULES = ("constant", "decreasing")
+
+
+def _keep(x: Tensor, mode: str = "mean") -> Tensor:
+    """The merge of r = 0: the input object itself."""
+    return x
+
+
+def bipartite_soft_matching(
+    metric: Tensor, r: int, protect_first: bool = True, mask: Tensor | None = None
+) -> tuple[MergeFn, MergeFn]:
+    """Plan the merge of the `r` most similar tokens of `metric` [B, N, C].
+
+    Tokens alternate into sets A (even positions) and B (odd); every A token links to its most
+    cosine-similar B token and the r strongest links merge A into B. r is capped at half the mergeable
+    tokens. The first token ([CLS]) is never merged when `protect_first`. `mask` [B, N] bool (True = real)
+    forbids real-padding links, so padding merges among itself; should r force one anyway, `merge_wavg`
+    with the same mask keeps the padding out of the real token's value.
+    """
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    b, n, _ = metric.shape
+    if mask is not None and mask.shape != (b, n):
+        raise ValueError(f"mask must have shape {(b, n)}, got {tuple(mask.shape)}")
+    protected = int(protect_first)
+    r = min(r, (n - protected) // 2)
+    if r <= 0:
+        return _keep, _keep
+
+    with torch.no_grad():
+        metric = F.normalize(metric, dim=-1)
+        scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)  # [B, Na, Nb]
+        if mask is not None:
+            crosses = mask[:, ::2, None] != mask[:, None, 1::2]
+            scores = scores.masked_fill(crosses, torch.finfo(scores.dtype).min)
+        if protect_first:
+            scores[:, 0] = -torch.inf  # below any masked link, so never chosen
+        best_score, best_dst = scores.max(dim=-1)  # [B, Na]
+        order = best_score.argsort(dim=-1, descending=True)[..., None]
+        src_idx = order[:, :r]
+        keep_idx = order[:, r:].sort(dim=1).values  # original order: [CLS] stays first
+        dst_idx = best_dst[..., None].gather(1, src_idx)
+    n_a = scores.shape[1]
+
+    def merge(x: Tensor, mode: str = "mean") -> Tensor:
+        src, dst = x[:, ::2], x[:, 1::2]
+        c = x.shape[-1]
+        kept = src.gather(1, keep_idx.expand(-1, -1, c))
+        moved = src.gather(1, src_idx.expand(-1, -1, c))
+        dst = dst.scatter_reduce(1, dst_idx.expand(-1, -1, c), moved, reduce=mode)
+        return torch.cat([kept, dst], dim=1)
+
+    def unmerge(x: Tensor) -> Tensor:
+        c = x.shape[-1]
+        n_keep = keep_idx.shape[1]
+        kept, dst = x[:, :n_keep], x[:, n_keep:]
+        moved = dst.gather(1, dst_idx.expand(-1, -1, c))
+        src = x.new_zeros(b, n_a, c).scatter(1, keep_idx.expand(-1, -1, c), kept)
+        src = src.scatter(1, src_idx.expand(-1, -1, c), moved)
+        out = x.new_zeros(b, n, c)
+        out[:, ::2] = src
+        out[:, 1::2] = dst
+        return out
+
+    return merge, unmerge
+
+
+def merge_wavg(
+    merge_fn: MergeFn, x: Tensor, size: Tensor | None = None, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Size-weighted average merge of `x` [B, N, C]; returns (x [B, N - r, C], size [B, N - r, 1]).
+
+    `size` [B, N, 1] defaults to float32 ones (exact counts under bf16); merged sizes add up, so they sum to the original token count.
+    With `mask` [B, N] (True = real) a group holding any real token averages its real members only and
+    its size counts them only: sum(size * merged mask) stays the number of real tokens.
+    """
+    if size is None:
+        size = torch.ones_like(x[..., :1], dtype=torch.float32)
+    if merge_fn is _keep:
+        return x, size
+    if mask is None:
+        merged_size = merge_fn(size, mode="sum")
+        return merge_fn(x * size.to(x.dtype), mode="sum") / merged_size.to(x.dtype), merged_size
+    real_weight = size * mask[..., None].to(size.dtype)
+    pad_weight = size - real_weight
+    real_size, pad_size = merge_fn(real_weight, mode="sum"), merge_fn(pad_weight, mode="sum")
+    is_real = real_size > 0
+    real_x = merge_fn(x * real_weight.to(x.dtype), mode="sum") / real_size.clamp_min(1e-6).to(x.dtype)
+    pad_x = merge_fn(x * pad_weight.to(x.dtype), mode="sum") / pad_size.clamp_min(1e-6).to(x.dtype)
+    return torch.where(is_real, real_x, pad_x), torch.where(is_real, real_size, pad_size)
+
+
+def merge_mask(merge_fn: MergeFn, mask: Tensor) -> Tensor:
+    """Merge a [B, N] bool mask (True = real): a merged token is real if any member is."""
+    if merge_fn is _keep:
+        return mask
+    return merge_fn(mask[..., None].float(), mode="amax")[..., 0] > 0
+
+
+def merge_source(merge_fn: MergeFn, source: Tensor | None, x: Tensor) -> Tensor:
+    """Track which original tokens each token holds: source [B, N, N_original] (0/1) for `x` [B, N, C].
+
+    `source` None starts from the identity (every token is itself). Costs B * N * N_original memory.
+    """
+    if source is None:
+        b, n, _ = x.shape
+        source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
+    return merge_fn(source, mode="amax")
+
+
+def proportional_attention_bias(
+    size: Tensor, key_padding_mask: Tensor | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Additive attention bias [B, 1, 1, N] = log(size) on the key axis, for SDPA's `attn_mask`.
+
+    `size` [B, N, 1] or [B, N]; `key_padding_mask` [B, N] bool (True = attend) puts -inf on padded keys.
+    All sizes 1 and no padding give a zero bias, i.e. plain attention.
+    """
+    if size.dim() == 3:
+        size = size[..., 0]
+    if size.dim() != 2:
+        raise ValueError(f"size must be [B, N] or [B, N, 1], got shape {tuple(size.shape)}")
+    bias = size.float().log()
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != bias.shape:
+            raise ValueError(
+                f"key_padding_mask must have shape {tuple(bias.shape)}, got {tuple(key_padding_mask.shape)}"
+            )
+        bias = bias.masked_fill(~key_padding_mask.bool(), -torch.inf)
+    return bias.to(dtype or (size.dtype if size.is_floating_point() else torch.float32))[:, None, None, :]
+
+
+def merge_schedule(
+    r: int | list[int], depth: int, num_tokens: int, schedule: str = "constant", protected: int = 1
+) -> list[int]:
+    """Tokens merged per layer: a constant r, an explicit per-layer list, or "decreasing" (2r down to 0,
+    about r * depth in total). Each entry is capped at half the mergeable tokens left, so at least
+    `protected` + 1 tokens remain."""
+    if depth < 1 or num_tokens < 1:
+        raise ValueError(f"depth and num_tokens must be >= 1, got depth={depth}, num_tokens={num_tokens}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if isinstance(r, list):
+        if len(r) != depth:
+            raise ValueError(f"r as a list needs one entry per layer ({depth}), got {len(r)}")
+        if schedule != "constant":
+            raise ValueError(f"an explicit r list takes schedule='constant', got {schedule!r}")
+        per_layer = list(r)
+    elif isinstance(r, int) and not isinstance(r, bool):
+        if schedule == "decreasing" and depth > 1:
+            per_layer = [round(2 * r * (depth - 1 - i) / (depth - 1)) for i in range(depth)]
+        else:
+            per_layer = [r] * depth
+    else:
+        raise TypeError(f"r must be an int or a list of ints, got {type(r).__name__}")
+    if any(not isinstance(v, int) or v < 0 for v in per_layer):
+        raise ValueError(f"r must be non-negative integers, got {r}")
+    capped, n = [], num_tokens
+    for v in per_layer:
+        v = min(v, max(n - protected, 0) // 2)
+        capped.append(v)
+        n -= v
+    return capped
+
+
+@dataclass
+class TokenMergingState:
+    """Per-model merging settings and the last forward's results (plain attribute, not in state_dict).
+
+    size: [B, N_final, 1] tokens held by each output token (None when nothing merged);
+    source: [B, N_final, N_original] membership map when `trace_source`.
+    """
+
+    r: list[int]
+    proportional_attention: bool = True
+    trace_source: bool = False
+    protect_first: bool = True
+    size: Tensor | None = None
+    source: Tensor | None = None
+
+    @property
+    def tokens_kept(self) -> float:
+        """Fraction of the input tokens left after the last forward (1.0 without merging)."""
+        if self.size is None:
+            return 1.0
+        return self.size.shape[1] / float(self.size[0].sum())
+
+
+class MergingAttention(Attention):
+    """timm `Attention` that can add the proportional bias and return the keys' head mean as metric."""
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        size: Tensor | None = None,
+        return_metric: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x [B, N, C], size [B, N, 1]; returns out [B, N, C] (and metric [B, N, head_dim])."""
+        if size is None and not return_metric:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise ValueError("token merging does not support attn_mask or is_causal in the vision tower")
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = None if size is None else proportional_attention_bias(size, dtype=q.dtype)
+        if self.fused_attn:
+            dropout_p = self.attn_drop.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+        else:
+            attn = maybe_add_mask((q * self.scale) @ k.transpose(-2, -1), bias)
+            out = self.attn_drop(attn.softmax(dim=-1)) @ v
+        out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
+        if gate is not None:
+            out = out * gate
+        out = self.proj_drop(self.proj(out))
+        return (out, k.mean(dim=1)) if return_metric else out
+
+
+class MergingBlock(Block):
+    """timm `Block` that merges `r` tokens between attention and MLP (after the residual add)."""
+
+    _tome_state: TokenMergingState
+    _tome_layer: int
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        state = self._tome_state
+        if self._tome_layer == 0:
+            state.size, state.source = None, None
+        if not any(state.r):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        size = state.size if state.proportional_attention else None
+        out, metric = self.attn(
+            self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, size=size, return_metric=True
+        )
+        x = x + self.drop_path1(self.ls1(out))
+        r = state.r[self._tome_layer]
+        if r > 0:
+            merge, _ = bipartite_soft_matching(metric, r, protect_first=state.protect_first)
+            if state.trace_source:
+                state.source = merge_source(merge, state.source, x)
+            x, state.size = merge_wavg(merge, x, state.size)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _num_tokens(vit: VisionTransformer) -> int:
+    return vit.patch_embed.num_patches + vit.num_prefix_tokens
+
+
+def apply_token_merging(
+    vit: VisionTransformer,
+    r: int | list[int],
+    proportional_attention: bool = True,
+    trace_source: bool = False,
+    schedule: str = "constant",
+) -> None:
+    """Turn a timm VisionTransformer into a merging one in place; weights and state_dict keys unchanged.
+
+    Swaps each `Block`/`Attention` class for its merging subclass and attaches a shared
+    `vit._tome_state` (`TokenMergingState`). r = 0 everywhere runs timm's own forward (bitwise equal).
+    Not for use with `vit.set_grad_checkpointing()`: recomputation would reread the merged sizes.
+    """
+    if not isinstance(vit, VisionTransformer):
+        raise TypeError(f"vit must be a timm VisionTransformer, got {type(vit).__name__}")
+    if vit.num_prefix_tokens > 1:
+        raise ValueError(
+            f"only one prefix token ([CLS]) is supported, got num_prefix_tokens={vit.num_prefix_tokens}"
+        )
+    for i, block in enumerate(vit.blocks):
+        if type(block) not in (Block, MergingBlock) or type(block.attn) not in (Attention, MergingAttention):
+            raise TypeError(
+                f"block {i} is {type(block).__name__} with {type(block.attn).__name__}; "
+                "token merging supports timm Block with Attention"
+            )
+    per_layer = merge_schedule(r, len(vit.blocks), _num_tokens(vit), schedule, vit.num_prefix_tokens)
+    state = TokenMergingState(per_layer, proportional_attention, trace_source, vit.num_prefix_tokens == 1)
+    vit._tome_state = state
+    for i, block in enumerate(vit.blocks):
+        block.__class__ = MergingBlock
+        block.attn.__class__ = MergingAttention
+        block._tome_state = state
+        block._tome_layer = i
+
+
+def token_merging_state(vit: VisionTransformer) -> TokenMergingState | None:
+    """The merging state of a ViT (sizes/source of its last forward), None if it does not merge."""
+    return getattr(vit, "_tome_state", None)
+
+
+def set_merge_r(vit: VisionTransformer, r: int | list[int], schedule: str = "constant") -> None:
+    """Change how many tokens a merging ViT merges per layer (e.g. raising r during training)."""
+    state = token_merging_state(vit)
+    if state is None:
+        raise ValueError("vit has no token merging; call apply_token_merging first")
+    state.r = merge_schedule(r, len(vit.blocks), _num_tokens(vit), schedule, int(state.protect_first))
+
+
+def text_guided_merge(
+    image_tokens: Tensor,
+    cross_attn_weights: Tensor,
+    r: int,
+    size: Tensor | None = None,
+    text_mask: Tensor | None = None,
+    protect_first: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """PuMer-style: merge the `r` image tokens least attended by the real text into their most similar
+    remaining token (cosine, size-weighted). Kept tokens stay in their original order.
+
+    image_tokens [B, Ni, D]; cross_attn_weights text->image [B, H, Nt, Ni] or [B, Nt, Ni];
+    size [B, Ni, 1]; text_mask [B, Nt] (True/1 = real). Returns (tokens [B, Ni - r, D], size).
+    """
+    if r < 0:
+        raise ValueError(f"r must be >= 0, got {r}")
+    b, n, _ = image_tokens.shape
+    attn = cross_attn_weights.mean(dim=1) if cross_attn_weights.dim() == 4 else cross_attn_weights
+    if attn.dim() != 3 or attn.shape[0] != b or attn.shape[2] != n:
+        raise ValueError(
+            f"cross_attn_weights must be [B, H, Nt, Ni] or [B, Nt, Ni] with B={b}, Ni={n}, "
+            f"got {tuple(cross_attn_weights.shape)}"
+        )
+    if text_mask is None:
+        text_mask = torch.ones(attn.shape[:2], dtype=torch.bool, device=attn.device)
+    if text_mask.shape != attn.shape[:2]:
+        raise ValueError(f"text_mask must have shape {tuple(attn.shape[:2])}, got {tuple(text_mask.shape)}")
+    protected = int(protect_first)
+    r = min(r, max(n - protected - 1, 0))
+    if r == 0:
+        return merge_wavg(_keep, image_tokens, size)
+
+    with torch.no_grad():
+        weight = text_mask.to(attn.dtype)[..., None]
+        received = (attn * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)  # [B, Ni]
+        if protect_first:
+            received[:, 0] = torch.inf
+        order = received.argsort(dim=-1)[..., None]
+        src_idx = order[:, :r]
+        keep_idx = order[:, r:].sort(dim=1).values
+        metric = F.normalize(image_tokens, dim=-1)
+        d = metric.shape[-1]
+        similarity = metric.gather(1, src_idx.expand(-1, -1, d)) @ metric.gather(
+            1, keep_idx.expand(-1, -1, d)
+        ).transpose(1, 2)  # [B, r, Ni - r]
+        if protect_first:
+            similarity[..., 0] = -torch.inf
+        dst_idx = similarity.argmax(dim=-1)[..., None]
+
+    def merge(x: Tensor, mode: str = "mean") -> Tensor:
+        c = x.shape[-1]
+        kept = x.gather(1, keep_idx.expand(-1, -1, c))
+        moved = x.gather(1, src_idx.expand(-1, -1, c))
+        return kept.scatter_reduce(1, dst_idx.expand(-1, -1, c), moved, reduce=mode)
+
+    return merge_wavg(merge, image_tokens, size)
+
+
+def merge_text_tokens(
+    text_tokens: Tensor,
+    r: int,
+    text_mask: Tensor,
+    size: Tensor | None = None,
+    metric: Tensor | None = None,
+    protect_first: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge `r` tokens of a padded caption batch by bipartite matching without mixing padding into text.
+
+    text_tokens [B, Nt, D], text_mask [B, Nt] (bool or 0/1), metric [B, Nt, C] (defaults to the tokens).
+    Returns (tokens [B, Nt - r, D], size [B, Nt - r, 1], mask [B, Nt - r] in text_mask's dtype).
+    """
+    if text_mask.shape != text_tokens.shape[:2]:
+        raise ValueError(
+            f"text_mask must have shape {tuple(text_tokens.shape[:2])}, got {tuple(text_mask.shape)}"
+        )
+    real = text_mask.bool()
+    merge, _ = bipartite_soft_matching(
+        text_tokens if metric is None else metric, r, protect_first=protect_first, mask=real
+    )
+    tokens, size = merge_wavg(merge, text_tokens, size, mask=real)
+    return tokens, size, merge_mask(merge, real).to(text_mask.dtype)
