@@ -1,0 +1,51 @@
+"""The `vlp` command: LightningCLI's fit / validate / test / predict over vlp's modules and data.
+
+The only module that knows platform, tasks and data modules together: it links the data's tokenizer
+into the backbone, so the text tower's vocabulary always matches the data.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from vlp.datamodules.multitask import MultiTaskDataModule
+from vlp.platform.callbacks import MetricsSummary, NonFiniteLossGuard, SamplerMonitor, ThroughputMonitor
+from vlp.tasks.base import TrainableModule
+
+
+class VLPCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite_guard")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step}"})
+        parser.link_arguments(
+            "data.tokenizer", "model.init_args.backbone.init_args.tokenizer", apply_on="instantiate"
+        )
+
+
+def main(args: list[str] | None = None) -> VLPCLI:
+    return VLPCLI(
+        model_class=TrainableModule,
+        subclass_mode_model=True,
+        datamodule_class=MultiTaskDataModule,
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "runs", "name": "default"},
+            },
+            "callbacks": [
+                LearningRateMonitor(logging_interval="step"),
+                ThroughputMonitor(),
+                SamplerMonitor(),
+                MetricsSummary(),
+            ],
+        },
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""MultiTaskDataModule: the MultiTaskSampler picks (objective, source) for each step.
+
+Every rank draws the same objective (same seed, same state); each source is an endless stream of
+batches sharded over ranks. The training loader is stateful, so a checkpoint continues exactly: the
+sampler, each source's (epoch, position) and the step within the Lightning epoch are saved as of the
+last batch the model consumed, not the last one prefetched. Loss feedback for the adaptive strategy is
+applied with a fixed lag of two steps, the most Lightning's one-batch prefetch allows, so a resumed run
+applies every observation at the same draw as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from vlp.datamodules.shapes import ShapesSource
+from vlp.datamodules.source import DataSource, ResumableSampler
+from vlp.platform.sampler import MultiTaskSampler, SamplingStrategy
+
+FEEDBACK_LAG = 2
+
+
+class SourceStream:
+    """Endless batches of one source's train split: reshuffles each epoch, resumes mid-epoch."""
+
+    def __init__(self, name: str, source: DataSource, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.name, self.source, self.seed = name, source, seed
+        self.rank, self.world_size = rank, world_size
+        self.dataset = source.dataset("train")
+        if len(self.dataset) // world_size < source.batch_size:
+            raise ValueError(
+                f"source {name!r}: {len(self.dataset)} train items are fewer than one batch "
+                f"({source.batch_size}) per rank"
+            )
+        self.epoch, self.position = 0, 0
+        self._iterator: Iterator[dict] | None = None
+
+    def _open(self) -> Iterator[dict]:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        sampler = ResumableSampler(
+            len(self.dataset),
+            self.seed,
+            self.epoch,
+            self.position * self.source.batch_size,
+            self.rank,
+            self.world_size,
+        )
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.source.batch_size,
+            sampler=sampler,
+            collate_fn=self.source.collate,
+            num_workers=self.source.num_workers,
+            drop_last=True,
+        )
+        return iter(loader)
+
+    def next(self) -> dict:
+        if self._iterator is None:
+            self._iterator = self._open()
+        batch = next(self._iterator, None)
+        if batch is None:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._iterator = self._open()
+            batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._iterator = None
+
+
+class MultiTaskLoader:
+    """The training iterable: `steps_per_epoch` batches, each tagged `objective` by the sampler."""
+
+    def __init__(
+        self,
+        streams: dict[str, SourceStream],
+        tasks: dict[str, str],
+        sampler: MultiTaskSampler,
+        steps_per_epoch: int,
+    ) -> None:
+        self.streams, self.tasks, self.sampler = streams, tasks, sampler
+        self.steps_per_epoch = steps_per_epoch
+        self.produced = 0  # batches yielded so far (global index of the next one)
+        self.step_in_epoch = 0
+        self.applied_through = -1  # observations with index <= this are in the sampler
+        self.pending: dict[int, dict[str, float]] = {}
+        self.snapshots: dict[int, dict] = {}
+        self.consumed_state: dict | None = None
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _snapshot(self) -> dict:
+        return {
+            "sampler": self.sampler.state_dict(),
+            "streams": {name: stream.state_dict() for name, stream in self.streams.items()},
+            "produced": self.produced,
+            "step_in_epoch": self.step_in_epoch,
+            "applied_through": self.applied_through,
+        }
+
+    def _apply_observations(self) -> None:
+        for index in sorted(i for i in self.pending if i <= self.produced - FEEDBACK_LAG):
+            self.sampler.observe(self.pending.pop(index))
+            self.applied_through = index
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.step_in_epoch = 0
+        while self.step_in_epoch < self.steps_per_epoch:
+            self._apply_observations()
+            name = self.sampler.sample()
+            batch = self.streams[self.tasks[name]].next()
+            batch["objective"] = name
+            batch["loader_index"] = self.produced
+            self.produced += 1
+            self.step_in_epoch += 1
+            self.snapshots[self.produced - 1] = self._snapshot()
+            yield batch
+
+    def consumed(self, index: int) -> None:
+        """The model is about to train on batch `index`: a checkpoint from now on resumes after it."""
+        self.consumed_state = self.snapshots.pop(index)
+        for stale in [i for i in self.snapshots if i < index]:
+            del self.snapshots[stale]
+
+    def observe(self, index: int, losses: dict[str, float]) -> None:
+        self.pending[index] = losses
+
+    def state_dict(self) -> dict:
+        state = dict(self.consumed_state or self._snapshot())
+        state["pending"] = {
+            str(i): losses
+            for i, losses in self.pending.items()
+            if state["applied_through"] < i < state["produced"]
+        }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        for name, stream_state in state["streams"].items():
+            if name not in self.streams:
+                raise ValueError(f"checkpoint has data source {name!r}; this run has {list(self.streams)}")
+            self.streams[name].load_state_dict(stream_state)
+        self.produced, self.step_in_epoch = int(state["produced"]), int(state["step_in_epoch"])
+        self.applied_through = int(state["applied_through"])
+        self.pending = {int(i): losses for i, losses in state["pending"].items()}
+        self.snapshots, self.consumed_state = {}, None
+
+
+class MultiTaskDataModule(LightningDataModule):
+    """Sources by name, the objective -> source mapping, and the sampler that chooses between them.
+
+    `tasks` defaults to every objective of the model on the first source. Validation and test use
+    `eval_source` (default: the first source).
+    """
+
+    def __init__(
+        self,
+        sources: dict[str, DataSource] | None = None,
+        tasks: dict[str, str] | None = None,
+        sampler: MultiTaskSampler | None = None,
+        steps_per_epoch: int | None = None,
+        eval_source: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.sources = sources or {"shapes": ShapesSource()}
+        self.tasks = tasks
+        self.sampler = sampler or MultiTaskSampler(seed=seed)
+        self.steps_per_epoch = steps_per_epoch
+        self.eval_source = eval_source or next(iter(self.sources))
+        self.seed = seed
+        self.train_loader: MultiTaskLoader | None = None
+        if self.eval_source not in self.sources:
+            raise ValueError(
+                f"eval_source {self.eval_source!r} is not one of the sources {list(self.sources)}"
+            )
+        self.tokenizer = self._shared_tokenizer()
+
+    def _shared_tokenizer(self) -> PreTrainedTokenizerBase:
+        names = list(self.sources)
+        first = self.sources[names[0]].tokenizer
+        for name in names[1:]:
+            if self.sources[name].tokenizer.get_vocab() != first.get_vocab():
+                raise ValueError(
+                    f"sources {names[0]!r} and {name!r} use different vocabularies; they must share one"
+                )
+        return first
+
+    def resolve_tasks(self, objective_names: list[str]) -> dict[str, str]:
+        """objective -> source, checked against the model's objectives and the sources."""
+        tasks = self.tasks or {name: next(iter(self.sources)) for name in objective_names}
+        missing = [name for name in objective_names if name not in tasks]
+        if missing:
+            raise ValueError(f"data.tasks has no source for objectives {missing}; it maps {tasks}")
+        for objective, source in tasks.items():
+            if source not in self.sources:
+                raise ValueError(
+                    f"data.tasks maps {objective!r} to unknown source {source!r}; sources: {list(self.sources)}"
+                )
+        return {name: tasks[name] for name in objective_names}
+
+    def train_dataloader(self) -> MultiTaskLoader:
+        objective_names = getattr(self.trainer.lightning_module, "objective_names", None) or list(
+            self.tasks or {}
+        )
+        tasks = self.resolve_tasks(objective_names)
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        streams = {
+            name: SourceStream(name, self.sources[name], self.seed, rank, world)
+            for name in sorted(set(tasks.values()))
+        }
+        self.sampler.setup({name: len(streams[source].dataset) for name, source in tasks.items()})
+        steps = self.steps_per_epoch or min(
+            len(s.dataset) // (s.source.batch_size * world) for s in streams.values()
+        )
+        self.train_loader = MultiTaskLoader(streams, tasks, self.sampler, steps)
+        return self.train_loader
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        source = self.sources[self.eval_source]
+        dataset: Dataset = source.dataset(split)
+        return DataLoader(
+            dataset, batch_size=source.batch_size, collate_fn=source.collate, num_workers=source.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        index = batch.pop("loader_index", None)
+        if index is not None and self.train_loader is not None:
+            self.train_loader.consumed(index)
+            self._last_consumed = index
+        return batch
+
+    @property
+    def wants_losses(self) -> bool:
+        """Whether the sampler's strategy uses loss feedback (only then is it worth a cross-rank reduce)."""
+        return type(self.sampler.strategy).observe is not SamplingStrategy.observe
+
+    def observe(self, objective: str, loss: float) -> None:
+        """Loss (already averaged over ranks) of the batch just trained, for the adaptive strategy."""
+        if self.train_loader is not None:
+            self.train_loader.observe(self._last_consumed, {objective: loss})

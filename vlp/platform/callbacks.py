@@ -1,0 +1,150 @@
+"""Trainer callbacks: non-finite loss guard, sampler feedback, throughput, the metrics.json summary.
+
+They reach the data module and model only through duck-typed attributes (`trainer.datamodule.observe`,
+`pl_module.mode`), so the platform never imports tasks or data modules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteLossGuard(Callback):
+    """Skips the optimizer step of a batch whose loss is NaN or inf, logs the count, and stops the run
+    with a clear error after `max_consecutive` such batches in a row.
+
+    The decision is reduced over ranks (any rank non-finite -> every rank skips), so DDP stays in step.
+    Skipping sets every gradient to None before the step: AdamW then leaves weights and moments alone.
+    """
+
+    def __init__(self, max_consecutive: int = 5) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.skipped = 0
+        self._skip_this_step = False
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        local = not bool(torch.isfinite(loss.detach()).all())
+        self._skip_this_step = trainer.strategy.reduce_boolean_decision(local, all=False)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if not self._skip_this_step:
+            self.consecutive = 0
+            return
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
+        self.skipped += 1
+        self.consecutive += 1
+        pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True)
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{self.consecutive} non-finite losses in a row at global step {trainer.global_step} "
+                f"(limit nonfinite_guard.max_consecutive={self.max_consecutive}); stopping. "
+                "Lower the learning rate, check the data, or use fp32/bf16 precision."
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consecutive": self.consecutive, "skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.consecutive, self.skipped = int(state_dict["consecutive"]), int(state_dict["skipped"])
+
+
+class SamplerMonitor(Callback):
+    """Feeds each step's loss (averaged over ranks) back to the data module's sampler when its strategy
+    uses it, and logs the sampler probabilities as `train/sampler/p_<objective>`."""
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        datamodule = trainer.datamodule
+        sampler = getattr(datamodule, "sampler", None)
+        if sampler is None or getattr(pl_module, "mode", "sampled") != "sampled":
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if getattr(datamodule, "wants_losses", False) and loss is not None and isinstance(batch, dict):
+            reduced = trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
+            datamodule.observe(batch["objective"], float(reduced))
+        for name, p in sampler.probabilities().items():
+            pl_module.log(f"train/sampler/p_{name}", p, on_step=True, on_epoch=False)
+
+
+class ThroughputMonitor(Callback):
+    """Logs `perf/samples_per_s`: samples of all ranks per wall-clock second of the training loop."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._times: list[tuple[float, int]] = []
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        samples = int(batch["image"].shape[0]) * trainer.world_size if isinstance(batch, dict) else 0
+        self._times.append((time.perf_counter(), samples))
+        self._times = self._times[-(self.window + 1) :]
+        if len(self._times) > 1:
+            elapsed = self._times[-1][0] - self._times[0][0]
+            count = sum(n for _, n in self._times[1:])
+            pl_module.log("perf/samples_per_s", count / max(elapsed, 1e-9), on_step=True, on_epoch=False)
+
+
+def finite_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, int | float) and math.isfinite(value):
+            out[key] = float(value)
+    return dict(sorted(out.items()))
+
+
+SUMMARY_PREFIXES = ("val/retrieval/", "val/itm/", "val/mlm/", "val/caption/", "val/grounding/", "test/")
+
+
+class MetricsSummary(Callback):
+    """Writes the final scalar metrics of every fit / validate / test to `<run folder>/metrics.json`
+    (flat JSON object, key -> number) and prints the scores and the file's path."""
+
+    def _write(self, trainer: Trainer) -> None:
+        metrics = finite_scalars(trainer.callback_metrics)
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        self._dump(folder, metrics)
+
+    @rank_zero_only
+    def _dump(self, folder: Path, metrics: dict[str, float]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "metrics.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp.replace(path)
+        scores = {k: v for k, v in metrics.items() if k.startswith(SUMMARY_PREFIXES)}
+        lines = [f"  {key:<28} {value:.4f}" for key, value in scores.items()]
+        print("\n".join(["Scores:", *lines, f"metrics.json: {path}"]), flush=True)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._write(trainer)
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer)

@@ -1,0 +1,141 @@
+"""Unimodal towers: a timm ViT for images and a transformers BERT for text, with local pretrained loading.
+
+Weights are never downloaded here: `pretrained` is a local file (vision) or a local directory (text), so
+the same config runs offline on a laptop and on a cluster that pre-stages its checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from timm.models import load_state_dict as timm_load_state_dict
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import Tensor, nn
+from transformers import AutoModel, BertConfig, BertModel
+
+
+@dataclass
+class VisionConfig:
+    """Size of the ViT image tower; `pretrained` is a local timm/ViT state-dict file (.safetensors or .pth)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    pretrained: str | None = None
+
+
+@dataclass
+class TextConfig:
+    """Size of the BERT text tower; `pretrained` is a local directory readable by `AutoModel.from_pretrained`."""
+
+    width: int = 192
+    depth: int = 2
+    heads: int = 3
+    max_len: int = 64
+    dropout: float = 0.0
+    pretrained: str | None = None
+
+
+class VisionEncoder(nn.Module):
+    """timm `VisionTransformer` returning every token: [B, 3, H, W] -> [B, 1 + N, D] ([CLS] first)."""
+
+    def __init__(self, config: VisionConfig) -> None:
+        super().__init__()
+        if config.image_size % config.patch_size:
+            raise ValueError(
+                f"vision.image_size={config.image_size} must be a multiple of vision.patch_size={config.patch_size}"
+            )
+        self.config = config
+        self.vit = VisionTransformer(
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            embed_dim=config.width,
+            depth=config.depth,
+            num_heads=config.heads,
+            mlp_ratio=config.mlp_ratio,
+            drop_path_rate=config.drop_path,
+            num_classes=0,
+            class_token=True,
+        )
+        if config.pretrained:
+            self.load_pretrained(config.pretrained)
+
+    @property
+    def width(self) -> int:
+        return self.config.width
+
+    def load_pretrained(self, path: str) -> None:
+        """Load a local ViT checkpoint, resampling position embeddings when the image size differs."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"vision.pretrained: no such file: {path}")
+        state = checkpoint_filter_fn(timm_load_state_dict(path, weights_only=True), self.vit)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("head.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"vision.pretrained {path} does not fit the configured ViT: "
+                f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+            )
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.vit.forward_features(images)
+
+
+class TextEncoder(nn.Module):
+    """transformers BERT (no pooler): ids [B, L] + mask [B, L] -> tokens [B, L, D] ([CLS] first)."""
+
+    def __init__(self, config: TextConfig, vocab_size: int, pad_token_id: int) -> None:
+        super().__init__()
+        self.config = config
+        if config.pretrained:
+            if not Path(config.pretrained).is_dir():
+                raise FileNotFoundError(f"text.pretrained: no such directory: {config.pretrained}")
+            self.bert = AutoModel.from_pretrained(
+                config.pretrained, local_files_only=True, add_pooling_layer=False, attn_implementation="sdpa"
+            )
+            if self.bert.config.vocab_size < vocab_size:
+                raise ValueError(
+                    f"text.pretrained {config.pretrained} has vocab_size={self.bert.config.vocab_size}, "
+                    f"smaller than the tokenizer's {vocab_size}"
+                )
+        else:
+            bert_config = BertConfig(
+                vocab_size=vocab_size,
+                hidden_size=config.width,
+                num_hidden_layers=config.depth,
+                num_attention_heads=config.heads,
+                intermediate_size=4 * config.width,
+                max_position_embeddings=config.max_len,
+                hidden_dropout_prob=config.dropout,
+                attention_probs_dropout_prob=config.dropout,
+                pad_token_id=pad_token_id,
+            )
+            bert_config._attn_implementation = "sdpa"
+            self.bert = BertModel(bert_config, add_pooling_layer=False)
+
+    @property
+    def width(self) -> int:
+        return self.bert.config.hidden_size
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.bert.embeddings.word_embeddings
+
+    @property
+    def max_len(self) -> int:
+        return self.bert.config.max_position_embeddings
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if input_ids.shape[1] > self.max_len:
+            raise ValueError(f"text length {input_ids.shape[1]} exceeds text.max_len={self.max_len}")
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token + position embeddings only (for the caption decoder, which shares them as BLIP does)."""
+        return self.bert.embeddings(input_ids=input_ids)

@@ -1,0 +1,114 @@
+"""What every runnable module shares, and the Objective contract.
+
+An objective computes its loss and the values to log in `forward_loss`, its validation in
+`validation_update` / `validation_scores`. Whoever runs (the objective alone, or `MultiTaskModule`)
+does the logging: a LightningModule nested in another has no trainer of its own, so objectives never
+call `self.log` from these methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from vlp.platform.backbone import FeatureCache, FusionBackbone
+from vlp.platform.optim import OptimConfig, build_optimizer
+
+
+class ObjectiveOutput(NamedTuple):
+    loss: Tensor  # scalar
+    logs: dict[str, Tensor]  # short keys ("loss", "acc"), logged as <stage>/<objective>/<key>
+
+
+def batch_size_of(batch: dict) -> int:
+    return int(batch["image"].shape[0])
+
+
+class TrainableModule(LightningModule):
+    """Optimizer, schedule and logging shared by single objectives and the multi-task module."""
+
+    def __init__(self, optim: OptimConfig | None = None) -> None:
+        super().__init__()
+        self.optim = optim or OptimConfig()
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+
+    def log_objective(self, stage: str, name: str, logs: dict[str, Tensor], batch_size: int) -> None:
+        on_step = stage == "train"
+        for key, value in logs.items():
+            self.log(
+                f"{stage}/{name}/{key}",
+                value.detach(),
+                on_step=on_step,
+                on_epoch=not on_step,
+                batch_size=batch_size,
+                prog_bar=key == "loss" and on_step,
+                sync_dist=not on_step,
+            )
+
+    def log_scores(self, scores: dict[str, float | Tensor]) -> None:
+        """Whole-split metrics, already computed over every rank (torchmetrics syncs them)."""
+        for key, value in scores.items():
+            self.log(key, torch.as_tensor(value, dtype=torch.float32), rank_zero_only=False)
+
+
+class Objective(TrainableModule):
+    """One pre-training objective on the shared backbone; trains alone or inside MultiTaskModule."""
+
+    name: ClassVar[str]
+
+    def __init__(self, backbone: FusionBackbone, optim: OptimConfig | None = None) -> None:
+        super().__init__(optim)
+        self.backbone = backbone
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [self.name]
+
+    def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
+        """Per-batch validation values to log (averaged over the epoch); also updates whole-split metrics."""
+        return self.forward_loss(batch, features).logs
+
+    def validation_scores(self) -> dict[str, float]:
+        """Whole-split metrics under their DESIGN.md names (e.g. `val/retrieval/t2i_r1`); resets them."""
+        return {}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.forward_loss(batch, FeatureCache(self.backbone, batch))
+        self.log_objective("train", self.name, out.logs, batch_size_of(batch))
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logs = self.validation_update(batch, FeatureCache(self.backbone, batch))
+        self.log_objective("val", self.name, logs, batch_size_of(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_scores(self.validation_scores())
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        logs = self.validation_update(batch, FeatureCache(self.backbone, batch))
+        self.log_objective("test", self.name, logs, batch_size_of(batch))
+
+    def on_test_epoch_end(self) -> None:
+        self.log_scores({key.replace("val/", "test/", 1): v for key, v in self.validation_scores().items()})
+
+    def predict_step(self, batch: dict, batch_idx: int) -> Any:
+        return {"image_id": batch["image_id"], **self.predict(batch, FeatureCache(self.backbone, batch))}
+
+    def validation_images(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
+        """Pictures for TensorBoard, tag -> uint8 images [N, 3, H, W] (empty when it has none)."""
+        return {}
+
+    def images_for_logging(self, batch: dict) -> dict[str, Tensor]:
+        return self.validation_images(batch, FeatureCache(self.backbone, batch))
+
+    def predict(self, batch: dict, features: FeatureCache) -> dict[str, Any]:
+        """Per-image outputs of this objective for `vlp predict` (empty when it has none)."""
+        return {}

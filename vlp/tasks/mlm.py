@@ -1,0 +1,126 @@
+"""Masked language modelling conditioned on the image (BERT masking, ALBEF MLM).
+
+15 % of the real, non-special tokens are selected; of those 80 % become [MASK], 10 % a random
+non-special token, 10 % stay unchanged. The masked caption is encoded, fused with the image tokens and
+only the selected positions are scored, by a BERT prediction head tied to the word embeddings through
+the fused linear + cross-entropy kernel (the [M, V] logits are never materialised in training).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
+
+from vlp.platform.backbone import FeatureCache, FusionBackbone
+from vlp.platform.kernels import linear_cross_entropy
+from vlp.platform.optim import OptimConfig
+from vlp.tasks.base import Objective, ObjectiveOutput
+
+IGNORE_INDEX = -100
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    maskable: Tensor,
+    mask_token_id: int,
+    random_token_ids: Tensor,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """BERT masking of input_ids [B, L] where `maskable` [B, L] is True (real, non-special tokens).
+
+    Returns (masked ids [B, L], labels [B, L] with IGNORE_INDEX where not selected). Random draws come
+    from `generator` on the CPU when given (reproducible validation), else from the global RNG.
+    """
+    device = input_ids.device
+    rand_device = "cpu" if generator is not None else device
+
+    def uniform() -> Tensor:
+        return torch.rand(input_ids.shape, generator=generator, device=rand_device).to(device)
+
+    selected = (uniform() < probability) & maskable
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    action = uniform()
+    masked = input_ids.clone()
+    masked[selected & (action < 0.8)] = mask_token_id
+    use_random = selected & (action >= 0.8) & (action < 0.9)
+    picks = torch.randint(len(random_token_ids), input_ids.shape, generator=generator, device=rand_device)
+    masked[use_random] = random_token_ids.to(device)[picks.to(device)][use_random]
+    return masked, labels
+
+
+class MLMHead(nn.Module):
+    """BERT's transform (dense, GELU, LayerNorm); the decoder weight is the tied word embedding."""
+
+    def __init__(self, width: int, vocab_size: int) -> None:
+        super().__init__()
+        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.transform(hidden)
+
+
+class MLMObjective(Objective):
+    """Masked language modelling on the fused text tokens; loss only on masked positions."""
+
+    name = "mlm"
+
+    def __init__(
+        self,
+        backbone: FusionBackbone,
+        optim: OptimConfig | None = None,
+        mask_probability: float = 0.15,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__(backbone, optim)
+        if not 0.0 < mask_probability < 1.0:
+            raise ValueError(f"mask_probability must be in (0, 1), got {mask_probability}")
+        self.mask_probability = mask_probability
+        self.chunk_size = chunk_size
+        self.head = MLMHead(backbone.width, backbone.vocab_size)
+        vocab = torch.arange(len(backbone.tokenizer))
+        self.register_buffer(
+            "random_token_ids", vocab[~torch.isin(vocab, backbone.special_token_ids)], persistent=False
+        )
+        self.val_accuracy = MeanMetric()
+
+    def masked_hidden(self, batch: dict, features: FeatureCache, generator: torch.Generator | None = None):
+        """Fused, transformed hidden states at the selected positions [M, D] and their labels [M]."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        maskable = attention_mask.bool() & ~self.backbone.special_tokens_mask(input_ids)
+        masked_ids, labels = mask_tokens(
+            input_ids,
+            maskable,
+            self.backbone.tokenizer.mask_token_id,
+            self.random_token_ids,
+            self.mask_probability,
+            generator,
+        )
+        text = self.backbone.text(masked_ids, attention_mask)
+        fused = self.backbone.fuse(features.image, text, attention_mask)
+        selected = labels != IGNORE_INDEX
+        return self.head(fused[selected]), labels[selected]
+
+    def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
+        hidden, labels = self.masked_hidden(batch, features)
+        weight = self.backbone.text.word_embeddings.weight
+        loss = linear_cross_entropy(hidden, weight, labels, bias=self.head.bias, chunk_size=self.chunk_size)
+        return ObjectiveOutput(loss, {"loss": loss, "masked_tokens": torch.tensor(float(labels.numel()))})
+
+    def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
+        generator = torch.Generator().manual_seed(int(batch["image_id"][0]))
+        hidden, labels = self.masked_hidden(batch, features, generator)
+        logits = hidden @ self.backbone.text.word_embeddings.weight.T + self.head.bias
+        if labels.numel():
+            self.val_accuracy.update((logits.argmax(-1) == labels).float().mean(), weight=labels.numel())
+        loss = nn.functional.cross_entropy(logits, labels) if labels.numel() else logits.sum() * 0
+        return {"loss": loss}
+
+    def validation_scores(self) -> dict[str, float]:
+        if not self.val_accuracy.update_called:
+            return {}
+        accuracy = self.val_accuracy.compute().item()
+        self.val_accuracy.reset()
+        return {"val/mlm/acc": accuracy}

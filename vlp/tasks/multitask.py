@@ -1,0 +1,111 @@
+"""MultiTaskModule: several objectives on ONE backbone object.
+
+The YAML gives the backbone once and each objective as a callable that takes it (jsonargparse builds
+`Callable[[FusionBackbone], Objective]` from a class_path without `backbone`), so every objective holds
+the identical module and the parameters exist once. Two modes:
+- `sampled`: each batch carries the objective the MultiTaskSampler chose for it; one objective per step.
+- `joint`: every objective on every batch, losses weighted, the unimodal passes computed once and shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from vlp.platform.backbone import FeatureCache, FusionBackbone
+from vlp.platform.optim import OptimConfig
+from vlp.tasks.base import Objective, TrainableModule, batch_size_of
+
+
+class MultiTaskModule(TrainableModule):
+    """Runs a mapping name -> objective on a shared backbone; logs `<stage>/<objective>/<key>`."""
+
+    def __init__(
+        self,
+        backbone: FusionBackbone,
+        objectives: dict[str, Callable[[FusionBackbone], Objective]],
+        mode: Literal["sampled", "joint"] = "sampled",
+        loss_weights: dict[str, float] | None = None,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        super().__init__(optim)
+        if not objectives:
+            raise ValueError("objectives must name at least one objective")
+        self.backbone = backbone
+        self.objectives = nn.ModuleDict({name: build(backbone) for name, build in objectives.items()})
+        for name, objective in self.objectives.items():
+            if objective.backbone is not backbone:
+                raise ValueError(f"objective {name!r} built its own backbone; it must take the shared one")
+        self.mode = mode
+        unknown = set(loss_weights or {}) - set(self.objectives)
+        if unknown:
+            raise ValueError(
+                f"loss_weights names unknown objectives {sorted(unknown)}; known: {list(self.objectives)}"
+            )
+        self.loss_weights = {name: float((loss_weights or {}).get(name, 1.0)) for name in self.objectives}
+
+    @property
+    def objective_names(self) -> list[str]:
+        return list(self.objectives)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        features = FeatureCache(self.backbone, batch)
+        batch_size = batch_size_of(batch)
+        if self.mode == "sampled":
+            name = batch.get("objective")
+            if name not in self.objectives:
+                raise KeyError(
+                    f"batch is tagged with objective {name!r}; this module runs {self.objective_names}"
+                )
+            out = self.objectives[name].forward_loss(batch, features)
+            self.log_objective("train", name, out.logs, batch_size)
+            return out.loss
+        total = torch.zeros((), device=batch["image"].device)
+        for name, objective in self.objectives.items():
+            out = objective.forward_loss(batch, features)
+            self.log_objective("train", name, out.logs, batch_size)
+            total = total + self.loss_weights[name] * out.loss
+        self.log("train/loss", total.detach(), batch_size=batch_size, prog_bar=True)
+        return total
+
+    def _evaluate(self, stage: str, batch: dict) -> None:
+        features = FeatureCache(self.backbone, batch)
+        for name, objective in self.objectives.items():
+            self.log_objective(
+                stage, name, objective.validation_update(batch, features), batch_size_of(batch)
+            )
+
+    def _scores(self) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        for objective in self.objectives.values():
+            scores.update(objective.validation_scores())
+        return scores
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_scores(self._scores())
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_scores({key.replace("val/", "test/", 1): v for key, v in self._scores().items()})
+
+    def predict_step(self, batch: dict, batch_idx: int) -> Any:
+        features = FeatureCache(self.backbone, batch)
+        out: dict[str, Any] = {"image_id": batch["image_id"]}
+        for objective in self.objectives.values():
+            out.update(objective.predict(batch, features))
+        return out
+
+    def images_for_logging(self, batch: dict) -> dict[str, Tensor]:
+        features = FeatureCache(self.backbone, batch)
+        images: dict[str, Tensor] = {}
+        for objective in self.objectives.values():
+            images.update(objective.validation_images(batch, features))
+        return images
