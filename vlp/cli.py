@@ -10,7 +10,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from vlp.datamodules.multitask import MultiTaskDataModule
-from vlp.platform.callbacks import MetricsSummary, NonFiniteLossGuard, SamplerMonitor, ThroughputMonitor
+from vlp.platform.callbacks import (
+    MetricsSummary,
+    NonFiniteLossGuard,
+    RandomStateCheckpoint,
+    SamplerMonitor,
+    ThroughputMonitor,
+)
 from vlp.tasks.base import TrainableModule
 
 
@@ -18,7 +24,7 @@ class VLPCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite_guard")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "step{step}"})
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{step}"})
         parser.link_arguments(
             "data.tokenizer", "model.init_args.backbone.init_args.tokenizer", apply_on="instantiate"
         )
@@ -39,6 +45,7 @@ def main(args: list[str] | None = None) -> VLPCLI:
                 ThroughputMonitor(),
                 SamplerMonitor(),
                 MetricsSummary(),
+                RandomStateCheckpoint(),
             ],
         },
         save_config_kwargs={"overwrite": True},

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
@@ -56,6 +57,9 @@ class SourceStream:
             collate_fn=self.source.collate,
             num_workers=self.source.num_workers,
             drop_last=True,
+            generator=torch.Generator().manual_seed(
+                self.seed + self.epoch
+            ),  # worker seeds, not the global RNG
         )
         return iter(loader)
 
@@ -93,7 +97,7 @@ class MultiTaskLoader:
         self.produced = 0  # batches yielded so far (global index of the next one)
         self.step_in_epoch = 0
         self.applied_through = -1  # observations with index <= this are in the sampler
-        self.pending: dict[int, dict[str, float]] = {}
+        self.observations: dict[int, dict[str, float]] = {}  # kept until the consumed snapshot holds them
         self.snapshots: dict[int, dict] = {}
         self.consumed_state: dict | None = None
 
@@ -110,8 +114,9 @@ class MultiTaskLoader:
         }
 
     def _apply_observations(self) -> None:
-        for index in sorted(i for i in self.pending if i <= self.produced - FEEDBACK_LAG):
-            self.sampler.observe(self.pending.pop(index))
+        due = sorted(i for i in self.observations if self.applied_through < i <= self.produced - FEEDBACK_LAG)
+        for index in due:
+            self.sampler.observe(self.observations[index])
             self.applied_through = index
 
     def __iter__(self) -> Iterator[dict]:
@@ -133,15 +138,17 @@ class MultiTaskLoader:
         self.consumed_state = self.snapshots.pop(index)
         for stale in [i for i in self.snapshots if i < index]:
             del self.snapshots[stale]
+        for applied in [i for i in self.observations if i <= self.consumed_state["applied_through"]]:
+            del self.observations[applied]
 
     def observe(self, index: int, losses: dict[str, float]) -> None:
-        self.pending[index] = losses
+        self.observations[index] = losses
 
     def state_dict(self) -> dict:
         state = dict(self.consumed_state or self._snapshot())
-        state["pending"] = {
+        state["observations"] = {
             str(i): losses
-            for i, losses in self.pending.items()
+            for i, losses in self.observations.items()
             if state["applied_through"] < i < state["produced"]
         }
         return state
@@ -154,7 +161,7 @@ class MultiTaskLoader:
             self.streams[name].load_state_dict(stream_state)
         self.produced, self.step_in_epoch = int(state["produced"]), int(state["step_in_epoch"])
         self.applied_through = int(state["applied_through"])
-        self.pending = {int(i): losses for i, losses in state["pending"].items()}
+        self.observations = {int(i): losses for i, losses in state["observations"].items()}
         self.snapshots, self.consumed_state = {}, None
 
 
@@ -232,7 +239,11 @@ class MultiTaskDataModule(LightningDataModule):
         source = self.sources[self.eval_source]
         dataset: Dataset = source.dataset(split)
         return DataLoader(
-            dataset, batch_size=source.batch_size, collate_fn=source.collate, num_workers=source.num_workers
+            dataset,
+            batch_size=source.batch_size,
+            collate_fn=source.collate,
+            num_workers=source.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_only
@@ -64,6 +66,41 @@ class NonFiniteLossGuard(Callback):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.consecutive, self.skipped = int(state_dict["consecutive"]), int(state_dict["skipped"])
+
+
+def pickle_free_python_state(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+class RandomStateCheckpoint(Callback):
+    """Saves the torch / numpy / python RNG states in the checkpoint and restores them when training
+    starts, after everything that runs between restore and the first step (sanity checks, loaders)."""
+
+    def __init__(self) -> None:
+        self._to_restore: dict | None = None
+
+    def state_dict(self) -> dict:
+        """Plain tensors, ints and strings only, so checkpoints load with `weights_only=True`."""
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": pickle_free_python_state(random.getstate()),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._to_restore = state_dict
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._to_restore is None:
+            return
+        state, self._to_restore = self._to_restore, None
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
 
 
 class SamplerMonitor(Callback):
@@ -131,7 +168,7 @@ class MetricsSummary(Callback):
     @rank_zero_only
     def _dump(self, folder: Path, metrics: dict[str, float]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "metrics.json"
+        path = (folder / "metrics.json").resolve()
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         tmp.replace(path)

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from vlp.tasks.itc import ITCObjective
+from vlp.tasks.itm import ITMObjective
+from vlp.tasks.mlm import MLMObjective
+from vlp.tasks.multitask import MultiTaskModule
+
+ALL = {"itc": ITCObjective, "itm": ITMObjective, "mlm": MLMObjective}
+
+
+def count_calls(module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_all_objectives_hold_the_one_backbone_object(backbone):
+    module = MultiTaskModule(backbone, ALL)
+    assert all(objective.backbone is module.backbone for objective in module.objectives.values())
+    unique = {id(p) for p in module.parameters()}
+    assert len(unique) == len(list(module.parameters()))  # shared parameters listed once
+    assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in backbone.parameters()) + sum(
+        p.numel()
+        for o in module.objectives.values()
+        for n, p in o.named_parameters()
+        if not n.startswith("backbone.")
+    )
+
+
+def test_joint_step_runs_each_encoder_once(backbone, batch):
+    module = MultiTaskModule(backbone, ALL, mode="joint")
+    vision, text = count_calls(backbone.vision), count_calls(backbone.text)
+    module.log = lambda *a, **k: None
+    loss = module.training_step(batch, 0)
+    assert vision[0] == 1
+    # one text pass on the caption shared by ITC and ITM, one on MLM's masked caption (a different input)
+    assert text[0] == 2
+    loss.backward()
+    assert backbone.vision.vit.patch_embed.proj.weight.grad is not None
+
+
+def test_joint_loss_is_the_weighted_sum(backbone, batch):
+    module = MultiTaskModule(
+        backbone, {"itc": ITCObjective, "itm": ITMObjective}, mode="joint", loss_weights={"itm": 0.5}
+    )
+    logged = {}
+    module.log = lambda key, value, **k: logged.__setitem__(key, value)
+    torch.manual_seed(0)
+    loss = module.training_step(batch, 0)
+    torch.testing.assert_close(loss, logged["train/itc/loss"] + 0.5 * logged["train/itm/loss"])
+
+
+def test_sampled_step_serves_the_tagged_objective(backbone, batch):
+    module = MultiTaskModule(backbone, ALL, mode="sampled")
+    logged = {}
+    module.log = lambda key, value, **k: logged.__setitem__(key, value)
+    module.training_step({**batch, "objective": "itm"}, 0)
+    assert set(logged) == {"train/itm/loss", "train/itm/acc"}
+    with pytest.raises(KeyError, match="caption"):
+        module.training_step({**batch, "objective": "caption"}, 0)
+
+
+def test_bad_configuration_is_a_clear_error(backbone, make_backbone):
+    with pytest.raises(ValueError, match="unknown objectives"):
+        MultiTaskModule(backbone, ALL, loss_weights={"itx": 1.0})
+    with pytest.raises(ValueError, match="at least one"):
+        MultiTaskModule(backbone, {})
+    other = make_backbone()
+    with pytest.raises(ValueError, match="own backbone"):
+        MultiTaskModule(backbone, {"itc": lambda _b: ITCObjective(other)})

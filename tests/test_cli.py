@@ -1,0 +1,121 @@
+"""The `vlp` command end to end on the tiny config: training, TensorBoard tags, metrics.json, validate,
+exact resume, and clear errors for bad configs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vlp.cli import main
+
+CONFIG = str(Path(__file__).parent / "configs" / "tiny.yaml")
+
+
+def fit(tmp_path: Path, *extra: str):
+    return main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(tmp_path), *extra])
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_fit_logs_per_objective_tags_and_writes_metrics(in_tmp, capsys):
+    cli = fit(in_tmp)
+    run = Path(cli.trainer.log_dir).resolve()
+    assert run == in_tmp / "runs" / "default" / "version_0"
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for name in ("itc", "itm", "mlm"):
+        assert (
+            f"train/{name}/loss" in tags and f"val/{name}/loss" in tags and f"train/sampler/p_{name}" in tags
+        )
+    assert {
+        "val/retrieval/t2i_r1",
+        "val/itm/acc",
+        "val/mlm/acc",
+        "perf/samples_per_s",
+        "lr-AdamW/pg1",
+    } <= tags
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val/retrieval/i2t_r1", "val/retrieval/t2i_r10", "val/itm/acc", "val/mlm/acc"} <= set(metrics)
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    out = capsys.readouterr().out
+    assert "val/retrieval/t2i_r1" in out and str(run / "metrics.json") in out
+
+
+def test_validate_from_checkpoint_reproduces_the_scores(in_tmp):
+    run = Path(fit(in_tmp).trainer.log_dir)
+    trained = json.loads((run / "metrics.json").read_text())
+    cli = main(["validate", "--config", CONFIG, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    again = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert Path(cli.trainer.log_dir) != run
+    for key in ("val/retrieval/i2t_r1", "val/retrieval/t2i_r5", "val/itm/acc", "val/mlm/acc", "val/itc/loss"):
+        assert again[key] == pytest.approx(trained[key], abs=1e-6), key
+
+
+def test_resume_mid_epoch_matches_an_uninterrupted_run(in_tmp):
+    """6 steps straight vs resuming from that run's step-3 checkpoint: identical weights (adaptive sampler)."""
+    args = [
+        "--data.sampler.strategy",
+        "vlp.platform.sampler.Adaptive",
+        "--data.sampler.strategy.warmup_observations",
+        "1",
+    ]
+    straight = fit(in_tmp / "a", *args, "--checkpoint.save_top_k", "-1")
+    ckpt = Path(straight.trainer.log_dir) / "checkpoints" / "step=3.ckpt"
+    resumed = fit(in_tmp / "b", "--ckpt_path", str(ckpt), *args)
+    assert resumed.trainer.global_step == 6
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
+
+
+def test_print_config_shows_the_whole_config(in_tmp, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "vlp.tasks.multitask.MultiTaskModule" in out and "embed_dim: 16" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.init_args.not_a_key", "1"], "not_a_key"),
+        (["--trainer.max_steps", "many"], "max_steps"),
+        (["--data.sources.shapes.init_args.batch_size", "x"], "batch_size"),
+    ],
+)
+def test_bad_config_fails_before_training_naming_the_key(in_tmp, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, *args])
+    assert exit_info.value.code != 0
+    assert message in capsys.readouterr().err
+    assert not (in_tmp / "runs").exists()
+
+
+def test_missing_config_file_is_named(in_tmp, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/does-not-exist.yaml"])
+    assert "does-not-exist.yaml" in capsys.readouterr().err
+
+
+def test_missing_pretrained_file_is_named(in_tmp):
+    with pytest.raises(
+        (FileNotFoundError, ValueError), match="vision.pretrained: no such file: nope.safetensors"
+    ):
+        main(
+            [
+                "fit",
+                "--config",
+                CONFIG,
+                "--model.init_args.backbone.init_args.vision.pretrained",
+                "nope.safetensors",
+            ]
+        )
