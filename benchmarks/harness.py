@@ -1,0 +1,89 @@
+"""Shared benchmark helpers: isolated peak-memory runs, median timing, a printed table and a JSON file.
+
+Memory is the growth of the process's peak resident set (ru_maxrss) around one call, so each measurement
+runs in a fresh interpreter (`run_isolated`) where earlier work cannot have raised the peak already.
+Imported by the other benchmark scripts; running this file does nothing.
+"""
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def peak_rss_growth_mib(fn: Callable[[], object]) -> float:
+    """MiB by which `fn()` raises this process's peak RSS; only meaningful in a fresh process."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # Linux reports KiB
+
+
+def median_seconds(fn: Callable[[], object], repeat: int = 3) -> float:
+    """Median wall time of `repeat` calls."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_isolated(script: str | Path, function: str, timeout: float = 600, **kwargs: Any) -> dict[str, Any]:
+    """Call `function(**kwargs)` from `script` in a fresh Python process and return its dict result.
+
+    The script is loaded with `runpy` (its `__main__` block does not run); kwargs and result go as JSON.
+    """
+    script = Path(script).resolve()
+    code = (
+        "import json, runpy, sys\n"
+        f"sys.path.insert(0, {str(script.parent)!r})\n"
+        f"fn = runpy.run_path({str(script)!r})[{function!r}]\n"
+        "print(json.dumps(fn(**json.loads(sys.argv[1]))))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{function}({kwargs}) failed in its subprocess:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | None = None) -> Path:
+    """Print `rows` as a table (plus `summary`) and write both to benchmarks/results/<name>.json."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[_format(row.get(col, "")) for col in columns] for row in rows]
+    widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
+    print("  ".join(col.rjust(w) for col, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        print("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)))
+    for key, value in (summary or {}).items():
+        print(f"{key}: {_format(value)}")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    machine = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else platform.processor() or "cpu",
+    }
+    path.write_text(
+        json.dumps({"name": name, "machine": machine, "rows": rows, "summary": summary or {}}, indent=2)
+    )
+    print(f"wrote {path}")
+    return path
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,93 @@
+"""all_gather_with_grad and the distributed contrastive loss, checked with 2 spawned CPU processes (gloo)."""
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from vlp.platform.distributed import all_gather_with_grad, is_distributed, rank, world_size
+from vlp.platform.kernels import contrastive_loss, contrastive_loss_reference
+
+WORLD, LOCAL_B, FEATURES, DIM = 2, 6, 10, 8
+
+
+def _problem() -> dict[str, torch.Tensor]:
+    """Global batch [WORLD * LOCAL_B] of raw features and the parameters every rank holds."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "images": torch.randn(WORLD * LOCAL_B, FEATURES, generator=gen),
+        "texts": torch.randn(WORLD * LOCAL_B, FEATURES, generator=gen),
+        "image_proj": torch.randn(FEATURES, DIM, generator=gen),
+        "text_proj": torch.randn(FEATURES, DIM, generator=gen),
+        "log_scale": torch.tensor(2.0),
+    }
+
+
+def _loss(problem: dict[str, torch.Tensor], rows: slice, params: list[torch.Tensor], distributed: bool):
+    image_proj, text_proj, log_scale = params
+    image_emb = F.normalize(problem["images"][rows] @ image_proj, dim=-1)
+    text_emb = F.normalize(problem["texts"][rows] @ text_proj, dim=-1)
+    if distributed:
+        return contrastive_loss(image_emb, text_emb, log_scale.exp(), chunk_size=4, backend="torch")
+    return contrastive_loss_reference(image_emb, text_emb, log_scale.exp())
+
+
+def _worker(local_rank: int, out_dir: str) -> None:
+    # A file rendezvous: a "free" TCP port can be taken by a concurrent run between probing and binding.
+    store = f"file://{Path(out_dir) / 'rendezvous'}"
+    dist.init_process_group("gloo", init_method=store, rank=local_rank, world_size=WORLD)
+    try:
+        x = torch.full((2, 3), float(local_rank), requires_grad=True)
+        gathered = all_gather_with_grad(x)
+        (gathered * (local_rank + 1)).sum().backward()
+
+        problem = _problem()
+        params = [problem[k].clone().requires_grad_() for k in ("image_proj", "text_proj", "log_scale")]
+        rows = slice(local_rank * LOCAL_B, (local_rank + 1) * LOCAL_B)
+        loss = _loss(problem, rows, params, distributed=True)
+        loss.backward()
+        for p in params:  # what DDP does to replicated parameters
+            dist.all_reduce(p.grad)
+            p.grad /= WORLD
+        torch.save(
+            {
+                "helpers": (is_distributed(), world_size(), rank()),
+                "gathered": gathered.detach(),
+                "gather_grad": x.grad,
+                "loss": loss.detach(),
+                "grads": [p.grad for p in params],
+            },
+            Path(out_dir) / f"rank{local_rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_helpers_outside_a_process_group_are_single_process_identities():
+    t = torch.randn(3, 2)
+    assert (is_distributed(), world_size(), rank()) == (False, 1, 0)
+    assert all_gather_with_grad(t) is t
+
+
+def test_two_ranks_match_single_process_loss_and_gradients(tmp_path: Path):
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    for r, res in enumerate(results):
+        assert res["helpers"] == (True, WORLD, r)
+        expected = torch.cat([torch.zeros(2, 3), torch.ones(2, 3)])
+        torch.testing.assert_close(res["gathered"], expected)
+        # the backward sums over ranks: rank 0 weighs the gathered rows by 1, rank 1 by 2
+        torch.testing.assert_close(res["gather_grad"], torch.full((2, 3), 3.0))
+
+    problem = _problem()
+    params = [problem[k].clone().requires_grad_() for k in ("image_proj", "text_proj", "log_scale")]
+    loss = _loss(problem, slice(None), params, distributed=False)
+    loss.backward()
+    mean_rank_loss = torch.stack([res["loss"] for res in results]).mean()
+    torch.testing.assert_close(mean_rank_loss, loss.detach(), atol=1e-5, rtol=0)
+    for res in results:
+        for grad, p in zip(res["grads"], params, strict=True):
+            torch.testing.assert_close(grad, p.grad, rtol=1e-4, atol=1e-6)

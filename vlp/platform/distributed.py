@@ -1,0 +1,43 @@
+"""Rank helpers and an all-gather that keeps gradients, for losses that score against the global batch.
+
+A plain `torch.distributed.all_gather` cuts the graph, so a contrastive loss computed on gathered features
+would only push gradients into the local rows. `all_gather_with_grad` uses
+`torch.distributed.nn.functional.all_gather`, whose backward sums each slice's gradient over ranks: with
+per-rank losses averaged by DDP, the result equals the single-process gradient on the whole batch.
+"""
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of ranks; 1 when not distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank; 0 when not distributed."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather_with_grad(t: Tensor) -> Tensor:
+    """Concatenate `t` [B, ...] from every rank along dim 0 -> [world_size * B, ...], differentiably.
+
+    Every rank must pass the same shape. Identity when not distributed.
+    """
+    if not is_distributed():
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        # torch >= 2.6 marks it deprecated in favour of a private API; it is still the documented route.
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        return torch.cat(all_gather(t), dim=0)
