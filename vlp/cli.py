@@ -17,6 +17,7 @@ from vlp.platform.callbacks import (
     SamplerMonitor,
     ThroughputMonitor,
 )
+from vlp.platform.prediction_writer import PredictionWriter
 from vlp.tasks.base import TrainableModule
 
 
@@ -46,6 +47,7 @@ def main(args: list[str] | None = None) -> VLPCLI:
                 SamplerMonitor(),
                 MetricsSummary(),
                 RandomStateCheckpoint(),
+                PredictionWriter(),
             ],
         },
         save_config_kwargs={"overwrite": True},

@@ -7,16 +7,26 @@ embedding space with a learnable CLIP temperature. Objectives call its passes an
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from functools import cached_property
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from vlp.platform.decoder import CaptionDecoder
 from vlp.platform.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
 from vlp.platform.fusion import FusionConfig, FusionEncoder
+from vlp.platform.token_merging import (
+    TokenMergingConfig,
+    apply_token_merging,
+    set_merge_r,
+    token_merging_state,
+)
 
 
 class ImageFeatures(NamedTuple):
@@ -51,6 +61,8 @@ class FusionBackbone(nn.Module):
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        caption_decoder: bool = False,
+        merging: TokenMergingConfig | None = None,
     ) -> None:
         super().__init__()
         if tokenizer is None:
@@ -68,6 +80,11 @@ class FusionBackbone(nn.Module):
         self.register_buffer(
             "special_token_ids", torch.tensor(sorted(set(tokenizer.all_special_ids))), persistent=False
         )
+        # captioning: causal decoder sharing the text embeddings and the fusion cross-attention + MLP
+        self.decoder = CaptionDecoder(self.text, self.fusion) if caption_decoder else None
+        self.merging: TokenMergingConfig | None = None
+        if merging is not None:
+            self.set_merging(merging)
 
     @property
     def width(self) -> int:
@@ -82,9 +99,53 @@ class FusionBackbone(nn.Module):
         """exp of the learnable log scale, clamped at `max_logit_scale` as CLIP does."""
         return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
 
+    def set_merging(
+        self, merging: TokenMergingConfig | None = None, **changes: Any
+    ) -> TokenMergingConfig | None:
+        """Switch token merging to `merging`, or change fields of the current setting (`vision_r=8`).
+
+        Parameters are untouched (merged and unmerged share one checkpoint); returns the previous setting.
+        """
+        if merging is not None and changes:
+            raise ValueError(f"pass either a merging config or field changes, got both ({sorted(changes)})")
+        previous = self.merging
+        config = merging if merging is not None else replace(previous or TokenMergingConfig(), **changes)
+        if not isinstance(config, TokenMergingConfig):
+            raise TypeError(f"merging must be a TokenMergingConfig, got {type(config).__name__}")
+        vit = self.vision.vit
+        state = token_merging_state(vit)
+        if state is None:
+            apply_token_merging(
+                vit, config.vision_r, config.proportional_attention, config.trace_source, config.schedule
+            )
+        else:
+            set_merge_r(vit, config.vision_r, config.schedule)
+            state.proportional_attention = config.proportional_attention
+            state.trace_source = config.trace_source
+        self.merging = config
+        return previous
+
+    @contextmanager
+    def merging_override(self, **changes: Any) -> Iterator[TokenMergingConfig]:
+        """Run a block with some merging fields changed, e.g. `vision_r=0, fusion_r=0` for the full model."""
+        previous = self.set_merging(**changes)
+        try:
+            yield self.merging
+        finally:
+            self.set_merging(previous or TokenMergingConfig())
+
+    @property
+    def tokens_kept(self) -> float:
+        """Fraction of image tokens the vision tower kept in its last forward (1.0 without merging)."""
+        state = token_merging_state(self.vision.vit)
+        return 1.0 if state is None else state.tokens_kept
+
     def encode_image(self, images: Tensor) -> ImageFeatures:
+        """Image tokens [B, 1 + N', Dv] (N' < N when merging, `sizes` [B, 1 + N'] then set) and embedding."""
         tokens = self.vision(images)
-        return ImageFeatures(tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1))
+        state = token_merging_state(self.vision.vit)
+        sizes = None if state is None or state.size is None else state.size[..., 0]
+        return ImageFeatures(tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1), sizes)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         tokens = self.text(input_ids, attention_mask)
@@ -93,10 +154,23 @@ class FusionBackbone(nn.Module):
     def fuse(self, image: ImageFeatures, text_tokens: Tensor, attention_mask: Tensor) -> Tensor:
         """Text tokens [B, L, Dt] attend to the image tokens [B, N, Dv] -> fused tokens [B, L, Dt].
 
-        Merged image tokens are attended in proportion to their size (log-size key bias).
+        Merged image tokens are attended in proportion to their size (log-size key bias) unless
+        `merging.proportional_attention` is off; `merging.fusion_r` / `text_r` merge inside the fusion.
         """
-        bias = None if image.sizes is None else image.sizes.log()
+        merging = self.merging
+        if merging is not None and merging.merges_fusion:
+            return self.fusion.merged_forward(text_tokens, attention_mask, image.tokens, image.sizes, merging)
+        proportional = merging is None or merging.proportional_attention
+        bias = None if image.sizes is None or not proportional else image.sizes.log()
         return self.fusion(text_tokens, attention_mask, image.tokens, image_bias=bias)
+
+    def decode(self, image: ImageFeatures, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Caption decoder pass: ids [B, L] attend causally to each other and to the image tokens -> hidden
+        [B, L, D] (before the tied LM head `decoder.logits`). Needs `caption_decoder=True`."""
+        if self.decoder is None:
+            raise ValueError("this backbone has no caption decoder: build it with caption_decoder=True")
+        bias = None if image.sizes is None else image.sizes.log()
+        return self.decoder(input_ids, attention_mask, image.tokens, bias)
 
     def special_tokens_mask(self, input_ids: Tensor) -> Tensor:
         """[B, L] bool: True where the id is a special token ([CLS], [SEP], [PAD], [MASK], ...)."""

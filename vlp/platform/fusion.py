@@ -14,6 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlp.platform.token_merging import (
+    TokenMergingConfig,
+    bipartite_soft_matching,
+    merge_mask,
+    merge_wavg,
+    proportional_attention_bias,
+    text_guided_merge,
+)
+
 
 @dataclass
 class FusionConfig:
@@ -38,15 +47,32 @@ class MultiHeadAttention(nn.Module):
         self.key_value = nn.Linear(context_dim or dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """`mask`: bool (True = attend) or additive float, broadcastable to [B, heads, Nq, Nk]."""
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """`mask`: bool (True = attend) or additive float, broadcastable to [B, heads, Nq, Nk].
+
+        `return_weights` also returns the detached attention probabilities [B, heads, Nq, Nk] (computed
+        explicitly instead of by SDPA, same FLOPs), e.g. to rank image tokens for merging.
+        """
         context = x if context is None else context
         b, nq, d = x.shape
         q = self.query(x).view(b, nq, self.heads, d // self.heads).transpose(1, 2)
         k, v = self.key_value(context).view(b, -1, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.out(out.transpose(1, 2).reshape(b, nq, d))
+        if not return_weights:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            return self.out(out.transpose(1, 2).reshape(b, nq, d))
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask
+        weights = scores.softmax(dim=-1)
+        out = F.dropout(weights, dropout) @ v
+        return self.out(out.transpose(1, 2).reshape(b, nq, d)), weights.detach()
 
 
 class FeedForward(nn.Sequential):
@@ -76,10 +102,28 @@ class FusionLayer(nn.Module):
         self_attn: MultiHeadAttention | None = None,
     ) -> Tensor:
         """`self_attn` replaces this layer's own self-attention (the caption decoder's causal one)."""
+        text, _ = self.attend(text, image, self_mask, cross_mask, self_attn)
+        return text + self.mlp(self.mlp_norm(text))
+
+    def attend(
+        self,
+        text: Tensor,
+        image: Tensor,
+        self_mask: Tensor,
+        cross_mask: Tensor | None = None,
+        self_attn: MultiHeadAttention | None = None,
+        return_cross_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The two attention sub-blocks without the feed-forward, so tokens can be merged before it.
+
+        Returns (text [B, L, D], text -> image attention [B, heads, L, N] when `return_cross_weights`).
+        """
         attn = self.self_attn if self_attn is None else self_attn
         text = text + attn(self.self_norm(text), mask=self_mask)
-        text = text + self.cross_attn(self.cross_norm(text), image, mask=cross_mask)
-        return text + self.mlp(self.mlp_norm(text))
+        if not return_cross_weights:
+            return text + self.cross_attn(self.cross_norm(text), image, mask=cross_mask), None
+        out, weights = self.cross_attn(self.cross_norm(text), image, mask=cross_mask, return_weights=True)
+        return text + out, weights
 
 
 def self_attention_mask(attention_mask: Tensor, causal: bool = False) -> Tensor:
@@ -119,3 +163,64 @@ class FusionEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             text = layer(text, image, self_mask, cross_mask, None if self_attns is None else self_attns[i])
         return self.norm(text)
+
+    def merged_forward(
+        self,
+        text: Tensor,
+        attention_mask: Tensor,
+        image: Tensor,
+        image_sizes: Tensor | None,
+        merging: TokenMergingConfig,
+    ) -> Tensor:
+        """`forward` (bidirectional) with token merging between each layer's attention and its MLP.
+
+        Image (PuMer): the `fusion_r` image tokens the real text attends least to in this layer's
+        cross-attention (head mean; padded text rows masked out) merge into their most similar kept token,
+        so later layers attend fewer; the last layer skips it, nothing reads its image tokens. [CLS] stays.
+        Text (ToMe): `text_r` caption tokens merge by bipartite matching on their values; real-real pairs
+        go before padding-padding ones and real tokens are moved back in front after each merge, so a
+        caption's result does not depend on its padding (captions must be right-padded); [CLS] never
+        merges. Text merges are undone in reverse at the end (every original position takes its group's
+        value), so the output keeps [B, L, D] for per-token objectives (MLM, ITM's [CLS]).
+        Merged tokens are attended in proportion to their size when `merging.proportional_attention`.
+        image_sizes [B, N] (None = all 1), e.g. from a merging vision tower.
+        """
+        proportional = merging.proportional_attention
+        real = attention_mask.bool()
+        image_size = None if image_sizes is None else image_sizes[..., None].float()
+        text_size, unmerges = None, []
+        for i, layer in enumerate(self.layers):
+            if text_size is None or not proportional:
+                self_mask = self_attention_mask(real)
+            else:
+                self_mask = proportional_attention_bias(text_size, real, dtype=text.dtype)
+            cross_mask = None
+            if image_size is not None and proportional:
+                cross_mask = proportional_attention_bias(image_size, dtype=text.dtype)
+            rank_image = merging.fusion_r > 0 and i < len(self.layers) - 1
+            text, weights = layer.attend(text, image, self_mask, cross_mask, return_cross_weights=rank_image)
+            if rank_image:
+                image, image_size = text_guided_merge(
+                    image, weights, merging.fusion_r, image_size, real, protect_first=True
+                )
+            if merging.text_r > 0:
+                merge, unmerge = bipartite_soft_matching(text, merging.text_r, mask=real, real_first=True)
+                text, text_size = merge_wavg(merge, text, text_size, mask=real)
+                real = merge_mask(merge, real)
+                order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices
+                text, text_size, real = (
+                    gather_tokens(text, order),
+                    gather_tokens(text_size, order),
+                    real.gather(1, order),
+                )
+                unmerges.append((unmerge, order.argsort(dim=1)))
+            text = text + layer.mlp(layer.mlp_norm(text))
+        text = self.norm(text)
+        for unmerge, inverse in reversed(unmerges):
+            text = unmerge(gather_tokens(text, inverse))
+        return text
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, N, C] reordered along N by index [B, M] -> [B, M, C]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))

@@ -31,7 +31,7 @@ def _keep(x: Tensor, mode: str = "mean") -> Tensor:
 
 
 def bipartite_soft_matching(
-    metric: Tensor, r: int, protect_first: bool = True, mask: Tensor | None = None
+    metric: Tensor, r: int, protect_first: bool = True, mask: Tensor | None = None, real_first: bool = False
 ) -> tuple[MergeFn, MergeFn]:
     """Plan the merge of the `r` most similar tokens of `metric` [B, N, C].
 
@@ -39,7 +39,9 @@ def bipartite_soft_matching(
     cosine-similar B token and the r strongest links merge A into B. r is capped at half the mergeable
     tokens. The first token ([CLS]) is never merged when `protect_first`. `mask` [B, N] bool (True = real)
     forbids real-padding links, so padding merges among itself; should r force one anyway, `merge_wavg`
-    with the same mask keeps the padding out of the real token's value.
+    with the same mask keeps the padding out of the real token's value. `real_first` ranks every
+    real-real link above every padding-padding one, so which real tokens merge never depends on how much
+    padding a row has or what it holds.
     """
     if r < 0:
         raise ValueError(f"r must be >= 0, got {r}")
@@ -57,6 +59,9 @@ def bipartite_soft_matching(
         if mask is not None:
             crosses = mask[:, ::2, None] != mask[:, None, 1::2]
             scores = scores.masked_fill(crosses, torch.finfo(scores.dtype).min)
+            if real_first:
+                padding_pairs = ~mask[:, ::2, None] & ~mask[:, None, 1::2]
+                scores = torch.where(padding_pairs, scores - 4.0, scores)  # cosines lie in [-1, 1]
         if protect_first:
             scores[:, 0] = -torch.inf  # below any masked link, so never chosen
         best_score, best_dst = scores.max(dim=-1)  # [B, Na]
@@ -185,6 +190,37 @@ def merge_schedule(
         capped.append(v)
         n -= v
     return capped
+
+
+@dataclass
+class TokenMergingConfig:
+    """Where and how much a `FusionBackbone` merges; all zeros is the plain model (bitwise).
+
+    vision_r: tokens merged per ViT block (an int, or one entry per block), shaped by `schedule`
+    ("constant" or "decreasing"); fusion_r: image tokens merged after each fusion layer's cross-attention,
+    least attended by the real text first (PuMer); text_r: caption tokens merged per fusion layer
+    (unmerged again before the fused output, so it keeps length L); proportional_attention: log(size)
+    key bias wherever merged tokens are attended; trace_source: keep the ViT's token -> patch map.
+    """
+
+    vision_r: int | list[int] = 0
+    schedule: str = "constant"
+    proportional_attention: bool = True
+    fusion_r: int = 0
+    text_r: int = 0
+    trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"merging.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        rs = self.vision_r if isinstance(self.vision_r, list) else [self.vision_r]
+        for name, values in (("vision_r", rs), ("fusion_r", [self.fusion_r]), ("text_r", [self.text_r])):
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+                raise ValueError(f"merging.{name} must be non-negative integers, got {getattr(self, name)}")
+
+    @property
+    def merges_fusion(self) -> bool:
+        return self.fusion_r > 0 or self.text_r > 0
 
 
 @dataclass

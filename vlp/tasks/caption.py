@@ -1,0 +1,168 @@
+"""Image captioning (BLIP's language-modelling objective) on the backbone's caption decoder.
+
+Training: teacher forcing, inputs [CLS] w1 .. wn, targets w1 .. wn [SEP]; mean cross-entropy over the real
+target tokens only (optional label smoothing), through the fused linear + cross-entropy kernel so the
+[B * L, V] logits are never materialised. Validation: teacher-forced loss and next-token accuracy, then
+captions generated from the image alone (greedy, or beam search when num_beams > 1) and scored with
+corpus BLEU-4 and CIDEr-D against every reference caption of the split, gathered over all ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+
+from vlp.platform.backbone import FeatureCache, FusionBackbone, ImageFeatures
+from vlp.platform.decoder import (
+    IGNORE_INDEX,
+    CaptionDecoder,
+    beam_search,
+    greedy_search,
+    shift_for_teacher_forcing,
+)
+from vlp.platform.drawing_captions import images_with_captions
+from vlp.platform.metrics import bleu4, cider_d, simple_tokenize
+from vlp.platform.optim import OptimConfig
+from vlp.tasks.base import Objective, ObjectiveOutput
+
+MAX_LOGGED_IMAGES = 8
+
+
+class CaptionObjective(Objective):
+    """Captioning with the backbone's decoder (`FusionBackbone(caption_decoder=True)`).
+
+    `num_beams` 1 decodes greedily; `max_length` bounds the generated tokens ([SEP] included);
+    `length_penalty` divides a beam's log-probability by length ** length_penalty.
+    """
+
+    name = "caption"
+
+    def __init__(
+        self,
+        backbone: FusionBackbone,
+        optim: OptimConfig | None = None,
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        max_length: int = 40,
+    ) -> None:
+        super().__init__(backbone, optim)
+        if backbone.decoder is None:
+            raise ValueError("CaptionObjective needs a backbone built with caption_decoder=True")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+        if not 1 <= max_length <= backbone.text.max_len:
+            raise ValueError(
+                f"max_length must be in [1, text.max_len={backbone.text.max_len}], got {max_length}"
+            )
+        self.label_smoothing = label_smoothing
+        self.chunk_size = chunk_size
+        self.num_beams = num_beams
+        self.length_penalty = length_penalty
+        self.max_length = max_length
+        self.val_accuracy = MeanMetric()
+        self._candidates: dict[int, str] = {}
+        self._references: dict[int, list[str]] = {}
+
+    @property
+    def decoder(self) -> CaptionDecoder:
+        return self.backbone.decoder
+
+    def teacher_forced(self, batch: dict, features: FeatureCache) -> tuple[Tensor, Tensor]:
+        """Decoder hidden states [B, L-1, D] and next-token targets [B, L-1] (IGNORE_INDEX at padding)."""
+        inputs, mask, targets = shift_for_teacher_forcing(batch["input_ids"], batch["attention_mask"])
+        return self.backbone.decode(features.image, inputs, mask), targets
+
+    def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
+        hidden, targets = self.teacher_forced(batch, features)
+        loss = self.decoder.loss(hidden, targets, self.label_smoothing, self.chunk_size)
+        return ObjectiveOutput(loss, {"loss": loss})
+
+    @torch.no_grad()
+    def generate(self, image: ImageFeatures) -> Tensor:
+        """Token ids [B, T] of one caption per image (no [CLS]; [PAD] after [SEP]); images encoded once."""
+        tokenizer = self.backbone.tokenizer
+        b, k = image.tokens.shape[0], self.num_beams
+        expanded = (
+            image if k == 1 else image.take(torch.arange(b, device=image.tokens.device).repeat_interleave(k))
+        )
+
+        def next_token_logits(ids: Tensor) -> Tensor:
+            return self.decoder.logits(self.backbone.decode(expanded, ids, torch.ones_like(ids))[:, -1])
+
+        tokens = {
+            "bos_id": tokenizer.cls_token_id,
+            "eos_id": tokenizer.sep_token_id,
+            "pad_id": tokenizer.pad_token_id,
+            "max_length": self.max_length,
+            "device": image.tokens.device,
+        }
+        if k == 1:
+            return greedy_search(next_token_logits, b, **tokens)
+        return beam_search(next_token_logits, b, num_beams=k, length_penalty=self.length_penalty, **tokens)[0]
+
+    def captions(self, image: ImageFeatures) -> list[str]:
+        return self.backbone.tokenizer.batch_decode(self.generate(image), skip_special_tokens=True)
+
+    def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
+        hidden, targets = self.teacher_forced(batch, features)
+        keep = targets != IGNORE_INDEX
+        logits = self.decoder.logits(hidden[keep]).float()
+        labels = targets[keep]
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        self.val_accuracy.update((logits.argmax(-1) == labels).float().mean(), weight=labels.numel())
+        references = batch.get("references") or [[caption] for caption in batch["captions"]]
+        for image_id, caption, refs in zip(
+            batch["image_id"].tolist(), self.captions(features.image), references, strict=True
+        ):
+            self._candidates[image_id] = caption
+            self._references[image_id] = list(refs)
+        return {"loss": loss}
+
+    def validation_scores(self) -> dict[str, float]:
+        candidates, references = self._gathered_captions()
+        self._candidates, self._references = {}, {}
+        if not candidates:
+            return {}
+        accuracy = self.val_accuracy.compute().item()
+        self.val_accuracy.reset()
+        candidates = {key: simple_tokenize(text) for key, text in candidates.items()}
+        references = {key: [simple_tokenize(text) for text in refs] for key, refs in references.items()}
+        return {
+            "val/caption/acc": accuracy,
+            "val/caption/bleu4": bleu4(candidates, references),
+            "val/caption/cider": cider_d(candidates, references),
+        }
+
+    def _gathered_captions(self) -> tuple[dict[int, str], dict[int, list[str]]]:
+        """Every rank's captions; keyed by image id, so the repeats a DistributedSampler pads with vanish."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return dict(self._candidates), dict(self._references)
+        shards: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, (self._candidates, self._references))
+        candidates: dict[int, str] = {}
+        references: dict[int, list[str]] = {}
+        for shard_candidates, shard_references in shards:
+            candidates.update(shard_candidates)
+            references.update(shard_references)
+        return candidates, references
+
+    def validation_images(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
+        """Up to 8 images with the generated caption (yellow) above the reference caption (grey)."""
+        n = min(MAX_LOGGED_IMAGES, batch["image"].shape[0])
+        generated = self.captions(features.image.take(torch.arange(n, device=batch["image"].device)))
+        texts = [
+            [f"gen: {gen}", f"ref: {ref}"] for gen, ref in zip(generated, batch["captions"][:n], strict=True)
+        ]
+        return {"val/caption/samples": images_with_captions(batch["image"][:n], texts)}
+
+    def predict(self, batch: dict, features: FeatureCache) -> dict[str, Any]:
+        return {"caption": self.captions(features.image)}
