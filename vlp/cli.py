@@ -18,6 +18,7 @@ from vlp.platform.callbacks import (
     ThroughputMonitor,
 )
 from vlp.platform.prediction_writer import PredictionWriter
+from vlp.platform.visualization import ValidationImages
 from vlp.tasks.base import TrainableModule
 
 
@@ -48,6 +49,7 @@ def main(args: list[str] | None = None) -> VLPCLI:
                 MetricsSummary(),
                 RandomStateCheckpoint(),
                 PredictionWriter(),
+                ValidationImages(),
             ],
         },
         save_config_kwargs={"overwrite": True},
