@@ -59,13 +59,16 @@ def test_validate_from_checkpoint_reproduces_the_scores(in_tmp):
         assert again[key] == pytest.approx(trained[key], abs=1e-6), key
 
 
-def test_resume_mid_epoch_matches_an_uninterrupted_run(in_tmp):
+@pytest.mark.parametrize("mode", ["sampled", "joint"])
+def test_resume_mid_epoch_matches_an_uninterrupted_run(in_tmp, mode):
     """6 steps straight vs resuming from that run's step-3 checkpoint: identical weights (adaptive sampler)."""
     args = [
         "--data.sampler.strategy",
         "vlp.platform.sampler.Adaptive",
         "--data.sampler.strategy.warmup_observations",
         "1",
+        "--model.init_args.mode",
+        mode,
     ]
     straight = fit(in_tmp / "a", *args, "--checkpoint.save_top_k", "-1")
     ckpt = Path(straight.trainer.log_dir) / "checkpoints" / "step=3.ckpt"

@@ -32,7 +32,7 @@ def test_joint_step_runs_each_encoder_once(backbone, batch):
     module = MultiTaskModule(backbone, ALL, mode="joint")
     vision, text = count_calls(backbone.vision), count_calls(backbone.text)
     module.log = lambda *a, **k: None
-    loss = module.training_step(batch, 0)
+    loss = module.training_step(batch, 0)["loss"]
     assert vision[0] == 1
     # one text pass on the caption shared by ITC and ITM, one on MLM's masked caption (a different input)
     assert text[0] == 2
@@ -47,7 +47,7 @@ def test_joint_loss_is_the_weighted_sum(backbone, batch):
     logged = {}
     module.log = lambda key, value, **k: logged.__setitem__(key, value)
     torch.manual_seed(0)
-    loss = module.training_step(batch, 0)
+    loss = module.training_step(batch, 0)["loss"]
     torch.testing.assert_close(loss, logged["train/itc/loss"] + 0.5 * logged["train/itm/loss"])
 
 
@@ -69,3 +69,16 @@ def test_bad_configuration_is_a_clear_error(backbone, make_backbone):
     other = make_backbone()
     with pytest.raises(ValueError, match="own backbone"):
         MultiTaskModule(backbone, {"itc": lambda _b: ITCObjective(other)})
+
+
+def test_joint_loss_follows_the_sampler_probabilities(backbone, batch):
+    module = MultiTaskModule(
+        backbone, {"itc": ITCObjective, "itm": ITMObjective}, mode="joint", loss_weights={"itm": 0.5}
+    )
+    logged = {}
+    module.log = lambda key, value, **k: logged.__setitem__(key, value)
+    torch.manual_seed(0)
+    out = module.training_step({**batch, "objective_probabilities": {"itc": 0.75, "itm": 0.25}}, 0)
+    expected = 2 * 0.75 * logged["train/itc/loss"] + 0.5 * 2 * 0.25 * logged["train/itm/loss"]
+    torch.testing.assert_close(out["loss"], expected)
+    assert set(out["objective_losses"]) == {"itc", "itm"}

@@ -127,6 +127,7 @@ class MultiTaskLoader:
             name = self.sampler.sample()
             batch = self.streams[self.tasks[name]].next()
             batch["objective"] = name
+            batch["objective_probabilities"] = self.sampler.probabilities()
             batch["loader_index"] = self.produced
             self.produced += 1
             self.step_in_epoch += 1
@@ -267,7 +268,7 @@ class MultiTaskDataModule(LightningDataModule):
         """Whether the sampler's strategy uses loss feedback (only then is it worth a cross-rank reduce)."""
         return type(self.sampler.strategy).observe is not SamplingStrategy.observe
 
-    def observe(self, objective: str, loss: float) -> None:
-        """Loss (already averaged over ranks) of the batch just trained, for the adaptive strategy."""
+    def observe(self, losses: dict[str, float]) -> None:
+        """Losses (already averaged over ranks) of the batch just trained, for the adaptive strategy."""
         if self.train_loader is not None:
-            self.train_loader.observe(self._last_consumed, {objective: loss})
+            self.train_loader.observe(self._last_consumed, losses)

@@ -104,20 +104,25 @@ class RandomStateCheckpoint(Callback):
 
 
 class SamplerMonitor(Callback):
-    """Feeds each step's loss (averaged over ranks) back to the data module's sampler when its strategy
-    uses it, and logs the sampler probabilities as `train/sampler/p_<objective>`."""
+    """Feeds each step's losses (averaged over ranks) back to the data module's sampler when its strategy
+    uses them, and logs the sampler probabilities as `train/sampler/p_<objective>`.
+
+    Sampled steps report the loss of the objective they served; joint steps (`objective_losses` in the
+    step output) report every objective's loss.
+    """
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         datamodule = trainer.datamodule
         sampler = getattr(datamodule, "sampler", None)
-        if sampler is None or getattr(pl_module, "mode", "sampled") != "sampled":
+        if sampler is None or not isinstance(batch, dict) or not isinstance(outputs, dict):
             return
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if getattr(datamodule, "wants_losses", False) and loss is not None and isinstance(batch, dict):
-            reduced = trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")
-            datamodule.observe(batch["objective"], float(reduced))
+        if getattr(datamodule, "wants_losses", False):
+            losses = outputs.get("objective_losses") or {batch["objective"]: outputs["loss"]}
+            stacked = torch.stack([loss.detach().float() for loss in losses.values()])
+            reduced = trainer.strategy.reduce(stacked, reduce_op="mean").tolist()
+            datamodule.observe(dict(zip(losses, reduced, strict=True)))
         for name, p in sampler.probabilities().items():
             pl_module.log(f"train/sampler/p_{name}", p, on_step=True, on_epoch=False)
 

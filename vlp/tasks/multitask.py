@@ -4,7 +4,10 @@ The YAML gives the backbone once and each objective as a callable that takes it 
 `Callable[[FusionBackbone], Objective]` from a class_path without `backbone`), so every objective holds
 the identical module and the parameters exist once. Two modes:
 - `sampled`: each batch carries the objective the MultiTaskSampler chose for it; one objective per step.
-- `joint`: every objective on every batch, losses weighted, the unimodal passes computed once and shared.
+- `joint`: every objective on every batch, the unimodal passes computed once and shared. The loss is
+  sum_i loss_weight_i * n * p_i with p the sampler's probabilities carried by the batch, so the sampler
+  strategy weights objectives instead of choosing one (round-robin: every weight 1; adaptive: more
+  weight to objectives whose loss falls slowest).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class MultiTaskModule(TrainableModule):
     def objective_names(self) -> list[str]:
         return list(self.objectives)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | dict[str, Any]:
         features = FeatureCache(self.backbone, batch)
         batch_size = batch_size_of(batch)
         if self.mode == "sampled":
@@ -63,13 +66,17 @@ class MultiTaskModule(TrainableModule):
             out = self.objectives[name].forward_loss(batch, features)
             self.log_objective("train", name, out.logs, batch_size)
             return out.loss
+        probabilities = batch.get("objective_probabilities") or {}
         total = torch.zeros((), device=batch["image"].device)
+        losses = {}
         for name, objective in self.objectives.items():
             out = objective.forward_loss(batch, features)
             self.log_objective("train", name, out.logs, batch_size)
-            total = total + self.loss_weights[name] * out.loss
+            share = len(self.objectives) * probabilities[name] if name in probabilities else 1.0
+            total = total + self.loss_weights[name] * share * out.loss
+            losses[name] = out.loss.detach()
         self.log("train/loss", total.detach(), batch_size=batch_size, prog_bar=True)
-        return total
+        return {"loss": total, "objective_losses": losses}
 
     def _evaluate(self, stage: str, batch: dict) -> None:
         features = FeatureCache(self.backbone, batch)
