@@ -16,24 +16,13 @@ concatenated batch, and because the gather's backward sums gradients over ranks,
 yields the single-process gradients. All ranks must hold the same local batch size.
 """
 
-import os
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from vlp.platform.distributed import all_gather_with_grad, is_distributed, rank
+from vlp.platform.kernels._triton import Backend, dot_precision, tl, triton, use_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-Backend = Literal["auto", "triton", "torch"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in {"1", "true", "on", "yes"}
 _BLOCK_M, _BLOCK_K, _BLOCK_D = 64, 64, 64
 _DEFAULT_TILE = 2048
 
@@ -136,20 +125,12 @@ if triton is not None:
             )
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's TF32 switch (off by default), so results match `a @ b.T`; the fp32
-    products of 16-bit inputs in the backward use TF32, which keeps the fp32 range of tiny probabilities."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _triton_row_lse(x: Tensor, y: Tensor, scale: Tensor) -> Tensor:
     """log-sum-exp over K of scale * x [M, D] @ y[K, D].T, shape [M], fp32."""
     lse = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
     _row_lse_kernel[(triton.cdiv(x.shape[0], _BLOCK_M),)](
         x, y, scale, lse, x.shape[0], y.shape[0], x.shape[1], x.stride(0), y.stride(0),
-        BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D, PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D, PRECISION=dot_precision(x.dtype),
     )  # fmt: skip
     return lse
 
@@ -166,7 +147,7 @@ def _triton_softmax_grads(
         a, b, scale, row_lse, col_lse if col_lse is not None else row_lse, grad_a, grad_b, grad_scale,
         m, b.shape[0], d, a.stride(0), b.stride(0), row_w, col_w,
         HAS_COLS=col_lse is not None, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D,
-        PRECISION=_dot_precision(a.dtype),
+        PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
     return grad_a, grad_b, grad_scale.sum()
 
@@ -258,18 +239,6 @@ class _InfoNCE(torch.autograd.Function):
         )
 
 
-def _use_triton(backend: str, tensor: Tensor) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError("backend='triton' needs the `triton` package (pip install 'vlp[triton]')")
-        if not tensor.is_cuda and not _INTERPRET:
-            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import")
-        return True
-    return triton is not None and tensor.is_cuda
-
-
 def contrastive_loss(
     image_emb: Tensor,
     text_emb: Tensor,
@@ -306,17 +275,17 @@ def contrastive_loss(
         image_emb, text_emb = image_emb.to(dtype), text_emb.to(dtype)
     if image_emb.dtype != text_emb.dtype or not image_emb.is_floating_point():
         raise TypeError(f"embeddings must share a floating dtype, got {image_emb.dtype} and {text_emb.dtype}")
-    use_triton = _use_triton(backend, image_emb)
+    on_triton = use_triton(backend, image_emb)
     tile = chunk_size or _DEFAULT_TILE
     scale = logit_scale.reshape(())
     image_emb, text_emb = image_emb.contiguous(), text_emb.contiguous()
     with torch.autocast(device_type, enabled=False):
         if not (gather and is_distributed()):
-            return _InfoNCE.apply(image_emb, text_emb, scale, 0, True, tile, use_triton)
+            return _InfoNCE.apply(image_emb, text_emb, scale, 0, True, tile, on_triton)
         all_text, all_image = all_gather_with_grad(text_emb), all_gather_with_grad(image_emb)
         offset = rank() * image_emb.shape[0]
-        image_to_text = _InfoNCE.apply(image_emb, all_text, scale, offset, False, tile, use_triton)
-        text_to_image = _InfoNCE.apply(text_emb, all_image, scale, offset, False, tile, use_triton)
+        image_to_text = _InfoNCE.apply(image_emb, all_text, scale, offset, False, tile, on_triton)
+        text_to_image = _InfoNCE.apply(text_emb, all_image, scale, offset, False, tile, on_triton)
         return 0.5 * (image_to_text + text_to_image)
 
 

@@ -19,22 +19,12 @@ the forward of the module that owns `weight` (e.g. the head's `forward`), never 
 outside it, where a sharded flat parameter would be read.
 """
 
-import os
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from vlp.platform.kernels._triton import Backend, dot_precision, tl, triton, use_triton
 
-Backend = Literal["auto", "triton", "torch"]
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in {"1", "true", "on", "yes"}
 _BLOCK_N, _BLOCK_V, _BLOCK_H = 64, 64, 64
 
 if triton is not None:
@@ -150,14 +140,6 @@ if triton is not None:
             )
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's TF32 switch (off by default), so results match `hidden @ weight.T`;
-    the fp32 products of 16-bit inputs in the backward use TF32, which keeps fp32 range."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _triton_forward(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int, smoothing: float
 ) -> tuple[Tensor, Tensor]:
@@ -170,7 +152,7 @@ def _triton_forward(
         hidden, weight, bias if bias is not None else hidden, target, lse, row_loss, n, v, h,
         hidden.stride(0), weight.stride(0), ignore_index, smoothing,
         HAS_BIAS=bias is not None, BLOCK_N=_BLOCK_N, BLOCK_V=_BLOCK_V, BLOCK_H=_BLOCK_H,
-        PRECISION=_dot_precision(hidden.dtype),
+        PRECISION=dot_precision(hidden.dtype),
     )  # fmt: skip
     return lse, row_loss
 
@@ -191,7 +173,7 @@ def _triton_backward(
         grad_bias if grad_bias is not None else grad_hidden, n, v, h, hidden.stride(0), weight.stride(0),
         ignore_index, smoothing,
         HAS_BIAS=bias is not None, BIAS_GRAD=grad_bias is not None, BLOCK_N=_BLOCK_N, BLOCK_V=_BLOCK_V,
-        BLOCK_H=_BLOCK_H, PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_H=_BLOCK_H, PRECISION=dot_precision(hidden.dtype),
     )  # fmt: skip
     return grad_hidden, grad_weight, grad_bias
 
@@ -285,18 +267,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def _use_triton(backend: str, tensor: Tensor) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError("backend='triton' needs the `triton` package (pip install 'vlp[triton]')")
-        if not tensor.is_cuda and not _INTERPRET:
-            raise ValueError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before import")
-        return True
-    return triton is not None and tensor.is_cuda
-
-
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -348,7 +318,7 @@ def linear_cross_entropy(
         raise TypeError(f"hidden, weight and bias must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if not hidden.is_floating_point():
         raise TypeError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
-    use_triton = _use_triton(backend, hidden)
+    on_triton = use_triton(backend, hidden)
     n, v, h = hidden.shape[0], weight.shape[0], hidden.shape[1]
     chunk_size = chunk_size or _default_chunk_size(max(n, 1), v, h)
     grad_on = torch.is_grad_enabled()
@@ -360,7 +330,7 @@ def linear_cross_entropy(
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(
             hidden.contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
-            target.contiguous(), ignore_index, float(label_smoothing), chunk_size, use_triton, needs_grad,
+            target.contiguous(), ignore_index, float(label_smoothing), chunk_size, on_triton, needs_grad,
         )  # fmt: skip
 
 
