@@ -22,14 +22,13 @@ def shapes() -> ShapesSource:
 
 def tiny_backbone(tokenizer, **kwargs) -> FusionBackbone:
     torch.manual_seed(0)
-    return FusionBackbone(
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2),
-        text=TextConfig(width=32, depth=1, heads=2, max_len=48),
-        fusion=FusionConfig(depth=1, heads=2),
-        embed_dim=16,
-        tokenizer=tokenizer,
-        **kwargs,
-    )
+    config = {
+        "vision": VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2),
+        "text": TextConfig(width=32, depth=1, heads=2, max_len=48),
+        "fusion": FusionConfig(depth=1, heads=2),
+        "embed_dim": 16,
+    }
+    return FusionBackbone(tokenizer=tokenizer, **{**config, **kwargs})
 
 
 @pytest.fixture

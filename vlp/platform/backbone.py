@@ -145,7 +145,14 @@ class FusionBackbone(nn.Module):
         tokens = self.vision(images)
         state = token_merging_state(self.vision.vit)
         sizes = None if state is None or state.size is None else state.size[..., 0]
-        return ImageFeatures(tokens, F.normalize(self.vision_proj(tokens[:, 0]), dim=-1), sizes)
+        if self.vision.config.pool == "cls":
+            pooled = tokens[:, 0]
+        elif sizes is None:
+            pooled = tokens[:, 1:].mean(dim=1)
+        else:
+            weights = sizes[:, 1:, None].to(tokens.dtype)
+            pooled = (tokens[:, 1:] * weights).sum(dim=1) / weights.sum(dim=1)
+        return ImageFeatures(tokens, F.normalize(self.vision_proj(pooled), dim=-1), sizes)
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         tokens = self.text(input_ids, attention_mask)

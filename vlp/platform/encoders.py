@@ -7,6 +7,7 @@ the same config runs offline on a laptop and on a cluster that pre-stages its ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 from timm.models import load_state_dict as timm_load_state_dict
@@ -17,7 +18,12 @@ from transformers import AutoModel, BertConfig, BertModel
 
 @dataclass
 class VisionConfig:
-    """Size of the ViT image tower; `pretrained` is a local timm/ViT state-dict file (.safetensors or .pth)."""
+    """Size of the ViT image tower; `pretrained` is a local timm/ViT state-dict file (.safetensors or .pth).
+
+    `pool` picks the image embedding for ITC: the [CLS] token ("cls", CLIP) or the size-weighted mean of
+    the patch tokens ("mean"), which trains every patch token directly: from scratch, fusion then sees
+    informative patch tokens much earlier.
+    """
 
     image_size: int = 64
     patch_size: int = 8
@@ -26,6 +32,7 @@ class VisionConfig:
     heads: int = 3
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
+    pool: Literal["cls", "mean"] = "cls"
     pretrained: str | None = None
 
 
