@@ -117,3 +117,15 @@ def test_mean_pooling_embeds_the_average_patch_token(make_backbone, batch):
     image = backbone.encode_image(batch["image"])
     expected = torch.nn.functional.normalize(backbone.vision_proj(image.tokens[:, 1:].mean(1)), dim=-1)
     torch.testing.assert_close(image.embedding, expected)
+
+
+def test_text_mean_pooling_ignores_padding(make_backbone, batch):
+    from vlp.platform.encoders import TextConfig
+
+    backbone = make_backbone(text=TextConfig(width=32, depth=1, heads=2, max_len=48, pool="mean"))
+    ids, mask = batch["input_ids"][:1], batch["attention_mask"][:1]
+    padded_ids = torch.cat([ids, torch.zeros(1, 4, dtype=ids.dtype)], 1)
+    padded_mask = torch.cat([mask, torch.zeros(1, 4, dtype=mask.dtype)], 1)
+    plain = backbone.encode_text(ids, mask).embedding
+    padded = backbone.encode_text(padded_ids, padded_mask).embedding
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)

@@ -156,7 +156,12 @@ class FusionBackbone(nn.Module):
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         tokens = self.text(input_ids, attention_mask)
-        return TextFeatures(tokens, attention_mask, F.normalize(self.text_proj(tokens[:, 0]), dim=-1))
+        if self.text.config.pool == "cls":
+            pooled = tokens[:, 0]
+        else:
+            weights = attention_mask[..., None].to(tokens.dtype)
+            pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        return TextFeatures(tokens, attention_mask, F.normalize(self.text_proj(pooled), dim=-1))
 
     def fuse(self, image: ImageFeatures, text_tokens: Tensor, attention_mask: Tensor) -> Tensor:
         """Text tokens [B, L, Dt] attend to the image tokens [B, N, Dv] -> fused tokens [B, L, Dt].

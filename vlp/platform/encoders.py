@@ -38,13 +38,19 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """Size of the BERT text tower; `pretrained` is a local directory readable by `AutoModel.from_pretrained`."""
+    """Size of the BERT text tower; `pretrained` is a local directory readable by `AutoModel.from_pretrained`.
+
+    `pool` picks the text embedding for ITC: [CLS] ("cls") or the mean over real tokens ("mean"). From
+    scratch, BERT's [CLS] output barely depends on the words (cosine ~0.99999 between captions at init),
+    which stalls contrastive learning for hundreds of steps; the mean does not.
+    """
 
     width: int = 192
     depth: int = 2
     heads: int = 3
     max_len: int = 64
     dropout: float = 0.0
+    pool: Literal["cls", "mean"] = "cls"
     pretrained: str | None = None
 
 
