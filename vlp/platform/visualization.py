@@ -22,6 +22,7 @@ from vlp.platform.boxes import box_cxcywh_to_xyxy
 GREEN = (0, 255, 0)
 RED = (255, 0, 0)
 TEXT_COLOUR = (255, 255, 255)
+CAPTION_COLOURS = ((255, 230, 80), (200, 200, 200))  # generated, then references
 BAND_COLOUR = (0, 0, 0)
 TARGET_SIZE = 192
 MAX_IMAGES = 8
@@ -90,7 +91,7 @@ def _wrap(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: 
     return out
 
 
-def draw_text(image: Image.Image, text: str, lines: int = 2) -> Image.Image:
+def draw_text(image: Image.Image, text: str, lines: int = 2, colour: Colour = TEXT_COLOUR) -> Image.Image:
     """`image` with a black band of `lines` text lines under it holding `text` (word-wrapped, white).
 
     A band below the picture never hides the objects the text is about; its height depends only on
@@ -105,8 +106,31 @@ def draw_text(image: Image.Image, text: str, lines: int = 2) -> Image.Image:
     out.paste(image, (0, 0))
     draw = ImageDraw.Draw(out)
     for i, line in enumerate(_wrap(text, font, w - 4, lines)):
-        draw.text((2, h + 2 + i * line_height), line, fill=TEXT_COLOUR, font=font)
+        draw.text((2, h + 2 + i * line_height), line, fill=colour, font=font)
     return out
+
+
+def annotate_captions(
+    images: Tensor,
+    texts: Sequence[Sequence[str]],
+    size: int = TARGET_SIZE,
+    lines: int = 4,
+    max_images: int = MAX_IMAGES,
+) -> Tensor:
+    """Upscaled images [N, 3, H, W] in [-1, 1] with their K strings in bands underneath (the first, e.g. the
+    generated caption, in yellow; the others, e.g. the reference, in grey) -> uint8 [min(N, max_images), 3, H', W']."""
+    n = min(images.shape[0], max_images)
+    if len(texts) < n or len({len(t) for t in texts[:n]}) > 1:
+        raise ValueError(
+            f"need the same number of strings for each of {n} images, got {[len(t) for t in texts]}"
+        )
+    pictures = []
+    for image, strings in zip(upscale(images[:n], size), texts, strict=False):
+        picture = to_pil(image)
+        for k, text in enumerate(strings):
+            picture = draw_text(picture, text, lines, CAPTION_COLOURS[min(k, 1)])
+        pictures.append(from_pil(picture))
+    return torch.stack(pictures)
 
 
 def annotate_boxes(

@@ -25,9 +25,9 @@ from vlp.platform.decoder import (
     greedy_search,
     shift_for_teacher_forcing,
 )
-from vlp.platform.drawing_captions import images_with_captions
 from vlp.platform.metrics import bleu4, cider_d, simple_tokenize
 from vlp.platform.optim import OptimConfig
+from vlp.platform.visualization import annotate_captions
 from vlp.tasks.base import Objective, ObjectiveOutput
 
 MAX_LOGGED_IMAGES = 8
@@ -162,7 +162,7 @@ class CaptionObjective(Objective):
         texts = [
             [f"gen: {gen}", f"ref: {ref}"] for gen, ref in zip(generated, batch["captions"][:n], strict=True)
         ]
-        return {"val/caption/samples": images_with_captions(batch["image"][:n], texts)}
+        return {"val/caption/samples": annotate_captions(batch["image"][:n], texts)}
 
     def predict(self, batch: dict, features: FeatureCache) -> dict[str, Any]:
         return {"caption": self.captions(features.image)}
