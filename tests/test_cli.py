@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vlp.cli import main
+from vlp.cli import run as main
 
 CONFIG = str(Path(__file__).parent / "configs" / "tiny.yaml")
 
@@ -122,3 +122,27 @@ def test_missing_pretrained_file_is_named(in_tmp):
                 "nope.safetensors",
             ]
         )
+
+
+def test_vlp_console_script_exits_zero(in_tmp):
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "vlp"
+    result = subprocess.run(
+        [
+            str(script),
+            "fit",
+            "--config",
+            CONFIG,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "metrics.json:" in result.stdout

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from vlp.cli import main
+from vlp.cli import run as main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "pretrain").glob("*.yaml"))
 

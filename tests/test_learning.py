@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from vlp.cli import main
+from vlp.cli import run as main
 
 CONFIG = str(Path(__file__).parent / "configs" / "learning.yaml")
 NUM_VAL = 100  # data.sources.shapes.init_args.num_val in the config

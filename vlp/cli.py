@@ -32,7 +32,8 @@ class VLPCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> VLPCLI:
+def run(args: list[str] | None = None) -> VLPCLI:
+    """Parse `args` (default: the command line), run the subcommand, return the CLI (trainer, model, data)."""
     return VLPCLI(
         model_class=TrainableModule,
         subclass_mode_model=True,
@@ -56,6 +57,11 @@ def main(args: list[str] | None = None) -> VLPCLI:
         auto_configure_optimizers=False,
         args=args,
     )
+
+
+def main() -> None:
+    """The `vlp` console script; returns None so the process exits 0 on success."""
+    run()
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ def test_log_scale_gradient_reaches_parameter(backbone):
 def test_mean_pooling_embeds_the_average_patch_token(make_backbone, batch):
     from vlp.platform.encoders import VisionConfig
 
-    backbone = make_backbone(vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, pool="mean"))
+    backbone = make_backbone(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, pool="mean")
+    )
     image = backbone.encode_image(batch["image"])
     expected = torch.nn.functional.normalize(backbone.vision_proj(image.tokens[:, 1:].mean(1)), dim=-1)
     torch.testing.assert_close(image.embedding, expected)

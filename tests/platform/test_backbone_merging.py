@@ -1,0 +1,182 @@
+from unittest import mock
+
+import pytest
+import torch
+
+from vlp.platform import fusion as fusion_module
+from vlp.platform.backbone import FusionBackbone
+from vlp.platform.encoders import TextConfig, VisionConfig
+from vlp.platform.flops import count_flops
+from vlp.platform.fusion import FusionConfig
+from vlp.platform.token_merging import TokenMergingConfig
+
+TOKENS = 1 + (32 // 8) ** 2  # [CLS] + 16 patches
+
+
+def build(tokenizer, merging: TokenMergingConfig | None = None, fusion_depth: int = 2) -> FusionBackbone:
+    torch.manual_seed(0)
+    return FusionBackbone(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
+        text=TextConfig(width=32, depth=1, heads=2, max_len=48),
+        fusion=FusionConfig(depth=fusion_depth, heads=2),
+        embed_dim=16,
+        tokenizer=tokenizer,
+        merging=merging,
+    ).eval()
+
+
+def run(backbone: FusionBackbone, batch: dict):
+    image = backbone.encode_image(batch["image"])
+    text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+    return image, backbone.fuse(image, text.tokens, text.attention_mask)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TokenMergingConfig(),
+        TokenMergingConfig(vision_r=[0, 0], schedule="constant", proportional_attention=False),
+    ],
+)
+def test_zero_merging_is_bitwise_identical_to_no_merging(shapes, batch, config):
+    plain_image, plain_fused = run(build(shapes.tokenizer), batch)
+    image, fused = run(build(shapes.tokenizer, config), batch)
+    assert image.sizes is None
+    assert torch.equal(image.tokens, plain_image.tokens) and torch.equal(
+        image.embedding, plain_image.embedding
+    )
+    assert torch.equal(fused, plain_fused)
+
+
+def test_vision_merging_sizes_sum_to_the_token_count(shapes, batch):
+    backbone = build(shapes.tokenizer, TokenMergingConfig(vision_r=3))
+    image, fused = run(backbone, batch)
+    assert image.tokens.shape[1] == TOKENS - 2 * 3 and image.sizes.shape == image.tokens.shape[:2]
+    assert torch.equal(image.sizes.sum(dim=1), torch.full((8,), float(TOKENS)))
+    assert backbone.tokens_kept == pytest.approx((TOKENS - 6) / TOKENS)
+    assert fused.shape == batch["input_ids"].shape + (32,)
+
+
+def test_fusion_merging_sizes_sum_to_the_token_count_in_every_layer(shapes, batch):
+    backbone = build(shapes.tokenizer, TokenMergingConfig(vision_r=2, fusion_r=3, text_r=2), fusion_depth=3)
+    merges, original = [], fusion_module.text_guided_merge
+
+    def recording(*args, **kwargs):
+        merges.append(original(*args, **kwargs))
+        return merges[-1]
+
+    with mock.patch.object(fusion_module, "text_guided_merge", side_effect=recording):
+        _, fused = run(backbone, batch)
+    assert [tokens.shape[1] for tokens, _ in merges] == [TOKENS - 4 - 3, TOKENS - 4 - 6]  # not after the last
+    for _, size in merges:
+        assert torch.equal(size.sum(dim=(1, 2)), torch.full((8,), float(TOKENS)))
+    assert fused.shape == batch["input_ids"].shape + (32,) and torch.isfinite(fused).all()
+
+
+def padded_and_trimmed(backbone: FusionBackbone, batch: dict):
+    """Each caption fused inside the padded batch vs alone without padding: [(padded, alone)] per row."""
+    image = backbone.encode_image(batch["image"])
+    text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+    tokens, mask = text.tokens.clone(), text.attention_mask
+    tokens[mask == 0] = 10 * torch.randn(tokens.shape[-1])  # identical padding: its pairs match best
+    fused = backbone.fuse(image, tokens, mask)
+    pairs = []
+    for i, length in enumerate(mask.sum(dim=1).tolist()):
+        alone = backbone.fuse(
+            image.take(torch.tensor([i])), tokens[i : i + 1, :length], mask[i : i + 1, :length]
+        )
+        pairs.append((fused[i, :length], alone[0]))
+    return pairs
+
+
+@pytest.mark.parametrize("text_r", [0, 3])
+def test_fusion_merging_never_depends_on_padded_text(shapes, batch, text_r):
+    assert (batch["attention_mask"] == 0).any()  # the batch has padded captions
+    backbone = build(
+        shapes.tokenizer, TokenMergingConfig(vision_r=2, fusion_r=4, text_r=text_r), fusion_depth=3
+    )
+    with torch.no_grad():
+        for padded, alone in padded_and_trimmed(backbone, batch):
+            torch.testing.assert_close(padded, alone, atol=2e-5, rtol=1e-4)
+
+
+def test_fusion_merging_changes_the_result_only_when_switched_on(shapes, batch):
+    backbone = build(shapes.tokenizer)
+    with torch.no_grad():
+        _, plain = run(backbone, batch)
+        with backbone.merging_override(fusion_r=6):
+            _, merged = run(backbone, batch)
+    assert not torch.allclose(plain, merged)
+
+
+def test_merged_and_unmerged_backbones_share_one_checkpoint(shapes, batch):
+    merged = build(shapes.tokenizer, TokenMergingConfig(vision_r=3, fusion_r=2, text_r=2))
+    plain = build(shapes.tokenizer)
+    assert list(merged.state_dict()) == list(plain.state_dict())
+    with torch.no_grad():
+        for p in merged.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    merged.load_state_dict(plain.state_dict(), strict=True)
+    _, plain_fused = run(plain, batch)
+    with merged.merging_override(vision_r=0, fusion_r=0, text_r=0):
+        _, unmerged_fused = run(merged, batch)
+    assert torch.equal(plain_fused, unmerged_fused)
+
+
+def test_set_merging_returns_the_previous_setting_and_override_restores_it(shapes, batch):
+    backbone = build(shapes.tokenizer, TokenMergingConfig(vision_r=2))
+    previous = backbone.set_merging(vision_r=3)
+    assert previous == TokenMergingConfig(vision_r=2) and backbone.merging.vision_r == 3
+    with backbone.merging_override(vision_r=0) as inside:
+        assert inside.vision_r == 0 and backbone.encode_image(batch["image"]).sizes is None
+    assert backbone.merging == TokenMergingConfig(vision_r=3)
+    assert backbone.encode_image(batch["image"]).tokens.shape[1] == TOKENS - 6
+
+
+def test_bad_merging_settings_are_rejected(shapes):
+    backbone = build(shapes.tokenizer)
+    with pytest.raises(ValueError, match="either a merging config or field changes"):
+        backbone.set_merging(TokenMergingConfig(), vision_r=1)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        backbone.set_merging(fusion_depth=1)
+    with pytest.raises(ValueError, match="merging.fusion_r"):
+        TokenMergingConfig(fusion_r=-1)
+    with pytest.raises(ValueError, match="merging.schedule"):
+        TokenMergingConfig(schedule="linear")
+    with pytest.raises(ValueError, match="one entry per layer"):
+        backbone.set_merging(vision_r=[1, 2, 3])
+
+
+def test_merging_lowers_backbone_flops(shapes, batch):
+    backbone = build(shapes.tokenizer)
+    text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+
+    def costs() -> tuple[int, int]:
+        image = backbone.encode_image(batch["image"])
+        return (
+            count_flops(lambda: backbone.encode_image(batch["image"])),
+            count_flops(lambda: backbone.fuse(image, text.tokens, text.attention_mask)),
+        )
+
+    with torch.no_grad():
+        vision, fusion = costs()
+        with backbone.merging_override(vision_r=4):
+            merged_vision, vision_merged_fusion = costs()
+        with backbone.merging_override(vision_r=4, fusion_r=4):
+            _, merged_fusion = costs()
+    assert merged_vision < 0.8 * vision
+    assert merged_fusion < vision_merged_fusion < fusion
+
+
+def test_per_token_callers_can_opt_out_of_text_merging(shapes, batch):
+    backbone = build(shapes.tokenizer, TokenMergingConfig(vision_r=2, fusion_r=3, text_r=4))
+    image = backbone.encode_image(batch["image"])
+    text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        per_token = backbone.fuse(image, text.tokens, text.attention_mask, merge_text=False)
+        merged = backbone.fuse(image, text.tokens, text.attention_mask)
+        with backbone.merging_override(text_r=0):
+            reference = backbone.fuse(image, text.tokens, text.attention_mask)
+    assert torch.equal(per_token, reference) and not torch.allclose(merged, reference)
+    assert backbone.merging.text_r == 4

@@ -1,0 +1,107 @@
+from itertools import islice
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+
+from vlp.platform.backbone import FusionBackbone
+from vlp.platform.encoders import TextConfig, VisionConfig
+from vlp.platform.fusion import FusionConfig
+from vlp.platform.perf import FlopsMonitor, head_of_batch, training_step_flops
+from vlp.platform.token_merging import TokenMergingConfig
+
+TOKENS = 1 + (32 // 8) ** 2
+
+
+class FusedScore(LightningModule):
+    """A minimal runner on the backbone: the fused [CLS] of each pair, trained toward zero; logs its loss."""
+
+    def __init__(self, backbone: FusionBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image = self.backbone.encode_image(batch["image"])
+        text = self.backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+        loss = self.backbone.fuse(image, text.tokens, text.attention_mask)[:, 0].pow(2).mean()
+        loss = loss + torch.rand(()) * 0  # draws from the RNG, as MLM masking and ITM negatives do
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def build(tokenizer, merging: TokenMergingConfig | None = None) -> FusedScore:
+    torch.manual_seed(0)
+    return FusedScore(
+        FusionBackbone(
+            vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
+            text=TextConfig(width=32, depth=1, heads=2, max_len=48),
+            fusion=FusionConfig(depth=1, heads=2),
+            embed_dim=16,
+            tokenizer=tokenizer,
+            merging=merging,
+        )
+    )
+
+
+def test_flops_monitor_logs_gflops_per_sample_and_tokens_kept(shapes):
+    module = build(shapes.tokenizer, TokenMergingConfig(vision_r=3))
+    trainer = Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FlopsMonitor(every_n_steps=2, batch_size=2)],
+    )
+    trainer.fit(module, train_dataloaders=shapes.dataloader("train"))
+    metrics = trainer.callback_metrics
+    assert metrics["perf/tokens_kept"].item() == pytest.approx((TOKENS - 6) / TOKENS)
+    third_batch = head_of_batch(list(islice(shapes.dataloader("train"), 3))[2], 2)  # measured at 0 and 2
+    expected = training_step_flops(module, third_batch) / 2 / 1e9
+    assert metrics["perf/gflops_per_sample"].item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["train/loss"].item() > 0
+
+
+def test_tokens_kept_is_one_without_merging(shapes):
+    assert build(shapes.tokenizer).backbone.tokens_kept == 1.0
+
+
+def test_counting_a_step_leaves_gradients_rng_and_logging_alone(shapes, batch):
+    module = build(shapes.tokenizer)
+    for p in module.parameters():
+        p.grad = torch.ones_like(p)
+    logged = []
+    module.log = lambda *args, **kwargs: logged.append(args)
+    state = torch.get_rng_state()
+    flops = training_step_flops(module, head_of_batch(batch, 2))
+    assert flops > 0 and logged == []
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in module.parameters())
+    module.training_step(batch, 0)
+    assert len(logged) == 1  # the module's own logging is back
+
+
+def test_backward_counts_on_top_of_forward_and_merging_lowers_both(shapes, batch):
+    small = head_of_batch(batch, 2)
+    module = build(shapes.tokenizer)
+    forward, train = training_step_flops(module, small, backward=False), training_step_flops(module, small)
+    assert 2.5 * forward < train < 3.5 * forward  # backward ~ 2x forward
+    module.backbone.set_merging(vision_r=4, fusion_r=2)
+    assert training_step_flops(module, small, backward=False) < forward
+    assert training_step_flops(module, small) < train
+
+
+def test_head_of_batch_cuts_every_per_sample_field(batch):
+    small = head_of_batch({**batch, "objective": "itc"}, 3)
+    assert small["image"].shape[0] == 3 and small["input_ids"].shape == (3, batch["input_ids"].shape[1])
+    assert len(small["captions"]) == 3 and small["objective"] == "itc"
+
+
+def test_flops_monitor_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        FlopsMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        FlopsMonitor(batch_size=0)
