@@ -17,6 +17,7 @@ from vlp.platform.callbacks import (
     SamplerMonitor,
     ThroughputMonitor,
 )
+from vlp.platform.perf import FlopsMonitor
 from vlp.platform.prediction_writer import PredictionWriter
 from vlp.platform.visualization import ValidationImages
 from vlp.tasks.base import TrainableModule
@@ -46,6 +47,7 @@ def run(args: list[str] | None = None) -> VLPCLI:
             "callbacks": [
                 LearningRateMonitor(logging_interval="step"),
                 ThroughputMonitor(),
+                FlopsMonitor(every_n_steps=100),
                 SamplerMonitor(),
                 MetricsSummary(),
                 RandomStateCheckpoint(),

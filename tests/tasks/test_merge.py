@@ -1,4 +1,5 @@
 from functools import partial
+from unittest import mock
 
 import pytest
 import torch
@@ -109,13 +110,14 @@ def test_runs_alone_under_a_trainer_with_its_global_step(backbone, shapes):
     assert metrics["train/merge/loss"].item() > 0
 
 
-def test_runs_in_the_multitask_mix_with_the_step_in_the_batch(backbone, batch):
+def test_runs_in_the_multitask_mix_with_the_runners_step(backbone, batch):
     module = MultiTaskModule(
         backbone, {"itc": ITCObjective, "merge": partial(MergeObjective, r_end=4, ramp_steps=4)}, mode="joint"
     )
     logged = {}
     module.log = lambda key, value, **kwargs: logged.__setitem__(key, value)
-    loss = module.training_step({**batch, "global_step": 2}, 0)["loss"]
+    with mock.patch.object(MultiTaskModule, "global_step", new_callable=mock.PropertyMock, return_value=2):
+        loss = module.training_step(batch, 0)["loss"]
     assert logged["train/merge/r"].item() == 2.0
     torch.testing.assert_close(loss, logged["train/itc/loss"] + logged["train/merge/loss"])
     loss.backward()

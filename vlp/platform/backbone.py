@@ -163,13 +163,19 @@ class FusionBackbone(nn.Module):
             pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         return TextFeatures(tokens, attention_mask, F.normalize(self.text_proj(pooled), dim=-1))
 
-    def fuse(self, image: ImageFeatures, text_tokens: Tensor, attention_mask: Tensor) -> Tensor:
+    def fuse(
+        self, image: ImageFeatures, text_tokens: Tensor, attention_mask: Tensor, merge_text: bool = True
+    ) -> Tensor:
         """Text tokens [B, L, Dt] attend to the image tokens [B, N, Dv] -> fused tokens [B, L, Dt].
 
         Merged image tokens are attended in proportion to their size (log-size key bias) unless
         `merging.proportional_attention` is off; `merging.fusion_r` / `text_r` merge inside the fusion.
+        Merged text tokens come back unmerged (each position gets its group's value): fine for pooled
+        outputs, lossy per token, so callers that read single tokens (MLM) pass `merge_text=False`.
         """
         merging = self.merging
+        if merging is not None and not merge_text and merging.text_r:
+            merging = replace(merging, text_r=0)
         if merging is not None and merging.merges_fusion:
             return self.fusion.merged_forward(text_tokens, attention_mask, image.tokens, image.sizes, merging)
         proportional = merging is None or merging.proportional_attention

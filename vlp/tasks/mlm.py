@@ -99,7 +99,9 @@ class MLMObjective(Objective):
             generator,
         )
         text = self.backbone.text(masked_ids, attention_mask)
-        fused = self.backbone.fuse(features.image, text, attention_mask)
+        fused = self.backbone.fuse(
+            features.image, text, attention_mask, merge_text=False
+        )  # reads single tokens
         selected = labels != IGNORE_INDEX
         return self.head(fused[selected]), labels[selected]
 

@@ -55,6 +55,7 @@ class MultiTaskModule(TrainableModule):
         return list(self.objectives)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | dict[str, Any]:
+        batch = {**batch, "global_step": self.global_step}  # nested objectives have no trainer of their own
         features = FeatureCache(self.backbone, batch)
         batch_size = batch_size_of(batch)
         if self.mode == "sampled":
