@@ -147,3 +147,14 @@ def test_vlp_console_script_exits_zero(in_tmp):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "metrics.json:" in result.stdout
+
+
+def test_test_and_predict_subcommands_run_from_a_checkpoint(in_tmp):
+    run = Path(fit(in_tmp).trainer.log_dir)
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    tested = main(["test", "--config", CONFIG, "--ckpt_path", ckpt])
+    metrics = json.loads((Path(tested.trainer.log_dir) / "metrics.json").read_text())
+    assert {"test/retrieval/t2i_r1", "test/itm/acc", "test/mlm/acc"} <= set(metrics)
+    predicted = main(["predict", "--config", CONFIG, "--ckpt_path", ckpt])
+    outputs = predicted.trainer.predict_loop.predictions
+    assert outputs and {"image_id", "image_embedding", "text_embedding"} <= set(outputs[0])
