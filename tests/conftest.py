@@ -46,3 +46,12 @@ def batch(shapes: ShapesSource) -> dict:
 def make_backbone(shapes: ShapesSource):
     """Factory for extra tiny backbones (e.g. with merging or a decoder switched on)."""
     return lambda **kwargs: tiny_backbone(shapes.tokenizer, **kwargs)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine two threads thrash (10x+)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

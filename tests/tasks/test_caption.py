@@ -122,15 +122,6 @@ def test_predict_writes_captions_by_image_id(objective, shapes, tmp_path, capsys
     assert str(path) in capsys.readouterr().out
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core machine threads oversubscribe (10x+)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_short_training_run_predicts_tokens_far_above_chance(make_backbone, one_thread):
     steps, batch_size = 300, 16
     source = ShapesSource(image_size=32, num_train=steps * batch_size, num_val=32, batch_size=batch_size)

@@ -129,15 +129,6 @@ def test_predict_and_validation_images(backbone, shapes):
     assert green.flatten(1).any(1).all()  # every picture shows its target box
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core machine two threads thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_short_run_grounds_phrases_far_above_chance(tmp_path, backbone, one_thread):
     steps, batch_size, num_val = 500, 32, 256
     source = ShapesSource(
