@@ -260,7 +260,6 @@ class MultiTaskDataModule(LightningDataModule):
         index = batch.pop("loader_index", None)
         if index is not None and self.train_loader is not None:
             self.train_loader.consumed(index)
-            self._last_consumed = index
         return batch
 
     @property
@@ -271,4 +270,4 @@ class MultiTaskDataModule(LightningDataModule):
     def observe(self, losses: dict[str, float]) -> None:
         """Losses (already averaged over ranks) of the batch just trained, for the adaptive strategy."""
         if self.train_loader is not None:
-            self.train_loader.observe(self._last_consumed, losses)
+            self.train_loader.observe(self.train_loader.consumed_state["produced"] - 1, losses)
