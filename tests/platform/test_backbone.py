@@ -96,6 +96,24 @@ def test_image_size_must_divide_into_patches():
         VisionEncoder(VisionConfig(image_size=30, patch_size=8))
 
 
+def test_sincos_position_init_is_the_2d_table_and_stays_trainable():
+    from timm.layers import build_sincos2d_pos_embed
+
+    config = VisionConfig(image_size=48, patch_size=16, width=32, depth=1, heads=2, pos_init="sincos")
+    pos = VisionEncoder(config).vit.pos_embed
+    assert pos.requires_grad and pos.shape == (1, 1 + 9, 32)
+    torch.testing.assert_close(pos[0, 1:], build_sincos2d_pos_embed([3, 3], 32))
+    assert pos[0, 0].abs().max() == 0  # the [CLS] token has no position
+    assert len({tuple(row.tolist()) for row in pos[0, 1:]}) == 9  # every patch its own code
+    random_start = VisionEncoder(VisionConfig(image_size=48, patch_size=16, width=32, depth=1, heads=2))
+    assert pos[0, 1:].std() > 10 * random_start.vit.pos_embed.std()
+
+
+def test_sincos_position_init_needs_width_divisible_by_4():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        VisionEncoder(VisionConfig(image_size=32, patch_size=16, width=30, heads=2, pos_init="sincos"))
+
+
 def test_backbone_without_tokenizer_is_a_clear_error():
     from vlp.platform.backbone import FusionBackbone
 
