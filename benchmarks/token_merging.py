@@ -1,6 +1,7 @@
 """Token merging: FLOPs, CPU time and retrieval quality with and without merging.
 
-Cost, for the default model (configs/pretrain/shapes-tiny.yaml: its objectives in one joint step) and the
+Cost, for the merging config's model (configs/pretrain/shapes-tiny-merge.yaml: the default's objectives in
+one joint step, at 64 px / 8 px patches, since the default's 9 patch tokens leave nothing to merge) and the
 same config with a ViT-B/16 + BERT-base sized backbone (random weights; ALBEF's split of BERT-base: 6 text
 + 6 fusion layers; the shapes vocabulary), under each merging setting:
 - GFLOPs per training sample: one joint multi-task step, forward + backward, counted by FlopCounterMode
@@ -10,8 +11,8 @@ same config with a ViT-B/16 + BERT-base sized backbone (random weights; ALBEF's 
   by round, best of the rounds, so load from other processes on a shared machine distorts them least.
   One thread by default (--threads): on a busy 2-core machine OpenMP's spin-waiting made 2-thread step
   times swing 5x from one step to the next, while single-thread times held within ~15 %.
-Quality: `vlp fit` of configs/pretrain/shapes-tiny.yaml and shapes-tiny-merge.yaml (same objectives, data,
-seed and step budget; only the backbone's merging differs), then val retrieval R@1 and training samples/s.
+Quality: `vlp fit` of configs/pretrain/shapes-tiny-merge.yaml with merging off and on (same objectives,
+data, seed and step budget; only the backbone's merging differs), then val retrieval R@1 and samples/s.
 The CPU budget is a short fraction of the configs' schedule: early-training numbers.
 
     python benchmarks/token_merging.py            # ~10 min on 2 CPU cores
@@ -39,7 +40,7 @@ from vlp.platform.token_merging import TokenMergingConfig
 from vlp.tasks.base import TrainableModule
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "pretrain"
-QUALITY_CONFIGS = ("shapes-tiny.yaml", "shapes-tiny-merge.yaml")
+CONFIG = "shapes-tiny-merge.yaml"
 SETTINGS = {
     "r0": TokenMergingConfig(),
     "r4": TokenMergingConfig(vision_r=4),
@@ -50,8 +51,9 @@ SETTINGS = {
     "r16dec+text8": TokenMergingConfig(vision_r=16, schedule="decreasing", text_r=8),
 }
 BACKBONE = "--model.init_args.backbone.init_args"
-MODELS = {  # overrides of configs/pretrain/shapes-tiny.yaml
-    "shapes-tiny": [],
+MERGING_OFF = [f"{BACKBONE}.merging={json.dumps(dict(vision_r=0, text_r=0, fusion_r=0))}"]
+MODELS = {  # overrides of configs/pretrain/shapes-tiny-merge.yaml (each setting replaces its merging)
+    "shapes-tiny-64px": [],
     "vit-b16+bert-base": [
         f"{BACKBONE}.vision={json.dumps(dict(image_size=224, patch_size=16, width=768, depth=12, heads=12))}",
         f"{BACKBONE}.text={json.dumps(dict(width=768, depth=6, heads=12, max_len=64))}",
@@ -86,7 +88,7 @@ def cost_rows(model: str, batch_size: int, settings: list[str], rounds: int) -> 
     """FLOPs and CPU times (best of `rounds` >= 1, settings interleaved) of the default config's joint
     multi-task step and of inference, for one model size under each merging setting."""
     started = time.perf_counter()
-    module, source = build(QUALITY_CONFIGS[0], MODELS[model])
+    module, source = build(CONFIG, MODELS[model])
     dataset = source.dataset("train")
     batch = source.collate([dataset[i] for i in range(batch_size)])
     backbone = module.backbone
@@ -134,14 +136,17 @@ def cost_rows(model: str, batch_size: int, settings: list[str], rounds: int) -> 
     return list(rows.values())
 
 
-def fit(config: str, steps: int, batch_size: int, val_batches: int, root: Path) -> dict[str, float | None]:
-    """`vlp fit` of a config for `steps` steps, validated once at the end; its final metrics."""
+def fit(
+    overrides: list[str], steps: int, batch_size: int, val_batches: int, root: Path
+) -> dict[str, float | None]:
+    """`vlp fit` of the merging config (with overrides) for `steps` steps, validated once at the end."""
     start = time.perf_counter()
     sys.argv = sys.argv[:1]  # LightningCLI reads them too; the arguments are all here
     cli = vlp_run(
         [
             "fit",
-            f"--config={CONFIGS / config}",
+            f"--config={CONFIGS / CONFIG}",
+            *overrides,
             f"--trainer.max_steps={steps}",
             f"--trainer.val_check_interval={steps}",
             f"--trainer.limit_val_batches={val_batches}",
@@ -171,18 +176,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     every = list(SETTINGS)
     if args.quick:
-        rows = cost_rows("shapes-tiny", 16, ["r0", "r16", "r16dec+text8"], rounds=1)
+        rows = cost_rows("shapes-tiny-64px", 16, ["r0", "r16", "r16dec+text8"], rounds=1)
         rows += cost_rows("vit-b16+bert-base", 1, ["r0", "r16dec+text8"], rounds=1)
         steps, batch_size, val_batches = args.train_steps or 5, 16, 1
     else:
-        rows = cost_rows("shapes-tiny", 64, every, rounds=3)
+        rows = cost_rows("shapes-tiny-64px", 64, every, rounds=3)
         rows += cost_rows("vit-b16+bert-base", 2, every, rounds=2)
         steps, batch_size, val_batches = args.train_steps or 120, 64, 8
     with tempfile.TemporaryDirectory() as root:
         plain, merged = (
-            fit(config, steps, batch_size, val_batches, Path(root)) for config in QUALITY_CONFIGS
+            fit(overrides, steps, batch_size, val_batches, Path(root)) for overrides in (MERGING_OFF, [])
         )
-    merging = yaml.safe_load((CONFIGS / QUALITY_CONFIGS[1]).read_text())["model"]["init_args"]["backbone"]
+    merging = yaml.safe_load((CONFIGS / CONFIG).read_text())["model"]["init_args"]["backbone"]
     summary = {
         "quality_steps": steps,
         "quality_batch": batch_size,
