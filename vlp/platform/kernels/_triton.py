@@ -37,3 +37,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+if triton is not None:
+
+    @triton.jit
+    def load_tile(ptr, rows, ks, stride, row_mask, k_mask):
+        """The [rows, ks] tile of a row-major matrix with row stride `stride`, zero outside the masks."""
+        return tl.load(
+            ptr + rows[:, None] * stride + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+        )

@@ -27,6 +27,7 @@ _BLOCK_M, _BLOCK_K, _BLOCK_D = 64, 64, 64
 _DEFAULT_TILE = 2048
 
 if triton is not None:
+    from vlp.platform.kernels._triton import load_tile
 
     @triton.jit
     def _similarity_tile(
@@ -37,16 +38,8 @@ if triton is not None:
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_mask = ds < D
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_x + ds[None, :],
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            y = tl.load(
-                y_ptr + cols[:, None] * stride_y + ds[None, :],
-                mask=col_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
+            x = load_tile(x_ptr, rows, ds, stride_x, row_mask, d_mask)
+            y = load_tile(y_ptr, cols, ds, stride_y, col_mask, d_mask)
             acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
         return acc
 
@@ -103,16 +96,8 @@ if triton is not None:
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_mask = ds < D
-            b = tl.load(
-                b_ptr + cols[:, None] * stride_b + ds[None, :],
-                mask=col_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
-            a = tl.load(
-                a_ptr + rows[:, None] * stride_a + ds[None, :],
-                mask=row_mask[:, None] & d_mask[None, :],
-                other=0.0,
-            )
+            b = load_tile(b_ptr, cols, ds, stride_b, col_mask, d_mask)
+            a = load_tile(a_ptr, rows, ds, stride_a, row_mask, d_mask)
             tl.atomic_add(
                 grad_a_ptr + rows[:, None] * D + ds[None, :],
                 tl.dot(grad, b.to(tl.float32), input_precision=PRECISION),

@@ -28,6 +28,7 @@ from vlp.platform.kernels._triton import Backend, dot_precision, tl, triton, use
 _BLOCK_N, _BLOCK_V, _BLOCK_H = 64, 64, 64
 
 if triton is not None:
+    from vlp.platform.kernels._triton import load_tile
 
     @triton.jit
     def _logits_tile(
@@ -39,16 +40,8 @@ if triton is not None:
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
             k_mask = ks < H
-            h = tl.load(
-                hidden_ptr + rows[:, None] * stride_h + ks[None, :],
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                weight_ptr + cols[:, None] * stride_w + ks[None, :],
-                mask=col_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
+            h = load_tile(hidden_ptr, rows, ks, stride_h, row_mask, k_mask)
+            w = load_tile(weight_ptr, cols, ks, stride_w, col_mask, k_mask)
             acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -116,16 +109,8 @@ if triton is not None:
         for k0 in range(0, H, BLOCK_H):
             ks = k0 + tl.arange(0, BLOCK_H)
             k_mask = ks < H
-            h = tl.load(
-                hidden_ptr + rows[:, None] * stride_h + ks[None, :],
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            w = tl.load(
-                weight_ptr + cols[:, None] * stride_w + ks[None, :],
-                mask=col_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            h = load_tile(hidden_ptr, rows, ks, stride_h, row_mask, k_mask).to(tl.float32)
+            w = load_tile(weight_ptr, cols, ks, stride_w, col_mask, k_mask).to(tl.float32)
             grad_h = tl.dot(grad, w, input_precision=PRECISION) * scale
             tl.atomic_add(
                 grad_hidden_ptr + rows[:, None] * H + ks[None, :],
