@@ -61,6 +61,9 @@ def _worker(local_rank: int, out_dir: str) -> None:
             },
             Path(out_dir) / f"rank{local_rank}.pt",
         )
+        # gloo aborts a process ("terminate called without an active exception") about one run in three
+        # when a rank tears the group down while its peer still holds the connection
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
