@@ -35,8 +35,8 @@ from vlp.cli import VLPCLI
 from vlp.cli import run as vlp_run
 from vlp.datamodules.multitask import MultiTaskDataModule
 from vlp.platform.flops import count_flops
+from vlp.platform.model.token_merging import TokenMergingConfig
 from vlp.platform.perf import training_step_flops
-from vlp.platform.token_merging import TokenMergingConfig
 from vlp.tasks.base import TrainableModule
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "pretrain"

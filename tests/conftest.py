@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from vlp.datamodules.shapes import ShapesSource
-from vlp.platform.backbone import FusionBackbone
-from vlp.platform.encoders import TextConfig, VisionConfig
-from vlp.platform.fusion import FusionConfig
+from vlp.platform.model.backbone import FusionBackbone
+from vlp.platform.model.encoders import TextConfig, VisionConfig
+from vlp.platform.model.fusion import FusionConfig
 
 TINY_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from vlp.platform.backbone import FusionBackbone
-from vlp.platform.encoders import TextConfig, VisionConfig
-from vlp.platform.fusion import FusionConfig
+from vlp.platform.model.backbone import FusionBackbone
+from vlp.platform.model.encoders import TextConfig, VisionConfig
+from vlp.platform.model.fusion import FusionConfig
+from vlp.platform.model.token_merging import TokenMergingConfig
 from vlp.platform.perf import FlopsMonitor, head_of_batch, training_step_flops
-from vlp.platform.token_merging import TokenMergingConfig
 
 TOKENS = 1 + (32 // 8) ** 2
 

@@ -7,8 +7,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from vlp.datamodules.shapes import ShapesSource
-from vlp.platform.backbone import FeatureCache
-from vlp.platform.decoder import IGNORE_INDEX
+from vlp.platform.model.backbone import FeatureCache
+from vlp.platform.model.decoder import IGNORE_INDEX
 from vlp.platform.prediction_writer import PredictionWriter
 from vlp.tasks.caption import CaptionObjective
 

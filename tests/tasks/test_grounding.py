@@ -9,8 +9,8 @@ from lightning.pytorch import Trainer
 
 from vlp.datamodules.multitask import MultiTaskDataModule
 from vlp.datamodules.shapes import ShapesSource
-from vlp.platform.backbone import FeatureCache
 from vlp.platform.metrics import grounding_scores
+from vlp.platform.model.backbone import FeatureCache
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.grounding import BoxHead, GroundingObjective, box_loss
 

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from vlp.platform.backbone import FeatureCache
+from vlp.platform.model.backbone import FeatureCache
 from vlp.tasks.itc import ITCObjective, first_occurrences
 
 

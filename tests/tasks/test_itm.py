@@ -1,6 +1,6 @@
 import torch
 
-from vlp.platform.backbone import FeatureCache
+from vlp.platform.model.backbone import FeatureCache
 from vlp.tasks.itm import ITMObjective, positive_pairs, sample_hard_negatives
 
 

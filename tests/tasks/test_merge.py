@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
 
-from vlp.platform.backbone import FeatureCache, FusionBackbone
-from vlp.platform.encoders import TextConfig, VisionConfig
-from vlp.platform.fusion import FusionConfig
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone
+from vlp.platform.model.encoders import TextConfig, VisionConfig
+from vlp.platform.model.fusion import FusionConfig
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.merge import MergeObjective
 from vlp.tasks.multitask import MultiTaskModule

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from vlp.platform.backbone import FeatureCache
+from vlp.platform.model.backbone import FeatureCache
 from vlp.tasks.mlm import IGNORE_INDEX, MLMObjective, mask_tokens
 
 

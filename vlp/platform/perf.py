@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from vlp.platform.backbone import FusionBackbone
 from vlp.platform.flops import flop_counter
+from vlp.platform.model.backbone import FusionBackbone
 
 
 def head_of_batch(batch: dict, n: int) -> dict:

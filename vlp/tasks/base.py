@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from vlp.platform.backbone import FeatureCache, FusionBackbone
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.optim import OptimConfig, build_optimizer
 
 

@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
-from vlp.platform.backbone import FeatureCache, FusionBackbone, ImageFeatures
-from vlp.platform.decoder import (
+from vlp.platform.metrics import bleu4, cider_d, simple_tokenize
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures
+from vlp.platform.model.decoder import (
     IGNORE_INDEX,
     CaptionDecoder,
     beam_search,
     greedy_search,
     shift_for_teacher_forcing,
 )
-from vlp.platform.metrics import bleu4, cider_d, simple_tokenize
 from vlp.platform.optim import OptimConfig
 from vlp.platform.visualization import annotate_captions
 from vlp.tasks.base import Objective, ObjectiveOutput

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from vlp.platform.backbone import FeatureCache, FusionBackbone
 from vlp.platform.boxes import box_cxcywh_to_xyxy, generalized_box_iou_loss
 from vlp.platform.metrics import grounding_scores
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.optim import OptimConfig
 from vlp.platform.visualization import MAX_IMAGES, annotate_boxes
 from vlp.tasks.base import Objective, ObjectiveOutput

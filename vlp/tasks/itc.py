@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import CatMetric
 
-from vlp.platform.backbone import FeatureCache, FusionBackbone
 from vlp.platform.kernels import contrastive_loss
 from vlp.platform.metrics import retrieval_recall
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.base import Objective, ObjectiveOutput
 

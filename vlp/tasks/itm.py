@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 
-from vlp.platform.backbone import FeatureCache, FusionBackbone, ImageFeatures
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.base import Objective, ObjectiveOutput
 

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from vlp.platform.backbone import FeatureCache, FusionBackbone
 from vlp.platform.kernels import linear_cross_entropy
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.base import Objective, ObjectiveOutput
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vlp.platform.backbone import FeatureCache, FusionBackbone
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.base import Objective, TrainableModule, batch_size_of
 

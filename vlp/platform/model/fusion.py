@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlp.platform.token_merging import (
+from vlp.platform.model.token_merging import (
     TokenMergingConfig,
     bipartite_soft_matching,
     merge_mask,

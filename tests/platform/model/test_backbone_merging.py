@@ -3,12 +3,12 @@ from unittest import mock
 import pytest
 import torch
 
-from vlp.platform import fusion as fusion_module
-from vlp.platform.backbone import FusionBackbone
-from vlp.platform.encoders import TextConfig, VisionConfig
 from vlp.platform.flops import count_flops
-from vlp.platform.fusion import FusionConfig
-from vlp.platform.token_merging import TokenMergingConfig
+from vlp.platform.model import fusion as fusion_module
+from vlp.platform.model.backbone import FusionBackbone
+from vlp.platform.model.encoders import TextConfig, VisionConfig
+from vlp.platform.model.fusion import FusionConfig
+from vlp.platform.model.token_merging import TokenMergingConfig
 
 TOKENS = 1 + (32 // 8) ** 2  # [CLS] + 16 patches
 

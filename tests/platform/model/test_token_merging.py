@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from vlp.platform.flops import count_flops
-from vlp.platform.token_merging import (
+from vlp.platform.model.token_merging import (
     MergingAttention,
     MergingBlock,
     apply_token_merging,

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from vlp.platform.decoder import CaptionDecoder
-from vlp.platform.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
-from vlp.platform.fusion import FusionConfig, FusionEncoder
-from vlp.platform.token_merging import (
+from vlp.platform.model.decoder import CaptionDecoder
+from vlp.platform.model.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
+from vlp.platform.model.fusion import FusionConfig, FusionEncoder
+from vlp.platform.model.token_merging import (
     TokenMergingConfig,
     apply_token_merging,
     set_merge_r,

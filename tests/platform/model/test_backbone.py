@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from vlp.platform.backbone import FeatureCache
-from vlp.platform.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
+from vlp.platform.model.backbone import FeatureCache
+from vlp.platform.model.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
 
 
 def test_passes_have_documented_shapes(backbone, batch):
@@ -115,7 +115,7 @@ def test_sincos_position_init_needs_width_divisible_by_4():
 
 
 def test_backbone_without_tokenizer_is_a_clear_error():
-    from vlp.platform.backbone import FusionBackbone
+    from vlp.platform.model.backbone import FusionBackbone
 
     with pytest.raises(ValueError, match="tokenizer"):
         FusionBackbone()
@@ -129,7 +129,7 @@ def test_log_scale_gradient_reaches_parameter(backbone):
 
 
 def test_mean_pooling_embeds_the_average_patch_token(make_backbone, batch):
-    from vlp.platform.encoders import VisionConfig
+    from vlp.platform.model.encoders import VisionConfig
 
     backbone = make_backbone(
         vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2, pool="mean")
@@ -140,7 +140,7 @@ def test_mean_pooling_embeds_the_average_patch_token(make_backbone, batch):
 
 
 def test_text_mean_pooling_ignores_padding(make_backbone, batch):
-    from vlp.platform.encoders import TextConfig
+    from vlp.platform.model.encoders import TextConfig
 
     backbone = make_backbone(text=TextConfig(width=32, depth=1, heads=2, max_len=48, pool="mean"))
     ids, mask = batch["input_ids"][:1], batch["attention_mask"][:1]

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlp.platform.encoders import TextEncoder
-from vlp.platform.fusion import FusionEncoder, MultiHeadAttention
 from vlp.platform.kernels import linear_cross_entropy
+from vlp.platform.model.encoders import TextEncoder
+from vlp.platform.model.fusion import FusionEncoder, MultiHeadAttention
 
 IGNORE_INDEX = -100
 

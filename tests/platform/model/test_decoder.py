@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlp.platform.backbone import ImageFeatures
-from vlp.platform.decoder import IGNORE_INDEX, beam_search, greedy_search, shift_for_teacher_forcing
+from vlp.platform.model.backbone import ImageFeatures
+from vlp.platform.model.decoder import IGNORE_INDEX, beam_search, greedy_search, shift_for_teacher_forcing
 
 PAD, BOS, EOS = 0, 1, 2
 

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vlp.cli import run as main
 
-CONFIG = str(Path(__file__).parent / "configs" / "tiny.yaml")
+CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
 
 def fit(tmp_path: Path, *extra: str):

@@ -1,0 +1,1 @@
+"""The network every objective shares: towers, fusion, decoder, token merging."""
