@@ -1,10 +1,14 @@
-"""The `vlp` command: LightningCLI's fit / validate / test / predict over vlp's modules and data.
+"""The `vlp` command: LightningCLI's fit / validate / test / predict over vlp's modules and data, and the
+dispatch to the groups of other subcommands (`vlp data ...`, `vlp slurm ...`, ...), one module each.
 
-The only module that knows platform, tasks and data modules together: it links the data's tokenizer
+The only package that knows platform, tasks and data modules together: it links the data's tokenizer
 into the backbone, so the text tower's vocabulary always matches the data.
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -61,9 +65,20 @@ def run(args: list[str] | None = None) -> VLPCLI:
     )
 
 
-def main() -> None:
-    """The `vlp` console script; returns None so the process exits 0 on success."""
-    run()
+# subcommand -> module of this package with `main(argv: list[str]) -> int | None`; imported on use only
+GROUPS: dict[str, str] = {"data": "data", "slurm": "slurm", "export": "export", "tensorboard": "tensorboard"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `vlp` console script: a group's subcommand, else LightningCLI. Exits 0 on success."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in GROUPS:
+        module = importlib.import_module(f"{__name__}.{GROUPS[argv[0]]}")
+        code = module.main(argv[1:])
+        if code:
+            raise SystemExit(code)
+        return
+    run(argv)
 
 
 if __name__ == "__main__":
