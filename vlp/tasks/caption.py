@@ -79,7 +79,7 @@ class CaptionObjective(Objective):
     def teacher_forced(self, batch: dict, features: FeatureCache) -> tuple[Tensor, Tensor]:
         """Decoder hidden states [B, L-1, D] and next-token targets [B, L-1] (IGNORE_INDEX at padding)."""
         inputs, mask, targets = shift_for_teacher_forcing(batch["input_ids"], batch["attention_mask"])
-        return self.backbone.decode(features.image, inputs, mask), targets
+        return self.backbone.decode(features.fused_image, inputs, mask), targets
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         hidden, targets = self.teacher_forced(batch, features)
@@ -88,16 +88,15 @@ class CaptionObjective(Objective):
 
     @torch.no_grad()
     def generate(self, image: ImageFeatures) -> Tensor:
-        """Token ids [B, T] of one caption per image (no [CLS]; [PAD] after [SEP]); images encoded once."""
+        """Token ids [B, T] of one caption per image (no [CLS]; [PAD] after [SEP]); images encoded once,
+        their fusion keys and values computed once, one token per step through the decoder's cache."""
         tokenizer = self.backbone.tokenizer
         b, k = image.tokens.shape[0], self.num_beams
+        image = self.backbone.with_fusion_keys(image)
         expanded = (
             image if k == 1 else image.take(torch.arange(b, device=image.tokens.device).repeat_interleave(k))
         )
-
-        def next_token_logits(ids: Tensor) -> Tensor:
-            return self.decoder.logits(self.backbone.decode(expanded, ids, torch.ones_like(ids))[:, -1])
-
+        decode = self.backbone.start_decoding(expanded)
         tokens = {
             "bos_id": tokenizer.cls_token_id,
             "eos_id": tokenizer.sep_token_id,
@@ -106,8 +105,8 @@ class CaptionObjective(Objective):
             "device": image.tokens.device,
         }
         if k == 1:
-            return greedy_search(next_token_logits, b, **tokens)
-        return beam_search(next_token_logits, b, num_beams=k, length_penalty=self.length_penalty, **tokens)[0]
+            return greedy_search(decode, b, **tokens)
+        return beam_search(decode, b, num_beams=k, length_penalty=self.length_penalty, **tokens)[0]
 
     def captions(self, image: ImageFeatures) -> list[str]:
         return self.backbone.tokenizer.batch_decode(self.generate(image), skip_special_tokens=True)
@@ -121,7 +120,7 @@ class CaptionObjective(Objective):
         self.val_accuracy.update((logits.argmax(-1) == labels).float().mean(), weight=labels.numel())
         references = batch.get("references") or [[caption] for caption in batch["captions"]]
         for image_id, caption, refs in zip(
-            batch["image_id"].tolist(), self.captions(features.image), references, strict=True
+            batch["image_id"].tolist(), self.captions(features.fused_image), references, strict=True
         ):
             self._candidates[image_id] = caption
             self._references[image_id] = list(refs)
@@ -158,11 +157,11 @@ class CaptionObjective(Objective):
     def validation_images(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         """Up to 8 images with the generated caption (yellow) above the reference caption (grey)."""
         n = min(MAX_LOGGED_IMAGES, batch["image"].shape[0])
-        generated = self.captions(features.image.take(torch.arange(n, device=batch["image"].device)))
+        generated = self.captions(features.fused_image.take(torch.arange(n, device=batch["image"].device)))
         texts = [
             [f"gen: {gen}", f"ref: {ref}"] for gen, ref in zip(generated, batch["captions"][:n], strict=True)
         ]
         return {"val/caption/samples": annotate_captions(batch["image"][:n], texts)}
 
     def predict(self, batch: dict, features: FeatureCache) -> dict[str, Any]:
-        return {"caption": self.captions(features.image)}
+        return {"caption": self.captions(features.fused_image)}

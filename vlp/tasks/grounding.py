@@ -19,7 +19,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from vlp.platform.boxes import box_cxcywh_to_xyxy, generalized_box_iou_loss
 from vlp.platform.metrics import grounding_scores
-from vlp.platform.model.backbone import FeatureCache, FusionBackbone
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_token
 from vlp.platform.optim import OptimConfig
 from vlp.platform.visualization import MAX_IMAGES, annotate_boxes
 from vlp.tasks.base import Objective, ObjectiveOutput
@@ -100,7 +100,8 @@ class GroundingObjective(Objective):
         """Normalised cxcywh boxes [B, 4] for the batch's phrases in its images."""
         check_grounding_batch(batch)
         phrase = self.backbone.encode_text(batch["phrase_input_ids"], batch["phrase_attention_mask"])
-        fused = self.backbone.fuse(features.image, phrase.tokens, phrase.attention_mask)
+        cls = first_token(phrase.tokens.shape[0], phrase.tokens.device)
+        fused = self.backbone.fuse(features.fused_image, phrase.tokens, phrase.attention_mask, positions=cls)
         return self.head(fused[:, 0])
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:

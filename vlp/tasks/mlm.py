@@ -1,8 +1,8 @@
 """Masked language modelling conditioned on the image (BERT masking, ALBEF MLM).
 
 15 % of the real, non-special tokens are selected; of those 80 % become [MASK], 10 % a random
-non-special token, 10 % stay unchanged. The masked caption is encoded, fused with the image tokens and
-only the selected positions are scored, by a BERT prediction head tied to the word embeddings through
+non-special token, 10 % stay unchanged. The masked caption is encoded, fused with the image tokens (the last
+fusion layer computes the selected positions' queries only) and only the selected positions are scored, by a BERT prediction head tied to the word embeddings through
 the fused linear + cross-entropy kernel (the [M, V] logits are never materialised in training).
 """
 
@@ -48,6 +48,16 @@ def mask_tokens(
     picks = torch.randint(len(random_token_ids), input_ids.shape, generator=generator, device=rand_device)
     masked[use_random] = random_token_ids.to(device)[picks.to(device)][use_random]
     return masked, labels
+
+
+def selected_positions(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """bool [B, L] -> (positions [B, Q] of each row's selected tokens in order, Q = the most in a row,
+    padded with 0; kept [B, Q] marking the real ones), so `fused[kept]` lists them as `x[selected]` does."""
+    counts = selected.sum(dim=1)
+    order = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices
+    width = int(counts.max()) if counts.numel() else 0
+    kept = torch.arange(width, device=selected.device)[None, :] < counts[:, None]
+    return order[:, :width], kept
 
 
 class MLMHead(nn.Module):
@@ -99,11 +109,12 @@ class MLMObjective(Objective):
             generator,
         )
         text = self.backbone.text(masked_ids, attention_mask)
-        fused = self.backbone.fuse(
-            features.image, text, attention_mask, merge_text=False
-        )  # reads single tokens
         selected = labels != IGNORE_INDEX
-        return self.head(fused[selected]), labels[selected]
+        positions, kept = selected_positions(selected)
+        fused = self.backbone.fuse(
+            features.fused_image, text, attention_mask, merge_text=False, positions=positions
+        )
+        return self.head(fused[kept]), labels[selected]
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         hidden, labels = self.masked_hidden(batch, features)

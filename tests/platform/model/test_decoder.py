@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from vlp.platform.model.backbone import ImageFeatures
-from vlp.platform.model.decoder import IGNORE_INDEX, beam_search, greedy_search, shift_for_teacher_forcing
+from vlp.platform.model.decoder import (
+    IGNORE_INDEX,
+    beam_search,
+    greedy_search,
+    prefix_decoding,
+    shift_for_teacher_forcing,
+)
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -146,9 +152,18 @@ def test_beam_width_one_equals_greedy_on_the_model(captioner, batch):
         def step(ids):
             return decoder_logits(captioner, image, ids)
 
-        greedy = greedy_search(step, 8, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, max_length=12)
+        greedy = greedy_search(
+            prefix_decoding(step), 8, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, max_length=12
+        )
         beam, _ = beam_search(
-            step, 8, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, 12, num_beams=1, length_penalty=0.0
+            prefix_decoding(step),
+            8,
+            tok.cls_token_id,
+            tok.sep_token_id,
+            tok.pad_token_id,
+            12,
+            num_beams=1,
+            length_penalty=0.0,
         )
     assert torch.equal(greedy, beam)
 
@@ -162,8 +177,10 @@ def test_beam_width_one_equals_greedy_when_lengths_differ():
     def step(ids):
         return tables[torch.arange(ids.shape[0]), ids[:, -1]].log()
 
-    greedy = greedy_search(step, 16, BOS, EOS, PAD, max_length=10)
-    beam, _ = beam_search(step, 16, BOS, EOS, PAD, max_length=10, num_beams=1, length_penalty=0.0)
+    greedy = greedy_search(prefix_decoding(step), 16, BOS, EOS, PAD, max_length=10)
+    beam, _ = beam_search(
+        prefix_decoding(step), 16, BOS, EOS, PAD, max_length=10, num_beams=1, length_penalty=0.0
+    )
     lengths = (greedy != PAD).sum(-1)
     assert len(set(lengths.tolist())) > 2, "the rows should stop after different numbers of tokens"
     assert torch.equal(greedy, beam)
@@ -181,24 +198,29 @@ def test_generation_stops_at_eos_and_pads_after_it(num_beams):
         return logits
 
     if num_beams == 1:
-        out = greedy_search(scripted, 3, BOS, EOS, PAD, max_length=10)
+        out = greedy_search(prefix_decoding(scripted), 3, BOS, EOS, PAD, max_length=10)
     else:
-        out, _ = beam_search(scripted, 3, BOS, EOS, PAD, max_length=10, num_beams=num_beams)
+        out, _ = beam_search(prefix_decoding(scripted), 3, BOS, EOS, PAD, max_length=10, num_beams=num_beams)
     assert out.tolist() == [[5, 5, EOS, PAD, PAD], [6, 6, 6, 6, EOS], [7, EOS, PAD, PAD, PAD]]
 
 
 def test_generation_stops_at_max_length_without_eos():
     never_ends = lambda ids: torch.zeros(ids.shape[0], 6).index_fill(1, torch.tensor([3]), 1.0)  # noqa: E731
-    assert greedy_search(never_ends, 2, BOS, EOS, PAD, max_length=4).tolist() == [[3] * 4] * 2
-    assert beam_search(never_ends, 2, BOS, EOS, PAD, max_length=4, num_beams=2)[0].tolist() == [[3] * 4] * 2
+    assert (
+        greedy_search(prefix_decoding(never_ends), 2, BOS, EOS, PAD, max_length=4).tolist() == [[3] * 4] * 2
+    )
+    assert (
+        beam_search(prefix_decoding(never_ends), 2, BOS, EOS, PAD, max_length=4, num_beams=2)[0].tolist()
+        == [[3] * 4] * 2
+    )
 
 
 @pytest.mark.parametrize("length_penalty, expected", [(0.0, [4, EOS]), (2.0, [3, 5, EOS])])
 def test_beam_search_returns_the_highest_scoring_sequence(length_penalty, expected):
     step = markov(TOY)
-    greedy = greedy_search(step, 1, BOS, EOS, PAD, max_length=4)
+    greedy = greedy_search(prefix_decoding(step), 1, BOS, EOS, PAD, max_length=4)
     beam, score = beam_search(
-        step, 1, BOS, EOS, PAD, max_length=4, num_beams=2, length_penalty=length_penalty
+        prefix_decoding(step), 1, BOS, EOS, PAD, max_length=4, num_beams=2, length_penalty=length_penalty
     )
     best, best_score = best_by_enumeration(TOY, 4, length_penalty)
     assert greedy.tolist() == [[3, 5, EOS]]
@@ -209,21 +231,93 @@ def test_beam_search_returns_the_highest_scoring_sequence(length_penalty, expect
 
 def test_beam_search_is_batched_row_by_row():
     step = markov(TOY)
-    alone, _ = beam_search(step, 1, BOS, EOS, PAD, max_length=4, num_beams=2, length_penalty=0.0)
-    batched, _ = beam_search(step, 3, BOS, EOS, PAD, max_length=4, num_beams=2, length_penalty=0.0)
+    alone, _ = beam_search(
+        prefix_decoding(step), 1, BOS, EOS, PAD, max_length=4, num_beams=2, length_penalty=0.0
+    )
+    batched, _ = beam_search(
+        prefix_decoding(step), 3, BOS, EOS, PAD, max_length=4, num_beams=2, length_penalty=0.0
+    )
     assert batched.tolist() == alone.tolist() * 3
 
 
 def test_generation_rejects_bad_arguments():
     step = markov(TOY)
     with pytest.raises(ValueError, match="max_length"):
-        greedy_search(step, 1, BOS, EOS, PAD, max_length=0)
+        greedy_search(prefix_decoding(step), 1, BOS, EOS, PAD, max_length=0)
     with pytest.raises(ValueError, match="num_beams"):
-        beam_search(step, 1, BOS, EOS, PAD, max_length=3, num_beams=0)
+        beam_search(prefix_decoding(step), 1, BOS, EOS, PAD, max_length=3, num_beams=0)
     with pytest.raises(ValueError, match="vocabulary of at least 8"):
-        beam_search(step, 1, BOS, EOS, PAD, max_length=3, num_beams=4)
+        beam_search(prefix_decoding(step), 1, BOS, EOS, PAD, max_length=3, num_beams=4)
 
 
 def test_decode_needs_a_decoder(backbone, batch):
     with pytest.raises(ValueError, match="caption_decoder=True"):
         backbone.decode(backbone.encode_image(batch["image"]), batch["input_ids"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_cached_step_logits_equal_the_full_prefix_recomputation(captioner, batch, merged):
+    image = captioner.encode_image(batch["image"])
+    if merged:  # merged image tokens: the size bias must reach the cached cross-attention too
+        image = image._replace(sizes=torch.randint(1, 4, image.tokens.shape[:2]))
+    torch.manual_seed(0)
+    ids = torch.randint(5, captioner.vocab_size, (8, 12))
+    with torch.no_grad():
+        cache = captioner.start_decoding(image)
+        for t in range(ids.shape[1]):
+            cached = cache(ids[:, t])
+            full = decoder_logits(captioner, image, ids[:, : t + 1])
+            torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_follows_reordered_beams(captioner, batch):
+    image = captioner.encode_image(batch["image"][:4])
+    torch.manual_seed(1)
+    ids = torch.randint(5, captioner.vocab_size, (4, 6))
+    order = torch.tensor([2, 2, 0, 3])  # rows continue other rows' prefixes, one twice
+    with torch.no_grad():
+        cache = captioner.start_decoding(image.take(torch.tensor([0, 0, 0, 0])))
+        for t in range(5):
+            cache(ids[:, t])
+        reordered = cache(ids[:, 5], order)
+        prefix = torch.cat([ids[order, :5], ids[:, 5:6]], dim=1)
+        full = decoder_logits(captioner, image.take(torch.tensor([0, 0, 0, 0])), prefix)
+    torch.testing.assert_close(reordered, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_generation_equals_uncached_on_many_models(make_backbone, shapes, num_beams):
+    dataset = shapes.dataset("val")
+    images = torch.stack([dataset[i]["image"] for i in range(6)])
+    tok = shapes.tokenizer
+    for seed in range(8):
+        backbone = make_backbone(caption_decoder=True).eval()
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for param in backbone.parameters():
+                param.add_(torch.randn_like(param) * 0.5)  # varied models, not only the seed-0 init
+            image = backbone.encode_image(images)
+            rows = torch.arange(6).repeat_interleave(num_beams)
+            expanded = image.take(rows)
+            args = (6, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, 20)
+            uncached_step = prefix_decoding(
+                lambda ids, im=expanded, model=backbone: decoder_logits(model, im, ids)
+            )
+            cached_step = backbone.start_decoding(expanded)
+            if num_beams == 1:
+                uncached = greedy_search(uncached_step, *args)
+                cached = greedy_search(cached_step, *args)
+            else:
+                uncached = beam_search(uncached_step, *args, num_beams=num_beams)[0]
+                cached = beam_search(cached_step, *args, num_beams=num_beams)[0]
+        assert torch.equal(cached, uncached), f"seed {seed}"
+
+
+def test_cache_refuses_positions_past_max_len(captioner, batch):
+    cache = captioner.start_decoding(captioner.encode_image(batch["image"][:1]))
+    token = torch.tensor([captioner.tokenizer.cls_token_id])
+    with torch.no_grad():
+        for _ in range(captioner.text.max_len):
+            cache(token)
+        with pytest.raises(ValueError, match="max_len"):
+            cache(token)

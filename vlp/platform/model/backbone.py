@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from vlp.platform.model.decoder import CaptionDecoder
+from vlp.platform.model.decoder import CaptionDecoder, DecoderCache
 from vlp.platform.model.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
-from vlp.platform.model.fusion import FusionConfig, FusionEncoder
+from vlp.platform.model.fusion import FusionConfig, FusionEncoder, KeyValues, gather_tokens
 from vlp.platform.model.token_merging import (
     TokenMergingConfig,
     apply_token_merging,
@@ -33,16 +33,28 @@ class ImageFeatures(NamedTuple):
     tokens: Tensor  # [B, 1 + N, Dv], [CLS] first
     embedding: Tensor  # [B, E], L2-normalised
     sizes: Tensor | None = None  # [B, 1 + N] original patches per token after merging; None = all 1
+    # per fusion layer the cross-attention keys and values of `tokens` ([B, heads, 1 + N, Dt / heads] each),
+    # set by `FusionBackbone.with_fusion_keys`; None = computed by each fused pass
+    fusion_kv: tuple[KeyValues, ...] | None = None
 
     def take(self, index: Tensor) -> ImageFeatures:
-        """The features of images `index` [K] (repeats allowed), e.g. to pair images with negative texts."""
-        return ImageFeatures(*(None if field is None else field[index] for field in self))
+        """The features of images `index` [K] (repeats allowed), e.g. to pair images with negative texts;
+        precomputed keys and values are gathered too, not recomputed."""
+        kv = None if self.fusion_kv is None else tuple((k[index], v[index]) for k, v in self.fusion_kv)
+        return ImageFeatures(
+            self.tokens[index], self.embedding[index], None if self.sizes is None else self.sizes[index], kv
+        )
 
 
 class TextFeatures(NamedTuple):
     tokens: Tensor  # [B, L, Dt], [CLS] first
     attention_mask: Tensor  # [B, L], 1 = real token
     embedding: Tensor  # [B, E], L2-normalised
+
+
+def first_token(batch_size: int, device: torch.device) -> Tensor:
+    """`positions` [B, 1] that select the fused [CLS] alone (ITM, grounding)."""
+    return torch.zeros(batch_size, 1, dtype=torch.long, device=device)
 
 
 class FusionBackbone(nn.Module):
@@ -163,24 +175,65 @@ class FusionBackbone(nn.Module):
             pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         return TextFeatures(tokens, attention_mask, F.normalize(self.text_proj(pooled), dim=-1))
 
+    @property
+    def fusion_merges(self) -> bool:
+        """Whether token merging runs inside fusion (then image tokens change per layer and per caption, so
+        keys and values cannot be shared, nor a caption's first self-attention)."""
+        return self.merging is not None and self.merging.merges_fusion
+
+    def with_fusion_keys(self, image: ImageFeatures) -> ImageFeatures:
+        """`image` with each fusion layer's cross-attention keys and values computed once, so every fused
+        or decoder pass over these images reuses them (gradients flow through the one computation)."""
+        if image.fusion_kv is not None or self.fusion_merges:
+            return image
+        return image._replace(fusion_kv=self.fusion.image_key_values(image.tokens))
+
     def fuse(
-        self, image: ImageFeatures, text_tokens: Tensor, attention_mask: Tensor, merge_text: bool = True
+        self,
+        image: ImageFeatures,
+        text_tokens: Tensor,
+        attention_mask: Tensor,
+        merge_text: bool = True,
+        positions: Tensor | None = None,
+        self_attended: bool = False,
     ) -> Tensor:
         """Text tokens [B, L, Dt] attend to the image tokens [B, N, Dv] -> fused tokens [B, L, Dt].
 
-        Merged image tokens are attended in proportion to their size (log-size key bias) unless
-        `merging.proportional_attention` is off; `merging.fusion_r` / `text_r` merge inside the fusion.
-        Merged text tokens come back unmerged (each position gets its group's value): fine for pooled
-        outputs, lossy per token, so callers that read single tokens (MLM) pass `merge_text=False`.
+        `positions` [B, Q] returns those fused tokens alone [B, Q, Dt] (the last layer computes no other
+        query): `first_token(B)` for heads on [CLS], the masked positions for MLM; `self_attended`: `text_tokens` went through `first_self_attention` already (not with
+        fusion merging). Merged image tokens are attended in proportion to their size (log-size key bias)
+        unless `merging.proportional_attention` is off; `merging.fusion_r` / `text_r` merge inside the
+        fusion. Merged text tokens come back unmerged (each position gets its group's value): fine for
+        pooled outputs, lossy per token, so callers that read single tokens (MLM) pass `merge_text=False`.
         """
         merging = self.merging
         if merging is not None and not merge_text and merging.text_r:
             merging = replace(merging, text_r=0)
         if merging is not None and merging.merges_fusion:
-            return self.fusion.merged_forward(text_tokens, attention_mask, image.tokens, image.sizes, merging)
+            if self_attended:
+                raise ValueError("self_attended text cannot be fused with token merging inside fusion")
+            fused = self.fusion.merged_forward(
+                text_tokens, attention_mask, image.tokens, image.sizes, merging
+            )
+            return fused if positions is None else gather_tokens(fused, positions)
         proportional = merging is None or merging.proportional_attention
         bias = None if image.sizes is None or not proportional else image.sizes.log()
-        return self.fusion(text_tokens, attention_mask, image.tokens, image_bias=bias)
+        return self.fusion(
+            text_tokens,
+            attention_mask,
+            image.tokens,
+            image_bias=bias,
+            image_kv=image.fusion_kv,
+            positions=positions,
+            self_attended=self_attended,
+        )
+
+    def first_self_attention(self, text_tokens: Tensor, attention_mask: Tensor) -> Tensor | None:
+        """The first fusion layer's self-attention of captions [B, L, Dt], to share between the several
+        images a caption is fused with (ITM); None when fusion merges tokens (nothing to share)."""
+        if self.fusion_merges:
+            return None
+        return self.fusion.first_self_attention(text_tokens, attention_mask)
 
     def decode(self, image: ImageFeatures, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Caption decoder pass: ids [B, L] attend causally to each other and to the image tokens -> hidden
@@ -188,7 +241,15 @@ class FusionBackbone(nn.Module):
         if self.decoder is None:
             raise ValueError("this backbone has no caption decoder: build it with caption_decoder=True")
         bias = None if image.sizes is None else image.sizes.log()
-        return self.decoder(input_ids, attention_mask, image.tokens, bias)
+        return self.decoder(input_ids, attention_mask, image.tokens, bias, image.fusion_kv)
+
+    def start_decoding(self, image: ImageFeatures) -> DecoderCache:
+        """A cached caption generation over `image` (one row per hypothesis): feed it tokens step by step
+        (`greedy_search` / `beam_search` drive it). Needs `caption_decoder=True`."""
+        if self.decoder is None:
+            raise ValueError("this backbone has no caption decoder: build it with caption_decoder=True")
+        bias = None if image.sizes is None else image.sizes.log()
+        return self.decoder.start(image.tokens, bias, image.fusion_kv)
 
     def special_tokens_mask(self, input_ids: Tensor) -> Tensor:
         """[B, L] bool: True where the id is a special token ([CLS], [SEP], [PAD], [MASK], ...)."""
@@ -205,6 +266,11 @@ class FeatureCache:
     @cached_property
     def image(self) -> ImageFeatures:
         return self.backbone.encode_image(self.batch["image"])
+
+    @cached_property
+    def fused_image(self) -> ImageFeatures:
+        """`image` with the fusion layers' keys and values, shared by every fused pass of the batch."""
+        return self.backbone.with_fusion_keys(self.image)
 
     @cached_property
     def text(self) -> TextFeatures:

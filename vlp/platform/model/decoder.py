@@ -4,8 +4,11 @@ The decoder shares the text tower's token + position embeddings and every fusion
 and feed-forward weights, as BLIP shares them between its encoder and decoder; it owns only a causal
 self-attention per fusion layer and the bias of an LM head tied to the word embeddings.
 
-Generation recomputes the decoder over the whole prefix at each step (no KV cache): for captions of a few
-dozen tokens that costs little, and the image is encoded once by the caller.
+Generation runs one token per step through a key/value cache (`DecoderCache`): each layer's self-attention
+keys and values of the earlier tokens, and the image's cross-attention keys and values computed once.
+The search functions drive a `DecodeStep`: (new tokens [N], rows they continue [N] or None) -> next-token
+logits [N, V]; beam search passes the rows so a cache can follow its beams. `prefix_decoding` adapts a
+function of the whole prefix instead (no cache: the reference the cache is tested against).
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from torch import Tensor, nn
 
 from vlp.platform.kernels import linear_cross_entropy
 from vlp.platform.model.encoders import TextEncoder
-from vlp.platform.model.fusion import FusionEncoder, MultiHeadAttention
+from vlp.platform.model.fusion import FusionEncoder, KeyValues, MultiHeadAttention
 
 IGNORE_INDEX = -100
 
 NextTokenLogits = Callable[[Tensor], Tensor]  # prefix ids [N, T] -> next-token logits [N, V]
+DecodeStep = Callable[
+    [Tensor, Tensor | None], Tensor
+]  # (tokens [N], origin rows [N] | None) -> logits [N, V]
 
 
 class CaptionDecoder(nn.Module):
@@ -51,8 +57,10 @@ class CaptionDecoder(nn.Module):
         attention_mask: Tensor,
         image_tokens: Tensor,
         image_bias: Tensor | None = None,
+        image_kv: tuple[KeyValues, ...] | None = None,
     ) -> Tensor:
-        """`image_bias` [B, N]: additive key bias on the image tokens (log token sizes after merging)."""
+        """`image_bias` [B, N]: additive key bias on the image tokens (log token sizes after merging);
+        `image_kv`: the fusion layers' keys and values of `image_tokens`, when computed already."""
         text, fusion = self._shared
         if input_ids.shape[1] > text.max_len:
             raise ValueError(f"decoder input length {input_ids.shape[1]} exceeds text.max_len={text.max_len}")
@@ -64,7 +72,18 @@ class CaptionDecoder(nn.Module):
             image_bias=image_bias,
             causal=True,
             self_attns=self.self_attns,
+            image_kv=image_kv,
         )
+
+    def start(
+        self,
+        image_tokens: Tensor,
+        image_bias: Tensor | None = None,
+        image_kv: tuple[KeyValues, ...] | None = None,
+    ) -> DecoderCache:
+        """A cached generation over images [N, Ni, Dv] (one row per hypothesis): a `DecodeStep`."""
+        fusion = self._shared[1]
+        return DecoderCache(self, image_kv or fusion.image_key_values(image_tokens), image_bias)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Tied LM head: hidden [..., D] -> logits [..., V]."""
@@ -84,6 +103,51 @@ class CaptionDecoder(nn.Module):
             chunk_size=chunk_size,
             label_smoothing=label_smoothing,
         )
+
+
+class DecoderCache:
+    """The state of one batched generation: per layer the self-attention keys and values of the tokens so
+    far and the image's cross-attention keys and values; calling it feeds the next tokens (a `DecodeStep`)."""
+
+    def __init__(
+        self, decoder: CaptionDecoder, image_kv: tuple[KeyValues, ...], image_bias: Tensor | None
+    ) -> None:
+        self.decoder = decoder
+        self.image_kv = image_kv
+        self.cross_mask = None if image_bias is None else image_bias[:, None, None, :]
+        self.past: list[KeyValues | None] = [None] * len(image_kv)
+        self.length = 0
+
+    def __call__(self, tokens: Tensor, origin: Tensor | None = None) -> Tensor:
+        """tokens [N] at the next position, `origin` [N]: the row each continues (beams reorder) -> [N, V]."""
+        text, fusion = self.decoder._shared
+        if self.length >= text.max_len:
+            raise ValueError(f"generation past text.max_len={text.max_len} positions")
+        if origin is not None:
+            self.past = [None if kv is None else (kv[0][origin], kv[1][origin]) for kv in self.past]
+        hidden = text.embed(tokens[:, None], start=self.length)
+        cross_mask = None if self.cross_mask is None else self.cross_mask.to(hidden.dtype)
+        for i, layer in enumerate(fusion.layers):
+            hidden, self.past[i] = layer.decode_step(
+                hidden, self.past[i], self.decoder.self_attns[i], self.image_kv[i], cross_mask
+            )
+        self.length += 1
+        return self.decoder.logits(fusion.norm(hidden)[:, 0])
+
+
+def prefix_decoding(next_token_logits: NextTokenLogits) -> DecodeStep:
+    """A `DecodeStep` that re-runs `next_token_logits` over the whole prefix each step (no cache)."""
+    prefix: list[Tensor | None] = [None]
+
+    def step(tokens: Tensor, origin: Tensor | None = None) -> Tensor:
+        ids = prefix[0]
+        if ids is not None and origin is not None:
+            ids = ids[origin]
+        ids = tokens[:, None] if ids is None else torch.cat([ids, tokens[:, None]], dim=1)
+        prefix[0] = ids
+        return next_token_logits(ids)
+
+    return step
 
 
 def shift_for_teacher_forcing(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,7 +172,7 @@ def _check_generation_args(batch_size: int, max_length: int, num_beams: int = 1)
 
 @torch.no_grad()
 def greedy_search(
-    next_token_logits: NextTokenLogits,
+    decode: DecodeStep,
     batch_size: int,
     bos_id: int,
     eos_id: int,
@@ -124,7 +188,7 @@ def greedy_search(
     ids = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     for _ in range(max_length):
-        token = next_token_logits(ids).argmax(-1)
+        token = decode(ids[:, -1], None).argmax(-1)
         token = token.masked_fill(finished, pad_id)
         ids = torch.cat([ids, token[:, None]], dim=1)
         finished |= token == eos_id
@@ -135,7 +199,7 @@ def greedy_search(
 
 @torch.no_grad()
 def beam_search(
-    next_token_logits: NextTokenLogits,
+    decode: DecodeStep,
     batch_size: int,
     bos_id: int,
     eos_id: int,
@@ -145,8 +209,8 @@ def beam_search(
     length_penalty: float = 1.0,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor]:
-    """Beam search with `num_beams` beams per row, batched: `next_token_logits` sees [B * num_beams, T]
-    prefixes, batch-major (rows b * num_beams .. b * num_beams + num_beams - 1 belong to example b).
+    """Beam search with `num_beams` beams per row, batched: `decode` sees [B * num_beams] tokens, batch-major
+    (rows b * num_beams .. b * num_beams + num_beams - 1 belong to example b), with the rows they continue.
 
     A hypothesis scores sum(log p) / length ** length_penalty, length counting the generated tokens with
     the final `eos_id`; beams that reach `max_length` without it are scored as they are. A row stops once
@@ -163,9 +227,9 @@ def beam_search(
     done_scores = torch.full((b, k), float("-inf"), device=device)
     done_ids = torch.full((b, k, max_length), pad_id, dtype=torch.long, device=device)
     rows = torch.arange(b, device=device)[:, None]
-
+    origin_rows = None  # the row of the previous step each beam continues
     for step in range(1, max_length + 1):
-        log_probs = next_token_logits(ids).float().log_softmax(-1)  # [B * k, V]
+        log_probs = decode(ids[:, -1], origin_rows).float().log_softmax(-1)  # [B * k, V]
         vocab = log_probs.shape[-1]
         if vocab < 2 * k:
             raise ValueError(f"num_beams={k} needs a vocabulary of at least {2 * k} tokens, got {vocab}")
@@ -184,6 +248,7 @@ def beam_search(
         keep = top_scores.masked_fill(ends, float("-inf")).topk(k, dim=1).indices
         alive = top_scores.gather(1, keep)
         ids = prefixes[rows, keep].reshape(b * k, -1)
+        origin_rows = (rows * k + origin.gather(1, keep)).reshape(-1)
         ids = torch.cat([ids, token.gather(1, keep).reshape(b * k, 1)], dim=1)
 
         # sum(log p) <= 0 only falls; the best normalised score then needs the largest length ** penalty

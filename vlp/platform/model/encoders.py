@@ -170,6 +170,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text length {input_ids.shape[1]} exceeds text.max_len={self.max_len}")
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        """Token + position embeddings only (for the caption decoder, which shares them as BLIP does)."""
-        return self.bert.embeddings(input_ids=input_ids)
+    def embed(self, input_ids: Tensor, start: int = 0) -> Tensor:
+        """Token + position embeddings only (for the caption decoder, which shares them as BLIP does);
+        `start`: position of the first id (a generation step embeds one token at its position)."""
+        return self.bert.embeddings(input_ids=input_ids, past_key_values_length=start)

@@ -34,6 +34,9 @@ class FusionConfig:
     dropout: float = 0.0
 
 
+KeyValues = tuple[Tensor, Tensor]  # keys and values [B, heads, N, D / heads] of an attention's context
+
+
 class MultiHeadAttention(nn.Module):
     """SDPA attention of queries x [B, Nq, D] over a context [B, Nk, Dk] (x itself when context is None)."""
 
@@ -47,22 +50,31 @@ class MultiHeadAttention(nn.Module):
         self.key_value = nn.Linear(context_dim or dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
+    def key_values(self, context: Tensor) -> KeyValues:
+        """The context's keys and values [B, heads, Nk, D / heads], computable once and reused by every
+        query that reads the same context (image tokens across objectives, a decoder's past tokens)."""
+        b = context.shape[0]
+        width = self.out.in_features
+        k, v = self.key_value(context).view(b, -1, 2, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
     def forward(
         self,
         x: Tensor,
         context: Tensor | None = None,
         mask: Tensor | None = None,
         return_weights: bool = False,
+        key_values: KeyValues | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """`mask`: bool (True = attend) or additive float, broadcastable to [B, heads, Nq, Nk].
 
-        `return_weights` also returns the detached attention probabilities [B, heads, Nq, Nk] (computed
-        explicitly instead of by SDPA, same FLOPs), e.g. to rank image tokens for merging.
+        `key_values` replaces the projection of `context` when already computed. `return_weights` also
+        returns the detached attention probabilities [B, heads, Nq, Nk] (computed explicitly instead of
+        by SDPA, same FLOPs), e.g. to rank image tokens for merging.
         """
-        context = x if context is None else context
         b, nq, d = x.shape
         q = self.query(x).view(b, nq, self.heads, d // self.heads).transpose(1, 2)
-        k, v = self.key_value(context).view(b, -1, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        k, v = key_values if key_values is not None else self.key_values(x if context is None else context)
         dropout = self.dropout if self.training else 0.0
         if not return_weights:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -96,14 +108,62 @@ class FusionLayer(nn.Module):
     def forward(
         self,
         text: Tensor,
-        image: Tensor,
+        image: Tensor | None,
         self_mask: Tensor,
         cross_mask: Tensor | None = None,
         self_attn: MultiHeadAttention | None = None,
+        image_kv: KeyValues | None = None,
+        queries: Tensor | None = None,
+        self_attended: bool = False,
     ) -> Tensor:
-        """`self_attn` replaces this layer's own self-attention (the caption decoder's causal one)."""
-        text, _ = self.attend(text, image, self_mask, cross_mask, self_attn)
+        """`self_attn` replaces this layer's own self-attention (the caption decoder's causal one);
+        `image_kv` the projection of `image` (precomputed cross-attention keys and values); `queries`
+        [B, Q] positions: only their outputs are computed -> [B, Q, D] (ITM and grounding read [CLS] only,
+        MLM its masked tokens); `self_attended`: `text` already is this layer's self-attention output.
+        """
+        if self_attended:
+            if queries is not None:
+                text = gather_tokens(text, queries)
+        else:
+            attn = self.self_attn if self_attn is None else self_attn
+            normed = self.self_norm(text)
+            if queries is None:
+                text = text + attn(normed, mask=self_mask)
+            else:
+                if self_mask.shape[-2] > 1:  # per-query (causal) mask: keep the queries' rows
+                    self_mask = self_mask.gather(
+                        2, queries[:, None, :, None].expand(-1, 1, -1, self_mask.shape[-1])
+                    )
+                text = gather_tokens(text, queries)
+                text = text + attn(gather_tokens(normed, queries), normed, mask=self_mask)
+        text = text + self.cross_attn(self.cross_norm(text), image, mask=cross_mask, key_values=image_kv)
         return text + self.mlp(self.mlp_norm(text))
+
+    def decode_step(
+        self,
+        token: Tensor,
+        past: KeyValues | None,
+        self_attn: MultiHeadAttention,
+        image_kv: KeyValues,
+        cross_mask: Tensor | None = None,
+    ) -> tuple[Tensor, KeyValues]:
+        """One generated token [B, 1, D] through the layer with causal self-attention `self_attn` over the
+        cached `past` keys and values [B, heads, T, D / heads] of the earlier tokens plus its own.
+
+        Returns (the token's output [B, 1, D], past extended to T + 1). Equals row T of `forward` over the
+        whole prefix with a causal mask, at the cost of one token.
+        """
+        normed = self.self_norm(token)
+        k, v = self_attn.key_values(normed)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        token = token + self_attn(normed, key_values=(k, v))
+        token = token + self.cross_attn(self.cross_norm(token), None, mask=cross_mask, key_values=image_kv)
+        return token + self.mlp(self.mlp_norm(token)), (k, v)
+
+    def self_attention(self, text: Tensor, self_mask: Tensor) -> Tensor:
+        """The self-attention sub-block alone: text [B, L, D] -> [B, L, D]; it does not read the image."""
+        return text + self.self_attn(self.self_norm(text), mask=self_mask)
 
     def attend(
         self,
@@ -148,20 +208,50 @@ class FusionEncoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
+    def image_key_values(self, image: Tensor) -> tuple[KeyValues, ...]:
+        """Each layer's cross-attention keys and values of image tokens [B, N, Dv]: what fusion reads of an
+        image, computed once per image and shared by every pass over it (ITM pairs, MLM, grounding, the
+        caption decoder, each generation step)."""
+        return tuple(layer.cross_attn.key_values(image) for layer in self.layers)
+
+    def first_self_attention(self, text: Tensor, attention_mask: Tensor) -> Tensor:
+        """The first layer's self-attention over text [B, L, D] (it reads no image), for captions fused with
+        several images: pass its rows with `self_attended=True`."""
+        return self.layers[0].self_attention(text, self_attention_mask(attention_mask))
+
     def forward(
         self,
         text: Tensor,
         attention_mask: Tensor,
-        image: Tensor,
+        image: Tensor | None,
         image_bias: Tensor | None = None,
         causal: bool = False,
         self_attns: nn.ModuleList | None = None,
+        image_kv: tuple[KeyValues, ...] | None = None,
+        positions: Tensor | None = None,
+        self_attended: bool = False,
     ) -> Tensor:
-        """`image_bias` [B, N]: additive key bias on the image tokens (log token sizes after merging)."""
+        """`image_bias` [B, N]: additive key bias on the image tokens (log token sizes after merging).
+
+        `image_kv`: `image_key_values(image)` computed earlier (then `image` may be None).
+        `positions` [B, Q]: the last layer computes these queries alone -> [B, Q, D], exactly those rows of
+        the full output (nothing after the last layer mixes tokens). `self_attended`: `text` is
+        `first_self_attention(text)` already.
+        """
         self_mask = self_attention_mask(attention_mask, causal)
         cross_mask = None if image_bias is None else image_bias[:, None, None, :].to(text.dtype)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            text = layer(text, image, self_mask, cross_mask, None if self_attns is None else self_attns[i])
+            text = layer(
+                text,
+                image,
+                self_mask,
+                cross_mask,
+                None if self_attns is None else self_attns[i],
+                image_kv=None if image_kv is None else image_kv[i],
+                queries=positions if i == last else None,
+                self_attended=self_attended and i == 0,
+            )
         return self.norm(text)
 
     def merged_forward(

@@ -1,0 +1,219 @@
+"""Step efficiency: what each objective costs alone, together, in generation and in validation, old vs new.
+
+For the default model (configs/pretrain/shapes-tiny.yaml) and a ViT-B/16 + BERT-base sized backbone (random
+weights; ALBEF's split of BERT-base: 6 text + 6 fusion layers; the shapes vocabulary) at a small batch:
+- forward + backward time and GFLOPs of each objective alone (its own unimodal passes included), of the joint
+  ITC+ITM+MLM step and of the joint step of all five, next to the sum of the singles;
+- greedy caption generation, generated tokens per second;
+- validation time of a few val batches of every objective (retrieval, ITM, MLM, captioning, grounding).
+Old vs new side by side in one run: the same measurement runs in a fresh process over the current tree and
+over `--baseline` (a git revision, default the commit before the shared fusion work and the decoder cache,
+unpacked with `git archive`), interleaved round by round; times are the best of the rounds at one thread
+(on a shared 2-core machine OpenMP spin-waiting makes multi-thread times swing), so other load distorts least.
+
+    python benchmarks/step.py            # ~6 min on 2 CPU cores
+    python benchmarks/step.py --quick    # the default model only, one round
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from harness import report, run_isolated
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "pretrain" / "shapes-tiny.yaml"
+BASELINE = "5555d96"  # main before the shared fusion work and the decoder cache (issue #13)
+BACKBONE = "--model.init_args.backbone.init_args"
+MODELS = {
+    "shapes-tiny": {"overrides": [], "batch": 64},
+    "vit-b16+bert-base": {
+        "overrides": [
+            f'{BACKBONE}.vision={{"image_size": 224, "patch_size": 16, "width": 768, "depth": 12, "heads": 12}}',
+            f'{BACKBONE}.text={{"width": 768, "depth": 6, "heads": 12, "max_len": 48, "pool": "mean"}}',
+            f'{BACKBONE}.fusion={{"depth": 6, "heads": 12}}',
+            f"{BACKBONE}.embed_dim=256",
+            "--data.sources.shapes.init_args.image_size=224",
+        ],
+        "batch": 8,
+    },
+}
+SINGLES = ("itc", "itm", "mlm", "caption", "grounding")
+VAL_BATCHES = 2
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(source_root: str, model: str, rounds: int) -> dict:
+    """Times (best of `rounds`) and FLOPs of the code under `source_root`; runs in its own process."""
+    sys.path.insert(0, source_root)
+    import torch
+
+    from vlp.cli import VLPCLI
+    from vlp.datamodules.multitask import MultiTaskDataModule
+    from vlp.platform.flops import count_flops
+    from vlp.platform.model.backbone import FeatureCache
+    from vlp.tasks.base import TrainableModule
+
+    assert Path(sys.modules["vlp"].__file__).is_relative_to(source_root), "measuring the wrong tree"
+    torch.set_num_threads(1)
+    sys.argv = sys.argv[:1]
+    spec = MODELS[model]
+    cli = VLPCLI(
+        TrainableModule,
+        MultiTaskDataModule,
+        subclass_mode_model=True,
+        auto_configure_optimizers=False,
+        run=False,
+        args=[f"--config={CONFIG}", "--trainer.logger=false", *spec["overrides"]],
+    )
+    module, source = cli.model, cli.datamodule.sources["shapes"]
+    module.log = lambda *args, **kwargs: None
+    backbone, objectives = module.backbone, module.objectives
+    train = source.dataset("train")
+    batch = {**source.collate([train[i] for i in range(spec["batch"])]), "global_step": 0}
+
+    def step(names: tuple[str, ...]) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            features = FeatureCache(backbone, batch)
+            return sum(objectives[name].forward_loss(batch, features).loss for name in names)
+
+        return run
+
+    def forward_backward(names: tuple[str, ...]) -> None:
+        torch.manual_seed(0)
+        step(names)().backward()
+        module.zero_grad(set_to_none=True)
+
+    steps = {name: (name,) for name in SINGLES} | {
+        "itc+itm+mlm": ("itc", "itm", "mlm"),
+        "joint (all five)": SINGLES,
+    }
+    flops = {key: count_flops(step(names), backward=True) for key, names in steps.items()}
+    module.zero_grad(set_to_none=True)
+    caption = objectives["caption"]
+    val = source.dataset("val")
+    val_batches = [
+        source.collate([val[i] for i in range(k * spec["batch"], (k + 1) * spec["batch"])])
+        for k in range(VAL_BATCHES)
+    ]
+    images = val_batches[0]["image"]
+
+    @torch.no_grad()
+    def generate() -> int:
+        tokens = caption.generate(backbone.encode_image(images))
+        return int((tokens != backbone.tokenizer.pad_token_id).sum())
+
+    @torch.no_grad()
+    def validate() -> None:
+        module.eval()
+        for index, val_batch in enumerate(val_batches):
+            module.validation_step(val_batch, index)
+        module.on_validation_epoch_end()
+        module.train()
+
+    generated = generate()
+    times: dict[str, list[float]] = {key: [] for key in [*steps, "generate", "validate"]}
+    for _ in range(rounds):
+        for key, names in steps.items():
+            times[key].append(seconds(lambda names=names: forward_backward(names)))
+        times["generate"].append(seconds(generate))
+        times["validate"].append(seconds(validate))
+    best = {key: min(values) for key, values in times.items()}
+    return {
+        "flops": flops,
+        "seconds": best,
+        "generated_tokens": generated,
+        "val_samples": VAL_BATCHES * spec["batch"],
+    }
+
+
+def baseline_tree(revision: str, folder: Path) -> Path:
+    """The `vlp` package of `revision`, unpacked under `folder`."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, "vlp"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
+def compare(model: str, baseline_root: Path, rounds: int) -> list[dict]:
+    """Rows old vs new for one model: each round measures both trees, alternating which goes first."""
+    results: dict[str, list[dict]] = {"old": [], "new": []}
+    trees = {"old": str(baseline_root), "new": str(ROOT)}
+    for round_index in range(rounds):
+        order = ("old", "new") if round_index % 2 == 0 else ("new", "old")
+        for which in order:
+            results[which].append(
+                run_isolated(
+                    __file__, "measure", timeout=3600, source_root=trees[which], model=model, rounds=1
+                )
+            )
+    merged = {}
+    for which, runs in results.items():
+        seconds_ = {key: min(run["seconds"][key] for run in runs) for key in runs[0]["seconds"]}
+        merged[which] = {**runs[0], "seconds": seconds_}
+    rows = []
+    for key in [*SINGLES, "sum itc+itm+mlm", "itc+itm+mlm", "sum of five", "joint (all five)"]:
+        row = {"model": model, "step": key}
+        for which in ("old", "new"):
+            got = merged[which]
+            parts = {"sum itc+itm+mlm": ("itc", "itm", "mlm"), "sum of five": SINGLES}.get(key, (key,))
+            row[f"{which}_s"] = sum(got["seconds"][part] for part in parts)
+            row[f"{which}_gflops"] = sum(got["flops"][part] for part in parts) / 1e9
+        row["speedup"] = row["old_s"] / row["new_s"]
+        rows.append(row)
+    for key, unit in (("generate", "generate tok/s"), ("validate", "validate samples/s")):
+        row = {"model": model, "step": unit}
+        for which in ("old", "new"):
+            got = merged[which]
+            count = got["generated_tokens"] if key == "generate" else got["val_samples"]
+            row[f"{which}_s"] = got["seconds"][key]
+            row[f"{which}_per_s"] = count / got["seconds"][key]
+        row["speedup"] = row["old_s"] / row["new_s"]
+        rows.append(row)
+    return rows
+
+
+def goals(rows: list[dict]) -> dict:
+    """The issue's targets, from the rows of the default model: joint <= 0.6x singles, ITM >= 1.6x, gen >= 3x."""
+    by_step = {row["step"]: row for row in rows if row["model"] == "shapes-tiny"}
+    joint_ratio = by_step["itc+itm+mlm"]["new_s"] / by_step["sum itc+itm+mlm"]["new_s"]
+    return {
+        "joint itc+itm+mlm / sum of singles (goal <= 0.6)": joint_ratio,
+        "itm speed-up vs baseline (goal >= 1.6)": by_step["itm"]["speedup"],
+        "generation speed-up vs baseline (goal >= 3)": by_step["generate tok/s"]["speedup"],
+        "validation speed-up vs baseline": by_step["validate samples/s"]["speedup"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--baseline", default=BASELINE, help="git revision to compare against")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="default model only, one round")
+    args = parser.parse_args()
+    models = ["shapes-tiny"] if args.quick else list(MODELS)
+    rounds = 1 if args.quick else args.rounds
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        baseline = baseline_tree(args.baseline, Path(folder))
+        for model in models:
+            started = time.perf_counter()
+            rows += compare(model, baseline, rounds)
+            print(f"{model}: measured in {time.perf_counter() - started:.0f} s", flush=True)
+    report("step", rows, {"baseline": args.baseline, **goals(rows)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""A joint step that shares its fusion work (image keys and values once per image, each caption's first
+self-attention once, only the read tokens through the last layer: [CLS] for ITM and grounding, the masked
+ones for MLM) equals the step that
+recomputes everything per pass: the same loss and the same gradient on every parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlp.platform.model.backbone import FusionBackbone
+from vlp.platform.model.fusion import FusionConfig
+from vlp.tasks.caption import CaptionObjective
+from vlp.tasks.grounding import GroundingObjective
+from vlp.tasks.itc import ITCObjective
+from vlp.tasks.itm import ITMObjective
+from vlp.tasks.mlm import MLMObjective
+from vlp.tasks.multitask import MultiTaskModule
+
+OBJECTIVES = {
+    "itc": ITCObjective,
+    "itm": ITMObjective,
+    "mlm": MLMObjective,
+    "caption": CaptionObjective,
+    "grounding": GroundingObjective,
+}
+
+
+def unshared(monkeypatch) -> None:
+    """Every fused pass computes its own keys and values and the whole fusion, as before the sharing."""
+    monkeypatch.setattr(FusionBackbone, "with_fusion_keys", lambda self, image: image)
+    monkeypatch.setattr(FusionBackbone, "first_self_attention", lambda self, tokens, mask: None)
+    original_fuse = FusionBackbone.fuse
+
+    def full_fuse(self, image, text_tokens, attention_mask, merge_text=True, positions=None, **kw):
+        fused = original_fuse(self, image, text_tokens, attention_mask, merge_text=merge_text, **kw)
+        return (
+            fused
+            if positions is None
+            else fused.gather(1, positions[..., None].expand(-1, -1, fused.shape[-1]))
+        )
+
+    monkeypatch.setattr(FusionBackbone, "fuse", full_fuse)
+
+
+def joint_step(make_backbone, batch, seed: int):
+    backbone = make_backbone(
+        caption_decoder=True, fusion=FusionConfig(depth=2, heads=2)
+    )  # a first and a last layer
+    module = MultiTaskModule(backbone, OBJECTIVES, mode="joint")
+    module.log = lambda *a, **k: None
+    torch.manual_seed(seed)
+    loss = module.training_step(batch, 0)["loss"]
+    loss.backward()
+    return loss.detach(), {
+        name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_joint_step_with_shared_work_equals_the_recomputed_step(
+    make_backbone, batch, monkeypatch, one_thread, seed
+):
+    shared_loss, shared_grads = joint_step(make_backbone, batch, seed)
+    with monkeypatch.context() as patch:
+        unshared(patch)
+        full_loss, full_grads = joint_step(make_backbone, batch, seed)
+    torch.testing.assert_close(shared_loss, full_loss, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == full_grads.keys() and len(full_grads) > 20
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_image_keys_and_values_are_computed_once_per_joint_step(make_backbone, batch):
+    backbone = make_backbone(caption_decoder=True)
+    module = MultiTaskModule(backbone, OBJECTIVES, mode="joint")
+    module.log = lambda *a, **k: None
+    projections = []
+    for layer in backbone.fusion.layers:
+        layer.cross_attn.key_value.register_forward_hook(
+            lambda _m, args, _o: projections.append(args[0].shape)
+        )
+    module.training_step(batch, 0)
+    image_tokens = backbone.encode_image(batch["image"]).tokens.shape
+    assert projections == [image_tokens] * len(backbone.fusion.layers)  # one batch pass per layer, no more
