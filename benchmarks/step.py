@@ -13,6 +13,7 @@ unpacked with `git archive`), interleaved round by round; times are the best of 
 
     python benchmarks/step.py            # ~6 min on 2 CPU cores
     python benchmarks/step.py --quick    # the default model only, one round
+    python benchmarks/step.py --profile  # torch.profiler's top ops of the default joint step, old and new
 """
 
 import argparse
@@ -52,31 +53,64 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def measure(source_root: str, model: str, rounds: int) -> dict:
-    """Times (best of `rounds`) and FLOPs of the code under `source_root`; runs in its own process."""
+def build(source_root: str, model: str):
+    """The default config's module (model size `model`) and shapes source, from the code under `source_root`."""
     sys.path.insert(0, source_root)
     import torch
 
     from vlp.cli import VLPCLI
     from vlp.datamodules.multitask import MultiTaskDataModule
-    from vlp.platform.flops import count_flops
-    from vlp.platform.model.backbone import FeatureCache
     from vlp.tasks.base import TrainableModule
 
     assert Path(sys.modules["vlp"].__file__).is_relative_to(source_root), "measuring the wrong tree"
     torch.set_num_threads(1)
     sys.argv = sys.argv[:1]
-    spec = MODELS[model]
     cli = VLPCLI(
         TrainableModule,
         MultiTaskDataModule,
         subclass_mode_model=True,
         auto_configure_optimizers=False,
         run=False,
-        args=[f"--config={CONFIG}", "--trainer.logger=false", *spec["overrides"]],
+        args=[f"--config={CONFIG}", "--trainer.logger=false", *MODELS[model]["overrides"]],
     )
-    module, source = cli.model, cli.datamodule.sources["shapes"]
+    module = cli.model
     module.log = lambda *args, **kwargs: None
+    return module, cli.datamodule.sources["shapes"]
+
+
+def profile(source_root: str, steps: int = 3) -> str:
+    """torch.profiler's top CPU ops (self time) of the default model's joint training step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    module, source = build(source_root, "shapes-tiny")
+    train = source.dataset("train")
+    batch = {**source.collate([train[i] for i in range(MODELS["shapes-tiny"]["batch"])]), "global_step": 0}
+
+    def step() -> None:
+        module.training_step(batch, 0)["loss"].backward()
+        module.zero_grad(set_to_none=True)
+
+    step()
+    with profiler(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50)
+
+
+def profile_table(source_root: str) -> dict:
+    return {"table": profile(source_root)}
+
+
+def measure(source_root: str, model: str, rounds: int) -> dict:
+    """Times (best of `rounds`) and FLOPs of the code under `source_root`; runs in its own process."""
+    module, source = build(source_root, model)
+    import torch
+
+    from vlp.platform.flops import count_flops
+    from vlp.platform.model.backbone import FeatureCache
+
+    spec = MODELS[model]
     backbone, objectives = module.backbone, module.objectives
     train = source.dataset("train")
     batch = {**source.collate([train[i] for i in range(spec["batch"])]), "global_step": 0}
@@ -121,6 +155,9 @@ def measure(source_root: str, model: str, rounds: int) -> dict:
         module.train()
 
     generated = generate()
+    for names in steps.values():  # warm-up: first calls allocate and pick kernels
+        forward_backward(names)
+    validate()
     times: dict[str, list[float]] = {key: [] for key in [*steps, "generate", "validate"]}
     for _ in range(rounds):
         for key, names in steps.items():
@@ -202,7 +239,15 @@ def main() -> None:
     parser.add_argument("--baseline", default=BASELINE, help="git revision to compare against")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="default model only, one round")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of old and new, then stop")
     args = parser.parse_args()
+    if args.profile:
+        with tempfile.TemporaryDirectory() as folder:
+            baseline = baseline_tree(args.baseline, Path(folder))
+            for which, root in (("old", baseline), ("new", ROOT)):
+                table = run_isolated(__file__, "profile_table", timeout=600, source_root=str(root))["table"]
+                print(f"== {which} ({root})\n{table}")
+        return
     models = ["shapes-tiny"] if args.quick else list(MODELS)
     rounds = 1 if args.quick else args.rounds
     rows = []

@@ -108,7 +108,7 @@ class MLMObjective(Objective):
             self.mask_probability,
             generator,
         )
-        text = self.backbone.text(masked_ids, attention_mask)
+        text = self.backbone.text_tokens(masked_ids, attention_mask)
         selected = labels != IGNORE_INDEX
         positions, kept = selected_positions(selected)
         fused = self.backbone.fuse(

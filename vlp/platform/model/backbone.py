@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from vlp.platform.model.decoder import CaptionDecoder, DecoderCache
 from vlp.platform.model.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
 from vlp.platform.model.fusion import FusionConfig, FusionEncoder, KeyValues, gather_tokens
+from vlp.platform.model.length_buckets import by_length
 from vlp.platform.model.token_merging import (
     TokenMergingConfig,
     apply_token_merging,
@@ -166,8 +167,18 @@ class FusionBackbone(nn.Module):
             pooled = (tokens[:, 1:] * weights).sum(dim=1) / weights.sum(dim=1)
         return ImageFeatures(tokens, F.normalize(self.vision_proj(pooled), dim=-1), sizes)
 
+    def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The text tower's tokens [B, L, Dt], run in groups of similar length (padded positions unspecified)."""
+
+        def run(rows: Tensor | None, length: int) -> Tensor:
+            if rows is None:
+                return self.text(input_ids, attention_mask)
+            return self.text(input_ids[rows, :length], attention_mask[rows, :length])
+
+        return by_length(run, attention_mask, full_length=True)
+
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
-        tokens = self.text(input_ids, attention_mask)
+        tokens = self.text_tokens(input_ids, attention_mask)
         if self.text.config.pool == "cls":
             pooled = tokens[:, 0]
         else:
@@ -197,7 +208,8 @@ class FusionBackbone(nn.Module):
         positions: Tensor | None = None,
         self_attended: bool = False,
     ) -> Tensor:
-        """Text tokens [B, L, Dt] attend to the image tokens [B, N, Dv] -> fused tokens [B, L, Dt].
+        """Text tokens [B, L, Dt] attend to the image tokens [B, N, Dv] -> fused tokens [B, L, Dt] (padded
+        positions unspecified: a large batch runs in groups of similar caption length, see `length_buckets`).
 
         `positions` [B, Q] returns those fused tokens alone [B, Q, Dt] (the last layer computes no other
         query): `first_token(B)` for heads on [CLS], the masked positions for MLM; `self_attended`: `text_tokens` went through `first_self_attention` already (not with
@@ -217,16 +229,21 @@ class FusionBackbone(nn.Module):
             )
             return fused if positions is None else gather_tokens(fused, positions)
         proportional = merging is None or merging.proportional_attention
-        bias = None if image.sizes is None or not proportional else image.sizes.log()
-        return self.fusion(
-            text_tokens,
-            attention_mask,
-            image.tokens,
-            image_bias=bias,
-            image_kv=image.fusion_kv,
-            positions=positions,
-            self_attended=self_attended,
-        )
+
+        def run(rows: Tensor | None, length: int) -> Tensor:
+            part = image if rows is None else image.take(rows)
+            bias = None if part.sizes is None or not proportional else part.sizes.log()
+            return self.fusion(
+                text_tokens if rows is None else text_tokens[rows, :length],
+                attention_mask if rows is None else attention_mask[rows, :length],
+                part.tokens,
+                image_bias=bias,
+                image_kv=part.fusion_kv,
+                positions=positions if positions is None or rows is None else positions[rows],
+                self_attended=self_attended,
+            )
+
+        return by_length(run, attention_mask, full_length=positions is None)
 
     def first_self_attention(self, text_tokens: Tensor, attention_mask: Tensor) -> Tensor | None:
         """The first fusion layer's self-attention of captions [B, L, Dt], to share between the several
@@ -240,8 +257,17 @@ class FusionBackbone(nn.Module):
         [B, L, D] (before the tied LM head `decoder.logits`). Needs `caption_decoder=True`."""
         if self.decoder is None:
             raise ValueError("this backbone has no caption decoder: build it with caption_decoder=True")
-        bias = None if image.sizes is None else image.sizes.log()
-        return self.decoder(input_ids, attention_mask, image.tokens, bias, image.fusion_kv)
+
+        def run(rows: Tensor | None, length: int) -> Tensor:
+            part = image if rows is None else image.take(rows)
+            bias = None if part.sizes is None else part.sizes.log()
+            if rows is not None:
+                return self.decoder(
+                    input_ids[rows, :length], attention_mask[rows, :length], part.tokens, bias, part.fusion_kv
+                )
+            return self.decoder(input_ids, attention_mask, part.tokens, bias, part.fusion_kv)
+
+        return by_length(run, attention_mask, full_length=True)
 
     def start_decoding(self, image: ImageFeatures) -> DecoderCache:
         """A cached caption generation over `image` (one row per hypothesis): feed it tokens step by step
