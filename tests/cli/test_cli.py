@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from vlp.cli import run as main
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+MOMENTUM = str(Path(__file__).parents[1] / "configs" / "momentum.yaml")
 
 
 def fit(tmp_path: Path, *extra: str):
@@ -78,6 +79,25 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(in_tmp, mode):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
+
+
+def test_resume_with_momentum_model_and_queue_matches_an_uninterrupted_run(in_tmp):
+    """The EMA weights, the ITC queue and its pointer continue exactly (LAVIS lost them on resume)."""
+    args = ["--config", MOMENTUM, "--model.init_args.mode", "joint"]
+    straight = fit(in_tmp / "a", *args, "--checkpoint.save_top_k", "-1")
+    ckpt = Path(straight.trainer.log_dir) / "checkpoints" / "step=3.ckpt"
+    stored = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert (
+        int(stored["objectives.itc.queue.filled"]) == 20 and int(stored["objectives.itc.queue.pointer"]) == 4
+    )
+    resumed = fit(in_tmp / "b", "--ckpt_path", str(ckpt), *args)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    momentum = [key for key in a if ".momentum." in key or ".queue." in key]
+    assert len(momentum) > 30
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
+    online = straight.model.backbone.text_proj.weight
+    assert not torch.equal(straight.model.backbone.momentum.backbone.text_proj.weight, online)  # it lags
 
 
 def test_print_config_shows_the_whole_config(in_tmp, capsys):

@@ -41,3 +41,13 @@ def all_gather_with_grad(t: Tensor) -> Tensor:
         # torch >= 2.6 marks it deprecated in favour of a private API; it is still the documented route.
         warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
         return torch.cat(all_gather(t), dim=0)
+
+
+def all_gather_no_grad(t: Tensor) -> Tensor:
+    """Concatenate `t` [B, ...] from every rank along dim 0 -> [world_size * B, ...], outside autograd
+    (e.g. momentum features for a queue). Every rank must pass the same shape. Identity when not distributed."""
+    if not is_distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)

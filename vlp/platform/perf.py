@@ -54,17 +54,22 @@ def training_step_flops(
     """FLOPs of `module.training_step(batch)` (+ the backward of its loss), leaving no trace behind.
 
     Gradients go through `torch.autograd.grad`, so `.grad` (and DDP's hooks) stay untouched; the RNG is
-    forked, so the training run draws the same numbers with or without the measurement; logging is muted.
+    forked, so the training run draws the same numbers with or without the measurement; logging is muted;
+    buffers a step changes (a feature queue) are put back.
     """
     device = next(module.parameters()).device
     params = [p for p in module.parameters() if p.requires_grad]
     counter = flop_counter()
     devices = [device.index or 0] if device.type == "cuda" else []
+    buffers = {name: buffer.clone() for name, buffer in module.named_buffers()}  # e.g. feature queues
     with torch.random.fork_rng(devices=devices), _logging_muted(module), counter:
         out = module.training_step(batch, batch_idx)
         loss = out["loss"] if isinstance(out, dict) else out
         if backward and isinstance(loss, Tensor) and loss.requires_grad:
             torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            buffer.copy_(buffers[name])
     return counter.get_total_flops()
 
 

@@ -37,6 +37,13 @@ class TrainableModule(LightningModule):
     def configure_optimizers(self) -> dict:
         return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the momentum model's EMA update (when the backbone keeps one)."""
+        super().optimizer_step(*args, **kwargs)
+        momentum = getattr(getattr(self, "backbone", None), "momentum", None)
+        if momentum is not None:
+            momentum.update()
+
     def log_objective(self, stage: str, name: str, logs: dict[str, Tensor], batch_size: int) -> None:
         on_step = stage == "train"
         for key, value in logs.items():
@@ -56,6 +63,19 @@ class TrainableModule(LightningModule):
             self.log(key, torch.as_tensor(value, dtype=torch.float32), rank_zero_only=False)
 
 
+def check_distillation(name: str, backbone: FusionBackbone, alpha: float, warmup_steps: int) -> None:
+    """Clear errors for an objective's momentum-distillation arguments."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{name}: alpha must be in [0, 1], got {alpha}")
+    if warmup_steps < 0:
+        raise ValueError(f"{name}: alpha_warmup_steps must be >= 0, got {warmup_steps}")
+    if alpha > 0 and backbone.momentum is None:
+        raise ValueError(
+            f"{name}: alpha > 0 distils from the backbone's momentum model; "
+            "set backbone.init_args.momentum: {decay: 0.995}"
+        )
+
+
 class Objective(TrainableModule):
     """One pre-training objective on the shared backbone; trains alone or inside MultiTaskModule."""
 
@@ -71,6 +91,13 @@ class Objective(TrainableModule):
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         raise NotImplementedError
+
+    def current_step(self, batch: dict) -> int:
+        """The optimizer step: `batch["global_step"]` inside MultiTaskModule (nested objectives have no
+        trainer of their own), else the trainer's; 0 outside a trainer (e.g. a test calling forward_loss)."""
+        if "global_step" in batch:
+            return int(batch["global_step"])
+        return self.trainer.global_step if self._trainer is not None else 0
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         """Per-batch validation values to log (averaged over the epoch); also updates whole-split metrics."""

@@ -26,9 +26,10 @@ from vlp.platform.model.decoder import (
     greedy_search,
     shift_for_teacher_forcing,
 )
+from vlp.platform.model.momentum import distilled_cross_entropy, ramped_alpha
 from vlp.platform.optim import OptimConfig
 from vlp.platform.visualization import annotate_captions
-from vlp.tasks.base import Objective, ObjectiveOutput
+from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation
 
 MAX_LOGGED_IMAGES = 8
 
@@ -51,8 +52,14 @@ class CaptionObjective(Objective):
         num_beams: int = 1,
         length_penalty: float = 1.0,
         max_length: int = 40,
+        alpha: float = 0.0,
+        alpha_warmup_steps: int = 0,
     ) -> None:
+        """`alpha`: weight of the momentum decoder's next-token distributions in the loss (BLIP-style
+        distillation), reached after `alpha_warmup_steps`; needs the backbone's momentum model."""
         super().__init__(backbone, optim)
+        check_distillation("caption", backbone, alpha, alpha_warmup_steps)
+        self.alpha, self.alpha_warmup_steps = alpha, alpha_warmup_steps
         if backbone.decoder is None:
             raise ValueError("CaptionObjective needs a backbone built with caption_decoder=True")
         if not 0.0 <= label_smoothing < 1.0:
@@ -83,8 +90,19 @@ class CaptionObjective(Objective):
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         hidden, targets = self.teacher_forced(batch, features)
-        loss = self.decoder.loss(hidden, targets, self.label_smoothing, self.chunk_size)
-        return ObjectiveOutput(loss, {"loss": loss})
+        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
+        if alpha == 0:
+            loss = self.decoder.loss(hidden, targets, self.label_smoothing, self.chunk_size)
+            return ObjectiveOutput(loss, {"loss": loss})
+        keep = targets != IGNORE_INDEX
+        with torch.no_grad():  # the momentum decoder's next-token distributions on the same prefixes
+            momentum = features.momentum_backbone
+            inputs, mask, _ = shift_for_teacher_forcing(batch["input_ids"], batch["attention_mask"])
+            hidden_m = momentum.decode(momentum.with_fusion_keys(features.momentum_image), inputs, mask)
+            logits_m = momentum.decoder.logits(hidden_m[keep])
+        logits = self.decoder.logits(hidden[keep])
+        loss = distilled_cross_entropy(logits, targets[keep], logits_m, alpha, self.label_smoothing)
+        return ObjectiveOutput(loss, {"loss": loss, "alpha": torch.tensor(alpha)})
 
     @torch.no_grad()
     def generate(self, image: ImageFeatures) -> Tensor:

@@ -5,6 +5,13 @@ Loss: symmetric InfoNCE over the batch with the backbone's learnable temperature
 through `vlp.platform.kernels.contrastive_loss`, which in distributed runs scores the local rows against
 columns gathered from every rank with gradients (open_clip's local loss) and never builds the full
 B x B matrix when chunked. Validation: retrieval R@1/5/10 both ways over the whole val split.
+
+With the backbone's momentum model (ALBEF), two switches: `queue_size` keeps the momentum embeddings of past
+batches (gathered over ranks) as extra negative columns, and `alpha` mixes the one-hot targets with the
+momentum model's softmaxed similarities over the same columns,
+    targets = alpha * softmax(s * I_m [T_m; Q_t]^T) + (1 - alpha) * onehot,
+ramped up over `alpha_warmup_steps`. Queue rows of an image in the batch are masked out (they are neither
+its negatives nor counted as positives). alpha = 0 and no queue is exactly the loss above.
 """
 
 from __future__ import annotations
@@ -13,11 +20,13 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import CatMetric
 
+from vlp.platform.distributed import all_gather_no_grad, all_gather_with_grad, rank
 from vlp.platform.kernels import contrastive_loss
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
+from vlp.platform.model.momentum import FeatureQueue, ramped_alpha, soft_cross_entropy
 from vlp.platform.optim import OptimConfig
-from vlp.tasks.base import Objective, ObjectiveOutput
+from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation
 
 
 def first_occurrences(ids: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
@@ -34,20 +43,81 @@ class ITCObjective(Objective):
     name = "itc"
 
     def __init__(
-        self, backbone: FusionBackbone, optim: OptimConfig | None = None, chunk_size: int | None = None
+        self,
+        backbone: FusionBackbone,
+        optim: OptimConfig | None = None,
+        chunk_size: int | None = None,
+        alpha: float = 0.0,
+        alpha_warmup_steps: int = 0,
+        queue_size: int = 0,
     ):
+        """`alpha`: weight of the momentum model's soft targets (ALBEF: 0.4), reached after
+        `alpha_warmup_steps`; `queue_size`: momentum embeddings kept as extra negatives (ALBEF: 65536)."""
         super().__init__(backbone, optim)
+        check_distillation("itc", backbone, alpha, alpha_warmup_steps)
+        if queue_size < 0:
+            raise ValueError(f"itc: queue_size must be >= 0, got {queue_size}")
+        if queue_size > 0 and backbone.momentum is None:
+            raise ValueError(
+                "itc: queue_size > 0 fills the queue from the backbone's momentum model; "
+                "set backbone.init_args.momentum: {decay: 0.995}"
+            )
         self.chunk_size = chunk_size
+        self.alpha, self.alpha_warmup_steps = alpha, alpha_warmup_steps
+        self.queue = FeatureQueue(queue_size, backbone.vision_proj.out_features) if queue_size else None
         self.val_image_emb = CatMetric(nan_strategy="disable")
         self.val_text_emb = CatMetric(nan_strategy="disable")
         self.val_image_ids = CatMetric(nan_strategy="disable")
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         scale = self.backbone.logit_scale()
-        loss = contrastive_loss(
-            features.image.embedding, features.text.embedding, scale, chunk_size=self.chunk_size
+        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
+        if self.queue is None and alpha == 0:
+            loss = contrastive_loss(
+                features.image.embedding, features.text.embedding, scale, chunk_size=self.chunk_size
+            )
+            return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale})
+        loss = self.distilled_loss(batch, features, scale, alpha)
+        return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale, "alpha": torch.tensor(alpha)})
+
+    def distilled_loss(self, batch: dict, features: FeatureCache, scale: Tensor, alpha: float) -> Tensor:
+        """Local rows against the global batch's columns and the queue, soft targets by `alpha` (ALBEF)."""
+        image, text = features.image.embedding, features.text.embedding
+        b = image.shape[0]
+        image_all, text_all = all_gather_with_grad(image), all_gather_with_grad(text)
+        ids = batch["image_id"]
+        queued_image, queued_text, queued_ids = (
+            (image.new_zeros(0, image.shape[1]),) * 2 + (ids.new_zeros(0),)
+            if self.queue is None
+            else self.queue.contents()
         )
-        return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale})
+        # queue rows of this batch's images are neither negatives nor positives: masked out of both directions
+        hidden = torch.cat([torch.zeros(b, len(text_all), dtype=torch.bool, device=image.device),
+                            queued_ids[None, :] == ids[:, None]], dim=1)  # fmt: skip
+        positives = torch.zeros_like(hidden)
+        positives[torch.arange(b), rank() * b + torch.arange(b)] = True
+        i2t = (scale * image @ torch.cat([text_all, queued_text.to(text.dtype)]).T).masked_fill(
+            hidden, -torch.inf
+        )
+        t2i = (scale * text @ torch.cat([image_all, queued_image.to(image.dtype)]).T).masked_fill(
+            hidden, -torch.inf
+        )
+        targets_i2t = targets_t2i = positives.float()
+        image_m = text_m = None
+        if self.backbone.momentum is not None:
+            image_m, text_m = features.momentum_image.embedding, features.momentum_text.embedding
+        if alpha > 0:
+            with torch.no_grad():
+                text_m_all = torch.cat([all_gather_no_grad(text_m), queued_text.to(text_m.dtype)])
+                image_m_all = torch.cat([all_gather_no_grad(image_m), queued_image.to(image_m.dtype)])
+                soft_i2t = (scale * image_m @ text_m_all.T).masked_fill(hidden, -torch.inf).softmax(dim=1)
+                soft_t2i = (scale * text_m @ image_m_all.T).masked_fill(hidden, -torch.inf).softmax(dim=1)
+                targets_i2t = alpha * soft_i2t + (1 - alpha) * targets_i2t
+                targets_t2i = alpha * soft_t2i + (1 - alpha) * targets_t2i
+        loss = 0.5 * (soft_cross_entropy(i2t, targets_i2t) + soft_cross_entropy(t2i, targets_t2i))
+        if self.queue is not None and self.training and torch.is_grad_enabled():
+            self.queue.enqueue(image_m, text_m, ids)
+        return loss
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         image_emb, text_emb = features.image.embedding, features.text.embedding

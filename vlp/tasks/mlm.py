@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from vlp.platform.kernels import linear_cross_entropy
-from vlp.platform.model.backbone import FeatureCache, FusionBackbone
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures
+from vlp.platform.model.momentum import distilled_cross_entropy, ramped_alpha
 from vlp.platform.optim import OptimConfig
-from vlp.tasks.base import Objective, ObjectiveOutput
+from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation
 
 IGNORE_INDEX = -100
 
@@ -83,13 +84,20 @@ class MLMObjective(Objective):
         optim: OptimConfig | None = None,
         mask_probability: float = 0.15,
         chunk_size: int | None = None,
+        alpha: float = 0.0,
+        alpha_warmup_steps: int = 0,
     ) -> None:
+        """`alpha`: weight of the momentum model's token distributions in the loss (ALBEF: 0.4), reached
+        after `alpha_warmup_steps`; needs the backbone's momentum model."""
         super().__init__(backbone, optim)
         if not 0.0 < mask_probability < 1.0:
             raise ValueError(f"mask_probability must be in (0, 1), got {mask_probability}")
+        check_distillation("mlm", backbone, alpha, alpha_warmup_steps)
+        self.alpha, self.alpha_warmup_steps = alpha, alpha_warmup_steps
         self.mask_probability = mask_probability
         self.chunk_size = chunk_size
         self.head = MLMHead(backbone.width, backbone.vocab_size)
+        self.momentum_head = backbone.momentum.track("mlm", self.head) if alpha > 0 else None
         vocab = torch.arange(len(backbone.tokenizer))
         self.register_buffer(
             "random_token_ids", vocab[~torch.isin(vocab, backbone.special_token_ids)], persistent=False
@@ -98,9 +106,15 @@ class MLMObjective(Objective):
 
     def masked_hidden(self, batch: dict, features: FeatureCache, generator: torch.Generator | None = None):
         """Fused, transformed hidden states at the selected positions [M, D] and their labels [M]."""
+        masked_ids, labels = self.mask(batch, generator)
+        hidden = self.fused_hidden(self.backbone, self.head, features.fused_image, masked_ids, batch, labels)
+        return hidden, labels[labels != IGNORE_INDEX]
+
+    def mask(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """BERT-masked caption ids [B, L] and labels [B, L] (IGNORE_INDEX where not selected)."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         maskable = attention_mask.bool() & ~self.backbone.special_tokens_mask(input_ids)
-        masked_ids, labels = mask_tokens(
+        return mask_tokens(
             input_ids,
             maskable,
             self.backbone.tokenizer.mask_token_id,
@@ -108,19 +122,46 @@ class MLMObjective(Objective):
             self.mask_probability,
             generator,
         )
-        text = self.backbone.text_tokens(masked_ids, attention_mask)
-        selected = labels != IGNORE_INDEX
-        positions, kept = selected_positions(selected)
-        fused = self.backbone.fuse(
-            features.fused_image, text, attention_mask, merge_text=False, positions=positions
-        )
-        return self.head(fused[kept]), labels[selected]
+
+    @staticmethod
+    def fused_hidden(
+        backbone: FusionBackbone,
+        head: MLMHead,
+        image: ImageFeatures,
+        masked_ids: Tensor,
+        batch: dict,
+        labels: Tensor,
+    ) -> Tensor:
+        """`head` on the fused masked caption at the selected positions [M, D] (the last fusion layer
+        computes those queries only), for the online or the momentum backbone."""
+        attention_mask = batch["attention_mask"]
+        text = backbone.text_tokens(masked_ids, attention_mask)
+        positions, kept = selected_positions(labels != IGNORE_INDEX)
+        fused = backbone.fuse(image, text, attention_mask, merge_text=False, positions=positions)
+        return head(fused[kept])
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
-        hidden, labels = self.masked_hidden(batch, features)
+        masked_ids, all_labels = self.mask(batch)
+        hidden = self.fused_hidden(
+            self.backbone, self.head, features.fused_image, masked_ids, batch, all_labels
+        )
+        labels = all_labels[all_labels != IGNORE_INDEX]
         weight = self.backbone.text.word_embeddings.weight
-        loss = linear_cross_entropy(hidden, weight, labels, bias=self.head.bias, chunk_size=self.chunk_size)
-        return ObjectiveOutput(loss, {"loss": loss, "masked_tokens": torch.tensor(float(labels.numel()))})
+        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
+        logs = {"masked_tokens": torch.tensor(float(labels.numel()))}
+        if alpha == 0:
+            loss = linear_cross_entropy(
+                hidden, weight, labels, bias=self.head.bias, chunk_size=self.chunk_size
+            )
+            return ObjectiveOutput(loss, {"loss": loss, **logs})
+        with torch.no_grad():  # the momentum model's distributions over the same masked positions
+            momentum = features.momentum_backbone
+            image_m = momentum.with_fusion_keys(features.momentum_image)
+            hidden_m = self.fused_hidden(momentum, self.momentum_head, image_m, masked_ids, batch, all_labels)
+            logits_m = hidden_m @ momentum.text.word_embeddings.weight.T + self.momentum_head.bias
+        logits = hidden @ weight.T + self.head.bias
+        loss = distilled_cross_entropy(logits, labels, logits_m, alpha)
+        return ObjectiveOutput(loss, {"loss": loss, "alpha": torch.tensor(alpha), **logs})
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         generator = torch.Generator().manual_seed(int(batch["image_id"][0]))

@@ -22,6 +22,7 @@ from vlp.platform.model.decoder import CaptionDecoder, DecoderCache
 from vlp.platform.model.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
 from vlp.platform.model.fusion import FusionConfig, FusionEncoder, KeyValues, gather_tokens
 from vlp.platform.model.length_buckets import by_length
+from vlp.platform.model.momentum import MomentumConfig, MomentumModel
 from vlp.platform.model.token_merging import (
     TokenMergingConfig,
     apply_token_merging,
@@ -76,7 +77,9 @@ class FusionBackbone(nn.Module):
         tokenizer: PreTrainedTokenizerBase | None = None,
         caption_decoder: bool = False,
         merging: TokenMergingConfig | None = None,
+        momentum: MomentumConfig | None = None,
     ) -> None:
+        """`momentum` keeps an EMA copy of this backbone (`self.momentum`) for distillation and queues."""
         super().__init__()
         if tokenizer is None:
             raise ValueError("FusionBackbone needs a tokenizer (the CLI links it from data.tokenizer)")
@@ -98,6 +101,9 @@ class FusionBackbone(nn.Module):
         self.merging: TokenMergingConfig | None = None
         if merging is not None:
             self.set_merging(merging)
+        self.momentum: MomentumModel | None = None
+        if momentum is not None:  # last: the copy is taken of everything above
+            self.momentum = MomentumModel(self, momentum, shared=(tokenizer,))
 
     @property
     def width(self) -> int:
@@ -301,3 +307,21 @@ class FeatureCache:
     @cached_property
     def text(self) -> TextFeatures:
         return self.backbone.encode_text(self.batch["input_ids"], self.batch["attention_mask"])
+
+    @cached_property
+    def momentum_image(self) -> ImageFeatures:
+        """The momentum model's image features of the batch (no gradient); needs `momentum` set."""
+        with torch.no_grad():
+            return self.momentum_backbone.encode_image(self.batch["image"])
+
+    @cached_property
+    def momentum_text(self) -> TextFeatures:
+        """The momentum model's caption features of the batch (no gradient)."""
+        with torch.no_grad():
+            return self.momentum_backbone.encode_text(self.batch["input_ids"], self.batch["attention_mask"])
+
+    @property
+    def momentum_backbone(self) -> FusionBackbone:
+        if self.backbone.momentum is None:
+            raise ValueError("no momentum model: build the backbone with momentum: {decay: 0.995}")
+        return self.backbone.momentum.backbone

@@ -1,0 +1,110 @@
+"""What the momentum model costs: step time and peak memory of the default's joint step with and without it.
+
+The default config (configs/pretrain/shapes-tiny.yaml) as it is, and with ALBEF's momentum distillation
+switched on: an EMA copy of the backbone (decay 0.995), an ITC queue of `--queue` momentum embeddings and
+alpha 0.4 for ITC, MLM and captioning. A step is forward + backward + AdamW + the EMA update; times are the
+best of interleaved rounds at one thread; memory is the peak RSS growth of one process running three steps.
+
+    python benchmarks/momentum.py
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from harness import peak_rss_growth_mib, report, run_isolated
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "pretrain" / "shapes-tiny.yaml"
+ARGS = "--model.init_args"
+
+
+def overrides(momentum: bool, queue: int) -> list[str]:
+    if not momentum:
+        return []
+    objectives = {
+        "itc": {"class_path": "vlp.tasks.itc.ITCObjective", "init_args": {"alpha": 0.4, "queue_size": queue}},
+        "itm": {"class_path": "vlp.tasks.itm.ITMObjective"},
+        "mlm": {"class_path": "vlp.tasks.mlm.MLMObjective", "init_args": {"alpha": 0.4}},
+        "caption": {
+            "class_path": "vlp.tasks.caption.CaptionObjective",
+            "init_args": {"max_length": 32, "alpha": 0.4},
+        },
+        "grounding": {"class_path": "vlp.tasks.grounding.GroundingObjective"},
+    }
+    return [
+        f"{ARGS}.backbone.init_args.momentum={{decay: 0.995}}",
+        f"{ARGS}.objectives={json.dumps(objectives)}",
+    ]
+
+
+def trainer_step(momentum: bool, queue: int):
+    """A module of the default config and a function running one optimizer step on a batch."""
+    import torch
+
+    from vlp.cli import VLPCLI
+    from vlp.datamodules.multitask import MultiTaskDataModule
+    from vlp.platform.optim import OptimConfig, build_optimizer
+    from vlp.tasks.base import TrainableModule
+
+    torch.set_num_threads(1)
+    sys.argv = sys.argv[:1]
+    cli = VLPCLI(
+        TrainableModule,
+        MultiTaskDataModule,
+        subclass_mode_model=True,
+        auto_configure_optimizers=False,
+        run=False,
+        args=[f"--config={CONFIG}", "--trainer.logger=false", *overrides(momentum, queue)],
+    )
+    module, source = cli.model, cli.datamodule.sources["shapes"]
+    module.log = lambda *args, **kwargs: None
+    optimizer = build_optimizer(module, OptimConfig(), total_steps=100)["optimizer"]
+    train = source.dataset("train")
+    batches = [source.collate([train[i] for i in range(k * 64, (k + 1) * 64)]) for k in range(2)]
+    calls = [0]
+
+    def step() -> None:
+        batch = {**batches[calls[0] % 2], "global_step": calls[0]}
+        calls[0] += 1
+        module.training_step(batch, 0)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if module.backbone.momentum is not None:
+            module.backbone.momentum.update()
+
+    return module, step
+
+
+def measure(momentum: bool, queue: int, rounds: int) -> dict:
+    module, step = trainer_step(momentum, queue)
+    memory = peak_rss_growth_mib(lambda: [step() for _ in range(3)])
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    params = sum(p.numel() for p in module.parameters())
+    return {"step_s": min(times), "peak_rss_growth_mib": memory, "parameters_m": params / 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--queue", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args()
+    rows = []
+    for momentum in (False, True):
+        got = run_isolated(
+            __file__, "measure", timeout=1800, momentum=momentum, queue=args.queue, rounds=args.rounds
+        )
+        rows.append({"momentum": momentum, "queue": args.queue if momentum else 0, **got})
+    report("momentum", rows, {"step time ratio": rows[1]["step_s"] / rows[0]["step_s"]})
+
+
+if __name__ == "__main__":
+    main()
