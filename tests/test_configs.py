@@ -6,7 +6,8 @@ import pytest
 
 from vlp.cli import run as main
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "pretrain").glob("*.yaml"))
+ROOT = Path(__file__).parents[1] / "configs"
+CONFIGS = sorted([*ROOT.glob("pretrain/*.yaml"), *ROOT.glob("finetune/*.yaml")])
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])

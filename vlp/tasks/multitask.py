@@ -16,10 +16,12 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.optim import OptimConfig
+from vlp.platform.pretrained import LoadReport, load_pretrained, read_weights
 from vlp.tasks.base import Objective, TrainableModule, batch_size_of
 
 
@@ -33,8 +35,14 @@ class MultiTaskModule(TrainableModule):
         mode: Literal["sampled", "joint"] = "sampled",
         loss_weights: dict[str, float] | None = None,
         optim: OptimConfig | None = None,
+        init_from: str | None = None,
     ) -> None:
+        """`init_from`: a pre-training checkpoint (Lightning .ckpt or `vlp export` file) to start from: the
+        backbone loads strictly, heads where they fit, new ones start fresh (both listed); the optimizer and
+        schedule start fresh. A resumed run (`--ckpt_path`) restores its own checkpoint over it."""
         super().__init__(optim)
+        self.init_from = init_from
+        self.init_report: LoadReport | None = None  # what init_from loaded, once it has
         if not objectives:
             raise ValueError("objectives must name at least one objective")
         self.backbone = backbone
@@ -53,6 +61,15 @@ class MultiTaskModule(TrainableModule):
     @property
     def objective_names(self) -> list[str]:
         return list(self.objectives)
+
+    def setup(self, stage: str) -> None:
+        """Loads `init_from` before the strategy shards the model and before a resumed checkpoint."""
+        if self.init_from is not None and self.init_report is None:
+            report = load_pretrained(self, read_weights(self.init_from), self.init_from)
+            if self.backbone.momentum is not None:
+                self.backbone.momentum.sync()
+            rank_zero_info(report.summary(self.init_from))
+            self.init_report = report
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | dict[str, Any]:
         batch = {**batch, "global_step": self.global_step}  # nested objectives have no trainer of their own

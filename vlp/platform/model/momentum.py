@@ -62,6 +62,13 @@ class MomentumModel(nn.Module):
         ]
 
     @torch.no_grad()
+    def sync(self) -> None:
+        """Set every momentum copy equal to its online module (ALBEF's `copy_params`, e.g. after loading)."""
+        for source, target in self.pairs():
+            for (_, p), p_m in zip(online_parameters(source), target.parameters(), strict=True):
+                p_m.copy_(p)
+
+    @torch.no_grad()
     def update(self) -> None:
         """p_m <- decay * p_m + (1 - decay) * p for every tracked parameter (buffers are copied)."""
         online, momentum = [], []

@@ -1,0 +1,122 @@
+"""Fine-tuning from a pre-training checkpoint: the backbone loads bit-exactly and strictly, heads where they
+fit, new heads fresh and listed; a backbone that does not fit is a clear error; optimizer and schedule start
+fresh; a resumed fine-tuning run restores its own checkpoint, not the pre-training one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlp.cli import run as main
+from vlp.platform.model.encoders import TextConfig
+from vlp.platform.model.momentum import MomentumConfig
+from vlp.platform.pretrained import load_pretrained, read_weights
+from vlp.tasks.grounding import GroundingObjective
+from vlp.tasks.itc import ITCObjective
+from vlp.tasks.itm import ITMObjective
+from vlp.tasks.mlm import MLMObjective
+from vlp.tasks.multitask import MultiTaskModule
+
+TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+
+
+def in_folder(folder: Path) -> list[str]:
+    """CLI arguments that keep a run's checkpoints and TensorBoard files under `folder`."""
+    return [
+        "--trainer.default_root_dir", str(folder),
+        "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.save_dir", str(folder),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A 6-step pre-training run of the tiny config (itc, itm, mlm): its last checkpoint."""
+    folder = tmp_path_factory.mktemp("pretrain")
+    cli = main(["fit", "--config", TINY, *in_folder(folder)])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+def finetuner(make_backbone, checkpoint: Path, **backbone_args) -> MultiTaskModule:
+    torch.manual_seed(123)  # fresh heads differ from anything the checkpoint holds
+    return MultiTaskModule(
+        make_backbone(**backbone_args),
+        {"itm": ITMObjective, "grounding": GroundingObjective},
+        init_from=str(checkpoint),
+    )
+
+
+def test_backbone_loads_bit_exactly_heads_where_they_fit(make_backbone, pretrained):
+    module = finetuner(make_backbone, pretrained)
+    fresh_grounding = {
+        k: v.clone() for k, v in module.objectives["grounding"].state_dict().items() if "head" in k
+    }
+    module.setup("fit")
+    stored = read_weights(pretrained)
+    state = module.state_dict()
+    backbone_keys = [k for k in state if k.startswith("backbone.")]
+    assert len(backbone_keys) > 30
+    for key in backbone_keys:
+        assert torch.equal(state[key], stored[key]), key
+    assert torch.equal(state["objectives.itm.head.weight"], stored["objectives.itm.head.weight"])
+    for key, value in module.objectives["grounding"].state_dict().items():
+        if "head" in key:
+            assert torch.equal(value, fresh_grounding[key]), key  # new head: fresh
+    report = module.init_report
+    assert any(k.startswith("objectives.grounding.head") for k in report.fresh)  # new head, listed
+    assert any(k.startswith("objectives.mlm.head") for k in report.unused)  # a head this run has not
+    assert not any(k.startswith("backbone.") for k in report.fresh)
+    assert "objectives.grounding.head" in report.summary(pretrained)
+
+
+def test_a_backbone_that_does_not_fit_names_the_keys(make_backbone, pretrained):
+    module = finetuner(make_backbone, pretrained, text=TextConfig(width=48, depth=1, heads=2, max_len=48))
+    with pytest.raises(ValueError, match=r"backbone does not fit.*backbone\.text"):
+        module.setup("fit")
+
+
+def test_momentum_model_starts_equal_to_the_loaded_backbone(make_backbone, pretrained):
+    module = MultiTaskModule(
+        make_backbone(momentum=MomentumConfig()),
+        {"itc": lambda b: ITCObjective(b, queue_size=8), "mlm": MLMObjective},
+        init_from=str(pretrained),
+    )
+    module.setup("fit")
+    online = {k: v for k, v in module.backbone.named_parameters() if not k.startswith("momentum.")}
+    for name, param in module.backbone.momentum.backbone.named_parameters():
+        assert torch.equal(param, online[name]), name
+
+
+def test_missing_or_foreign_files_are_clear_errors(tmp_path, make_backbone):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        read_weights(tmp_path / "nothing.ckpt")
+    odd = tmp_path / "odd.pt"
+    torch.save({"epoch": 3}, odd)
+    with pytest.raises(ValueError, match="neither a Lightning checkpoint"):
+        read_weights(odd)
+    plain = tmp_path / "plain.pt"  # a plain name -> tensor file, as `vlp export` writes
+    module = MultiTaskModule(make_backbone(), {"itm": ITMObjective})
+    torch.save(module.state_dict(), plain)
+    report = load_pretrained(MultiTaskModule(make_backbone(), {"itm": ITMObjective}), read_weights(plain))
+    assert not report.fresh and not report.unused
+
+
+def test_finetuning_through_the_cli_starts_a_fresh_schedule_and_resumes_its_own(pretrained, tmp_path):
+    args = [
+        "fit", "--config", TINY, *in_folder(tmp_path),
+        "--model.init_args.init_from", str(pretrained), "--trainer.max_steps", "2",
+        "--model.init_args.objectives", '{"itm": "vlp.tasks.itm.ITMObjective"}',
+    ]  # fmt: skip
+    first = main(args)
+    assert first.trainer.global_step == 2
+    scheduler = first.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 2  # counted from this run's start, not the pre-training's
+    ckpt = first.trainer.checkpoint_callback.last_model_path
+    weights = torch.load(ckpt, weights_only=True)["state_dict"]  # before the resumed run rewrites last.ckpt
+    objectives = ["--model.init_args.objectives", args[-1]]
+    resumed = main([*args[:-4], "--trainer.max_steps", "3", *objectives, "--ckpt_path", ckpt])
+    assert resumed.trainer.global_step == 3
+    key = "backbone.fusion.layers.0.mlp.0.weight"
+    assert not torch.equal(resumed.model.state_dict()[key], weights[key])  # it trained on from there
