@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from vlp.datamodules.multitask import MultiTaskDataModule
 from vlp.platform.callbacks import (
+    FinalValidation,
     MetricsSummary,
     NonFiniteLossGuard,
     RandomStateCheckpoint,
     SamplerMonitor,
+    StepProgressBar,
     ThroughputMonitor,
 )
+from vlp.platform.checkpoints import AtomicCheckpointIO, newest_complete_checkpoint
 from vlp.platform.perf import FlopsMonitor
 from vlp.platform.prediction_writer import PredictionWriter
+from vlp.platform.requeue import RequeueAtStepBoundary
 from vlp.platform.visualization import ValidationImages
 from vlp.tasks.base import TrainableModule
 
@@ -35,6 +43,38 @@ class VLPCLI(LightningCLI):
         parser.link_arguments(
             "data.tokenizer", "model.init_args.backbone.init_args.tokenizer", apply_on="instantiate"
         )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Adds the step progress bar unless the bar is off or the config brings its own."""
+        own_bar = any(isinstance(c, ProgressBar) for c in [*callbacks, *(config.get("callbacks") or [])])
+        if config.get("enable_progress_bar") is not False and not own_bar:
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_test(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_predict(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def _resolve_last_checkpoint(self) -> None:
+        """`--ckpt_path last`: the newest complete checkpoint of the whole experiment (every version
+        folder under the logger's `<save_dir>/<name>/`), not only of this run's new, empty folder."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        logger = self.trainer.logger
+        experiment = Path(getattr(logger, "root_dir", None) or self.trainer.default_root_dir)
+        newest = newest_complete_checkpoint(experiment)
+        if newest is not None:
+            rank_zero_info(f"--ckpt_path last: resuming from {newest}")
+            config["ckpt_path"] = str(newest)
 
 
 def run(args: list[str] | None = None) -> VLPCLI:
@@ -57,7 +97,10 @@ def run(args: list[str] | None = None) -> VLPCLI:
                 RandomStateCheckpoint(),
                 PredictionWriter(),
                 ValidationImages(),
+                FinalValidation(),
+                RequeueAtStepBoundary(),
             ],
+            "plugins": [AtomicCheckpointIO()],
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
