@@ -8,6 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlp.cli import run
+from vlp.platform.checkpoints import AtomicCheckpointIO
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
@@ -36,6 +37,7 @@ def test_fit_always_ends_with_one_validation(in_tmp, max_steps, validated_at):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert {"val/retrieval/t2i_r1", "val/itm/acc", "val/mlm/acc", "val/itc/loss"} <= set(metrics)
     assert (folder / "checkpoints" / f"step={max_steps}.ckpt").is_file()
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
 def test_ckpt_path_last_resumes_the_newest_complete_checkpoint_of_the_experiment(in_tmp):

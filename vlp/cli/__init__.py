@@ -15,6 +15,7 @@ from typing import Any
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlp.datamodules.multitask import MultiTaskDataModule
@@ -45,10 +46,15 @@ class VLPCLI(LightningCLI):
         )
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Adds the step progress bar unless the bar is off or the config brings its own."""
+        """Adds the step progress bar unless the bar is off or the config brings its own, and atomic
+        checkpoint writes unless the config brings its own checkpoint IO."""
         own_bar = any(isinstance(c, ProgressBar) for c in [*callbacks, *(config.get("callbacks") or [])])
         if config.get("enable_progress_bar") is not False and not own_bar:
             callbacks = [*callbacks, StepProgressBar()]
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:
@@ -100,7 +106,6 @@ def run(args: list[str] | None = None) -> VLPCLI:
                 FinalValidation(),
                 RequeueAtStepBoundary(),
             ],
-            "plugins": [AtomicCheckpointIO()],
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

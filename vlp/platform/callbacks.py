@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 
@@ -76,28 +76,49 @@ def pickle_free_python_state(state: tuple) -> list:
 
 
 class RandomStateCheckpoint(Callback):
-    """Saves the torch / numpy / python RNG states in the checkpoint and restores them when training
-    starts, after everything that runs between restore and the first step (sanity checks, loaders)."""
+    """Saves the torch / numpy / python RNG states of every rank in the checkpoint and restores each
+    rank's own when training starts, after everything that runs between restore and the first step
+    (sanity checks, loaders). Ranks draw different masks and negatives, so restoring rank 0's state
+    everywhere would change every other rank's batches after a resume.
+
+    `state_dict` gathers from all ranks: like every checkpoint save, it must run on all of them."""
 
     def __init__(self) -> None:
-        self._to_restore: dict | None = None
+        self._to_restore: list[dict] | None = None
+        self._world_size = 1
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._world_size = trainer.world_size
 
     def state_dict(self) -> dict:
         """Plain tensors, ints and strings only, so checkpoints load with `weights_only=True`."""
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        return {
+        local = {
             "torch": torch.get_rng_state(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
             "python": pickle_free_python_state(random.getstate()),
         }
+        ranks = [local]
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, local)
+        return {"ranks": ranks}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._to_restore = state_dict
+        self._to_restore = state_dict["ranks"] if "ranks" in state_dict else [state_dict]
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer | None, pl_module: LightningModule | None) -> None:
         if self._to_restore is None:
             return
-        state, self._to_restore = self._to_restore, None
+        ranks, self._to_restore = self._to_restore, None
+        rank = trainer.global_rank if trainer is not None else 0
+        if len(ranks) != (trainer.world_size if trainer is not None else 1):
+            rank_zero_warn(
+                f"checkpoint holds random states of {len(ranks)} rank(s), this run has "
+                f"{trainer.world_size if trainer is not None else 1}: every rank starts from rank 0's"
+            )
+            rank = 0
+        state = ranks[rank]
         torch.set_rng_state(state["torch"])
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
