@@ -8,7 +8,7 @@
 # Needs root (the daemons run as root) and apt-get (Debian/Ubuntu). Everything lives in one private
 # folder, $SLURM_LOCAL_DIR (default /tmp/vlp-slurm): slurm.conf, munge key and socket, state, logs, PIDs.
 # Clients need `export SLURM_CONF=$SLURM_LOCAL_DIR/slurm.conf` (printed by start).
-# Exit codes: 0 ok, 1 failure, 2 cannot run here (not root, no apt-get).
+# Exit codes: 0 ok, 1 failure, 2 cannot run here (not root, no apt-get, the install failed).
 set -euo pipefail
 
 DIR=${SLURM_LOCAL_DIR:-/tmp/vlp-slurm}
@@ -35,7 +35,7 @@ install_slurm() {
     if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}" >"$DIR/apt.log" 2>&1; then
         DEBIAN_FRONTEND=noninteractive apt-get update -q >>"$DIR/apt.log" 2>&1 || true
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}" >>"$DIR/apt.log" 2>&1 \
-            || die "apt-get install failed, see $DIR/apt.log"
+            || cannot "apt-get install ${packages[*]} failed, see $DIR/apt.log"
     fi
 }
 
