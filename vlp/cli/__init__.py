@@ -119,14 +119,14 @@ GROUPS: dict[str, str] = {"data": "data", "slurm": "slurm", "export": "export", 
 
 def main(argv: list[str] | None = None) -> None:
     """The `vlp` console script: a group's subcommand, else LightningCLI. Exits 0 on success."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in GROUPS:
-        module = importlib.import_module(f"{__name__}.{GROUPS[argv[0]]}")
-        code = module.main(argv[1:])
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in GROUPS:
+        module = importlib.import_module(f"{__name__}.{GROUPS[args[0]]}")
+        code = module.main(args[1:])
         if code:
             raise SystemExit(code)
         return
-    run(argv)
+    run(argv)  # None: LightningCLI reads sys.argv itself (and does not warn about args given twice)
 
 
 if __name__ == "__main__":
