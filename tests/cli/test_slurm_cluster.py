@@ -10,7 +10,9 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -139,11 +141,6 @@ def test_submitted_job_completes_with_files_from_rank_zero_only(straight_job, ca
     log = log_text(run_dir, job)
     assert log.count("metrics.json:") == 1 and "restart 0" in log
 
-    assert main(["status", job]) == 0
-    assert "JobState:  COMPLETED" in capsys.readouterr().out
-    assert main(["logs", job]) == 0
-    assert f"vlp: job {job}, restart 0" in capsys.readouterr().out
-
 
 def test_requeue_mid_run_resumes_into_the_same_run_with_identical_losses(straight_job, tmp_path):
     _, reference_dir, _ = straight_job
@@ -177,3 +174,35 @@ def test_requeue_mid_run_resumes_into_the_same_run_with_identical_losses(straigh
         "val/retrieval/t2i_r1",
     ):
         assert resumed[tag] == reference[tag], tag  # every step once, values bit for bit
+
+
+def test_status_logs_and_cancel(straight_job, tmp_path, capsys):
+    job, run_dir, _ = straight_job
+    assert main(["status", job]) == 0
+    out = capsys.readouterr().out
+    assert "JobState:  COMPLETED" in out and f"StdOut:    {run_dir / f'slurm-{job}.out'}" in out
+    assert main(["logs", job]) == 0
+    assert f"vlp: job {job}, restart 0" in capsys.readouterr().out
+
+    follow = [sys.executable, "-m", "vlp.cli", "slurm", "logs", job, "--follow"]
+    follower = subprocess.Popen(follow, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = iter(follower.stdout.readline, "")
+        assert any(line.startswith("metrics.json:") for line in lines)  # the whole log, then waits
+        assert follower.poll() is None
+    finally:
+        os.killpg(follower.pid, signal.SIGINT)
+    assert follower.wait(timeout=30) == 0
+
+    sleeper = subprocess.run(
+        ["sbatch", "--parsable", "--output", str(tmp_path / "sleep.out"), "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        assert main(["status"]) == 0 and sleeper in capsys.readouterr().out  # the queue
+        assert main(["cancel", sleeper]) == 0
+        assert wait_for(sleeper, timeout_s=60)["JobState"] == "CANCELLED"
+    finally:
+        subprocess.run(["scancel", sleeper])  # never leave it holding the node's CPUs

@@ -319,7 +319,10 @@ def job_fields(job: str) -> dict[str, str]:
 
 def status(args: argparse.Namespace) -> int:
     if args.job is None:
-        return subprocess.run(["squeue"]).returncode
+        queue = subprocess.run(["squeue"], capture_output=True, text=True)
+        sys.stdout.write(queue.stdout)
+        sys.stderr.write(queue.stderr)
+        return queue.returncode
     fields = job_fields(args.job)
     if not fields:
         print(f"job {args.job}: unknown to Slurm (finished long ago, or never existed)", file=sys.stderr)
