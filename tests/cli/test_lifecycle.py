@@ -40,6 +40,14 @@ def test_fit_always_ends_with_one_validation(in_tmp, max_steps, validated_at):
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 
+def test_fit_by_epochs_also_ends_with_a_validation(in_tmp):
+    """96 samples in batches of 8: one epoch is 12 steps; validations every 5 steps, then at step 12."""
+    args = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--trainer.val_check_interval", "5"]
+    cli = run(["fit", "--config", CONFIG, *args])
+    assert cli.trainer.global_step == 12
+    assert scalar_steps(Path(cli.trainer.log_dir), "val/itc/loss") == [4, 9, 11]
+
+
 def test_ckpt_path_last_resumes_the_newest_complete_checkpoint_of_the_experiment(in_tmp):
     first = run(["fit", "--config", CONFIG])
     last = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
