@@ -207,3 +207,11 @@ def test_a_bad_config_key_fails_before_submitting(in_tmp, capsys):
     code = main(["submit", "--config", TINY, "--dry-run", "--", "--trainer.not_a_key", "1"])
     assert code == 2
     assert "not_a_key" in capsys.readouterr().err
+
+
+def test_profile_numbers_are_read_as_slurm_text(in_tmp, capsys):
+    """YAML reads `mem: 0` (all of a node's memory) and `time: 30` (minutes) as numbers."""
+    profile = in_tmp / "cluster.yaml"
+    profile.write_text("mem: 0\ntime: 30\n")
+    found = directives(dry_run(capsys, "--profile", str(profile)))
+    assert (found["mem"], found["time"]) == ("0", "30")

@@ -235,6 +235,11 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Submission:
         value = getattr(args, name)
         return value if value is not None else profile.get(name, default)
 
+    def pick_text(name: str) -> str | None:
+        """Like `pick`, as text: YAML reads `mem: 0` or `time: 30` as numbers."""
+        value = pick(name)
+        return None if value is None else str(value)
+
     extra = list(args.extra)
     full = resolve_config(args.config, extra)  # what runs: files + extra args (checked here)
     job_config = resolve_config(args.config, []) if extra else full  # saved; extra go on the srun line
@@ -263,11 +268,11 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Submission:
         tasks_per_node=tasks_per_node,
         gpus_per_node=gpus,
         cpus_per_task=int(pick("cpus_per_task", 1)),
-        mem=pick("mem"),
-        time=pick("time"),
-        partition=pick("partition"),
-        account=pick("account"),
-        qos=pick("qos"),
+        mem=pick_text("mem"),
+        time=pick_text("time"),
+        partition=pick_text("partition"),
+        account=pick_text("account"),
+        qos=pick_text("qos"),
     )
     python = str(profile.get("python") or sys.executable)
     command = [python, "-m", "vlp.cli", "fit", "--config", str(run_dir / JOB_CONFIG), *extra]
