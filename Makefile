@@ -33,7 +33,7 @@ format: install
 
 # serves runs/ on 127.0.0.1 only and prints the URL (vlp tensorboard --port N for another port)
 tensorboard: install
-	$(BIN)/vlp tensorboard --logdir runs
+	mkdir -p runs && $(BIN)/vlp tensorboard --logdir runs
 
 bench: install
 	@for b in $(filter-out benchmarks/harness.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
