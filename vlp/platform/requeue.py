@@ -42,6 +42,8 @@ class RequeueAtStepBoundary(Callback):
         self._after_validation = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the environment Lightning's signal connector reads (also for one process, which has no
+        # parallel strategy to ask)
         environment = trainer._accelerator_connector.cluster_environment
         if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
             return
