@@ -31,8 +31,9 @@ format: install
 	$(BIN)/ruff format vlp tests benchmarks
 	$(BIN)/ruff check --fix vlp tests benchmarks
 
+# serves runs/ on 127.0.0.1 only and prints the URL (vlp tensorboard --port N for another port)
 tensorboard: install
-	$(BIN)/tensorboard --logdir runs
+	mkdir -p runs && $(BIN)/vlp tensorboard --logdir runs
 
 bench: install
 	@for b in $(filter-out benchmarks/harness.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from vlp.datamodules.multitask import MultiTaskDataModule
 from vlp.platform.callbacks import (
+    FinalValidation,
     MetricsSummary,
     NonFiniteLossGuard,
     RandomStateCheckpoint,
     SamplerMonitor,
+    StepProgressBar,
     ThroughputMonitor,
 )
+from vlp.platform.checkpoints import AtomicCheckpointIO, newest_complete_checkpoint
 from vlp.platform.perf import FlopsMonitor
 from vlp.platform.prediction_writer import PredictionWriter
+from vlp.platform.requeue import RequeueAtStepBoundary
 from vlp.platform.visualization import ValidationImages
 from vlp.tasks.base import TrainableModule
 
@@ -35,6 +44,43 @@ class VLPCLI(LightningCLI):
         parser.link_arguments(
             "data.tokenizer", "model.init_args.backbone.init_args.tokenizer", apply_on="instantiate"
         )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Adds the step progress bar unless the bar is off or the config brings its own, and atomic
+        checkpoint writes unless the config brings its own checkpoint IO."""
+        own_bar = any(isinstance(c, ProgressBar) for c in [*callbacks, *(config.get("callbacks") or [])])
+        if config.get("enable_progress_bar") is not False and not own_bar:
+            callbacks = [*callbacks, StepProgressBar()]
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_test(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def before_predict(self) -> None:
+        self._resolve_last_checkpoint()
+
+    def _resolve_last_checkpoint(self) -> None:
+        """`--ckpt_path last`: the newest complete checkpoint of the whole experiment (every version
+        folder under the logger's `<save_dir>/<name>/`), not only of this run's new, empty folder."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        logger = self.trainer.logger
+        experiment = Path(getattr(logger, "root_dir", None) or self.trainer.default_root_dir)
+        newest = newest_complete_checkpoint(experiment)
+        if newest is not None:
+            rank_zero_info(f"--ckpt_path last: resuming from {newest}")
+            config["ckpt_path"] = str(newest)
 
 
 def run(args: list[str] | None = None) -> VLPCLI:
@@ -57,6 +103,8 @@ def run(args: list[str] | None = None) -> VLPCLI:
                 RandomStateCheckpoint(),
                 PredictionWriter(),
                 ValidationImages(),
+                FinalValidation(),
+                RequeueAtStepBoundary(),
             ],
         },
         save_config_kwargs={"overwrite": True},
@@ -71,14 +119,14 @@ GROUPS: dict[str, str] = {"data": "data", "slurm": "slurm", "export": "export", 
 
 def main(argv: list[str] | None = None) -> None:
     """The `vlp` console script: a group's subcommand, else LightningCLI. Exits 0 on success."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in GROUPS:
-        module = importlib.import_module(f"{__name__}.{GROUPS[argv[0]]}")
-        code = module.main(argv[1:])
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in GROUPS:
+        module = importlib.import_module(f"{__name__}.{GROUPS[args[0]]}")
+        code = module.main(args[1:])
         if code:
             raise SystemExit(code)
         return
-    run(argv)
+    run(argv)  # None: LightningCLI reads sys.argv itself (and does not warn about args given twice)
 
 
 if __name__ == "__main__":

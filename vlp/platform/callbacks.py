@@ -1,4 +1,5 @@
-"""Trainer callbacks: non-finite loss guard, sampler feedback, throughput, the metrics.json summary.
+"""Trainer callbacks: non-finite loss guard, sampler feedback, throughput, the final validation, the
+step progress bar, the metrics.json summary.
 
 They reach the data module and model only through duck-typed attributes (`trainer.datamodule.observe`,
 `pl_module.mode`), so the platform never imports tasks or data modules.
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 
@@ -74,28 +76,49 @@ def pickle_free_python_state(state: tuple) -> list:
 
 
 class RandomStateCheckpoint(Callback):
-    """Saves the torch / numpy / python RNG states in the checkpoint and restores them when training
-    starts, after everything that runs between restore and the first step (sanity checks, loaders)."""
+    """Saves the torch / numpy / python RNG states of every rank in the checkpoint and restores each
+    rank's own when training starts, after everything that runs between restore and the first step
+    (sanity checks, loaders). Ranks draw different masks and negatives, so restoring rank 0's state
+    everywhere would change every other rank's batches after a resume.
+
+    `state_dict` gathers from all ranks: like every checkpoint save, it must run on all of them."""
 
     def __init__(self) -> None:
-        self._to_restore: dict | None = None
+        self._to_restore: list[dict] | None = None
+        self._world_size = 1
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._world_size = trainer.world_size
 
     def state_dict(self) -> dict:
         """Plain tensors, ints and strings only, so checkpoints load with `weights_only=True`."""
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        return {
+        local = {
             "torch": torch.get_rng_state(),
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
             "python": pickle_free_python_state(random.getstate()),
         }
+        ranks = [local]
+        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, local)
+        return {"ranks": ranks}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._to_restore = state_dict
+        self._to_restore = state_dict["ranks"] if "ranks" in state_dict else [state_dict]
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer | None, pl_module: LightningModule | None) -> None:
         if self._to_restore is None:
             return
-        state, self._to_restore = self._to_restore, None
+        ranks, self._to_restore = self._to_restore, None
+        rank = trainer.global_rank if trainer is not None else 0
+        if len(ranks) != (trainer.world_size if trainer is not None else 1):
+            rank_zero_warn(
+                f"checkpoint holds random states of {len(ranks)} rank(s), this run has "
+                f"{trainer.world_size if trainer is not None else 1}: every rank starts from rank 0's"
+            )
+            rank = 0
+        state = ranks[rank]
         torch.set_rng_state(state["torch"])
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -190,3 +213,70 @@ class MetricsSummary(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer)
+
+
+class FinalValidation(Callback):
+    """Ends every fit with a validation: when the last step is not a validation step (`max_steps` not a
+    multiple of `val_check_interval`), Lightning would stop without one and metrics.json would hold no
+    final scores. Asking the trainer to stop on the last step makes its own loop validate once more
+    (never twice: a validation step already due runs once)."""
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.enable_validation and is_last_training_step(trainer):
+            trainer.should_stop = True
+
+
+def is_last_training_step(trainer: Trainer) -> bool:
+    """Whether the step that just ran is the fit's last, by `max_steps` or by the last batch of `max_epochs`."""
+    if 0 <= trainer.max_steps <= trainer.global_step:
+        return True
+    last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs >= 0
+    return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+
+
+def short_metric_name(key: str) -> str:
+    """`train/itc/loss` -> `itc`, `train/loss` -> `loss`, anything else unchanged."""
+    parts = key.split("/")
+    if parts[0] == "train" and parts[-1] == "loss":
+        return parts[1] if len(parts) == 3 else "loss"
+    return key
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole fit: optimizer steps out of the total (`max_steps`, or every epoch's
+    batches), resumed runs starting where they stopped, and each loss under its objective's name
+    (`loss=5.1, itc=2.31, itm=0.69`) instead of per-epoch counts and long tags."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.train_progress_bar = self.init_train_tqdm()
+        total = trainer.estimated_stepping_batches
+        self.train_progress_bar.reset(total=None if math.isinf(total) else int(total))
+        self.train_progress_bar.set_description("Steps")
+        self._show(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Trainer, *_: Any) -> None:
+        """Keeps the one bar across epochs."""
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._should_update(trainer.global_step, self.train_progress_bar.total):
+            self._show(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._show(trainer, pl_module)
+
+    def _show(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        bar = self.train_progress_bar
+        if bar.disable:
+            return
+        bar.n = trainer.global_step
+        bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        bar.refresh()
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return {short_metric_name(key): value for key, value in items.items()}

@@ -1,0 +1,76 @@
+"""The run lifecycle outside Slurm: a final validation when the last step is not one, `--ckpt_path last`
+across the experiment's versions, and the step progress bar."""
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vlp.cli import run
+from vlp.platform.checkpoints import AtomicCheckpointIO
+
+CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize(("max_steps", "validated_at"), [(7, [3, 6, 7]), (6, [3, 6])])
+def test_fit_always_ends_with_one_validation(in_tmp, max_steps, validated_at):
+    """val_check_interval 3: 7 steps add a validation at step 7; 6 steps end on one and add none.
+    (Lightning logs the validation after step s at TensorBoard step s - 1, like that step's losses.)"""
+    cli = run(["fit", "--config", CONFIG, "--trainer.max_steps", str(max_steps)])
+    folder = Path(cli.trainer.log_dir)
+    logged_at = [step - 1 for step in validated_at]
+    assert scalar_steps(folder, "val/itc/loss") == logged_at
+    assert scalar_steps(folder, "val/retrieval/t2i_r1") == logged_at
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {"val/retrieval/t2i_r1", "val/itm/acc", "val/mlm/acc", "val/itc/loss"} <= set(metrics)
+    assert (folder / "checkpoints" / f"step={max_steps}.ckpt").is_file()
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_fit_by_epochs_also_ends_with_a_validation(in_tmp):
+    """96 samples in batches of 8: one epoch is 12 steps; validations every 5 steps, then at step 12."""
+    args = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--trainer.val_check_interval", "5"]
+    cli = run(["fit", "--config", CONFIG, *args])
+    assert cli.trainer.global_step == 12
+    assert scalar_steps(Path(cli.trainer.log_dir), "val/itc/loss") == [4, 9, 11]
+
+
+def test_ckpt_path_last_resumes_the_newest_complete_checkpoint_of_the_experiment(in_tmp):
+    first = run(["fit", "--config", CONFIG])
+    last = Path(first.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    truncated = last.with_name("last-v1.ckpt")  # newer, but cut off mid-write by a killed process
+    truncated.write_bytes(last.read_bytes()[:1000])
+    resumed = run(["fit", "--config", CONFIG, "--trainer.max_steps", "9", "--ckpt_path", "last"])
+    assert Path(resumed.trainer.ckpt_path).resolve() == last.resolve()
+    assert Path(resumed.trainer.log_dir).name == "version_1"
+    assert resumed.trainer.global_step == 9
+    assert scalar_steps(Path(resumed.trainer.log_dir), "val/itc/loss") == [8]
+
+
+def test_ckpt_path_last_without_any_checkpoint_starts_fresh(in_tmp):
+    with pytest.warns(UserWarning, match="no last checkpoint"):
+        cli = run(["fit", "--config", CONFIG, "--trainer.max_steps", "2", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 2
+
+
+def test_progress_bar_counts_steps_of_max_steps_with_objective_losses(in_tmp, capsys):
+    run(["fit", "--config", CONFIG, "--trainer.max_steps", "5", "--trainer.enable_progress_bar", "true"])
+    out = capsys.readouterr().out
+    final = out.split("\r")[-1] if "\r" in out else out
+    assert "Steps" in out and "5/5" in out and "Epoch" not in out
+    for name in ("itc=", "itm=", "mlm="):
+        assert name in out, final
+    assert "train/" not in out and "v_num" not in out

@@ -1,0 +1,414 @@
+"""`vlp slurm submit | status | cancel | logs`: the same `vlp fit` config, on a Slurm cluster.
+
+`submit` resolves the configs (a bad key fails here, not in the queue), saves the resolved config in
+the run folder `<save_dir>/<name>/version_<n>/` (`job.yaml`: the job runs what was submitted even if the
+files change) and pins that folder on the job's command line (logger version, `trainer.default_root_dir`),
+so every requeue of the job logs to the same TensorBoard run and finds Lightning's `hpc_ckpt_<n>.ckpt`
+there. The sbatch parameters are validated data rendered by one function,
+`render_sbatch`, which shell-quotes every value; the job runs `srun <python> -m vlp.cli fit --config
+job.yaml [extra args] [pins]`, one task per device, and asks Slurm for USR1 90 s before its time limit, which
+Lightning's `SLURMEnvironment` turns into a checkpoint and a requeue (see `vlp.platform.requeue`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import re
+import shlex
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+JOB_CONFIG = "job.yaml"
+JOB_SCRIPT = "job.sbatch"
+REQUEUE_SIGNAL = "USR1@90"  # reaches the srun tasks (not `B:`, which signals only the batch shell)
+LOG_PATTERN = "slurm-%j.out"
+ERR_PATTERN = "slurm-%j.err"
+
+SLURM_NAME = re.compile(r"[A-Za-z0-9_.,+-]+")  # partitions, accounts, QOS names
+SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d{1,2}){0,2}")  # MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
+SLURM_MEM = re.compile(r"\d+[KMGT]?")
+JOB_ID = re.compile(r"\d+(_\d+)?")
+
+
+class SubmitError(ValueError):
+    """A submission that cannot work, with what to change."""
+
+
+@dataclasses.dataclass
+class SbatchOptions:
+    """What the job asks of Slurm. `tasks_per_node` is the trainer's devices per node."""
+
+    job_name: str
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem: str | None = None
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+
+    def validate(self) -> None:
+        check_text("job name", self.job_name)
+        for field in ("nodes", "tasks_per_node", "cpus_per_task"):
+            if getattr(self, field) < 1:
+                raise SubmitError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.gpus_per_node < 0:
+            raise SubmitError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        patterns = {"mem": SLURM_MEM, "time": SLURM_TIME, "partition": SLURM_NAME, "account": SLURM_NAME}
+        for field, pattern in {**patterns, "qos": SLURM_NAME}.items():
+            value = getattr(self, field)
+            if value is not None and not pattern.fullmatch(value):
+                raise SubmitError(f"{field} {value!r} is not a Slurm {field} (expected {pattern.pattern})")
+
+
+def check_text(what: str, value: str) -> None:
+    """Quoting makes any printable text safe in the shell and in `#SBATCH` lines, except a backslash
+    (sbatch reads it as an escape even inside quotes) and control characters (a newline would start a
+    new line of the script)."""
+    if not value:
+        raise SubmitError(f"{what} is empty")
+    bad = [c for c in value if c == "\\" or not c.isprintable()]
+    if bad:
+        raise SubmitError(f"{what} {value!r} contains {bad[0]!r}; use printable characters without '\\'")
+
+
+def render_sbatch(
+    options: SbatchOptions, run_dir: Path, workdir: Path, command: list[str], setup: list[str]
+) -> str:
+    """The whole batch script. Every value is validated or shell-quoted (sbatch parses `#SBATCH` lines
+    with the same quoting rules); `setup` lines come from the user's profile and are written as they are."""
+    options.validate()
+    for value in (str(run_dir), str(workdir), *command):
+        check_text("value", value)
+    directives = {
+        "job-name": options.job_name,
+        "nodes": options.nodes,
+        "ntasks-per-node": options.tasks_per_node,
+        "cpus-per-task": options.cpus_per_task,
+        "gpus-per-node": options.gpus_per_node or None,
+        "mem": options.mem,
+        "time": options.time,
+        "partition": options.partition,
+        "account": options.account,
+        "qos": options.qos,
+        "signal": REQUEUE_SIGNAL,
+        "requeue": True,
+        "open-mode": "append",
+        "chdir": str(workdir),
+        "output": str(run_dir / LOG_PATTERN),
+        "error": str(run_dir / ERR_PATTERN),
+    }
+    lines = ["#!/bin/bash", f"# vlp slurm submit: run folder {shlex.quote(str(run_dir))}"]
+    for key, value in directives.items():
+        if value is True:
+            lines.append(f"#SBATCH --{key}")
+        elif value is not None:
+            lines.append(f"#SBATCH --{key}={shlex.quote(str(value))}")
+    lines += ["", "set -eo pipefail", *setup, ""]
+    lines.append('echo "vlp: job $SLURM_JOB_ID, restart ${SLURM_RESTART_COUNT:-0}, $(date)"')
+    lines.append("srun " + shlex.join(command))
+    return "\n".join(lines) + "\n"
+
+
+# --- profiles and the resolved config -------------------------------------------------------------
+
+PROFILE_KEYS = {f.name for f in dataclasses.fields(SbatchOptions)} - {"tasks_per_node"} | {"setup", "python"}
+
+
+def load_profile(path: Path | None) -> dict[str, Any]:
+    """A `configs/slurm/*.yaml` profile: defaults for the sbatch options, `setup` (shell lines run before
+    training: modules, environment) and `python` (the interpreter on the nodes; default: this one)."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise SubmitError(f"profile {path}: no such file")
+    profile = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(profile, dict):
+        raise SubmitError(f"profile {path}: expected a mapping of {sorted(PROFILE_KEYS)}")
+    unknown = set(profile) - PROFILE_KEYS
+    if unknown:
+        raise SubmitError(f"profile {path}: unknown key(s) {sorted(unknown)}; known: {sorted(PROFILE_KEYS)}")
+    setup = profile.get("setup") or []
+    if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
+        raise SubmitError(f"profile {path}: setup must be a list of shell lines")
+    for line in setup:
+        if "\n" in line:
+            raise SubmitError(f"profile {path}: setup line {line!r} spans lines; give one entry per line")
+    return profile
+
+
+def resolve_config(config_files: list[str], extra: list[str]) -> dict[str, Any]:
+    """The full `vlp fit` config these files and arguments give (LightningCLI's --print_config)."""
+    from vlp.cli import run
+
+    args = ["fit", *(arg for path in config_files for arg in ("--config", path)), *extra, "--print_config"]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            run(args)
+    except SystemExit as exit_info:
+        if exit_info.code not in (0, None):
+            raise SubmitError(f"the config does not parse (vlp fit {shlex.join(args[1:-1])})") from None
+    return yaml.safe_load(printed.getvalue())
+
+
+def tensorboard_logger_args(config: dict[str, Any]) -> dict[str, Any]:
+    logger = config["trainer"].get("logger")
+    if not (isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("TensorBoardLogger")):
+        raise SubmitError(
+            "trainer.logger must be one TensorBoardLogger for a Slurm run (its version folder is the run "
+            f"folder that requeues continue in); got {logger!r}"
+        )
+    return logger.setdefault("init_args", {})
+
+
+def next_version(experiment_dir: Path) -> int:
+    versions = [
+        int(path.name.split("_", 1)[1])
+        for path in experiment_dir.glob("version_*")
+        if path.name.split("_", 1)[1].isdigit()
+    ]
+    return max(versions, default=-1) + 1
+
+
+def match_allocation(
+    trainer: dict[str, Any], nodes: int | None, gpus_per_node: int | None
+) -> tuple[int, int, int]:
+    """(nodes, tasks per node, gpus per node) that agree with the trainer's num_nodes and devices, or a
+    SubmitError that says what disagrees. Missing values are taken from the other side."""
+    num_nodes, devices, accelerator = (
+        trainer.get("num_nodes", 1),
+        trainer.get("devices"),
+        trainer.get("accelerator"),
+    )
+    if isinstance(devices, str) and devices.isdigit():  # `--trainer.devices 2` stays a string
+        devices = int(devices)
+    if nodes is not None and nodes != num_nodes:
+        raise SubmitError(
+            f"--nodes {nodes} but trainer.num_nodes is {num_nodes}; make them equal "
+            f"(e.g. -- --trainer.num_nodes {nodes})"
+        )
+    counted = isinstance(devices, int) and devices > 0
+    if gpus_per_node:
+        if accelerator == "cpu":
+            raise SubmitError(f"--gpus-per-node {gpus_per_node} but trainer.accelerator is cpu")
+        if counted and devices != gpus_per_node:
+            raise SubmitError(
+                f"--gpus-per-node {gpus_per_node} but trainer.devices is {devices}; one task runs per device, "
+                f"make them equal (e.g. -- --trainer.devices {gpus_per_node})"
+            )
+        return num_nodes, gpus_per_node, gpus_per_node
+    if not counted:
+        raise SubmitError(
+            f"trainer.devices is {devices!r}: give --gpus-per-node, or a number of devices per node "
+            "(-- --trainer.devices N) so the job can ask for one task per device"
+        )
+    if accelerator in ("gpu", "cuda"):
+        raise SubmitError(f"trainer.accelerator is {accelerator} but no --gpus-per-node was given")
+    return num_nodes, devices, 0
+
+
+@dataclasses.dataclass
+class Submission:
+    run_dir: Path
+    script: str
+    job_config: dict[str, Any]
+
+
+def prepare(args: argparse.Namespace, workdir: Path) -> Submission:
+    """Everything `submit` writes, computed without touching the disk or the queue."""
+    profile = load_profile(Path(args.profile) if args.profile else None)
+
+    def pick(name: str, default: Any = None) -> Any:
+        """The command line's value, else the profile's, else `default`."""
+        value = getattr(args, name)
+        return value if value is not None else profile.get(name, default)
+
+    def pick_text(name: str) -> str | None:
+        """Like `pick`, as text: YAML reads `mem: 0` or `time: 30` as numbers."""
+        value = pick(name)
+        return None if value is None else str(value)
+
+    extra = list(args.extra)
+    full = resolve_config(args.config, extra)  # what runs: files + extra args (checked here)
+    job_config = resolve_config(args.config, []) if extra else full  # saved; extra go on the srun line
+    nodes, tasks_per_node, gpus = match_allocation(full["trainer"], pick("nodes"), pick("gpus_per_node"))
+
+    logger_args = tensorboard_logger_args(full)
+    save_dir = Path(logger_args.get("save_dir") or "runs")
+    experiment_dir = (workdir / save_dir / (logger_args.get("name") or "default")).resolve()
+    version = logger_args.get("version")
+    version = next_version(experiment_dir) if version is None else version
+    run_dir = experiment_dir / (f"version_{version}" if isinstance(version, int) else str(version))
+    if run_dir.exists():
+        raise SubmitError(f"run folder {run_dir} exists; choose another trainer.logger.init_args.version")
+    pins = {  # after the extra args, so they win: every (re)run of the job writes to this one folder
+        "trainer.num_nodes": nodes,
+        "trainer.devices": tasks_per_node,
+        "trainer.default_root_dir": run_dir,
+        "trainer.logger.init_args.save_dir": experiment_dir.parent,
+        "trainer.logger.init_args.name": experiment_dir.name,
+        "trainer.logger.init_args.version": version,
+    }
+
+    options = SbatchOptions(
+        job_name=args.job_name or profile.get("job_name") or f"vlp-{experiment_dir.name}",
+        nodes=nodes,
+        tasks_per_node=tasks_per_node,
+        gpus_per_node=gpus,
+        cpus_per_task=int(pick("cpus_per_task", 1)),
+        mem=pick_text("mem"),
+        time=pick_text("time"),
+        partition=pick_text("partition"),
+        account=pick_text("account"),
+        qos=pick_text("qos"),
+    )
+    python = str(profile.get("python") or sys.executable)
+    command = [python, "-m", "vlp.cli", "fit", "--config", str(run_dir / JOB_CONFIG), *extra]
+    command += [arg for key, value in pins.items() for arg in (f"--{key}", str(value))]
+    script = render_sbatch(options, run_dir, workdir, command, list(profile.get("setup") or []))
+    return Submission(run_dir, script, job_config)
+
+
+def submit(args: argparse.Namespace) -> int:
+    workdir = Path.cwd()
+    submission = prepare(args, workdir)
+    if args.dry_run:
+        print(submission.script, end="")
+        return 0
+    run_dir = submission.run_dir
+    run_dir.mkdir(parents=True, exist_ok=False)  # a concurrent submit that took this version fails loudly
+    (run_dir / JOB_CONFIG).write_text(yaml.safe_dump(submission.job_config, sort_keys=False))
+    script = run_dir / JOB_SCRIPT
+    script.write_text(submission.script)
+    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"sbatch failed ({result.returncode}): {result.stderr.strip()}", file=sys.stderr)
+        return 1
+    job_id = result.stdout.strip().split(";")[0]
+    experiment_dir = run_dir.parent
+    print(f"job:         {job_id}")
+    print(f"run folder:  {run_dir}")
+    print(f"log:         {run_dir / LOG_PATTERN.replace('%j', job_id)}")
+    print(f"tensorboard: vlp tensorboard --logdir {shlex.quote(str(experiment_dir))}")
+    return 0
+
+
+# --- status, cancel, logs -------------------------------------------------------------------------
+
+
+def job_id(value: str) -> str:
+    if not JOB_ID.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"not a Slurm job id: {value!r}")
+    return value
+
+
+def job_fields(job: str) -> dict[str, str]:
+    """`scontrol show job` as key -> value (empty once Slurm has forgotten the job)."""
+    result = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+
+
+def status(args: argparse.Namespace) -> int:
+    if args.job is None:
+        queue = subprocess.run(["squeue"], capture_output=True, text=True)
+        sys.stdout.write(queue.stdout)
+        sys.stderr.write(queue.stderr)
+        return queue.returncode
+    fields = job_fields(args.job)
+    if not fields:
+        print(f"job {args.job}: unknown to Slurm (finished long ago, or never existed)", file=sys.stderr)
+        return 1
+    keys = ("JobId", "JobName", "JobState", "Reason", "Restarts", "RunTime", "TimeLimit", "StdOut")
+    for key in keys:
+        print(f"{key + ':':<11}{fields.get(key, '')}")
+    return 0
+
+
+def cancel(args: argparse.Namespace) -> int:
+    return subprocess.run(["scancel", args.job]).returncode
+
+
+def log_path(job: str, search_root: Path) -> Path | None:
+    """The job's output file: from Slurm while it knows the job, else found under `search_root`."""
+    stdout = job_fields(job).get("StdOut")
+    if stdout:
+        return Path(stdout.replace("%j", job))
+    found = sorted(search_root.rglob(LOG_PATTERN.replace("%j", job)))
+    return found[0] if found else None
+
+
+def logs(args: argparse.Namespace) -> int:
+    path = log_path(args.job, Path(args.runs))
+    if path is None or not path.is_file():
+        print(f"job {args.job}: no log file found (looked in Slurm and under {args.runs})", file=sys.stderr)
+        return 1
+    if args.follow:
+        with contextlib.suppress(KeyboardInterrupt):
+            return subprocess.run(["tail", "-n", "+1", "-F", str(path)]).returncode
+        return 0
+    sys.stdout.write(path.read_text())
+    errors = path.with_name(path.name.replace(".out", ".err"))
+    if errors.is_file() and errors.stat().st_size:
+        sys.stdout.write(f"--- {errors} ---\n{errors.read_text()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp slurm", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sub = commands.add_parser("submit", help="submit `vlp fit` of a config as a Slurm job")
+    sub.add_argument("--config", action="append", required=True, help="a vlp fit config (repeatable)")
+    sub.add_argument(
+        "--profile", help="configs/slurm/*.yaml: defaults for the options below and set-up lines"
+    )
+    sub.add_argument("--nodes", type=int)
+    sub.add_argument("--gpus-per-node", type=int, dest="gpus_per_node")
+    sub.add_argument("--cpus-per-task", type=int, dest="cpus_per_task")
+    sub.add_argument("--mem", help="memory per node, e.g. 64G")
+    sub.add_argument("--time", help="time limit, e.g. 24:00:00 or 2-00:00:00")
+    sub.add_argument("--partition")
+    sub.add_argument("--account")
+    sub.add_argument("--qos")
+    sub.add_argument("--job-name", dest="job_name")
+    sub.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    sub.add_argument("extra", nargs="*", help="after --: more `vlp fit` arguments")
+    sub.set_defaults(run=submit)
+
+    sub = commands.add_parser("status", help="the queue, or one job's state")
+    sub.add_argument("job", nargs="?", type=job_id)
+    sub.set_defaults(run=status)
+
+    sub = commands.add_parser("cancel", help="cancel a job")
+    sub.add_argument("job", type=job_id)
+    sub.set_defaults(run=cancel)
+
+    sub = commands.add_parser("logs", help="print (or --follow) a job's output")
+    sub.add_argument("job", type=job_id)
+    sub.add_argument("--follow", action="store_true")
+    sub.add_argument("--runs", default="runs", help="where to look once Slurm has forgotten the job")
+    sub.set_defaults(run=logs)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SubmitError as error:
+        print(f"vlp slurm {args.command}: {error}", file=sys.stderr)
+        return 2
