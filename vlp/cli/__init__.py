@@ -23,6 +23,7 @@ from vlp.platform.callbacks import (
 )
 from vlp.platform.perf import FlopsMonitor
 from vlp.platform.prediction_writer import PredictionWriter
+from vlp.platform.skipped_samples import SkippedSamplesMonitor
 from vlp.platform.visualization import ValidationImages
 from vlp.tasks.base import TrainableModule
 
@@ -57,6 +58,7 @@ def run(args: list[str] | None = None) -> VLPCLI:
                 RandomStateCheckpoint(),
                 PredictionWriter(),
                 ValidationImages(),
+                SkippedSamplesMonitor(),
             ],
         },
         save_config_kwargs={"overwrite": True},
