@@ -13,6 +13,7 @@ import sys
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from vlp.cli.source_overrides import add_source_overrides, apply_source_overrides
 from vlp.datamodules.multitask import MultiTaskDataModule
 from vlp.platform.callbacks import (
     MetricsSummary,
@@ -36,6 +37,10 @@ class VLPCLI(LightningCLI):
         parser.link_arguments(
             "data.tokenizer", "model.init_args.backbone.init_args.tokenizer", apply_on="instantiate"
         )
+        add_source_overrides(parser)
+
+    def before_instantiate_classes(self) -> None:
+        apply_source_overrides(self.config[self.subcommand] if self.subcommand else self.config)
 
 
 def run(args: list[str] | None = None) -> VLPCLI:

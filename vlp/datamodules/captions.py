@@ -192,7 +192,7 @@ class CaptionSource(DataSource):
 
     def __init__(
         self,
-        image_root: str,
+        image_root: str | None,
         image_size: int = 224,
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
@@ -207,6 +207,8 @@ class CaptionSource(DataSource):
         max_pixels: int = MAX_IMAGE_PIXELS,
         background: tuple[int, int, int] = (255, 255, 255),
     ) -> None:
+        if image_root is None:
+            raise ValueError("image_root is required (e.g. --data.image_root DIR)")
         self.image_root = Path(image_root)
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image_root is not a directory: {image_root}")
@@ -293,8 +295,10 @@ class CaptionSource(DataSource):
         return batch
 
 
-def split_files(train: str, val: str | None, test: str | None) -> dict[str, Path | None]:
-    """split -> annotation file, each checked to exist before training."""
+def split_files(train: str | None, val: str | None, test: str | None) -> dict[str, Path | None]:
+    """split -> annotation file, each checked to exist before training; train is required."""
+    if train is None:
+        raise ValueError("train_annotations is required (e.g. --data.train_annotations FILE)")
     return {
         "train": annotation_path(train, "train_annotations"),
         "val": annotation_path(val, "val_annotations"),
@@ -316,8 +320,8 @@ class CocoCaptionsSource(CaptionSource):
 
     def __init__(
         self,
-        train_annotations: str,
-        image_root: str,
+        train_annotations: str | None = None,
+        image_root: str | None = None,
         val_annotations: str | None = None,
         test_annotations: str | None = None,
         **kwargs,
@@ -333,7 +337,9 @@ class CocoCaptionsSource(CaptionSource):
 class KarpathySource(CaptionSource):
     """One Karpathy split JSON (`dataset_coco.json`, `dataset_flickr30k.json`); `restval` trains."""
 
-    def __init__(self, annotations: str, image_root: str, **kwargs) -> None:
+    def __init__(self, annotations: str | None = None, image_root: str | None = None, **kwargs) -> None:
+        if annotations is None:
+            raise ValueError("annotations is required (e.g. --data.annotations dataset_coco.json)")
         self.annotations = annotation_path(annotations, "annotations")
         self.data = read_json(self.annotations)
         super().__init__(image_root, **kwargs)

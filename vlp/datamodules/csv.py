@@ -46,8 +46,8 @@ class CsvCaptionsSource(CaptionSource):
 
     def __init__(
         self,
-        train_annotations: str,
-        image_root: str,
+        train_annotations: str | None = None,
+        image_root: str | None = None,
         val_annotations: str | None = None,
         test_annotations: str | None = None,
         image_key: str = "filepath",

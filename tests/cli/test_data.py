@@ -1,0 +1,113 @@
+"""Real-format data through the `vlp` command: a COCO-style folder trains end to end with the short path
+overrides, skipped samples show up in TensorBoard, and misconfigured paths fail before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vlp.cli import run
+
+from ..datamodules.conftest import write_coco, write_jpeg
+
+CAPTIONS = str(Path(__file__).parents[2] / "configs" / "pretrain" / "captions.yaml")
+SMALL = [
+    "--trainer.max_steps=4",
+    "--trainer.val_check_interval=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--data.sources.captions.init_args.batch_size=8",
+    "--data.sources.captions.init_args.num_workers=0",
+    "--data.sources.captions.init_args.image_size=32",
+    "--model.init_args.backbone.init_args.vision={image_size: 32, patch_size: 16, width: 32, depth: 1, heads: 2}",
+    "--model.init_args.backbone.init_args.text={width: 32, depth: 1, heads: 2, max_len: 40}",
+    "--model.init_args.backbone.init_args.fusion={depth: 1, heads: 2}",
+]
+
+
+@pytest.fixture
+def coco_run(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for split, count in (("train", 32), ("val", 8)):
+        images, captions = {}, []
+        for index in range(count):
+            image_id = 1000 * (split == "val") + index
+            images[image_id] = f"{split}/{image_id}.jpg"
+            write_jpeg(tmp_path / "images" / images[image_id], seed=image_id, width=48, height=36)
+            captions += [(image_id, f"photo number {index}"), (image_id, f"another photo {index}")]
+        write_coco(tmp_path / f"{split}.json", images, captions)
+    (tmp_path / "images/train/5.jpg").write_bytes(b"GIF89a but not really")
+    return tmp_path
+
+
+def test_captions_config_trains_on_a_coco_folder_and_writes_metrics(coco_run: Path):
+    cli = run(
+        [
+            "fit",
+            "--config",
+            CAPTIONS,
+            "--data.train_annotations=train.json",
+            "--data.val_annotations=val.json",
+        ]
+        + ["--data.image_root=images", "--data.max_bad_fraction=0.1", *SMALL]
+    )
+    assert cli.trainer.global_step == 4
+    folder = Path(cli.trainer.log_dir)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {
+        "val/retrieval/i2t_r1",
+        "val/itm/acc",
+        "val/mlm/acc",
+        "val/caption/bleu4",
+        "val/caption/cider",
+    } <= set(metrics)
+    assert metrics["val/retrieval/i2t_r10"] == 1.0  # 8 val images: every image is within the top 10
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    assert "data/skipped/not_an_image" in events.Tags()["scalars"]
+    assert cli.datamodule.skipped == {"not_an_image": 1}
+
+
+def test_short_overrides_reach_the_source_and_bad_paths_fail_before_training(coco_run: Path):
+    # jsonargparse re-raises a source's error as a ValueError that quotes it
+    with pytest.raises(ValueError, match="image_root is not a directory: nowhere"):
+        run(
+            [
+                "fit",
+                "--config",
+                CAPTIONS,
+                "--data.train_annotations=train.json",
+                "--data.image_root=nowhere",
+                *SMALL,
+            ]
+        )
+    with pytest.raises(ValueError, match="train_annotations: no such file: missing.json"):
+        run(
+            [
+                "fit",
+                "--config",
+                CAPTIONS,
+                "--data.train_annotations=missing.json",
+                "--data.image_root=images",
+                *SMALL,
+            ]
+        )
+    with pytest.raises(ValueError, match="train_annotations is required"):
+        run(["fit", "--config", CAPTIONS, "--data.image_root=images", *SMALL])
+    with pytest.raises(ValueError, match="--data.input_dir: no data source takes 'input_dir'"):
+        run(["fit", "--config", CAPTIONS, "--data.input_dir=x", "--data.image_root=images", *SMALL])
+
+
+def test_too_many_bad_files_stop_the_run_with_the_summary(coco_run: Path):
+    for index in range(6):
+        (coco_run / f"images/train/{index}.jpg").write_bytes(b"")
+    with pytest.raises(
+        RuntimeError, match=r"max_bad_fraction=0.01 .*skipped \d+ of \d+ samples read \(empty_file: \d+\)"
+    ):
+        run(
+            ["fit", "--config", CAPTIONS, "--data.train_annotations=train.json", "--data.image_root=images"]
+            + ["--data.val_annotations=val.json", *SMALL]
+        )
