@@ -23,7 +23,13 @@ OPTIMIZE_TIMEOUT_S = 180  # litdata's optimize once hung in shutdown; never let 
 
 def vlp_data(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """`vlp data ...` in a fresh process (litdata switches multiprocessing to spawn for good)."""
-    command = [sys.executable, "-c", "import sys; from vlp.cli import main; main(sys.argv[1:])", "data", *args]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from vlp.cli import main; main(sys.argv[1:])",
+        "data",
+        *args,
+    ]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=OPTIMIZE_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
