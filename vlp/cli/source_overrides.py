@@ -16,6 +16,7 @@ SOURCE_PATH_KEYS = (
     "annotations",
     "image_root",
     "input_dir",
+    "val_input_dir",
 )
 
 

@@ -123,3 +123,8 @@ def test_lr_scales_give_each_tower_its_learning_rate():
     assert max(g["initial_lr"] for g in optimizer.param_groups) == pytest.approx(1e-3)
     with pytest.raises(ValueError, match=r"optim.lr_scales keys \['txt'\] match no parameter name"):
         parameter_groups(module, 0.05, 1e-3, {"txt": 0.1})
+
+
+def test_a_pretrained_text_tower_starts_in_training_mode():
+    tower = TextEncoder(TextConfig(pretrained=MINILM), 30522, 0)
+    assert all(module.training for module in tower.modules())

@@ -184,6 +184,7 @@ class TextEncoder(nn.Module):
                     f"text.pretrained {config.pretrained} does not fit a {type(self.bert).__name__}: "
                     + ", ".join(f"{kind} {keys}" for kind, keys in unfit.items())
                 )
+            self.bert.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps module modes
             if self.bert.config.vocab_size < vocab_size:
                 raise ValueError(
                     f"text.pretrained {config.pretrained} has vocab_size={self.bert.config.vocab_size}, "
