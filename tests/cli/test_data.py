@@ -4,12 +4,16 @@ overrides, skipped samples show up in TensorBoard, and misconfigured paths fail 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlp.cli import run
+from vlp.cli.data import main as data_main
 
 from ..datamodules.conftest import write_coco, write_jpeg
 
@@ -111,3 +115,41 @@ def test_too_many_bad_files_stop_the_run_with_the_summary(coco_run: Path):
             ["fit", "--config", CAPTIONS, "--data.train_annotations=train.json", "--data.image_root=images"]
             + ["--data.val_annotations=val.json", *SMALL]
         )
+
+
+STREAMING = str(Path(__file__).parents[2] / "configs" / "pretrain" / "streaming.yaml")
+STREAM_SMALL = [arg.replace("sources.captions.", "sources.stream.") for arg in SMALL]
+
+
+def test_optimize_inspect_and_fit_on_chunks(coco_run: Path):
+    """`vlp data optimize` (own process: litdata switches to spawn), `inspect` on the chunks, then
+    `vlp fit --config configs/pretrain/streaming.yaml --data.input_dir ...`."""
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from vlp.cli import main; main(sys.argv[1:])",
+        "data",
+        "optimize",
+    ]
+    for split in ("train", "val"):
+        args = ["--input", f"{split}.json", "--image-root", "images", "--output", f"chunks/{split}"]
+        done = subprocess.run(command + args, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert "samples written: 8" in done.stdout  # the val split
+    assert data_main(["inspect", "chunks/train", "--sheet", "sheet.png", "--json", "summary.json"]) == 0
+    summary = json.loads(Path("summary.json").read_text())
+    assert summary["images"] == 31 and summary["captions"] == 62  # the broken image was left out by optimize
+    sheet = Image.open("sheet.png")
+    assert sheet.size == (4 * 192, 4 * (192 + 48))
+    cli = run(
+        [
+            "fit",
+            "--config",
+            STREAMING,
+            "--data.input_dir=chunks/train",
+            "--data.val_input_dir=chunks/val",
+            *STREAM_SMALL,
+        ]
+    )
+    assert cli.trainer.global_step == 4
+    assert "val/retrieval/t2i_r1" in json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
