@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -123,7 +124,8 @@ STREAM_SMALL = [arg.replace("sources.captions.", "sources.stream.") for arg in S
 
 def test_optimize_inspect_and_fit_on_chunks(coco_run: Path):
     """`vlp data optimize` (own process: litdata switches to spawn), `inspect` on the chunks, then
-    `vlp fit --config configs/pretrain/streaming.yaml --data.input_dir ...`."""
+    `vlp fit --config configs/pretrain/streaming.yaml --data.input_dir ...` with 2 loader workers, stopped
+    and resumed mid-epoch."""
     command = [
         sys.executable,
         "-c",
@@ -141,15 +143,15 @@ def test_optimize_inspect_and_fit_on_chunks(coco_run: Path):
     assert summary["images"] == 31 and summary["captions"] == 62  # the broken image was left out by optimize
     sheet = Image.open("sheet.png")
     assert sheet.size == (4 * 192, 4 * (192 + 48))
-    cli = run(
-        [
-            "fit",
-            "--config",
-            STREAMING,
-            "--data.input_dir=chunks/train",
-            "--data.val_input_dir=chunks/val",
-            *STREAM_SMALL,
-        ]
-    )
-    assert cli.trainer.global_step == 4
-    assert "val/retrieval/t2i_r1" in json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    chunks = ["--config", STREAMING, "--data.input_dir=chunks/train", "--data.val_input_dir=chunks/val"]
+    chunks += [*STREAM_SMALL, "--trainer.max_steps=6", "--data.sources.stream.init_args.num_workers=2"]
+    straight = run(["fit", *chunks, "--trainer.default_root_dir=a", "--checkpoint.save_top_k=-1"])
+    folder = Path(straight.trainer.log_dir)
+    assert straight.trainer.global_step == 6
+    assert "val/retrieval/t2i_r1" in json.loads((folder / "metrics.json").read_text())
+    # stopped after step 2 and resumed: the same batches (order, crops, flips, captions), the same weights
+    resumed = run(["fit", *chunks, "--ckpt_path", str(folder / "checkpoints" / "step=2.ckpt")])
+    assert resumed.trainer.global_step == 6
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
