@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from vlp.datamodules.captions import CocoCaptionsSource
+from vlp.datamodules.multitask import MultiTaskDataModule, SourceStream
 from vlp.datamodules.refcoco import RefCocoSource
+from vlp.datamodules.tokenizer import build_corpus_tokenizer
 
 from .conftest import write_jpeg
 
@@ -73,3 +77,47 @@ def test_a_training_flip_mirrors_the_box_and_swaps_the_phrase(tmp_path: Path):
         assert item["phrase"] == ("the block on the left" if left_side else "the block on the right")
         seen.add(left_side)
     assert seen == {True, False}
+
+
+def test_captions_and_grounding_sources_mix_under_one_vocabulary(tmp_path: Path, coco_folder: Path):
+    for index in range(8):
+        write_jpeg(tmp_path / "refs" / f"{index}.jpg", width=48, height=48, seed=index)
+    entries = [
+        entry(f"{index}.jpg", [4, 4, 20, 20], [f"the block on the left of picture {index}"])
+        for index in range(8)
+    ]
+    (tmp_path / "refs.json").write_text(json.dumps(entries))
+    vocabulary = tmp_path / "vocab"
+    build_corpus_tokenizer(["picture another view the block on left of a third caption for"]).save_pretrained(
+        vocabulary
+    )
+    coco = CocoCaptionsSource(
+        str(coco_folder / "captions_train.json"),
+        str(coco_folder / "images"),
+        image_size=32,
+        batch_size=4,
+        tokenizer=str(vocabulary),
+    )
+    refs = RefCocoSource(
+        str(tmp_path / "refs.json"),
+        str(tmp_path / "refs"),
+        image_size=32,
+        batch_size=4,
+        tokenizer=str(vocabulary),
+    )
+    module = MultiTaskDataModule(
+        {"coco": coco, "refcoco": refs}, tasks={"itc": "coco", "grounding": "refcoco"}
+    )
+    assert module.resolve_tasks(["itc", "grounding"]) == {"itc": "coco", "grounding": "refcoco"}
+    grounding = SourceStream("refcoco", refs, seed=0).next()
+    assert grounding["boxes"].shape == (4, 4) and grounding["phrase_input_ids"].shape[0] == 4
+    assert "boxes" not in SourceStream("coco", coco, seed=0).next()
+    with pytest.raises(ValueError, match="use different vocabularies"):
+        MultiTaskDataModule(
+            {
+                "coco": CocoCaptionsSource(
+                    str(coco_folder / "captions_train.json"), str(coco_folder / "images")
+                ),
+                "refcoco": refs,
+            }
+        )
