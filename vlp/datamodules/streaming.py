@@ -109,26 +109,26 @@ def chunk_count(input_dir: str | Path) -> int:
 
 
 class ChunkRecords(Sequence):
-    """The records of a chunk folder, read on access through litdata's `StreamingDataset` (opened lazily
-    in whichever process reads, never pickled)."""
+    """The records of a chunk folder, read on access through litdata's `StreamingDataset`, opened lazily
+    by whichever process reads (never pickled, and reopened in a forked loader worker)."""
 
     def __init__(self, input_dir: str) -> None:
         self.input_dir = input_dir
         self.length = chunk_count(input_dir)
-        self._stream = None
+        self._stream, self._pid = None, None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_stream": None}
+        return {**self.__dict__, "_stream": None, "_pid": None}
 
     def __len__(self) -> int:
         return self.length
 
     def sample(self, index: int) -> dict:
         """The raw chunk sample: `image` bytes and the parsed `meta`."""
-        if self._stream is None:
+        if self._stream is None or self._pid != os.getpid():
             from litdata import StreamingDataset
 
-            self._stream = StreamingDataset(self.input_dir)
+            self._stream, self._pid = StreamingDataset(self.input_dir), os.getpid()
         sample = self._stream[index]
         return {"image": bytes(sample["image"]), **json.loads(sample["meta"])}
 
