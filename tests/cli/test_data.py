@@ -155,3 +155,13 @@ def test_optimize_inspect_and_fit_on_chunks(coco_run: Path):
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
+
+
+def test_data_commands_report_bad_input_in_one_line(coco_run: Path, capsys):
+    assert data_main(["inspect", "nothing.json"]) == 2
+    assert capsys.readouterr().err == "vlp data inspect: error: annotation file not found: nothing.json\n"
+    assert data_main(["inspect", "train.json"]) == 2
+    assert "--image-root: not a directory: None (needed for coco)" in capsys.readouterr().err
+    Path("broken.json").write_text('{"images": [}')
+    assert data_main(["optimize", "--input", "broken.json", "--image-root", "images", "--output", "out"]) == 2
+    assert "broken.json: malformed JSON at line 1, column 13" in capsys.readouterr().err

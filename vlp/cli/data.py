@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -206,5 +207,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    """Run the subcommand; bad input (a missing file, malformed annotations) is one line on stderr, exit 2."""
     args = parser().parse_args(argv)
-    return run_optimize(args) if args.command == "optimize" else run_inspect(args)
+    try:
+        return run_optimize(args) if args.command == "optimize" else run_inspect(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"vlp data {args.command}: error: {error}", file=sys.stderr)
+        return 2
