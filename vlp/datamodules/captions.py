@@ -34,9 +34,10 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class CaptionRecord:
-    """One image and every caption it has; `image_id` is unique within a split."""
+    """One image and every caption it has; `image_id` is unique within a split. `path` is the image file,
+    or its encoded bytes for records read from litdata chunks."""
 
-    path: str
+    path: str | bytes
     image_id: int
     captions: tuple[str, ...]
 
@@ -155,6 +156,10 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def augmentation_generator(self, index: int) -> torch.Generator:
+        """The random draws of sample `index` this epoch: the same in any worker, rank or resumed run."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+
     def load(self, index: int) -> dict:
         record = self.records[index]
         image = decode_image(record.path, self.max_pixels, self.background)
@@ -162,9 +167,7 @@ class CaptionDataset(Dataset):
             pixels, _, _ = self.transform(image)
             caption = record.captions[0]
         else:
-            generator = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
-            )
+            generator = self.augmentation_generator(index)
             pixels, _, flipped = self.transform(image, generator=generator)
             caption = record.captions[int(torch.randint(len(record.captions), (), generator=generator))]
             caption = swap_left_right(caption) if flipped else caption
@@ -212,22 +215,19 @@ class CaptionSource(DataSource):
         self.image_root = Path(image_root)
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image_root is not a directory: {image_root}")
-        if max_text_len < 3 or batch_size < 1 or num_workers < 0:
-            raise ValueError(
-                f"need max_text_len >= 3, batch_size >= 1, num_workers >= 0; got {max_text_len}, "
-                f"{batch_size}, {num_workers}"
-            )
-        self.transform = ImageTransform(
-            image_size, tuple(mean), tuple(std), tuple(crop_scale), flip_probability=0.5 if flip else 0.0
-        )
-        self.max_text_len, self.batch_size, self.num_workers, self.seed = (
+        self.configure_loading(
+            image_size,
+            mean,
+            std,
+            crop_scale,
+            flip,
             max_text_len,
             batch_size,
             num_workers,
             seed,
+            max_pixels,
+            background,
         )
-        self.max_pixels, self.background = max_pixels, tuple(background)
-        self.skipped: Counter = Counter()  # parse-time skips, per reason
         self.records: dict[str, list[CaptionRecord] | None] = {}
         for split in SPLITS:
             self.records[split] = self.read(split)
@@ -242,6 +242,33 @@ class CaptionSource(DataSource):
                 (c for r in self.records["train"] for c in r.captions), min_count=min_word_count
             )
         )
+
+    def configure_loading(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_scale: Sequence[float],
+        flip: bool,
+        max_text_len: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        max_pixels: int,
+        background: Sequence[int],
+    ) -> None:
+        """Check and keep the settings every file-based source shares (see the class docstring)."""
+        if max_text_len < 3 or batch_size < 1 or num_workers < 0:
+            raise ValueError(
+                f"need max_text_len >= 3, batch_size >= 1, num_workers >= 0; got {max_text_len}, "
+                f"{batch_size}, {num_workers}"
+            )
+        self.transform = ImageTransform(
+            image_size, tuple(mean), tuple(std), tuple(crop_scale), flip_probability=0.5 if flip else 0.0
+        )
+        self.max_text_len, self.batch_size, self.num_workers = max_text_len, batch_size, num_workers
+        self.seed, self.max_pixels, self.background = seed, max_pixels, tuple(background)
+        self.skipped: Counter = Counter()  # entries dropped while reading the annotations, per reason
 
     def read(self, split: str) -> list[CaptionRecord] | None:
         raise NotImplementedError

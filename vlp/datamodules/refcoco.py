@@ -28,7 +28,7 @@ from vlp.datamodules.images import (
 
 @dataclass(frozen=True)
 class GroundingRecord:
-    path: str
+    path: str | bytes  # the image file, or its encoded bytes (litdata chunks)
     image_id: int
     phrases: tuple[str, ...]
     box: tuple[float, float, float, float]  # pixels x, y, w, h, checked against the image
@@ -89,9 +89,7 @@ class GroundingDataset(CaptionDataset):
             pixels, box, _ = self.transform(image, record.box)
             phrase = record.phrases[0]
         else:
-            generator = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + self.epoch) * 1_000_003 + index
-            )
+            generator = self.augmentation_generator(index)
             pixels, box, flipped = self.transform(image, record.box, generator)
             phrase = record.phrases[int(torch.randint(len(record.phrases), (), generator=generator))]
             phrase = swap_left_right(phrase) if flipped else phrase

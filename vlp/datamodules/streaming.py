@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlp.datamodules.captions import SPLITS, CaptionDataset, CaptionRecord, CaptionSource
-from vlp.datamodules.images import MAX_IMAGE_PIXELS, ImageTransform, SkipSample, decode_image, open_image
+from vlp.datamodules.images import MAX_IMAGE_PIXELS, SkipSample, decode_image, open_image
 from vlp.datamodules.refcoco import GroundingDataset, GroundingRecord
 from vlp.datamodules.tokenizer import load_tokenizer
 from vlp.datamodules.webdataset import ShardRecord
@@ -177,17 +177,19 @@ class StreamingSource(CaptionSource):
             split: None if folder is None else ChunkRecords(folder)
             for split, folder in zip(SPLITS, (input_dir, val_input_dir, test_input_dir), strict=True)
         }
-        self.transform = ImageTransform(
-            image_size, tuple(mean), tuple(std), tuple(crop_scale), flip_probability=0.5 if flip else 0.0
-        )
-        self.max_text_len, self.batch_size, self.num_workers, self.seed = (
+        self.configure_loading(
+            image_size,
+            mean,
+            std,
+            crop_scale,
+            flip,
             max_text_len,
             batch_size,
             num_workers,
             seed,
+            max_pixels,
+            background,
         )
-        self.max_pixels, self.background = max_pixels, tuple(background)
-        self.skipped: Counter = Counter()
         self.tokenizer = load_tokenizer(tokenizer or str(Path(input_dir) / TOKENIZER_FOLDER))
         self.dataset_class = (
             GroundingDataset if isinstance(self.records["train"][0], GroundingRecord) else CaptionDataset
