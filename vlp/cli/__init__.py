@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from vlp.cli.source_overrides import add_source_overrides, apply_source_overrides
 from vlp.datamodules.multitask import MultiTaskDataModule
 from vlp.platform.callbacks import (
     FinalValidation,
@@ -32,6 +33,7 @@ from vlp.platform.checkpoints import AtomicCheckpointIO, newest_complete_checkpo
 from vlp.platform.perf import FlopsMonitor
 from vlp.platform.prediction_writer import PredictionWriter
 from vlp.platform.requeue import RequeueAtStepBoundary
+from vlp.platform.skipped_samples import SkippedSamplesMonitor
 from vlp.platform.visualization import ValidationImages
 from vlp.tasks.base import TrainableModule
 
@@ -44,6 +46,10 @@ class VLPCLI(LightningCLI):
         parser.link_arguments(
             "data.tokenizer", "model.init_args.backbone.init_args.tokenizer", apply_on="instantiate"
         )
+        add_source_overrides(parser)
+
+    def before_instantiate_classes(self) -> None:
+        apply_source_overrides(self.config[self.subcommand] if self.subcommand else self.config)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Adds the step progress bar unless the bar is off or the config brings its own, and atomic
@@ -105,6 +111,7 @@ def run(args: list[str] | None = None) -> VLPCLI:
                 ValidationImages(),
                 FinalValidation(),
                 RequeueAtStepBoundary(),
+                SkippedSamplesMonitor(),
             ],
         },
         save_config_kwargs={"overwrite": True},

@@ -10,6 +10,7 @@ applies every observation at the same draw as an uninterrupted one.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -22,6 +23,8 @@ from vlp.datamodules.source import DataSource, ResumableSampler
 from vlp.platform.sampler import MultiTaskSampler, SamplingStrategy
 
 FEEDBACK_LAG = 2
+# a run's bad fraction is judged once this many samples were read, so one early bad file cannot stop it
+MIN_SAMPLES_FOR_BAD_FRACTION = 100
 
 
 class SourceStream:
@@ -171,6 +174,10 @@ class MultiTaskDataModule(LightningDataModule):
 
     `tasks` defaults to every objective of the model on the first source. Validation and test use
     `eval_source` (default: the first source).
+
+    Unusable samples (see `vlp.datamodules.images`) are counted per reason in `skipped`: those the sources
+    dropped while reading their annotations, and those the loaders stepped over (`batch["skipped"]`).
+    Past `max_bad_fraction` of the samples read the run stops with the counts.
     """
 
     def __init__(
@@ -181,8 +188,12 @@ class MultiTaskDataModule(LightningDataModule):
         steps_per_epoch: int | None = None,
         eval_source: str | None = None,
         seed: int = 0,
+        max_bad_fraction: float = 0.01,
     ) -> None:
         super().__init__()
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.max_bad_fraction = max_bad_fraction
         self.sources = sources or {"shapes": ShapesSource()}
         self.tasks = tasks
         self.sampler = sampler or MultiTaskSampler(seed=seed)
@@ -195,6 +206,26 @@ class MultiTaskDataModule(LightningDataModule):
                 f"eval_source {self.eval_source!r} is not one of the sources {list(self.sources)}"
             )
         self.tokenizer = self._shared_tokenizer()
+        self.skipped: Counter[str] = Counter()
+        self.samples_read = 0
+        for source in self.sources.values():
+            self.skipped.update(getattr(source, "skipped", {}))
+            self.samples_read += getattr(source, "total", 0)
+        self.check_bad_fraction(minimum=0)
+
+    def skipped_summary(self) -> str:
+        """One line: skipped samples by reason out of the samples read."""
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items())) or "none"
+        return f"skipped {sum(self.skipped.values())} of {self.samples_read} samples read ({counts})"
+
+    def check_bad_fraction(self, minimum: int = MIN_SAMPLES_FOR_BAD_FRACTION) -> None:
+        """Stop with the counts once more than `max_bad_fraction` of at least `minimum` samples were bad."""
+        bad = sum(self.skipped.values())
+        if self.samples_read >= max(minimum, 1) and bad > self.max_bad_fraction * self.samples_read:
+            raise RuntimeError(
+                f"data: more than max_bad_fraction={self.max_bad_fraction:g} of the samples are unusable: "
+                f"{self.skipped_summary()}; fix the data (vlp data inspect) or raise data.max_bad_fraction"
+            )
 
     def _shared_tokenizer(self) -> PreTrainedTokenizerBase:
         names = list(self.sources)
@@ -257,6 +288,11 @@ class MultiTaskDataModule(LightningDataModule):
         return self._eval_loader("test")
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        skipped = batch.pop("skipped", None)
+        if skipped is not None:
+            self.skipped.update(skipped)
+            self.samples_read += int(batch["image"].shape[0]) + sum(skipped.values())
+            self.check_bad_fraction()
         index = batch.pop("loader_index", None)
         if index is not None and self.train_loader is not None:
             self.train_loader.consumed(index)

@@ -17,6 +17,10 @@ class DataSource(ABC):
     `phrase_input_ids`, `phrase_attention_mask` [B, Lp] and `boxes` [B, 4] (normalised cx, cy, w, h);
     caption sources add `references` (list of lists of str). Besides the two methods a source has the
     attributes `tokenizer` (PreTrainedTokenizerBase), `batch_size` and `num_workers`.
+
+    Sources that read files follow the bad-input policy of `vlp.datamodules.images`: batches carry
+    `skipped` (reason -> count of samples stepped over), and the source may have `skipped` (a Counter of
+    entries dropped while reading its annotations) and `total` (entries read, usable or not).
     """
 
     @abstractmethod

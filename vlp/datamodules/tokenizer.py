@@ -5,6 +5,7 @@ text tower tiny and needs no download; a real vocab (for a pretrained text encod
 """
 
 import os
+from collections import Counter
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -63,3 +64,21 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path!r}")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def build_corpus_tokenizer(
+    texts: Iterable[str], min_count: int = 1, max_words: int | None = None
+) -> PreTrainedTokenizerFast:
+    """A whole-word WordPiece over the words of `texts` (BERT-normalised and pre-tokenised), for small
+    models trained from scratch on real captions without a vocabulary file.
+
+    Words seen fewer than `min_count` times become [UNK]; the order (count, then alphabetical) depends only
+    on the texts, so every rank and every resumed run builds the same ids.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+    return build_wordpiece_tokenizer(words[:max_words] if max_words is not None else words)

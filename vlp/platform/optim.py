@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -13,7 +13,12 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token", "log_logit_scale")
 
 @dataclass
 class OptimConfig:
-    """`warmup` is a fraction of the total steps when below 1, else a number of steps."""
+    """`warmup` is a fraction of the total steps when below 1, else a number of steps.
+
+    `lr_scales` multiplies the learning rate of parameters by where they sit: a key is a dotted module
+    path matched as whole segments anywhere in the parameter name, e.g. `{text: 0.1}` for a pretrained
+    text tower (`backbone.text.*`), `{backbone.vision: 0.05}`; the longest matching key wins.
+    """
 
     lr: float = 5e-4
     weight_decay: float = 0.05
@@ -21,19 +26,40 @@ class OptimConfig:
     beta2: float = 0.98
     warmup: float = 0.05
     min_lr_ratio: float = 0.05
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters (each shared one once) into decayed matrices and undecayed rest."""
-    decay, no_decay = [], []
+def lr_scale(name: str, scales: dict[str, float]) -> float:
+    """The multiplier of parameter `name`: the longest key of `scales` found as whole dotted segments."""
+    dotted = f".{name}."
+    matches = [key for key in scales if f".{key}." in dotted]
+    return scales[max(matches, key=len)] if matches else 1.0
+
+
+def parameter_groups(
+    module: nn.Module, weight_decay: float, lr: float, lr_scales: dict[str, float] | None = None
+) -> list[dict]:
+    """Trainable parameters (each shared one once) in groups of (learning rate, decayed or not).
+
+    Matrices are decayed; norms, biases and position / class tokens are not. Every `lr_scales` key must
+    match some parameter, so a typo cannot silently train a tower at the full rate.
+    """
+    scales = lr_scales or {}
+    unused = [key for key in scales if not any(f".{key}." in f".{n}." for n, _ in module.named_parameters())]
+    if unused:
+        raise ValueError(
+            f"optim.lr_scales keys {unused} match no parameter name (e.g. 'text', 'backbone.vision')"
+        )
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():  # named_parameters() already de-duplicates shared ones
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or any(key in name for key in NO_DECAY_NAMES):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decayed = param.ndim >= 2 and not any(key in name for key in NO_DECAY_NAMES)
+        groups.setdefault((lr_scale(name, scales), decayed), []).append(param)
+    return [
+        {"params": params, "lr": lr * scale, "weight_decay": weight_decay if decayed else 0.0}
+        for (scale, decayed), params in sorted(groups.items(), key=lambda item: (-item[0][0], not item[0][1]))
+    ]
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -49,7 +75,9 @@ def build_optimizer(module: nn.Module, config: OptimConfig, total_steps: int) ->
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps} (set trainer.max_steps)")
     optimizer = torch.optim.AdamW(
-        parameter_groups(module, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2)
+        parameter_groups(module, config.weight_decay, config.lr, config.lr_scales),
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
     )
     warmup_steps = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import timm
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from timm.models import load_state_dict as timm_load_state_dict
@@ -31,8 +32,13 @@ class VisionConfig:
     random start is ~15x smaller than the patch embeddings, so where an object is stays nearly invisible
     for hundreds of steps; grounding and relation captions ("left of") need it from the first step.
     A `pretrained` file overrides either.
+
+    `model` names any timm ViT architecture (`vit_base_patch16_224`, `vit_small_patch16_384`, ...), built
+    at `image_size` without a download; its own width, depth, heads and patch size then replace the
+    explicit sizes below.
     """
 
+    model: str | None = None
     image_size: int = 64
     patch_size: int = 8
     width: int = 192
@@ -68,22 +74,8 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        if config.image_size % config.patch_size:
-            raise ValueError(
-                f"vision.image_size={config.image_size} must be a multiple of vision.patch_size={config.patch_size}"
-            )
         self.config = config
-        self.vit = VisionTransformer(
-            img_size=config.image_size,
-            patch_size=config.patch_size,
-            embed_dim=config.width,
-            depth=config.depth,
-            num_heads=config.heads,
-            mlp_ratio=config.mlp_ratio,
-            drop_path_rate=config.drop_path,
-            num_classes=0,
-            class_token=True,
-        )
+        self.vit = build_vit(config)
         if config.pos_init == "sincos":
             self.init_sincos_positions()
         if config.pretrained:
@@ -91,7 +83,7 @@ class VisionEncoder(nn.Module):
 
     @property
     def width(self) -> int:
-        return self.config.width
+        return self.vit.embed_dim
 
     @torch.no_grad()
     def init_sincos_positions(self) -> None:
@@ -104,21 +96,66 @@ class VisionEncoder(nn.Module):
         self.vit.pos_embed[0, self.vit.num_prefix_tokens :] = table
 
     def load_pretrained(self, path: str) -> None:
-        """Load a local ViT checkpoint, resampling position embeddings when the image size differs."""
+        """Load a local timm ViT checkpoint (.safetensors / .pth / .bin), resampling the position embeddings
+        when the image size differs; keys or shapes that do not fit are a ValueError listing them."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"vision.pretrained: no such file: {path}")
         state = checkpoint_filter_fn(timm_load_state_dict(path, weights_only=True), self.vit)
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        missing, unexpected = self.vit.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("head.")]
-        if missing or unexpected:
+        expected = self.vit.state_dict()
+        shapes = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+            for k, v in state.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+        missing = sorted(k for k in expected if k not in state and not k.startswith("head."))
+        unexpected = sorted(k for k in state if k not in expected)
+        if missing or unexpected or shapes:
             raise ValueError(
-                f"vision.pretrained {path} does not fit the configured ViT: "
-                f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+                f"vision.pretrained {path} does not fit the configured ViT: missing keys {missing}, "
+                f"unexpected keys {unexpected}, shape mismatches {shapes}"
             )
+        self.vit.load_state_dict(state, strict=False)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.vit.forward_features(images)
+
+
+def build_vit(config: VisionConfig) -> VisionTransformer:
+    """The ViT of `config`: a named timm architecture (no download) or one of the explicit sizes."""
+    if config.model is not None:
+        if not timm.is_model(config.model):
+            raise ValueError(f"vision.model: unknown timm architecture {config.model!r}")
+        try:
+            vit = timm.create_model(
+                config.model,
+                pretrained=False,
+                num_classes=0,
+                img_size=config.image_size,
+                drop_path_rate=config.drop_path,
+            )
+        except TypeError:  # a CNN or other family that has no img_size
+            vit = None
+        if not isinstance(vit, VisionTransformer):
+            raise ValueError(
+                f"vision.model {config.model!r} is not a timm VisionTransformer (vit_*, deit_*, ...)"
+            )
+        return vit
+    if config.image_size % config.patch_size:
+        raise ValueError(
+            f"vision.image_size={config.image_size} must be a multiple of vision.patch_size={config.patch_size}"
+        )
+    return VisionTransformer(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        embed_dim=config.width,
+        depth=config.depth,
+        num_heads=config.heads,
+        mlp_ratio=config.mlp_ratio,
+        drop_path_rate=config.drop_path,
+        num_classes=0,
+        class_token=True,
+    )
 
 
 class TextEncoder(nn.Module):
@@ -130,9 +167,24 @@ class TextEncoder(nn.Module):
         if config.pretrained:
             if not Path(config.pretrained).is_dir():
                 raise FileNotFoundError(f"text.pretrained: no such directory: {config.pretrained}")
-            self.bert = AutoModel.from_pretrained(
-                config.pretrained, local_files_only=True, add_pooling_layer=False, attn_implementation="sdpa"
+            self.bert, info = AutoModel.from_pretrained(
+                config.pretrained,
+                local_files_only=True,
+                add_pooling_layer=False,
+                attn_implementation="sdpa",
+                output_loading_info=True,
             )
+            unfit = {
+                "missing keys": sorted(info.get("missing_keys") or ()),
+                "unexpected keys": sorted(k for k in info.get("unexpected_keys") or () if "pooler" not in k),
+                "shape mismatches": [str(m) for m in info.get("mismatched_keys") or ()],
+            }
+            if any(unfit.values()):
+                raise ValueError(
+                    f"text.pretrained {config.pretrained} does not fit a {type(self.bert).__name__}: "
+                    + ", ".join(f"{kind} {keys}" for kind, keys in unfit.items())
+                )
+            self.bert.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps module modes
             if self.bert.config.vocab_size < vocab_size:
                 raise ValueError(
                     f"text.pretrained {config.pretrained} has vocab_size={self.bert.config.vocab_size}, "

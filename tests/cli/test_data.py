@@ -1,0 +1,167 @@
+"""Real-format data through the `vlp` command: a COCO-style folder trains end to end with the short path
+overrides, skipped samples show up in TensorBoard, and misconfigured paths fail before training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vlp.cli import run
+from vlp.cli.data import main as data_main
+
+from ..datamodules.conftest import write_coco, write_jpeg
+
+CAPTIONS = str(Path(__file__).parents[2] / "configs" / "pretrain" / "captions.yaml")
+SMALL = [
+    "--trainer.max_steps=4",
+    "--trainer.val_check_interval=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+    "--data.sources.captions.init_args.batch_size=8",
+    "--data.sources.captions.init_args.num_workers=0",
+    "--data.sources.captions.init_args.image_size=32",
+    "--model.init_args.backbone.init_args.vision={image_size: 32, patch_size: 16, width: 32, depth: 1, heads: 2}",
+    "--model.init_args.backbone.init_args.text={width: 32, depth: 1, heads: 2, max_len: 40}",
+    "--model.init_args.backbone.init_args.fusion={depth: 1, heads: 2}",
+]
+
+
+@pytest.fixture
+def coco_run(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for split, count in (("train", 32), ("val", 8)):
+        images, captions = {}, []
+        for index in range(count):
+            image_id = 1000 * (split == "val") + index
+            images[image_id] = f"{split}/{image_id}.jpg"
+            write_jpeg(tmp_path / "images" / images[image_id], seed=image_id, width=48, height=36)
+            captions += [(image_id, f"photo number {index}"), (image_id, f"another photo {index}")]
+        write_coco(tmp_path / f"{split}.json", images, captions)
+    (tmp_path / "images/train/5.jpg").write_bytes(b"GIF89a but not really")
+    return tmp_path
+
+
+def test_captions_config_trains_on_a_coco_folder_and_writes_metrics(coco_run: Path):
+    cli = run(
+        [
+            "fit",
+            "--config",
+            CAPTIONS,
+            "--data.train_annotations=train.json",
+            "--data.val_annotations=val.json",
+        ]
+        + ["--data.image_root=images", "--data.max_bad_fraction=0.1", *SMALL]
+    )
+    assert cli.trainer.global_step == 4
+    folder = Path(cli.trainer.log_dir)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {
+        "val/retrieval/i2t_r1",
+        "val/itm/acc",
+        "val/mlm/acc",
+        "val/caption/bleu4",
+        "val/caption/cider",
+    } <= set(metrics)
+    assert metrics["val/retrieval/i2t_r10"] == 1.0  # 8 val images: every image is within the top 10
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    assert "data/skipped/not_an_image" in events.Tags()["scalars"]
+    assert cli.datamodule.skipped == {"not_an_image": 1}
+
+
+def test_short_overrides_reach_the_source_and_bad_paths_fail_before_training(coco_run: Path):
+    # jsonargparse re-raises a source's error as a ValueError that quotes it
+    with pytest.raises(ValueError, match="image_root is not a directory: nowhere"):
+        run(
+            [
+                "fit",
+                "--config",
+                CAPTIONS,
+                "--data.train_annotations=train.json",
+                "--data.image_root=nowhere",
+                *SMALL,
+            ]
+        )
+    with pytest.raises(ValueError, match="train_annotations: no such file: missing.json"):
+        run(
+            [
+                "fit",
+                "--config",
+                CAPTIONS,
+                "--data.train_annotations=missing.json",
+                "--data.image_root=images",
+                *SMALL,
+            ]
+        )
+    with pytest.raises(ValueError, match="train_annotations is required"):
+        run(["fit", "--config", CAPTIONS, "--data.image_root=images", *SMALL])
+    with pytest.raises(ValueError, match="--data.input_dir: no data source takes 'input_dir'"):
+        run(["fit", "--config", CAPTIONS, "--data.input_dir=x", "--data.image_root=images", *SMALL])
+
+
+def test_too_many_bad_files_stop_the_run_with_the_summary(coco_run: Path):
+    for index in range(6):
+        (coco_run / f"images/train/{index}.jpg").write_bytes(b"")
+    with pytest.raises(
+        RuntimeError, match=r"max_bad_fraction=0.01 .*skipped \d+ of \d+ samples read \(empty_file: \d+\)"
+    ):
+        run(
+            ["fit", "--config", CAPTIONS, "--data.train_annotations=train.json", "--data.image_root=images"]
+            + ["--data.val_annotations=val.json", *SMALL]
+        )
+
+
+STREAMING = str(Path(__file__).parents[2] / "configs" / "pretrain" / "streaming.yaml")
+STREAM_SMALL = [arg.replace("sources.captions.", "sources.stream.") for arg in SMALL]
+
+
+def test_optimize_inspect_and_fit_on_chunks(coco_run: Path):
+    """`vlp data optimize` (own process: litdata switches to spawn), `inspect` on the chunks, then
+    `vlp fit --config configs/pretrain/streaming.yaml --data.input_dir ...` with 2 loader workers, stopped
+    and resumed mid-epoch."""
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from vlp.cli import main; main(sys.argv[1:])",
+        "data",
+        "optimize",
+    ]
+    for split in ("train", "val"):
+        args = ["--input", f"{split}.json", "--image-root", "images", "--output", f"chunks/{split}"]
+        done = subprocess.run(command + args, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert "samples written: 8" in done.stdout  # the val split
+    assert data_main(["inspect", "chunks/train", "--sheet", "sheet.png", "--json", "summary.json"]) == 0
+    summary = json.loads(Path("summary.json").read_text())
+    assert summary["images"] == 31 and summary["captions"] == 62  # the broken image was left out by optimize
+    sheet = Image.open("sheet.png")
+    assert sheet.size == (4 * 192, 4 * (192 + 48))
+    chunks = ["--config", STREAMING, "--data.input_dir=chunks/train", "--data.val_input_dir=chunks/val"]
+    chunks += [*STREAM_SMALL, "--trainer.max_steps=6", "--data.sources.stream.init_args.num_workers=2"]
+    straight = run(["fit", *chunks, "--trainer.default_root_dir=a", "--checkpoint.save_top_k=-1"])
+    folder = Path(straight.trainer.log_dir)
+    assert straight.trainer.global_step == 6
+    assert "val/retrieval/t2i_r1" in json.loads((folder / "metrics.json").read_text())
+    # stopped after step 2 and resumed: the same batches (order, crops, flips, captions), the same weights
+    resumed = run(["fit", *chunks, "--ckpt_path", str(folder / "checkpoints" / "step=2.ckpt")])
+    assert resumed.trainer.global_step == 6
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
+
+
+def test_data_commands_report_bad_input_in_one_line(coco_run: Path, capsys):
+    assert data_main(["inspect", "nothing.json"]) == 2
+    assert capsys.readouterr().err == "vlp data inspect: error: annotation file not found: nothing.json\n"
+    assert data_main(["inspect", "train.json"]) == 2
+    assert "--image-root: not a directory: None (needed for coco)" in capsys.readouterr().err
+    Path("broken.json").write_text('{"images": [}')
+    assert data_main(["optimize", "--input", "broken.json", "--image-root", "images", "--output", "out"]) == 2
+    assert "broken.json: malformed JSON at line 1, column 13" in capsys.readouterr().err

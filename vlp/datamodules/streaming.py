@@ -1,0 +1,196 @@
+"""litdata chunks of encoded samples: writing them (`optimize`) and training on them (`StreamingSource`).
+
+A chunk sample is `{"image": <the encoded file's bytes>, "meta": <JSON: image_id, captions, optional box>}`:
+images stay JPEG/PNG (a tenth of decoded arrays), and `meta` keeps every format's fields in one structure
+litdata can batch. Reading goes through the same `CaptionDataset` / `GroundingDataset` as files do, over a
+lazy record list, so the order, the rank sharding and the resumable position come from the data module's
+`ResumableSampler`: a resumed run neither repeats nor skips a sample.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from vlp.datamodules.captions import SPLITS, CaptionDataset, CaptionRecord, CaptionSource
+from vlp.datamodules.images import MAX_IMAGE_PIXELS, SkipSample, decode_image, open_image
+from vlp.datamodules.refcoco import GroundingDataset, GroundingRecord
+from vlp.datamodules.tokenizer import load_tokenizer
+from vlp.datamodules.webdataset import ShardRecord
+
+TOKENIZER_FOLDER = "tokenizer"  # optimize saves the training captions' vocabulary here
+
+
+def record_image_bytes(record: CaptionRecord | GroundingRecord | ShardRecord) -> bytes:
+    if isinstance(record, ShardRecord):
+        return record.member.read()
+    try:
+        return Path(record.path).read_bytes()
+    except FileNotFoundError as error:
+        raise SkipSample("missing_file", str(record.path)) from error
+
+
+def encode_sample(
+    record: CaptionRecord | GroundingRecord | ShardRecord, max_side: int | None, skip_dir: str
+) -> Iterator[dict]:
+    """litdata's per-sample function (runs in its worker processes): check that the image decodes, shrink
+    it when its longer side exceeds `max_side`, and yield the chunk sample; an unusable image yields
+    nothing and appends its reason to a per-process file under `skip_dir` for the summary."""
+    scale = 1.0
+    try:
+        data = record_image_bytes(record)
+        image = open_image(data)
+        if max_side is not None and max(image.size) > max_side:
+            rgb = decode_image(data)
+            rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+            scale = rgb.width / image.width
+            buffer = io.BytesIO()
+            rgb.save(buffer, "JPEG", quality=95)
+            data = buffer.getvalue()
+        else:
+            decode_image(data)  # CMYK, 16-bit, palette: converted at read time, refused here if broken
+    except SkipSample as skip:
+        with open(Path(skip_dir) / f"{os.getpid()}.txt", "a") as log:
+            log.write(skip.reason + "\n")
+        return
+    meta: dict = {"image_id": record.image_id, "captions": list(record.captions)}
+    if isinstance(record, GroundingRecord):
+        meta["box"] = [value * scale for value in record.box]
+    yield {"image": data, "meta": json.dumps(meta)}
+
+
+def optimize(
+    records: Sequence[CaptionRecord | GroundingRecord | ShardRecord],
+    output_dir: str,
+    num_workers: int = 1,
+    max_side: int | None = None,
+    chunk_bytes: str = "64MB",
+) -> Counter:
+    """Write `records` as litdata chunks into `output_dir` (replaced if it exists); returns the skips by
+    reason. litdata switches multiprocessing to spawn for the rest of the process."""
+    from litdata import optimize as litdata_optimize
+
+    if not records:
+        raise ValueError("nothing to optimize: no usable samples in the input")
+    skip_dir = tempfile.mkdtemp(prefix="vlp-optimize-skips-")
+    try:
+        litdata_optimize(
+            fn=functools.partial(encode_sample, max_side=max_side, skip_dir=skip_dir),
+            inputs=list(records),
+            output_dir=str(output_dir),
+            num_workers=max(1, num_workers),
+            chunk_bytes=chunk_bytes,
+            mode="overwrite",
+            verbose=False,
+        )
+        skipped: Counter = Counter()
+        for log in Path(skip_dir).glob("*.txt"):
+            skipped.update(log.read_text().split())
+        return skipped
+    finally:
+        shutil.rmtree(skip_dir, ignore_errors=True)
+
+
+def chunk_count(input_dir: str | Path) -> int:
+    """Samples in a local chunk folder, from its `index.json`."""
+    index = Path(input_dir) / "index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"not a litdata chunk folder (no index.json): {input_dir}")
+    return sum(int(chunk["chunk_size"]) for chunk in json.loads(index.read_text())["chunks"])
+
+
+class ChunkRecords(Sequence):
+    """The records of a chunk folder, read on access through litdata's `StreamingDataset`, opened lazily
+    by whichever process reads (never pickled, and reopened in a forked loader worker)."""
+
+    def __init__(self, input_dir: str) -> None:
+        self.input_dir = input_dir
+        self.length = chunk_count(input_dir)
+        self._stream, self._pid = None, None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stream": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sample(self, index: int) -> dict:
+        """The raw chunk sample: `image` bytes and the parsed `meta`."""
+        if self._stream is None or self._pid != os.getpid():
+            from litdata import StreamingDataset
+
+            self._stream, self._pid = StreamingDataset(self.input_dir), os.getpid()
+        sample = self._stream[index]
+        return {"image": bytes(sample["image"]), **json.loads(sample["meta"])}
+
+    def __getitem__(self, index: int) -> CaptionRecord | GroundingRecord:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} samples in {self.input_dir}")
+        sample = self.sample(index)
+        if "box" in sample:
+            return GroundingRecord(
+                sample["image"], sample["image_id"], tuple(sample["captions"]), tuple(sample["box"])
+            )
+        return CaptionRecord(sample["image"], sample["image_id"], tuple(sample["captions"]))
+
+
+class StreamingSource(CaptionSource):
+    """Chunk folders written by `vlp data optimize`, one per split (`input_dir` trains).
+
+    Grounding chunks (written from RefCOCO-style input) come out with `boxes` and phrases. `tokenizer`
+    None loads the vocabulary `optimize` saved beside the training chunks. Other arguments as
+    `CaptionSource`; the order is the data module's seeded, rank-sharded, resumable shuffle.
+    """
+
+    def __init__(
+        self,
+        input_dir: str | None = None,
+        val_input_dir: str | None = None,
+        test_input_dir: str | None = None,
+        image_size: int = 224,
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        flip: bool = True,
+        max_text_len: int = 40,
+        tokenizer: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        background: tuple[int, int, int] = (255, 255, 255),
+    ) -> None:
+        if input_dir is None:
+            raise ValueError(
+                "input_dir is required (e.g. --data.input_dir DIR written by `vlp data optimize`)"
+            )
+        self.records = {
+            split: None if folder is None else ChunkRecords(folder)
+            for split, folder in zip(SPLITS, (input_dir, val_input_dir, test_input_dir), strict=True)
+        }
+        self.configure_loading(
+            image_size,
+            mean,
+            std,
+            crop_scale,
+            flip,
+            max_text_len,
+            batch_size,
+            num_workers,
+            seed,
+            max_pixels,
+            background,
+        )
+        self.tokenizer = load_tokenizer(tokenizer or str(Path(input_dir) / TOKENIZER_FOLDER))
+        self.dataset_class = (
+            GroundingDataset if isinstance(self.records["train"][0], GroundingRecord) else CaptionDataset
+        )
