@@ -4,8 +4,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from vlp.cli import run as main
-from vlp.datamodules.shapes import ShapesSource
+from vlp.datamodules.shapes import CLASS_NAMES, ShapeClassesSource, ShapesSource
+from vlp.platform.model.backbone import FeatureCache
+from vlp.tasks.zeroshot import ZeroShotObjective
 
 CONFIG = str(Path(__file__).parent / "configs" / "learning.yaml")
 NUM_VAL = 100  # data.sources.shapes.init_args.num_val in the config
@@ -35,3 +39,20 @@ def test_short_run_lifts_retrieval_itm_and_mlm_far_above_chance(tmp_path, monkey
     assert metrics["val/retrieval/i2t_r1"] >= 10 * retrieval_chance
     assert metrics["val/itm/acc"] >= 0.65  # balanced pairs: chance 0.5
     assert metrics["val/mlm/acc"] >= 2 * mlm_chance
+    zero_shot = zero_shot_top1(cli.model.backbone)
+    print(
+        f"zero-shot top-1 {zero_shot:.3f} on {len(CLASS_NAMES)} single-object classes (chance {1 / len(CLASS_NAMES):.3f})"
+    )
+    assert zero_shot >= 4 / len(CLASS_NAMES)
+
+
+@torch.no_grad()
+def zero_shot_top1(backbone) -> float:
+    """Zero-shot top-1 of the trained backbone on labelled single-object shapes (colour + shape, 24 classes)."""
+    source = ShapeClassesSource(image_size=48, num_val=240, batch_size=60)
+    objective = ZeroShotObjective(backbone).eval()
+    dataset = source.dataset("val")
+    for start in range(0, len(dataset), 60):
+        batch = source.collate([dataset[i] for i in range(start, start + 60)])
+        objective.validation_update(batch, FeatureCache(backbone, batch))
+    return objective.validation_scores()["val/zeroshot/top1"]

@@ -356,3 +356,54 @@ class ShapesSource(DataSource):
             "references": [item["references"] for item in items],
             "phrases": [item["phrase"] for item in items],
         }
+
+
+CLASS_NAMES = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
+
+
+class ShapeClassesDataset(ShapesDataset):
+    """Single-object scenes with their class index (`label`) among `CLASS_NAMES`."""
+
+    def __getitem__(self, index: int) -> dict:
+        obj = self.scene(index).objects[0]
+        return {**super().__getitem__(index), "label": CLASS_NAMES.index(f"{obj.colour} {obj.shape}")}
+
+
+class ShapeClassesSource(ShapesSource):
+    """Labelled single-object shapes for zero-shot classification: one class per colour + shape
+    ("red circle": 24 classes), any size and cell. Batches add `label` [B] and `class_names`; the caption
+    keys hold the object's description, as every source provides them."""
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        num_train: int = 20000,
+        num_val: int = 500,
+        num_test: int = 500,
+        max_text_len: int = 40,
+        tokenizer: str | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(
+            image_size,
+            1,
+            num_train,
+            num_val,
+            num_test,
+            max_text_len,
+            tokenizer,
+            seed,
+            batch_size,
+            num_workers,
+        )
+        self.class_names = list(CLASS_NAMES)
+
+    def dataset(self, split: str) -> ShapeClassesDataset:
+        self._check_split(split)
+        return ShapeClassesDataset(split, self.lengths[split], self.image_size, 1, self.seed)
+
+    def collate(self, items: list[dict]) -> dict:
+        labels = torch.tensor([item["label"] for item in items], dtype=torch.long)
+        return {**super().collate(items), "label": labels, "class_names": self.class_names}
