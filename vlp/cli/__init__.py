@@ -23,6 +23,7 @@ from vlp.platform.callbacks import (
 )
 from vlp.platform.perf import FlopsMonitor
 from vlp.platform.prediction_writer import PredictionWriter
+from vlp.platform.strategies import allow_unused_parameters
 from vlp.platform.visualization import ValidationImages
 from vlp.tasks.base import TrainableModule
 
@@ -35,6 +36,10 @@ class VLPCLI(LightningCLI):
         parser.link_arguments(
             "data.tokenizer", "model.init_args.backbone.init_args.tokenizer", apply_on="instantiate"
         )
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        allow_unused_parameters(self.trainer.strategy)
 
 
 def run(args: list[str] | None = None) -> VLPCLI:

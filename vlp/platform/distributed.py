@@ -41,3 +41,26 @@ def all_gather_with_grad(t: Tensor) -> Tensor:
         # torch >= 2.6 marks it deprecated in favour of a private API; it is still the documented route.
         warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
         return torch.cat(all_gather(t), dim=0)
+
+
+def all_gather_padded(t: Tensor, pad_dim: int | None = None, with_grad: bool = False) -> Tensor:
+    """Concatenate `t` [B, ...] from every rank along dim 0 -> [world_size * B, ...].
+
+    `pad_dim` names a dimension whose size may differ between ranks (captions padded to each batch's
+    longest): every rank's tensor is zero-padded there to the longest first. `with_grad` keeps the graph
+    (`all_gather_with_grad`); otherwise the result is detached. Identity when not distributed.
+    """
+    if not is_distributed():
+        return t
+    if pad_dim is not None:
+        longest = torch.tensor(t.shape[pad_dim], device=t.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        missing = int(longest) - t.shape[pad_dim]
+        if missing:
+            pad = [0, 0] * (t.ndim - 1 - pad_dim % t.ndim) + [0, missing]
+            t = torch.nn.functional.pad(t, pad)
+    if with_grad:
+        return all_gather_with_grad(t)
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    return torch.cat(parts, dim=0)

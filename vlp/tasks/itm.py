@@ -1,22 +1,28 @@
 """Image-text matching with hard negatives (ALBEF ITM).
 
-For every image one negative text, for every text one negative image, drawn from the softmaxed in-batch
-ITC similarities, so similar-but-wrong pairs are drawn most often. A pair is never a negative when it is
-a positive: same image id, or exactly the same caption (token ids), since duplicate captions describe
-both images. Binary head on the fused [CLS]; cross-entropy over B positives and 2B negatives.
-Validation: accuracy on balanced pairs (every positive plus its hardest in-batch negative text).
+For every image one negative text, for every text one negative image, drawn from the softmaxed ITC
+similarities over the GLOBAL batch (every rank's rows, as ALBEF does), so similar-but-wrong pairs are
+drawn most often. A pair is never a negative when it is a positive: same image id, or exactly the same
+caption (token ids), since duplicate captions describe both images; both are checked across ranks.
+Binary head on the fused [CLS]; cross-entropy over B positives and 2B negatives per rank, so with DDP's
+gradient averaging W ranks of batch B train exactly like one process with batch W * B.
+Validation: accuracy on balanced pairs (every positive plus its hardest global-batch negative text);
+the repeats a DistributedSampler pads with (`is_padding`) are mined from but never scored.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 
+from vlp.platform.distributed import all_gather_padded, rank
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures
 from vlp.platform.optim import OptimConfig
-from vlp.tasks.base import Objective, ObjectiveOutput
+from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
 
 
 def positive_pairs(image_ids: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -46,6 +52,67 @@ def sample_hard_negatives(
     return indices, valid
 
 
+class MatchPairs(NamedTuple):
+    """(image, text) pairs for the matching head: positives first, then the mined negatives."""
+
+    image: ImageFeatures  # tokens [P, 1 + N, Dv] (+ sizes)
+    text_tokens: Tensor  # [P, L, Dt]
+    attention_mask: Tensor  # [P, L]
+    labels: Tensor  # [P], 1 = match
+    anchor_is_real: Tensor  # [P] bool: the pair's local anchor row is not a sampler padding repeat
+
+
+def global_match_pairs(
+    batch: dict, features: FeatureCache, logit_scale: Tensor, hardest: bool = False
+) -> MatchPairs:
+    """Positives of this rank's B rows plus negatives mined from the global batch of every rank.
+
+    Gathers (with gradients) the image tokens and text tokens of all ranks, and (without) the ITC
+    embeddings, image ids, caption ids and masks; captions are zero-padded to the longest on any rank.
+    Negatives are drawn for every global row with the same draw a single process would make (identical
+    on each rank when their RNGs agree, as under a seeded Lightning run) and each rank keeps its own rows.
+    `hardest` takes the most similar negative text instead of sampling and mines no negative images
+    (validation). Identity gathers on one process.
+    """
+    image, text = features.image, features.text
+    b = image.tokens.shape[0]
+    real = real_rows(batch)
+    image_ids = all_gather_padded(batch["image_id"])
+    input_ids = all_gather_padded(batch["input_ids"], pad_dim=1)
+    attention_mask = all_gather_padded(text.attention_mask, pad_dim=1)
+    text_tokens = all_gather_padded(text.tokens, pad_dim=1, with_grad=True)
+    global_image = ImageFeatures(
+        *(None if field is None else all_gather_padded(field, with_grad=True) for field in image)
+    )
+    local = torch.arange(b, device=image.tokens.device) + rank() * b
+    positives = positive_pairs(image_ids, input_ids, attention_mask)
+    with torch.no_grad():
+        image_emb = all_gather_padded(image.embedding)
+        text_emb = all_gather_padded(text.embedding)
+        similarity = image_emb @ text_emb.T * logit_scale
+        if hardest:
+            masked = similarity.masked_fill(positives, float("-inf"))
+            neg_text, text_ok = masked.argmax(dim=1), ~positives.all(dim=1)
+            image_ok = torch.zeros_like(text_ok)
+            neg_image = neg_text
+        else:
+            neg_text, text_ok = sample_hard_negatives(similarity, positives)
+            neg_image, image_ok = sample_hard_negatives(similarity.T, positives.T)
+    text_ok, image_ok = text_ok[local], image_ok[local]
+    image_index = torch.cat([local, local[text_ok], neg_image[local][image_ok]])
+    text_index = torch.cat([local, neg_text[local][text_ok], local[image_ok]])
+    labels = torch.zeros(len(image_index), dtype=torch.long, device=image_index.device)
+    labels[:b] = 1
+    anchor_is_real = torch.cat([real, real[text_ok], real[image_ok]])
+    return MatchPairs(
+        global_image.take(image_index),
+        text_tokens[text_index],
+        attention_mask[text_index],
+        labels,
+        anchor_is_real,
+    )
+
+
 class ITMObjective(Objective):
     """Image-text matching head on the fused [CLS] with ITC-weighted hard negatives."""
 
@@ -61,40 +128,18 @@ class ITMObjective(Objective):
         return self.head(self.backbone.fuse(image, text_tokens, attention_mask)[:, 0])
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
-        image, text = features.image, features.text
-        positives = positive_pairs(batch["image_id"], batch["input_ids"], text.attention_mask)
-        with torch.no_grad():
-            similarity = image.embedding @ text.embedding.T * self.backbone.logit_scale()
-            neg_text, text_ok = sample_hard_negatives(similarity, positives)
-            neg_image, image_ok = sample_hard_negatives(similarity.T, positives.T)
-        b = image.tokens.shape[0]
-        everyone = torch.arange(b, device=image.tokens.device)
-        image_index = torch.cat([everyone, everyone[text_ok], neg_image[image_ok]])
-        text_index = torch.cat([everyone, neg_text[text_ok], everyone[image_ok]])
-        logits = self.match_logits(
-            image.take(image_index), text.tokens[text_index], text.attention_mask[text_index]
-        )
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        labels[:b] = 1
-        loss = F.cross_entropy(logits, labels)
-        accuracy = (logits.argmax(-1) == labels).float().mean()
+        pairs = global_match_pairs(batch, features, self.backbone.logit_scale())
+        logits = self.match_logits(pairs.image, pairs.text_tokens, pairs.attention_mask)
+        loss = F.cross_entropy(logits, pairs.labels)
+        accuracy = (logits.argmax(-1) == pairs.labels).float().mean()
         return ObjectiveOutput(loss, {"loss": loss, "acc": accuracy})
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
-        image, text = features.image, features.text
-        positives = positive_pairs(batch["image_id"], batch["input_ids"], text.attention_mask)
-        similarity = (image.embedding @ text.embedding.T).masked_fill(positives, float("-inf"))
-        valid = ~positives.all(dim=1)
-        everyone = torch.arange(similarity.shape[0], device=similarity.device)
-        text_index = torch.cat([everyone, similarity.argmax(dim=1)[valid]])
-        logits = self.match_logits(
-            image.take(torch.cat([everyone, everyone[valid]])),
-            text.tokens[text_index],
-            text.attention_mask[text_index],
-        )
-        labels = (torch.arange(len(text_index), device=logits.device) < len(everyone)).long()
-        self.val_accuracy.update(logits.argmax(-1), labels)
-        return {"loss": F.cross_entropy(logits, labels)}
+        pairs = global_match_pairs(batch, features, self.backbone.logit_scale(), hardest=True)
+        logits = self.match_logits(pairs.image, pairs.text_tokens, pairs.attention_mask)
+        scored = pairs.anchor_is_real
+        self.val_accuracy.update(logits.argmax(-1)[scored], pairs.labels[scored])
+        return {"loss": F.cross_entropy(logits, pairs.labels)}
 
     def validation_scores(self) -> dict[str, float]:
         if not self.val_accuracy.update_called:

@@ -15,7 +15,7 @@ from torchmetrics.aggregation import MeanMetric
 from vlp.platform.kernels import linear_cross_entropy
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.optim import OptimConfig
-from vlp.tasks.base import Objective, ObjectiveOutput
+from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
 
 IGNORE_INDEX = -100
 
@@ -86,11 +86,43 @@ class MLMObjective(Objective):
         )
         self.val_accuracy = MeanMetric()
 
-    def masked_hidden(self, batch: dict, features: FeatureCache, generator: torch.Generator | None = None):
-        """Fused, transformed hidden states at the selected positions [M, D] and their labels [M]."""
+    def masked_hidden(self, batch: dict, features: FeatureCache, seeded: bool = False):
+        """Fused, transformed hidden states at the selected positions [M, D] and their labels [M].
+
+        `seeded` (validation) masks each caption with a generator seeded by its image id, over its real
+        tokens only, and never masks `is_padding` repeats: every sample gets the same masks whatever
+        batch, padding or number of ranks it lands in, and counts once.
+        """
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         maskable = attention_mask.bool() & ~self.backbone.special_tokens_mask(input_ids)
-        masked_ids, labels = mask_tokens(
+        if seeded:
+            masked_ids, labels = input_ids.clone(), torch.full_like(input_ids, IGNORE_INDEX)
+            rows = zip(
+                batch["image_id"].tolist(),
+                attention_mask.sum(dim=1).tolist(),
+                real_rows(batch).tolist(),
+                strict=True,
+            )
+            for i, (image_id, n, real) in enumerate(rows):
+                if real:
+                    masked_ids[i, :n], labels[i, :n] = self._mask(
+                        input_ids[i : i + 1, :n],
+                        maskable[i : i + 1, :n],
+                        torch.Generator().manual_seed(image_id),
+                    )
+        else:
+            masked_ids, labels = self._mask(input_ids, maskable)
+        text = self.backbone.text(masked_ids, attention_mask)
+        fused = self.backbone.fuse(
+            features.image, text, attention_mask, merge_text=False
+        )  # reads single tokens
+        selected = labels != IGNORE_INDEX
+        return self.head(fused[selected]), labels[selected]
+
+    def _mask(
+        self, input_ids: Tensor, maskable: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return mask_tokens(
             input_ids,
             maskable,
             self.backbone.tokenizer.mask_token_id,
@@ -98,12 +130,6 @@ class MLMObjective(Objective):
             self.mask_probability,
             generator,
         )
-        text = self.backbone.text(masked_ids, attention_mask)
-        fused = self.backbone.fuse(
-            features.image, text, attention_mask, merge_text=False
-        )  # reads single tokens
-        selected = labels != IGNORE_INDEX
-        return self.head(fused[selected]), labels[selected]
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         hidden, labels = self.masked_hidden(batch, features)
@@ -112,8 +138,7 @@ class MLMObjective(Objective):
         return ObjectiveOutput(loss, {"loss": loss, "masked_tokens": torch.tensor(float(labels.numel()))})
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
-        generator = torch.Generator().manual_seed(int(batch["image_id"][0]))
-        hidden, labels = self.masked_hidden(batch, features, generator)
+        hidden, labels = self.masked_hidden(batch, features, seeded=True)
         logits = hidden @ self.backbone.text.word_embeddings.weight.T + self.head.bias
         if labels.numel():
             self.val_accuracy.update((logits.argmax(-1) == labels).float().mean(), weight=labels.numel())

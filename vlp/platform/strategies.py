@@ -1,0 +1,179 @@
+"""Scaling from YAML, torchtitan style: one small function per concern, applied to the backbone's blocks.
+
+`apply_activation_checkpointing`, `apply_compile` and `apply_fsdp` each read their own options and touch
+only the transformer blocks (`transformer_blocks`) and the root module; the backbone itself knows nothing
+of them, and none changes a parameter name, so checkpoints load under any strategy. Lightning runs the
+strategies below; each one's `parallelize(module)` is called from the module's `configure_model`:
+- `DDPStrategy`: Lightning's DDP plus checkpointing / compile; `find_unused_parameters` is on unless set
+  (a sampled multi-task step or a single objective leaves parts of the shared backbone unused).
+- `FSDP2Strategy`: Lightning's `ModelParallelStrategy` (all ranks data-parallel) with `fully_shard` per
+  block and on the root LightningModule; also runs on CPU with gloo.
+Precision is Lightning's `trainer.precision` (`bf16-mixed`, `16-mixed`, `bf16-true`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from torch import nn
+
+from vlp.platform.model.backbone import FusionBackbone
+from vlp.platform.model.token_merging import token_merging_state
+
+# LightningModule methods that run the network: FSDP2 gathers the root's parameters around each of them
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+
+
+def backbones(module: nn.Module) -> list[FusionBackbone]:
+    """Every distinct FusionBackbone inside `module` (one for a multi-task module: it is shared)."""
+    found: dict[int, FusionBackbone] = {}
+    for sub in module.modules():
+        if isinstance(sub, FusionBackbone):
+            found.setdefault(id(sub), sub)
+    return list(found.values())
+
+
+def transformer_blocks(backbone: FusionBackbone) -> list[nn.Module]:
+    """The repeated blocks, in forward order: ViT blocks, BERT layers, fusion layers (the caption decoder
+    runs through the fusion layers; its own small causal self-attentions stay with the root)."""
+    return [*backbone.vision.vit.blocks, *backbone.text.bert.encoder.layer, *backbone.fusion.layers]
+
+
+def apply_activation_checkpointing(backbone: FusionBackbone) -> None:
+    """Recompute each block's activations in backward (non-reentrant; parameter names unchanged)."""
+    from torch.distributed._composable import checkpoint
+
+    if token_merging_state(backbone.vision.vit) is not None:
+        raise ValueError(
+            "activation_checkpointing cannot be combined with token merging in the vision tower "
+            "(backbone.merging): recomputation would reread the merged token sizes"
+        )
+    for block in transformer_blocks(backbone):
+        checkpoint(block)
+
+
+def apply_compile(backbone: FusionBackbone) -> None:
+    """`torch.compile` each block in place (`nn.Module.compile`: same object, same parameter names)."""
+    for block in transformer_blocks(backbone):
+        block.compile()
+
+
+def apply_fsdp(
+    module: LightningModule,
+    mesh: Any,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+) -> None:
+    """`fully_shard` every block of every backbone, then the root LightningModule.
+
+    The root holds the rest (embeddings, projections, the temperature, the objectives' heads); it is
+    gathered around each step method and kept for the whole step, so weights read outside their
+    module's forward (the tied word embeddings of the MLM and caption heads) are whole there.
+    Fusion layers also gather around `attend`, which token merging in the fusion calls in place of
+    `forward`; there they stay gathered until the step ends, since the layer's MLP runs after it.
+    """
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for backbone in backbones(module):
+        merges_fusion = backbone.merging is not None and backbone.merging.merges_fusion
+        for block in transformer_blocks(backbone):
+            is_fusion = any(block is layer for layer in backbone.fusion.layers)
+            reshard = reshard_after_forward and not (is_fusion and merges_fusion)
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
+            if is_fusion:
+                register_fsdp_forward_method(block, "attend")
+    fully_shard(module, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
+    for name in STEP_METHODS:
+        register_fsdp_forward_method(module, name)
+
+
+class DDPStrategy(LightningDDPStrategy):
+    """Lightning's DDP with activation checkpointing and compile of the blocks.
+
+    `find_unused_parameters` (None: on) lets a step leave parameters without gradients, as a sampled
+    multi-task step or a single objective does with parts of the shared backbone.
+    """
+
+    def __init__(
+        self,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        find_unused_parameters: bool | None = None,
+        process_group_backend: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs["find_unused_parameters"] = True if find_unused_parameters is None else find_unused_parameters
+        super().__init__(process_group_backend=process_group_backend, **kwargs)
+        self.activation_checkpointing = activation_checkpointing
+        self.compile = compile
+
+    def parallelize(self, module: LightningModule) -> None:
+        for backbone in backbones(module):
+            if self.activation_checkpointing:
+                apply_activation_checkpointing(backbone)
+            if self.compile:
+                apply_compile(backbone)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (`fully_shard` per block) over all ranks through Lightning's `ModelParallelStrategy`.
+
+    Checkpoints are sharded folders (torch distributed checkpoint) unless `save_distributed_checkpoint`
+    is False; `vlp export` turns either into one weights-only file.
+    """
+
+    def __init__(
+        self,
+        reshard_after_forward: bool = True,
+        cpu_offload: bool = False,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+        )
+        self.reshard_after_forward = reshard_after_forward
+        self.cpu_offload = cpu_offload
+        self.activation_checkpointing = activation_checkpointing
+        self.compile = compile
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # every rank shards the model
+        super().setup_environment()
+
+    def parallelize(self, module: LightningModule) -> None:
+        for backbone in backbones(module):
+            if self.activation_checkpointing:
+                apply_activation_checkpointing(backbone)
+            if self.compile:
+                apply_compile(backbone)
+        apply_fsdp(module, self.device_mesh["data_parallel"], self.reshard_after_forward, self.cpu_offload)
+
+
+def parallelize(module: LightningModule, strategy: Strategy) -> None:
+    """Apply `strategy`'s scaling plan to `module` if it has one (vlp's strategies do; Lightning's own
+    and single-device ones do not)."""
+    plan = getattr(strategy, "parallelize", None)
+    if plan is not None:
+        plan(module)
+
+
+def allow_unused_parameters(strategy: Strategy) -> None:
+    """Turn DDP's `find_unused_parameters` on for Lightning's plain `ddp` / `auto` multi-device strategy
+    unless the user set it: without it, the first step that leaves a backbone part unused fails."""
+    if isinstance(strategy, LightningDDPStrategy):
+        strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
