@@ -18,7 +18,8 @@ from typing import Any
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from vlp.platform.model.backbone import FusionBackbone
 from vlp.platform.model.token_merging import token_merging_state
@@ -72,8 +73,8 @@ def apply_fsdp(
     The root holds the rest (embeddings, projections, the temperature, the objectives' heads); it is
     gathered around each step method and kept for the whole step, so weights read outside their
     module's forward (the tied word embeddings of the MLM and caption heads) are whole there.
-    Fusion layers also gather around `attend`, which token merging in the fusion calls in place of
-    `forward`; there they stay gathered until the step ends, since the layer's MLP runs after it.
+    With token merging in the fusion, which calls each fusion layer's `attend` and then its MLP in place
+    of `forward`, fusion layers gather around `attend` and stay gathered until the step ends.
     """
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
@@ -83,17 +84,40 @@ def apply_fsdp(
     )
 
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    store_scalars_as_vectors(module)
     for backbone in backbones(module):
         merges_fusion = backbone.merging is not None and backbone.merging.merges_fusion
         for block in transformer_blocks(backbone):
-            is_fusion = any(block is layer for layer in backbone.fusion.layers)
-            reshard = reshard_after_forward and not (is_fusion and merges_fusion)
+            merging_fusion_layer = merges_fusion and any(block is layer for layer in backbone.fusion.layers)
+            reshard = reshard_after_forward and not merging_fusion_layer
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
-            if is_fusion:
+            if merging_fusion_layer:
                 register_fsdp_forward_method(block, "attend")
     fully_shard(module, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
     for name in STEP_METHODS:
         register_fsdp_forward_method(module, name)
+
+
+class ScalarAsVector(nn.Module):
+    """Parametrization: a 0-d parameter stored as shape [1] (fully_shard shards only tensors with a dim)."""
+
+    def forward(self, stored: Tensor) -> Tensor:
+        return stored.reshape(())
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value.reshape(1)
+
+
+def store_scalars_as_vectors(module: nn.Module) -> None:
+    """Store every 0-d parameter (the CLIP temperature) as [1]; reading it still gives a 0-d tensor.
+
+    Its state-dict key becomes `<owner>.parametrizations.<name>.original`; `consolidated_state_dict`
+    maps it back, so exported weights load into the plain model.
+    """
+    for owner in list(module.modules()):
+        for name, param in list(owner.named_parameters(recurse=False)):
+            if param.ndim == 0:
+                parametrize.register_parametrization(owner, name, ScalarAsVector())
 
 
 class DDPStrategy(LightningDDPStrategy):

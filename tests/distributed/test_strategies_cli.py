@@ -1,0 +1,189 @@
+"""`vlp fit` on 2 CPU ranks (gloo) under DDP and FSDP2, each rank recording its steps (recorder.py).
+
+Proves: both ranks draw the same objective sequence; sampled mode (parameters unused in a step) runs
+under DDP with no setting; FSDP2 shards every parameter (DTensors with local shards) and follows DDP's
+loss curve; FSDP2's sharded checkpoint and a DDP run killed with SIGKILL resume to the same next losses;
+validation scores under 2 ranks (with a padded last batch) equal one process's on the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlp.cli import run
+
+REPO = Path(__file__).parents[2]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+VLP = Path(sys.executable).parent / "vlp"
+# 13 val images: 2 ranks see 7 each, the 14th a marked repeat of the first
+COMMON = [
+    "--trainer.max_steps=6",
+    "--trainer.val_check_interval=6",
+    "--model.init_args.optim.lr=5e-3",  # a few steps that teach something, so the scores mean something
+    "--trainer.limit_val_batches=1.0",
+    "--data.sources.shapes.init_args.num_val=13",
+    "--checkpoint.every_n_train_steps=3",
+    "--checkpoint.save_top_k=-1",
+]
+SCORES = ["val/retrieval/i2t_r1", "val/retrieval/t2i_r5", "val/itm/acc", "val/mlm/acc"]
+
+
+def _command(out: Path, strategy: str, *extra: str, pause_after_step: int | None = None) -> list[str]:
+    recorder = {"class_path": "recorder.StepRecorder", "init_args": {"out_dir": str(out / "steps")}}
+    if pause_after_step is not None:
+        recorder["init_args"]["pause_after_step"] = pause_after_step
+    return [
+        str(VLP),
+        "fit",
+        "--config",
+        str(TINY),
+        "--config",
+        str(REPO / "configs" / "strategy" / f"{strategy}.yaml"),
+        "--trainer.devices=2",
+        f"--trainer.default_root_dir={out}",
+        *COMMON,
+        f"--trainer.callbacks+={json.dumps(recorder)}",
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join([str(REPO), str(REPO / "tests" / "distributed"), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def _fit(out: Path, strategy: str, *extra: str) -> dict[int, list[dict]]:
+    out.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        _command(out, strategy, *extra),
+        cwd=out,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _records(out)
+
+
+def _records(out: Path) -> dict[int, list[dict]]:
+    return {
+        rank: [json.loads(line) for line in (out / "steps" / f"rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    }
+
+
+def _steps(records: list[dict]) -> dict[int, dict]:
+    return {r["step"]: r for r in records if r["event"] == "step"}
+
+
+def _checkpoint(out: Path, name: str) -> Path:
+    return out / "runs" / "default" / "version_0" / "checkpoints" / name
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, dict[int, list[dict]]]:
+    out = tmp_path_factory.mktemp("ddp")
+    return out, _fit(out, "ddp")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> tuple[Path, dict[int, list[dict]]]:
+    out = tmp_path_factory.mktemp("fsdp")
+    return out, _fit(out, "fsdp")
+
+
+def test_ddp_ranks_draw_one_objective_sequence_and_sampled_mode_needs_no_setting(ddp_run):
+    _, records = ddp_run
+    sequences = [[step["objective"] for step in _steps(records[rank]).values()] for rank in (0, 1)]
+    assert sequences[0] == sequences[1] == ["itc", "itm", "mlm"] * 2
+    losses = [[step["loss"] for step in _steps(records[rank]).values()] for rank in (0, 1)]
+    assert losses[0] != losses[1]  # each rank trained on its own shard of the data
+
+
+def test_validation_under_two_ranks_equals_one_process_on_the_same_global_batch(ddp_run, monkeypatch):
+    out, _ = ddp_run
+    two_ranks = json.loads((out / "runs" / "default" / "version_0" / "metrics.json").read_text())
+    monkeypatch.chdir(out)
+    cli = run(
+        [
+            "validate",
+            "--config",
+            str(TINY),
+            "--trainer.limit_val_batches=1.0",
+            "--data.sources.shapes.init_args.num_val=13",
+            "--data.sources.shapes.init_args.batch_size=16",
+            "--ckpt_path",
+            str(_checkpoint(out, "last.ckpt")),
+        ]
+    )
+    one_rank = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    for key in SCORES:
+        assert one_rank[key] == pytest.approx(two_ranks[key], abs=1e-6), key
+    assert one_rank["val/mlm/acc"] > 0.0 and one_rank["val/retrieval/i2t_r5"] > 0.0
+
+
+def test_fsdp2_shards_every_parameter_and_follows_the_ddp_loss_curve(ddp_run, fsdp_run):
+    _, ddp = ddp_run
+    _, fsdp = fsdp_run
+    for rank in (0, 1):
+        start = fsdp[rank][0]
+        assert start["event"] == "start" and start["dtensor_params"] == start["params"] > 0
+        assert start["local_numel"] < 0.6 * start["global_numel"]
+        ddp_steps, fsdp_steps = _steps(ddp[rank]), _steps(fsdp[rank])
+        assert [s["objective"] for s in fsdp_steps.values()] == [s["objective"] for s in ddp_steps.values()]
+        for step, record in fsdp_steps.items():
+            assert record["loss"] == pytest.approx(ddp_steps[step]["loss"], abs=2e-4), step
+    assert sum(fsdp[r][0]["local_numel"] for r in (0, 1)) == fsdp[0][0]["global_numel"]
+
+
+def test_fsdp2_sharded_checkpoint_resumes_to_the_same_next_losses(fsdp_run, tmp_path):
+    out, full = fsdp_run
+    checkpoint = _checkpoint(out, "step=3.ckpt")
+    assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()
+    resumed = _fit(tmp_path / "resumed", "fsdp", f"--ckpt_path={checkpoint}")
+    for rank in (0, 1):
+        after = _steps(resumed[rank])
+        assert sorted(after) == [4, 5, 6]
+        for step in (4, 5, 6):
+            assert after[step]["objective"] == _steps(full[rank])[step]["objective"]
+            assert after[step]["loss"] == pytest.approx(_steps(full[rank])[step]["loss"], abs=1e-6)
+
+
+def test_ddp_killed_with_sigkill_resumes_to_the_uninterrupted_losses(ddp_run, tmp_path):
+    _, full = ddp_run
+    out = tmp_path / "killed"
+    out.mkdir()
+    run_ = subprocess.Popen(
+        _command(out, "ddp", pause_after_step=3),
+        cwd=out,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        paused = out / "steps" / "rank0.jsonl"
+        while not (paused.is_file() and '"paused"' in paused.read_text()):
+            assert run_.poll() is None and time.monotonic() < deadline, "the run ended before its pause"
+            time.sleep(0.2)
+    finally:
+        os.killpg(run_.pid, signal.SIGKILL)  # the launcher and its rank-1 child share this session
+        run_.wait()
+    assert run_.returncode == -signal.SIGKILL
+    assert max(_steps(_records(out)[0])) == 3
+    resumed = _fit(tmp_path / "resumed", "ddp", f"--ckpt_path={_checkpoint(out, 'last.ckpt')}")
+    for rank in (0, 1):
+        after = _steps(resumed[rank])
+        assert sorted(after) == [4, 5, 6]
+        for step in (4, 5, 6):
+            assert after[step]["loss"] == pytest.approx(_steps(full[rank])[step]["loss"], abs=1e-6)
