@@ -61,3 +61,11 @@ class StepRecorder(Callback):
         if trainer.global_step == self.pause_after_step and trainer.global_rank == 0:
             self._write(trainer, {"event": "paused", "step": trainer.global_step})
             time.sleep(120)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The sum of every full parameter (gathered from its shards), to check exported weights against."""
+        sums = {}
+        for name, param in pl_module.named_parameters():
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            sums[name] = float(full.detach().double().sum())
+        self._write(trainer, {"event": "end", "param_sums": sums})

@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from vlp.cli import run
+from vlp.cli.export import main as export_main
 
 REPO = Path(__file__).parents[2]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -187,3 +190,31 @@ def test_ddp_killed_with_sigkill_resumes_to_the_uninterrupted_losses(ddp_run, tm
         assert sorted(after) == [4, 5, 6]
         for step in (4, 5, 6):
             assert after[step]["loss"] == pytest.approx(_steps(full[rank])[step]["loss"], abs=1e-6)
+
+
+@pytest.mark.parametrize("run_name", ["ddp_run", "fsdp_run"])
+def test_export_writes_each_trained_parameter_once_under_its_plain_name(run_name, request, tmp_path):
+    out, records = request.getfixturevalue(run_name)
+    target = tmp_path / "model.safetensors"
+    assert export_main([str(_checkpoint(out, "last.ckpt")), str(target)]) == 0
+    weights = load_file(target)
+    trained = next(r for r in records[0] if r["event"] == "end")["param_sums"]
+    plain = {
+        name.replace("parametrizations.", "").removesuffix(".original"): s for name, s in trained.items()
+    }
+    assert set(plain) <= set(weights)
+    assert not [key for key in weights if key.startswith("objectives.") and ".backbone." in key]
+    assert weights["backbone.log_logit_scale"].shape == ()
+    for name, total in plain.items():
+        assert weights[name].double().sum().item() == pytest.approx(total, rel=1e-6, abs=1e-6), name
+
+
+def test_export_names_the_path_when_it_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        export_main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out.safetensors")])
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="neither a torch distributed checkpoint"):
+        export_main([str(tmp_path / "folder"), str(tmp_path / "out.safetensors")])
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="no 'state_dict' entry"):
+        export_main([str(tmp_path / "plain.pt"), str(tmp_path / "out.pt")])

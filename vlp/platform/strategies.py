@@ -201,3 +201,28 @@ def allow_unused_parameters(strategy: Strategy) -> None:
     unless the user set it: without it, the first step that leaves a backbone part unused fails."""
     if isinstance(strategy, LightningDDPStrategy):
         strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
+
+
+def consolidated_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's full `state_dict` as the plain model's: each tensor once, under its plain name.
+
+    Objectives hold the shared backbone, so the module's state dict lists it again under
+    `objectives.<name>.backbone.`; those copies are dropped. Scalars that FSDP2 stored as [1]
+    (`<owner>.parametrizations.<name>.original`) get their own name and shape back. Tensors come back
+    contiguous, on the CPU, and never sharing memory (safetensors refuses shared tensors).
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if ".parametrizations." in key and key.endswith(".original"):
+            owner, name = key[: -len(".original")].split(".parametrizations.")
+            key, value = f"{owner}.{name}", value.reshape(())
+        out[key] = value
+    shared = {
+        key
+        for key in out
+        if key.startswith("objectives.")
+        and ".backbone." in key
+        and out.get(key.split(".", 2)[2]) is not None
+        and key.split(".", 2)[2].startswith("backbone.")
+    }
+    return {key: value.detach().cpu().contiguous().clone() for key, value in out.items() if key not in shared}
