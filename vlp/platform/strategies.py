@@ -13,10 +13,13 @@ Precision is Lightning's `trainer.precision` (`bf16-mixed`, `16-mixed`, `bf16-tr
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Literal
 
 from lightning.pytorch import LightningModule
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -186,6 +189,87 @@ class FSDP2Strategy(ModelParallelStrategy):
             if self.compile:
                 apply_compile(backbone)
         apply_fsdp(module, self.device_mesh["data_parallel"], self.reshard_after_forward, self.cpu_offload)
+
+
+def read_outside_forward(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters that code reads directly instead of through their module's forward, so ZeRO-3 must
+    keep them gathered for the whole step: the direct parameters of modules with children (the ViT's
+    cls_token / pos_embed, the CLIP temperature, the MLM and caption heads' biases) and the tied word
+    embeddings that the MLM and caption vocabulary heads multiply with."""
+    found: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        if any(True for _ in sub.children()):
+            for param in sub.parameters(recurse=False):
+                found.setdefault(id(param), param)
+    for backbone in backbones(module):
+        weight = backbone.text.word_embeddings.weight
+        found.setdefault(id(weight), weight)
+    return list(found.values())
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """DeepSpeed ZeRO-2 / ZeRO-3 from a few options, on GPUs and also on CPU ranks (gloo).
+
+    Lightning's strategy refuses a CPU accelerator; DeepSpeed itself runs ZeRO-2/3 on CPU through its
+    CPU accelerator (`DS_ACCELERATOR=cpu`, set here for CPU runs) and gloo, so the check is skipped
+    there. `param_persistence_threshold` is ZeRO-3's `stage3_param_persistence_threshold`: parameters
+    with fewer elements stay whole on every rank (0: partition everything). Precision comes from
+    `trainer.precision` (`bf16-mixed` -> DeepSpeed bf16). Checkpoints are DeepSpeed folders; resume with
+    `--ckpt_path FOLDER`, export with `vlp export FOLDER OUT.safetensors`.
+    """
+
+    def __init__(
+        self,
+        stage: Literal[2, 3] = 2,
+        offload_optimizer: bool = False,
+        offload_parameters: bool = False,
+        param_persistence_threshold: int = 100_000,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        process_group_backend: str | None = None,
+    ) -> None:
+        zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": True}
+        if offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            zero["stage3_param_persistence_threshold"] = param_persistence_threshold
+            if offload_parameters:
+                zero["offload_param"] = {"device": "cpu"}
+        elif offload_parameters:
+            raise ValueError("offload_parameters needs stage: 3 (ZeRO-2 keeps every parameter on each rank)")
+        config = {
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            # the optimizer is the module's torch AdamW; offloaded, DeepSpeed would insist on its own
+            "zero_force_ds_cpu_optimizer": False,
+        }
+        super().__init__(config=config, process_group_backend=process_group_backend)
+        self.stage = stage
+        self.activation_checkpointing = activation_checkpointing
+        self.compile = compile
+
+    def setup_environment(self) -> None:
+        if isinstance(self.accelerator, CPUAccelerator):
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            LightningDDPStrategy.setup_environment(self)  # skips only the parent's CUDA check
+        else:
+            super().setup_environment()
+
+    def parallelize(self, module: LightningModule) -> None:
+        for backbone in backbones(module):
+            if self.activation_checkpointing:
+                apply_activation_checkpointing(backbone)
+            if self.compile:
+                apply_compile(backbone)
+
+    def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        engine, optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        if self.stage == 3:
+            from deepspeed.zero import register_external_parameter
+
+            for param in read_outside_forward(model):
+                register_external_parameter(model, param)
+        return engine, optimizer
 
 
 def parallelize(module: LightningModule, strategy: Strategy) -> None:
