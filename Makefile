@@ -9,14 +9,16 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# DeepSpeed builds its CPU ops (Adam, shared-memory comm) at install instead of JIT-compiling each with g++
-# on first use (~1 min each, every fresh machine): about 3 min once; needs torch installed first.
+# DeepSpeed (extra `deepspeed`) compiles its ops with g++ on first use (~1 min each, on every fresh machine).
+# The one our runs load, the CPU accelerator's shared-memory communication op (loaded by every CPU
+# process group), is built at install instead; it needs torch installed first, hence a second pip call.
+# DeepSpeed's own optimizers (CPU Adam, fused Adam: DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1) are not
+# used (the module's torch AdamW is) and stay just-in-time.
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68"
 	$(BIN)/python -m pip install -q -c requirements-lock.txt -e ".[dev,triton,streaming]"
-	DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1 DS_BUILD_FUSED_ADAM=1 \
-	  $(BIN)/python -m pip install -q --no-build-isolation -c requirements-lock.txt -e ".[deepspeed]"
+	DS_BUILD_SHM_COMM=1 $(BIN)/python -m pip install -q --no-build-isolation -c requirements-lock.txt deepspeed
 	$(BIN)/python -c "import vlp, torch, torchvision, timm, lightning, transformers"
 	touch $(STAMP)
 
@@ -45,17 +47,17 @@ bench: install
 # scripts/gpu-check.sh): what that stack lacks, pure-python where possible, binary ones for CPython 3.10-3.13.
 # Carry $(GPU_WHEELS) along (run tool: carry) and run `make gpu-check` there.
 GPU_WHEELS ?= .gpu-wheels
-GPU_PURE := jsonargparse docstring-parser typeshed-client hjson py-cpuinfo einops
-GPU_BINARY := msgpack ninja
+GPU_PURE := jsonargparse docstring-parser typeshed-client hjson py-cpuinfo einops pydantic annotated-types typing-inspection
+GPU_BINARY := msgpack ninja psutil pydantic-core
 gpu-wheels: install
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
-	$(BIN)/python -m pip freeze > $(GPU_WHEELS)/versions.txt
+	$(BIN)/python -m pip freeze --exclude-editable > $(GPU_WHEELS)/versions.txt
 	$(BIN)/python -m pip download -q --no-deps -c $(GPU_WHEELS)/versions.txt -d $(GPU_WHEELS) $(GPU_PURE)
 	for v in 3.10 3.11 3.12 3.13; do \
 	  $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $$v \
 	    --platform manylinux2014_x86_64 -c $(GPU_WHEELS)/versions.txt -d $(GPU_WHEELS) $(GPU_BINARY) || exit 1; \
 	done
-	DS_BUILD_OPS=0 $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) \
+	DS_BUILD_OPS=0 $(BIN)/python -m pip wheel -q --no-cache-dir --no-deps --no-build-isolation -w $(GPU_WHEELS) \
 	  -c requirements-lock.txt deepspeed
 	ls -la $(GPU_WHEELS)
 

@@ -107,6 +107,7 @@ def _step_torch(module, batch, strategy: str) -> dict[str, int]:
 def _step_deepspeed(module, batch, stage: int) -> dict[str, int]:
     """ZeRO-2/3 in bf16 through DeepSpeed directly (the platform's modules, DeepSpeed's engine)."""
     import deepspeed
+    from deepspeed.runtime.zero import register_external_parameter
 
     from vlp.platform.strategies import read_outside_forward
 
@@ -122,7 +123,7 @@ def _step_deepspeed(module, batch, stage: int) -> dict[str, int]:
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
     if stage == 3:
         for param in read_outside_forward(module):
-            deepspeed.zero.register_external_parameter(module, param)
+            register_external_parameter(module, param)
     batch = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
     out = engine(batch, 0)
     engine.backward(out["loss"] if isinstance(out, dict) else out)

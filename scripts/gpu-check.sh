@@ -35,7 +35,8 @@ echo "== 1. install ($(date +%T))"
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')"
 need=()
 for pkg in jsonargparse:jsonargparse docstring_parser:docstring-parser typeshed_client:typeshed-client \
-  deepspeed:deepspeed hjson:hjson cpuinfo:py-cpuinfo msgpack:msgpack ninja:ninja einops:einops; do
+  deepspeed:deepspeed hjson:hjson cpuinfo:py-cpuinfo msgpack:msgpack ninja:ninja einops:einops psutil:psutil \
+  pydantic:pydantic pydantic_core:pydantic-core annotated_types:annotated-types typing_inspection:typing-inspection; do
   "$PY" -c "import ${pkg%%:*}" 2>/dev/null || need+=("${pkg##*:}")
 done
 if ((${#need[@]})); then

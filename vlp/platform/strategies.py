@@ -13,9 +13,11 @@ Precision is Lightning's `trainer.precision` (`bf16-mixed`, `16-mixed`, `bf16-tr
 
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any, Literal
 
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
@@ -248,12 +250,24 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         self.activation_checkpointing = activation_checkpointing
         self.compile = compile
 
+    @property
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
     def setup_environment(self) -> None:
-        if isinstance(self.accelerator, CPUAccelerator):
+        if self._on_cpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             LightningDDPStrategy.setup_environment(self)  # skips only the parent's CUDA check
         else:
             super().setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu:
+            return super().setup_distributed()
+        # the parent's check that CUDA device indices match local ranks has nothing to check on CPU
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
 
     def parallelize(self, module: LightningModule) -> None:
         for backbone in backbones(module):
@@ -263,9 +277,25 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
                 apply_compile(backbone)
 
     def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
-        engine, optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        # DeepSpeed broadcasts parameters viewed as bytes, which a 0-d one cannot be; done here, outside the
+        # zero.Init context of configure_model, so the new [1] parameter is converted like every other
+        store_scalars_as_vectors(model)
+        if self._on_cpu:  # the parent passes the device index, None on CPU; DeepSpeed wants the local rank
+            import deepspeed
+
+            engine, optimizer, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank),
+                config=self.config,
+                model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                dist_init_required=False,
+            )
+        else:
+            engine, optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         if self.stage == 3:
-            from deepspeed.zero import register_external_parameter
+            from deepspeed.runtime.zero import register_external_parameter
 
             for param in read_outside_forward(model):
                 register_external_parameter(model, param)
