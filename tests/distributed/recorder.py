@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.distributed.tensor import DTensor
 
@@ -58,6 +60,8 @@ class StepRecorder(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: dict, batch_idx: int
     ) -> None:
+        rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]
+        self._write(trainer, {"event": "rng", "step": trainer.global_step, "torch_rng": rng})
         if trainer.global_step == self.pause_after_step and trainer.global_rank == 0:
             self._write(trainer, {"event": "paused", "step": trainer.global_step})
             time.sleep(120)

@@ -2,12 +2,14 @@
 
 `apply_activation_checkpointing`, `apply_compile` and `apply_fsdp` each read their own options and touch
 only the transformer blocks (`transformer_blocks`) and the root module; the backbone itself knows nothing
-of them, and none changes a parameter name, so checkpoints load under any strategy. Lightning runs the
-strategies below; each one's `parallelize(module)` is called from the module's `configure_model`:
+of them. Parameter names stay, except the 0-d CLIP temperature, which FSDP2 and DeepSpeed need stored as
+[1] (`store_scalars_as_vectors`); `consolidated_state_dict` (used by `vlp export`) maps it back. Lightning
+runs the strategies below; each one's `parallelize(module)` is called from the module's `configure_model`:
 - `DDPStrategy`: Lightning's DDP plus checkpointing / compile; `find_unused_parameters` is on unless set
   (a sampled multi-task step or a single objective leaves parts of the shared backbone unused).
 - `FSDP2Strategy`: Lightning's `ModelParallelStrategy` (all ranks data-parallel) with `fully_shard` per
   block and on the root LightningModule; also runs on CPU with gloo.
+- `DeepSpeedStrategy`: ZeRO-2 / ZeRO-3 from a few options; also runs on CPU ranks.
 Precision is Lightning's `trainer.precision` (`bf16-mixed`, `16-mixed`, `bf16-true`, ...).
 """
 
@@ -65,6 +67,15 @@ def apply_compile(backbone: FusionBackbone) -> None:
     """`torch.compile` each block in place (`nn.Module.compile`: same object, same parameter names)."""
     for block in transformer_blocks(backbone):
         block.compile()
+
+
+def apply_block_options(module: nn.Module, activation_checkpointing: bool, compile: bool) -> None:
+    """Activation checkpointing, then compile, on the blocks of every backbone in `module`."""
+    for backbone in backbones(module):
+        if activation_checkpointing:
+            apply_activation_checkpointing(backbone)
+        if compile:
+            apply_compile(backbone)
 
 
 def apply_fsdp(
@@ -146,11 +157,7 @@ class DDPStrategy(LightningDDPStrategy):
         self.compile = compile
 
     def parallelize(self, module: LightningModule) -> None:
-        for backbone in backbones(module):
-            if self.activation_checkpointing:
-                apply_activation_checkpointing(backbone)
-            if self.compile:
-                apply_compile(backbone)
+        apply_block_options(module, self.activation_checkpointing, self.compile)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -185,11 +192,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def parallelize(self, module: LightningModule) -> None:
-        for backbone in backbones(module):
-            if self.activation_checkpointing:
-                apply_activation_checkpointing(backbone)
-            if self.compile:
-                apply_compile(backbone)
+        apply_block_options(module, self.activation_checkpointing, self.compile)
         apply_fsdp(module, self.device_mesh["data_parallel"], self.reshard_after_forward, self.cpu_offload)
 
 
@@ -270,11 +273,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
     def parallelize(self, module: LightningModule) -> None:
-        for backbone in backbones(module):
-            if self.activation_checkpointing:
-                apply_activation_checkpointing(backbone)
-            if self.compile:
-                apply_compile(backbone)
+        apply_block_options(module, self.activation_checkpointing, self.compile)
 
     def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
         # DeepSpeed broadcasts parameters viewed as bytes, which a 0-d one cannot be; done here, outside the
@@ -313,7 +312,7 @@ def parallelize(module: LightningModule, strategy: Strategy) -> None:
 def allow_unused_parameters(strategy: Strategy) -> None:
     """Turn DDP's `find_unused_parameters` on for Lightning's plain `ddp` / `auto` multi-device strategy
     unless the user set it: without it, the first step that leaves a backbone part unused fails."""
-    if isinstance(strategy, LightningDDPStrategy):
+    if isinstance(strategy, LightningDDPStrategy) and not isinstance(strategy, LightningDeepSpeedStrategy):
         strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
 
 
@@ -321,7 +320,7 @@ def consolidated_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A checkpoint's full `state_dict` as the plain model's: each tensor once, under its plain name.
 
     Objectives hold the shared backbone, so the module's state dict lists it again under
-    `objectives.<name>.backbone.`; those copies are dropped. Scalars that FSDP2 stored as [1]
+    `objectives.<name>.backbone.`; those copies are dropped. Scalars that FSDP2 / DeepSpeed stored as [1]
     (`<owner>.parametrizations.<name>.original`) get their own name and shape back. Tensors come back
     contiguous, on the CPU, and never sharing memory (safetensors refuses shared tensors).
     """
@@ -331,12 +330,14 @@ def consolidated_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
             owner, name = key[: -len(".original")].split(".parametrizations.")
             key, value = f"{owner}.{name}", value.reshape(())
         out[key] = value
-    shared = {
-        key
-        for key in out
-        if key.startswith("objectives.")
-        and ".backbone." in key
-        and out.get(key.split(".", 2)[2]) is not None
-        and key.split(".", 2)[2].startswith("backbone.")
-    }
+    shared = set()
+    for key in out:
+        parts = key.split(".", 2)  # objectives, <name>, backbone.<rest>
+        if (
+            parts[0] == "objectives"
+            and len(parts) == 3
+            and parts[2].startswith("backbone.")
+            and parts[2] in out
+        ):
+            shared.add(key)
     return {key: value.detach().cpu().contiguous().clone() for key, value in out.items() if key not in shared}
