@@ -54,6 +54,7 @@ class StepRecorder(Callback):
                 "step": trainer.global_step,
                 "objective": batch["objective"],
                 "loss": float(loss),
+                "lr": [float(group["lr"]) for group in trainer.optimizers[0].param_groups],
             },
         )
 
