@@ -109,7 +109,7 @@ def _step_deepspeed(module, batch, stage: int) -> dict[str, int]:
     import deepspeed
     from deepspeed.runtime.zero import register_external_parameter
 
-    from vlp.platform.strategies import read_outside_forward
+    from vlp.platform.strategies import read_outside_forward, store_scalars_as_vectors
 
     config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -118,6 +118,7 @@ def _step_deepspeed(module, batch, stage: int) -> dict[str, int]:
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
+    store_scalars_as_vectors(module)  # as DeepSpeedStrategy does: DeepSpeed cannot broadcast a 0-d parameter
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
     module.forward = module.training_step
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
@@ -130,7 +131,7 @@ def _step_deepspeed(module, batch, stage: int) -> dict[str, int]:
     # bytes counted before the step releases the gradient partitions
     if stage == 3:
         params = _nbytes(p.ds_tensor for p in module.parameters())
-        grads = _nbytes(ds_optimizer.fp32_partitioned_groups_flat) // 2  # bf16 gradient partitions
+        grads = _nbytes([ds_optimizer.grad_partitions_flat_buffer])  # this rank's gradient partitions
         master = _nbytes(ds_optimizer.fp32_partitioned_groups_flat)
     else:
         params = _nbytes(module.parameters())
