@@ -12,7 +12,7 @@ DDP 16Ψ, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N (fp32 training: 4Ψ params + 4Ψ gr
 under FSDP2). Peak: growth of each rank's peak resident set over the step (CPU, so it includes
 activations, communication buffers and the allocator's slack). Results: benchmarks/results/memory.json.
 
-    python benchmarks/memory.py            # ~3 min on 2 CPU cores, ~6 GiB per rank
+    python benchmarks/memory.py            # ~2 min on 2 CPU cores, up to ~5 GiB per rank
     python benchmarks/memory.py --quick    # a small backbone, seconds
 """
 
