@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 
 from vlp.cli import run
 from vlp.platform.model.backbone import FeatureCache
 from vlp.platform.model.token_merging import TokenMergingConfig
 from vlp.platform.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    allow_unused_parameters,
     apply_activation_checkpointing,
     apply_compile,
     store_scalars_as_vectors,
@@ -109,3 +113,22 @@ def test_bf16_mixed_from_the_trainer_config_tracks_fp32_within_2_percent(tmp_pat
     for step, loss in fp32.items():
         assert bf16[step] == pytest.approx(loss, rel=0.02), step
     assert bf16 != fp32  # bf16 did run: the losses are not bit-identical
+
+
+def test_plain_ddp_gets_find_unused_parameters_unless_the_user_set_it():
+    plain, explicit = LightningDDPStrategy(), LightningDDPStrategy(find_unused_parameters=False)
+    allow_unused_parameters(plain)
+    allow_unused_parameters(explicit)
+    assert plain._ddp_kwargs["find_unused_parameters"] is True
+    assert explicit._ddp_kwargs["find_unused_parameters"] is False
+    assert DDPStrategy()._ddp_kwargs["find_unused_parameters"] is True
+    assert DDPStrategy(find_unused_parameters=False)._ddp_kwargs["find_unused_parameters"] is False
+
+
+def test_deepspeed_options_become_its_zero_config():
+    zero3 = DeepSpeedStrategy(stage=3, param_persistence_threshold=0, offload_parameters=True).config
+    assert zero3["zero_optimization"]["stage"] == 3
+    assert zero3["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert zero3["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    with pytest.raises(ValueError, match="offload_parameters needs stage: 3"):
+        DeepSpeedStrategy(stage=2, offload_parameters=True)
