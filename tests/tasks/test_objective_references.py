@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import vlp.tasks.itm as itm_module
-import vlp.tasks.mlm as mlm_module
 from vlp.platform.model.backbone import FeatureCache
 from vlp.tasks.itm import ITMObjective
 from vlp.tasks.mlm import IGNORE_INDEX, MLMObjective
@@ -128,14 +127,14 @@ def test_mlm_encodes_the_masked_caption_and_scores_only_masked_positions(
 ):
     objective = MLMObjective(backbone)
     masks = []
-    original = mlm_module.mask_tokens
+    original = objective.mask
 
     def recording(*args, **kwargs):
         masked, labels = original(*args, **kwargs)
         masks.append((masked.clone(), labels.clone()))
         return masked, labels
 
-    monkeypatch.setattr(mlm_module, "mask_tokens", recording)
+    monkeypatch.setattr(objective, "mask", recording)
     encoded = []
     backbone.text.register_forward_pre_hook(lambda _m, args: encoded.append(args[0].clone()))
     torch.manual_seed(0)

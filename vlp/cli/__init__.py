@@ -34,6 +34,7 @@ from vlp.platform.perf import FlopsMonitor
 from vlp.platform.prediction_writer import PredictionWriter
 from vlp.platform.requeue import RequeueAtStepBoundary
 from vlp.platform.skipped_samples import SkippedSamplesMonitor
+from vlp.platform.strategies import allow_unused_parameters
 from vlp.platform.visualization import ValidationImages
 from vlp.tasks.base import TrainableModule
 
@@ -87,6 +88,10 @@ class VLPCLI(LightningCLI):
         if newest is not None:
             rank_zero_info(f"--ckpt_path last: resuming from {newest}")
             config["ckpt_path"] = str(newest)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        allow_unused_parameters(self.trainer.strategy)
 
 
 def run(args: list[str] | None = None) -> VLPCLI:

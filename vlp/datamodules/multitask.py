@@ -11,7 +11,8 @@ applies every observation at the same draw as an uninterrupted one.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -169,6 +170,32 @@ class MultiTaskLoader:
         self.snapshots, self.consumed_state = {}, None
 
 
+class PaddingMarked(Dataset):
+    """An eval split padded to a multiple of `world_size` the way DistributedSampler pads (repeating the
+    first items), with each repeat marked: batches get `is_padding` [B] bool, so whole-split metrics count
+    every sample once while every rank still runs as many batches (collectives stay in step)."""
+
+    def __init__(self, dataset: Dataset, world_size: int) -> None:
+        self.dataset, self.size = dataset, len(dataset)
+        self.padded_size = -(-self.size // world_size) * world_size
+
+    def __len__(self) -> int:
+        return self.padded_size
+
+    def __getitem__(self, index: int) -> tuple[dict, bool]:
+        return self.dataset[index % self.size], index >= self.size
+
+    @staticmethod
+    def collate_with(collate: Callable[[list], dict]) -> Callable[[list[tuple[dict, bool]]], dict]:
+        return partial(_collate_marked, collate)
+
+
+def _collate_marked(collate: Callable[[list], dict], items: list[tuple[dict, bool]]) -> dict:
+    batch = collate([item for item, _ in items])
+    batch["is_padding"] = torch.tensor([padding for _, padding in items], dtype=torch.bool)
+    return batch
+
+
 class MultiTaskDataModule(LightningDataModule):
     """Sources by name, the objective -> source mapping, and the sampler that chooses between them.
 
@@ -270,10 +297,15 @@ class MultiTaskDataModule(LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         source = self.sources[self.eval_source]
         dataset: Dataset = source.dataset(split)
+        collate = source.collate
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world > 1 and hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+            dataset = PaddingMarked(dataset, world)
+            collate = dataset.collate_with(source.collate)
         return DataLoader(
             dataset,
             batch_size=source.batch_size,
-            collate_fn=source.collate,
+            collate_fn=collate,
             num_workers=source.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
         )

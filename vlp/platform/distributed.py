@@ -43,11 +43,24 @@ def all_gather_with_grad(t: Tensor) -> Tensor:
         return torch.cat(all_gather(t), dim=0)
 
 
-def all_gather_no_grad(t: Tensor) -> Tensor:
-    """Concatenate `t` [B, ...] from every rank along dim 0 -> [world_size * B, ...], outside autograd
-    (e.g. momentum features for a queue). Every rank must pass the same shape. Identity when not distributed."""
+def all_gather_padded(t: Tensor, pad_dim: int | None = None, with_grad: bool = False) -> Tensor:
+    """Concatenate `t` [B, ...] from every rank along dim 0 -> [world_size * B, ...].
+
+    `pad_dim` names a dimension whose size may differ between ranks (captions padded to each batch's
+    longest): every rank's tensor is zero-padded there to the longest first. `with_grad` keeps the graph
+    (`all_gather_with_grad`); otherwise the result is detached. Identity when not distributed.
+    """
     if not is_distributed():
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
+    if pad_dim is not None:
+        longest = torch.tensor(t.shape[pad_dim], device=t.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        missing = int(longest) - t.shape[pad_dim]
+        if missing:
+            pad = [0, 0] * (t.ndim - 1 - pad_dim % t.ndim) + [0, missing]
+            t = torch.nn.functional.pad(t, pad)
+    if with_grad:
+        return all_gather_with_grad(t)
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
     return torch.cat(parts, dim=0)

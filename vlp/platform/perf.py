@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 
 from vlp.platform.flops import flop_counter
@@ -80,7 +81,8 @@ class FlopsMonitor(Callback):
     (1.0 without merging). gflops_per_sample: forward (+ backward) FLOPs of a replay of the step on the
     batch's first `batch_size` samples, divided by them; counted with FlopCounterMode (CPU attention
     included), so it costs about one extra small step. Merging's gather/scatter/sort count as 0 FLOPs.
-    In a sampled multi-task run it measures the objective that the batch carries.
+    In a sampled multi-task run it measures the objective that the batch carries. Not counted under
+    DeepSpeed (the replay cannot run outside its engine).
     """
 
     def __init__(self, every_n_steps: int = 100, batch_size: int = 2, backward: bool = True) -> None:
@@ -100,6 +102,10 @@ class FlopsMonitor(Callback):
         measure = self._batches % self.every_n_steps == 0
         self._batches += 1
         if not measure or not isinstance(batch, dict):
+            return
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            # a replay outside DeepSpeed's engine sees ZeRO-3's partitioned (empty) parameters, and
+            # autograd.grad trips ZeRO's gradient hooks: no count under DeepSpeed
             return
         small = head_of_batch(batch, self.batch_size)
         samples = int(small["image"].shape[0])

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.optim import OptimConfig, build_optimizer
+from vlp.platform.strategies import parallelize
 
 
 class ObjectiveOutput(NamedTuple):
@@ -27,12 +28,27 @@ def batch_size_of(batch: dict) -> int:
     return int(batch["image"].shape[0])
 
 
+def real_rows(batch: dict) -> Tensor:
+    """[B] bool: rows that are not `is_padding` repeats (added so every rank gets as many eval batches);
+    whole-split metrics count only these, so each sample counts once whatever the number of ranks."""
+    padding = batch.get("is_padding")
+    if padding is None:
+        return torch.ones(batch_size_of(batch), dtype=torch.bool, device=batch["image"].device)
+    return ~padding.to(device=batch["image"].device, dtype=torch.bool)
+
+
 class TrainableModule(LightningModule):
     """Optimizer, schedule and logging shared by single objectives and the multi-task module."""
 
     def __init__(self, optim: OptimConfig | None = None) -> None:
         super().__init__()
         self.optim = optim or OptimConfig()
+
+    def configure_model(self) -> None:
+        """The trainer strategy's scaling plan (sharding, checkpointing, compile), applied once."""
+        if not getattr(self, "_parallelized", False):
+            parallelize(self, self.trainer.strategy)
+            self._parallelized = True
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))

@@ -29,7 +29,7 @@ from vlp.platform.model.decoder import (
 from vlp.platform.model.momentum import distilled_cross_entropy, ramped_alpha
 from vlp.platform.optim import OptimConfig
 from vlp.platform.visualization import annotate_captions
-from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation
+from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation, real_rows
 
 MAX_LOGGED_IMAGES = 8
 
@@ -135,7 +135,10 @@ class CaptionObjective(Objective):
         logits = self.decoder.logits(hidden[keep]).float()
         labels = targets[keep]
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        self.val_accuracy.update((logits.argmax(-1) == labels).float().mean(), weight=labels.numel())
+        scored = real_rows(batch)[:, None].expand_as(keep)[keep]
+        if scored.any():
+            correct = (logits.argmax(-1) == labels)[scored]
+            self.val_accuracy.update(correct.float().mean(), weight=correct.numel())
         references = batch.get("references") or [[caption] for caption in batch["captions"]]
         for image_id, caption, refs in zip(
             batch["image_id"].tolist(), self.captions(features.fused_image), references, strict=True

@@ -22,7 +22,7 @@ from vlp.platform.metrics import grounding_scores
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_token
 from vlp.platform.optim import OptimConfig
 from vlp.platform.visualization import MAX_IMAGES, annotate_boxes
-from vlp.tasks.base import Objective, ObjectiveOutput
+from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
 
 BATCH_KEYS = ("phrase_input_ids", "phrase_attention_mask", "boxes")
 
@@ -112,9 +112,11 @@ class GroundingObjective(Objective):
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         pred = self.predict_boxes(batch, features)
         loss = box_loss(pred, batch["boxes"], self.l1_weight, self.giou_weight)
-        scores = grounding_scores(pred, batch["boxes"].to(pred.dtype))
-        self.val_acc50.update(scores["acc50"], weight=pred.shape[0])
-        self.val_miou.update(scores["miou"], weight=pred.shape[0])
+        real = real_rows(batch)
+        if real.any():
+            scores = grounding_scores(pred[real], batch["boxes"][real].to(pred.dtype))
+            self.val_acc50.update(scores["acc50"], weight=int(real.sum()))
+            self.val_miou.update(scores["miou"], weight=int(real.sum()))
         return {"loss": loss.total}
 
     def validation_scores(self) -> dict[str, float]:

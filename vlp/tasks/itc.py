@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import CatMetric
 
-from vlp.platform.distributed import all_gather_no_grad, all_gather_with_grad, rank
+from vlp.platform.distributed import all_gather_padded, all_gather_with_grad, rank
 from vlp.platform.kernels import contrastive_loss
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
@@ -108,8 +108,8 @@ class ITCObjective(Objective):
             image_m, text_m = features.momentum_image.embedding, features.momentum_text.embedding
         if alpha > 0:
             with torch.no_grad():
-                text_m_all = torch.cat([all_gather_no_grad(text_m), queued_text.to(text_m.dtype)])
-                image_m_all = torch.cat([all_gather_no_grad(image_m), queued_image.to(image_m.dtype)])
+                text_m_all = torch.cat([all_gather_padded(text_m), queued_text.to(text_m.dtype)])
+                image_m_all = torch.cat([all_gather_padded(image_m), queued_image.to(image_m.dtype)])
                 soft_i2t = (scale * image_m @ text_m_all.T).masked_fill(hidden, -torch.inf).softmax(dim=1)
                 soft_t2i = (scale * text_m @ image_m_all.T).masked_fill(hidden, -torch.inf).softmax(dim=1)
                 targets_i2t = alpha * soft_i2t + (1 - alpha) * targets_i2t

@@ -1,16 +1,22 @@
 """Image-text matching with hard negatives (ALBEF ITM).
 
-For every image one negative text, for every text one negative image, drawn from the softmaxed in-batch
-ITC similarities, so similar-but-wrong pairs are drawn most often. A pair is never a negative when it is
-a positive: same image id, or exactly the same caption (token ids), since duplicate captions describe
-both images. Binary head on the fused [CLS]; cross-entropy over B positives and 2B negatives. The 3B fused passes share
-what does not depend on the pair: each caption's first fusion self-attention, each image's fusion keys and
-values, and only [CLS] runs through the last fusion layer (exact: the same loss and gradients).
-Validation: accuracy on balanced pairs (every positive plus its hardest in-batch negative text); with
+For every image one negative text, for every text one negative image, drawn from the softmaxed ITC
+similarities over the GLOBAL batch (every rank's rows, as ALBEF does), so similar-but-wrong pairs are
+drawn most often. A pair is never a negative when it is a positive: same image id, or exactly the same
+caption (token ids), since duplicate captions describe both images; both are checked across ranks.
+Binary head on the fused [CLS]; cross-entropy over B positives and 2B negatives per rank, so with DDP's
+gradient averaging W ranks of batch B train exactly like one process with batch W * B. The 3B fused passes
+share what does not depend on the pair: each caption's first fusion self-attention and each image's fusion
+keys and values are computed once (before the gather) and gathered, and only [CLS] runs through the last
+fusion layer (exact: the same loss and gradients).
+Validation: accuracy on balanced pairs (every positive plus its hardest global-batch negative text);
+the repeats a DistributedSampler pads with (`is_padding`) are mined from but never scored; with
 `rerank_k`, retrieval over the whole split re-ranked by this head (`vlp.tasks.itm_rerank`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +24,11 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import BinaryAccuracy
 
+from vlp.platform.distributed import all_gather_padded, rank
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures, TextFeatures, first_token
 from vlp.platform.optim import OptimConfig
-from vlp.tasks.base import Objective, ObjectiveOutput
+from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
 from vlp.tasks.itc import first_occurrences
 from vlp.tasks.itm_rerank import rerank_scores
 
@@ -55,6 +62,92 @@ def sample_hard_negatives(
     return indices, valid
 
 
+class MatchPairs(NamedTuple):
+    """(image, text) pairs for the matching head as indices into the global batch: positives first, then
+    the mined negatives."""
+
+    image: ImageFeatures  # the global batch's images [W * B, 1 + N, Dv] (+ sizes, fusion keys and values)
+    text_tokens: Tensor  # the global batch's captions [W * B, L, Dt], after the first fusion self-attention
+    self_attended: bool  # whether text_tokens went through it (not with token merging inside fusion)
+    attention_mask: Tensor  # [W * B, L]
+    image_index: Tensor  # [P]
+    text_index: Tensor  # [P]
+    labels: Tensor  # [P], 1 = match
+    anchor_is_real: Tensor  # [P] bool: the pair's local anchor row is not a sampler padding repeat
+
+
+def gather_image(image: ImageFeatures) -> ImageFeatures:
+    """Every rank's image features, with gradients, fusion keys and values included (identity on one process)."""
+    kv = None
+    if image.fusion_kv is not None:
+        kv = tuple(
+            (all_gather_padded(k, with_grad=True), all_gather_padded(v, with_grad=True))
+            for k, v in image.fusion_kv
+        )
+    sizes = None if image.sizes is None else all_gather_padded(image.sizes, with_grad=True)
+    return ImageFeatures(
+        all_gather_padded(image.tokens, with_grad=True),
+        all_gather_padded(image.embedding, with_grad=True),
+        sizes,
+        kv,
+    )
+
+
+def global_match_pairs(
+    batch: dict, features: FeatureCache, backbone: FusionBackbone, hardest: bool = False
+) -> MatchPairs:
+    """Positives of this rank's B rows plus negatives mined from the global batch of every rank.
+
+    Gathers (with gradients) the image tokens and text tokens of all ranks, and (without) the ITC
+    embeddings, image ids, caption ids and masks; captions are zero-padded to the longest on any rank.
+    Negatives are drawn for every global row with the same draw a single process would make (identical
+    on each rank when their RNGs agree, as under a seeded Lightning run) and each rank keeps its own rows.
+    `hardest` takes the most similar negative text instead of sampling and mines no negative images
+    (validation). Identity gathers on one process.
+    """
+    image, text = features.fused_image, features.text
+    b = image.tokens.shape[0]
+    real = real_rows(batch)
+    image_ids = all_gather_padded(batch["image_id"])
+    input_ids = all_gather_padded(batch["input_ids"], pad_dim=1)
+    attention_mask = all_gather_padded(text.attention_mask, pad_dim=1)
+    attended = backbone.first_self_attention(text.tokens, text.attention_mask)
+    tokens = text.tokens if attended is None else attended
+    text_tokens = all_gather_padded(tokens, pad_dim=1, with_grad=True)
+    global_image = gather_image(image)
+    logit_scale = backbone.logit_scale()
+    local = torch.arange(b, device=image.tokens.device) + rank() * b
+    positives = positive_pairs(image_ids, input_ids, attention_mask)
+    with torch.no_grad():
+        image_emb = all_gather_padded(image.embedding)
+        text_emb = all_gather_padded(text.embedding)
+        similarity = image_emb @ text_emb.T * logit_scale
+        if hardest:
+            masked = similarity.masked_fill(positives, float("-inf"))
+            neg_text, text_ok = masked.argmax(dim=1), ~positives.all(dim=1)
+            image_ok = torch.zeros_like(text_ok)
+            neg_image = neg_text
+        else:
+            neg_text, text_ok = sample_hard_negatives(similarity, positives)
+            neg_image, image_ok = sample_hard_negatives(similarity.T, positives.T)
+    text_ok, image_ok = text_ok[local], image_ok[local]
+    image_index = torch.cat([local, local[text_ok], neg_image[local][image_ok]])
+    text_index = torch.cat([local, neg_text[local][text_ok], local[image_ok]])
+    labels = torch.zeros(len(image_index), dtype=torch.long, device=image_index.device)
+    labels[:b] = 1
+    anchor_is_real = torch.cat([real, real[text_ok], real[image_ok]])
+    return MatchPairs(
+        global_image,
+        text_tokens,
+        attended is not None,
+        attention_mask,
+        image_index,
+        text_index,
+        labels,
+        anchor_is_real,
+    )
+
+
 class ITMObjective(Objective):
     """Image-text matching head on the fused [CLS] with ITC-weighted hard negatives."""
 
@@ -81,56 +174,35 @@ class ITMObjective(Objective):
             {key: CatMetric(nan_strategy="disable") for key in SPLIT_KEYS} if rerank_k else {}
         )
 
-    def pair_logits(
-        self, image: ImageFeatures, text: TextFeatures, image_index: Tensor, text_index: Tensor
-    ) -> Tensor:
-        """[K, 2] match / no-match logits of the pairs (image image_index[k], text text_index[k]).
-
-        The work a pair shares is done once: each caption's first fusion self-attention (it reads no
-        image) and each image's fusion keys and values are gathered, not recomputed, and the last fusion
-        layer runs the [CLS] query alone, the only token the head reads.
-        """
-        mask = text.attention_mask[text_index]
-        pairs = image.take(image_index)
-        cls = first_token(len(text_index), mask.device)
-        attended = self.backbone.first_self_attention(text.tokens, text.attention_mask)
-        if attended is None:  # token merging inside fusion: nothing to share
-            fused = self.backbone.fuse(pairs, text.tokens[text_index], mask, positions=cls)
-        else:
-            fused = self.backbone.fuse(pairs, attended[text_index], mask, positions=cls, self_attended=True)
+    def match_logits(self, pairs: MatchPairs) -> Tensor:
+        """[P, 2] match / no-match logits of the pairs: image keys and values and the captions' first fusion
+        self-attention are gathered rows, not recomputed, and the last fusion layer runs [CLS] alone."""
+        mask = pairs.attention_mask[pairs.text_index]
+        cls = first_token(len(pairs.text_index), mask.device)
+        fused = self.backbone.fuse(
+            pairs.image.take(pairs.image_index),
+            pairs.text_tokens[pairs.text_index],
+            mask,
+            positions=cls,
+            self_attended=pairs.self_attended,
+        )
         return self.head(fused[:, 0])
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
-        image, text = features.fused_image, features.text
-        positives = positive_pairs(batch["image_id"], batch["input_ids"], text.attention_mask)
-        with torch.no_grad():
-            similarity = image.embedding @ text.embedding.T * self.backbone.logit_scale()
-            neg_text, text_ok = sample_hard_negatives(similarity, positives)
-            neg_image, image_ok = sample_hard_negatives(similarity.T, positives.T)
-        b = image.tokens.shape[0]
-        everyone = torch.arange(b, device=image.tokens.device)
-        image_index = torch.cat([everyone, everyone[text_ok], neg_image[image_ok]])
-        text_index = torch.cat([everyone, neg_text[text_ok], everyone[image_ok]])
-        logits = self.pair_logits(image, text, image_index, text_index)
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        labels[:b] = 1
-        loss = F.cross_entropy(logits, labels)
-        accuracy = (logits.argmax(-1) == labels).float().mean()
+        pairs = global_match_pairs(batch, features, self.backbone)
+        logits = self.match_logits(pairs)
+        loss = F.cross_entropy(logits, pairs.labels)
+        accuracy = (logits.argmax(-1) == pairs.labels).float().mean()
         return ObjectiveOutput(loss, {"loss": loss, "acc": accuracy})
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
-        image, text = features.fused_image, features.text
-        positives = positive_pairs(batch["image_id"], batch["input_ids"], text.attention_mask)
-        similarity = (image.embedding @ text.embedding.T).masked_fill(positives, float("-inf"))
-        valid = ~positives.all(dim=1)
-        everyone = torch.arange(similarity.shape[0], device=similarity.device)
-        text_index = torch.cat([everyone, similarity.argmax(dim=1)[valid]])
-        logits = self.pair_logits(image, text, torch.cat([everyone, everyone[valid]]), text_index)
-        labels = (torch.arange(len(text_index), device=logits.device) < len(everyone)).long()
-        self.val_accuracy.update(logits.argmax(-1), labels)
+        pairs = global_match_pairs(batch, features, self.backbone, hardest=True)
+        logits = self.match_logits(pairs)
+        scored = pairs.anchor_is_real
+        self.val_accuracy.update(logits.argmax(-1)[scored], pairs.labels[scored])
         if self.rerank_k:
-            self.keep_for_reranking(batch, image, text)
-        return {"loss": F.cross_entropy(logits, labels)}
+            self.keep_for_reranking(batch, features.fused_image, features.text)
+        return {"loss": F.cross_entropy(logits, pairs.labels)}
 
     def validation_scores(self) -> dict[str, float]:
         if not self.val_accuracy.update_called:

@@ -16,7 +16,7 @@ from vlp.platform.kernels import linear_cross_entropy
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures
 from vlp.platform.model.momentum import distilled_cross_entropy, ramped_alpha
 from vlp.platform.optim import OptimConfig
-from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation
+from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation, real_rows
 
 IGNORE_INDEX = -100
 
@@ -104,16 +104,40 @@ class MLMObjective(Objective):
         )
         self.val_accuracy = MeanMetric()
 
-    def masked_hidden(self, batch: dict, features: FeatureCache, generator: torch.Generator | None = None):
+    def masked_hidden(self, batch: dict, features: FeatureCache, seeded: bool = False):
         """Fused, transformed hidden states at the selected positions [M, D] and their labels [M]."""
-        masked_ids, labels = self.mask(batch, generator)
+        masked_ids, labels = self.mask(batch, seeded)
         hidden = self.fused_hidden(self.backbone, self.head, features.fused_image, masked_ids, batch, labels)
         return hidden, labels[labels != IGNORE_INDEX]
 
-    def mask(self, batch: dict, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """BERT-masked caption ids [B, L] and labels [B, L] (IGNORE_INDEX where not selected)."""
+    def mask(self, batch: dict, seeded: bool = False) -> tuple[Tensor, Tensor]:
+        """BERT-masked caption ids [B, L] and labels [B, L] (IGNORE_INDEX where not selected).
+
+        `seeded` (validation) masks each caption with a generator seeded by its image id, over its real
+        tokens only, and never masks `is_padding` repeats: every sample gets the same masks whatever
+        batch, padding or number of ranks it lands in, and counts once.
+        """
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         maskable = attention_mask.bool() & ~self.backbone.special_tokens_mask(input_ids)
+        if not seeded:
+            return self._mask(input_ids, maskable)
+        masked_ids, labels = input_ids.clone(), torch.full_like(input_ids, IGNORE_INDEX)
+        rows = zip(
+            batch["image_id"].tolist(),
+            attention_mask.sum(dim=1).tolist(),
+            real_rows(batch).tolist(),
+            strict=True,
+        )
+        for i, (image_id, n, real) in enumerate(rows):
+            if real:
+                masked_ids[i, :n], labels[i, :n] = self._mask(
+                    input_ids[i : i + 1, :n], maskable[i : i + 1, :n], torch.Generator().manual_seed(image_id)
+                )
+        return masked_ids, labels
+
+    def _mask(
+        self, input_ids: Tensor, maskable: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         return mask_tokens(
             input_ids,
             maskable,
@@ -164,8 +188,7 @@ class MLMObjective(Objective):
         return ObjectiveOutput(loss, {"loss": loss, "alpha": torch.tensor(alpha), **logs})
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
-        generator = torch.Generator().manual_seed(int(batch["image_id"][0]))
-        hidden, labels = self.masked_hidden(batch, features, generator)
+        hidden, labels = self.masked_hidden(batch, features, seeded=True)
         logits = hidden @ self.backbone.text.word_embeddings.weight.T + self.head.bias
         if labels.numel():
             self.val_accuracy.update((logits.argmax(-1) == labels).float().mean(), weight=labels.numel())

@@ -1,0 +1,76 @@
+"""A callback the multi-process CLI tests add with `--trainer.callbacks+=`: each rank appends what it saw
+(objective, loss, shards) to its own JSON-lines file, flushed per step so a killed run leaves it behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.distributed.tensor import DTensor
+
+
+class StepRecorder(Callback):
+    """`pause_after_step`: rank 0 sleeps there (after that step's checkpoint), a window to kill the run."""
+
+    def __init__(self, out_dir: str, pause_after_step: int | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.pause_after_step = pause_after_step
+
+    def _write(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({**record, "pid": os.getpid()}) + "\n")
+            f.flush()
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        params = list(pl_module.parameters())
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        self._write(
+            trainer,
+            {
+                "event": "start",
+                "world_size": trainer.world_size,
+                "params": len(params),
+                "dtensor_params": len(sharded),
+                "local_numel": sum(p.to_local().numel() for p in sharded),
+                "global_numel": sum(p.numel() for p in sharded),
+            },
+        )
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: dict, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._write(
+            trainer,
+            {
+                "event": "step",
+                "step": trainer.global_step,
+                "objective": batch["objective"],
+                "loss": float(loss),
+                "lr": [float(group["lr"]) for group in trainer.optimizers[0].param_groups],
+            },
+        )
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: dict, batch_idx: int
+    ) -> None:
+        rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]
+        self._write(trainer, {"event": "rng", "step": trainer.global_step, "torch_rng": rng})
+        if trainer.global_step == self.pause_after_step and trainer.global_rank == 0:
+            self._write(trainer, {"event": "paused", "step": trainer.global_step})
+            time.sleep(120)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The sum of every full parameter (gathered from its shards), to check exported weights against."""
+        sums = {}
+        for name, param in pl_module.named_parameters():
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            sums[name] = float(full.detach().double().sum())
+        self._write(trainer, {"event": "end", "param_sums": sums})

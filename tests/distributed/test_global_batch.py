@@ -1,0 +1,110 @@
+"""Global-batch objectives under 2 gloo ranks: per-rank batch b equals one process with batch 2b.
+
+ITC (gathered columns, local loss) and ITM (hard negatives mined from every rank's rows, positives and
+duplicate captions excluded across ranks) give the same loss and, after DDP's gradient averaging, the same
+gradients as one process on the whole batch. ITC without the gather does not.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vlp.datamodules.shapes import ShapesSource
+from vlp.platform.kernels import contrastive_loss
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone
+from vlp.platform.model.encoders import TextConfig, VisionConfig
+from vlp.platform.model.fusion import FusionConfig
+from vlp.tasks.itc import ITCObjective
+from vlp.tasks.itm import ITMObjective
+
+WORLD, LOCAL_B = 2, 8
+# image 3 appears on both ranks: its pair across ranks is a positive, never a negative
+ITEMS = [*range(15), 3]
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def _source() -> ShapesSource:
+    return ShapesSource(image_size=32, num_train=32, num_val=8, num_test=8, batch_size=LOCAL_B)
+
+
+def _models(source: ShapesSource) -> tuple[FusionBackbone, ITCObjective, ITMObjective]:
+    torch.manual_seed(0)
+    backbone = FusionBackbone(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2),
+        text=TextConfig(width=32, depth=1, heads=2, max_len=48),
+        fusion=FusionConfig(depth=1, heads=2),
+        embed_dim=16,
+        tokenizer=source.tokenizer,
+    )
+    return backbone, ITCObjective(backbone, chunk_size=3), ITMObjective(backbone)
+
+
+def _losses_and_grads(rows: list[int], average_over_ranks: bool) -> dict[str, object]:
+    """Loss of each objective on the batch `rows` and the gradients of every parameter it reaches."""
+    source = _source()
+    dataset = source.dataset("train")
+    batch = source.collate([dataset[i] for i in rows])
+    backbone, itc, itm = _models(source)
+    scale = backbone.logit_scale
+
+    def no_gather(features: FeatureCache) -> torch.Tensor:
+        return contrastive_loss(features.image.embedding, features.text.embedding, scale(), gather=False)
+
+    runs = {
+        "itc": lambda f: itc.forward_loss(batch, f).loss,
+        "itm": lambda f: itm.forward_loss(batch, f).loss,
+        "itc_no_gather": no_gather,
+    }
+    out: dict[str, object] = {}
+    for name, loss_of in runs.items():
+        torch.manual_seed(7)  # the hard-negative draws
+        itm.zero_grad()
+        loss = loss_of(FeatureCache(backbone, batch))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in itm.named_parameters() if p.grad is not None}
+        if average_over_ranks:  # what DDP does to replicated parameters
+            for grad in grads.values():
+                dist.all_reduce(grad)
+                grad /= WORLD
+        out[name] = (loss.detach(), grads)
+    return out
+
+
+def _worker(local_rank: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{Path(out_dir) / 'rendezvous'}", rank=local_rank, world_size=WORLD
+    )
+    try:
+        rows = ITEMS[local_rank * LOCAL_B : (local_rank + 1) * LOCAL_B]
+        torch.save(_losses_and_grads(rows, average_over_ranks=True), Path(out_dir) / f"rank{local_rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path: Path, one_thread):
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    single = _losses_and_grads(ITEMS, average_over_ranks=False)
+
+    for name in ("itc", "itm"):
+        loss, grads = single[name]
+        mean_rank_loss = torch.stack([rank[name][0] for rank in ranks]).mean()
+        torch.testing.assert_close(mean_rank_loss, loss, **TOLERANCE)
+        assert grads and set(ranks[0][name][1]) == set(grads), name
+        for rank in ranks:
+            for key, grad in grads.items():
+                torch.testing.assert_close(rank[name][1][key], grad, **TOLERANCE, msg=f"{name}: {key}")
+    # fusion and the ITM head learn only from ITM; the towers from both
+    assert any(key.startswith("head.") for key in single["itm"][1])
+    assert not any("fusion" in key for key in single["itc"][1])
+
+    # scoring each rank's rows against its own columns only is a different (easier) objective
+    loss, grads = single["itc"]
+    no_gather = ranks[0]["itc_no_gather"]
+    assert (torch.stack([rank["itc_no_gather"][0] for rank in ranks]).mean() - loss).abs() > 1e-2
+    worst = max((no_gather[1][key] - grad).abs().max().item() for key, grad in grads.items())
+    assert worst > 100 * TOLERANCE["atol"]

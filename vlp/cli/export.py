@@ -1,0 +1,68 @@
+"""`vlp export CKPT OUT`: one consolidated weights file from any vlp checkpoint, for evaluation and
+fine-tuning elsewhere.
+
+CKPT is a Lightning checkpoint file (single device, DDP, FSDP2 with `save_distributed_checkpoint: false`),
+an FSDP2 sharded checkpoint folder (torch distributed checkpoint) or a DeepSpeed checkpoint folder. OUT
+ending in `.safetensors` is written with safetensors, anything else with `torch.save` of a plain
+name -> tensor dict; both load with `weights_only` (`safetensors.torch.load_file`, `torch.load(...,
+weights_only=True)`) into the plain LightningModule (`load_state_dict`, strict, shared backbone copies
+filled in by the module itself). Runs on one CPU process; no process group needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vlp.platform.strategies import consolidated_state_dict
+
+
+def load_checkpoint_state(path: Path) -> dict[str, Tensor]:
+    """The full model `state_dict` [name -> tensor] stored in a checkpoint file or folder."""
+    if not path.exists():
+        raise FileNotFoundError(f"vlp export: no such checkpoint: {path}")
+    if path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"vlp export: {path} is not a Lightning checkpoint (no 'state_dict' entry)")
+        return checkpoint["state_dict"]
+    if (path / "latest").is_file():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path))
+        return {key.removeprefix("_forward_module."): value for key, value in state.items()}
+    if any(path.glob("*.distcp")):
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(path)["state_dict"]
+    raise ValueError(
+        f"vlp export: {path} is a folder but neither a torch distributed checkpoint (*.distcp) "
+        "nor a DeepSpeed checkpoint (a 'latest' file)"
+    )
+
+
+def export(checkpoint: Path, out: Path) -> dict[str, Tensor]:
+    """Write the consolidated weights of `checkpoint` to `out`; returns them."""
+    state = consolidated_state_dict(load_checkpoint_state(checkpoint))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(out), metadata={"format": "pt", "source": str(checkpoint)})
+    else:
+        torch.save(state, out)
+    return state
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vlp export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="checkpoint file or folder (FSDP2, DeepSpeed)")
+    parser.add_argument("out", type=Path, help="output file: .safetensors, else torch.save format")
+    args = parser.parse_args(argv)
+    state = export(args.checkpoint, args.out)
+    numel = sum(t.numel() for t in state.values())
+    print(f"{args.out}: {len(state)} tensors, {numel / 1e6:.2f} M values")
+    return 0
