@@ -161,6 +161,10 @@ class FusionLayer(nn.Module):
         token = token + self.cross_attn(self.cross_norm(token), None, mask=cross_mask, key_values=image_kv)
         return token + self.mlp(self.mlp_norm(token)), (k, v)
 
+    def image_key_values(self, image: Tensor) -> KeyValues:
+        """This layer's cross-attention keys and values of image tokens [B, N, Dv], to share between passes."""
+        return self.cross_attn.key_values(image)
+
     def self_attention(self, text: Tensor, self_mask: Tensor) -> Tensor:
         """The self-attention sub-block alone: text [B, L, D] -> [B, L, D]; it does not read the image."""
         return text + self.self_attn(self.self_norm(text), mask=self_mask)
@@ -212,7 +216,7 @@ class FusionEncoder(nn.Module):
         """Each layer's cross-attention keys and values of image tokens [B, N, Dv]: what fusion reads of an
         image, computed once per image and shared by every pass over it (ITM pairs, MLM, grounding, the
         caption decoder, each generation step)."""
-        return tuple(layer.cross_attn.key_values(image) for layer in self.layers)
+        return tuple(layer.image_key_values(image) for layer in self.layers)
 
     def first_self_attention(self, text: Tensor, attention_mask: Tensor) -> Tensor:
         """The first layer's self-attention over text [B, L, D] (it reads no image), for captions fused with
