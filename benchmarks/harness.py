@@ -58,6 +58,29 @@ def run_isolated(script: str | Path, function: str, timeout: float = 600, **kwar
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def build_from_config(config: str | Path, overrides: list[str], threads: int | None = 1) -> tuple[Any, Any]:
+    """The LightningModule and data module that `vlp fit --config CONFIG [overrides]` builds, without a
+    trainer run; the module's logging muted. vlp is imported here, on use, so a caller can first put
+    another tree on sys.path (benchmarks/step.py measures an older revision that way)."""
+    from vlp.cli import VLPCLI
+    from vlp.datamodules.multitask import MultiTaskDataModule
+    from vlp.tasks.base import TrainableModule
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    sys.argv = sys.argv[:1]  # LightningCLI reads them too; the arguments are all here
+    cli = VLPCLI(
+        TrainableModule,
+        MultiTaskDataModule,
+        subclass_mode_model=True,
+        auto_configure_optimizers=False,
+        run=False,
+        args=[f"--config={config}", "--trainer.logger=false", *overrides],
+    )
+    cli.model.log = lambda *args, **kwargs: None
+    return cli.model, cli.datamodule
+
+
 def report(name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | None = None) -> Path:
     """Print `rows` as a table (plus `summary`) and write both to benchmarks/results/<name>.json."""
     columns = list(dict.fromkeys(key for row in rows for key in row))

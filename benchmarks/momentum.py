@@ -10,11 +10,10 @@ best of interleaved rounds at one thread; memory is the peak RSS growth of one p
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from harness import peak_rss_growth_mib, report, run_isolated
+from harness import build_from_config, peak_rss_growth_mib, report, run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "pretrain" / "shapes-tiny.yaml"
@@ -42,25 +41,10 @@ def overrides(momentum: bool, queue: int) -> list[str]:
 
 def trainer_step(momentum: bool, queue: int):
     """A module of the default config and a function running one optimizer step on a batch."""
-    import torch
-
-    from vlp.cli import VLPCLI
-    from vlp.datamodules.multitask import MultiTaskDataModule
     from vlp.platform.optim import OptimConfig, build_optimizer
-    from vlp.tasks.base import TrainableModule
 
-    torch.set_num_threads(1)
-    sys.argv = sys.argv[:1]
-    cli = VLPCLI(
-        TrainableModule,
-        MultiTaskDataModule,
-        subclass_mode_model=True,
-        auto_configure_optimizers=False,
-        run=False,
-        args=[f"--config={CONFIG}", "--trainer.logger=false", *overrides(momentum, queue)],
-    )
-    module, source = cli.model, cli.datamodule.sources["shapes"]
-    module.log = lambda *args, **kwargs: None
+    module, data = build_from_config(CONFIG, overrides(momentum, queue))
+    source = data.sources["shapes"]
     optimizer = build_optimizer(module, OptimConfig(), total_steps=100)["optimizer"]
     train = source.dataset("train")
     batches = [source.collate([train[i] for i in range(k * 64, (k + 1) * 64)]) for k in range(2)]

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import report, run_isolated
+from harness import build_from_config, report, run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "pretrain" / "shapes-tiny.yaml"
@@ -56,26 +56,9 @@ def seconds(fn: Callable[[], object]) -> float:
 def build(source_root: str, model: str):
     """The default config's module (model size `model`) and shapes source, from the code under `source_root`."""
     sys.path.insert(0, source_root)
-    import torch
-
-    from vlp.cli import VLPCLI
-    from vlp.datamodules.multitask import MultiTaskDataModule
-    from vlp.tasks.base import TrainableModule
-
+    module, data = build_from_config(CONFIG, MODELS[model]["overrides"])
     assert Path(sys.modules["vlp"].__file__).is_relative_to(source_root), "measuring the wrong tree"
-    torch.set_num_threads(1)
-    sys.argv = sys.argv[:1]
-    cli = VLPCLI(
-        TrainableModule,
-        MultiTaskDataModule,
-        subclass_mode_model=True,
-        auto_configure_optimizers=False,
-        run=False,
-        args=[f"--config={CONFIG}", "--trainer.logger=false", *MODELS[model]["overrides"]],
-    )
-    module = cli.model
-    module.log = lambda *args, **kwargs: None
-    return module, cli.datamodule.sources["shapes"]
+    return module, data.sources["shapes"]
 
 
 def profile(source_root: str, steps: int = 3) -> str:

@@ -29,11 +29,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from harness import report
+from harness import build_from_config, report
 
-from vlp.cli import VLPCLI
 from vlp.cli import run as vlp_run
-from vlp.datamodules.multitask import MultiTaskDataModule
 from vlp.platform.flops import count_flops
 from vlp.platform.model.token_merging import TokenMergingConfig
 from vlp.platform.perf import training_step_flops
@@ -66,16 +64,8 @@ MODELS = {  # overrides of configs/pretrain/shapes-tiny-merge.yaml (each setting
 
 def build(config: str, overrides: list[str]) -> tuple[TrainableModule, dict]:
     """The model of a config (with CLI-style overrides) and the shapes source's collate + dataset."""
-    sys.argv = sys.argv[:1]  # LightningCLI reads them too; the arguments are all here
-    cli = VLPCLI(
-        TrainableModule,
-        MultiTaskDataModule,
-        subclass_mode_model=True,
-        auto_configure_optimizers=False,
-        run=False,
-        args=[f"--config={CONFIGS / config}", "--trainer.logger=false", *overrides],
-    )
-    return cli.model, cli.datamodule.sources["shapes"]
+    module, data = build_from_config(CONFIGS / config, overrides, threads=None)
+    return module, data.sources["shapes"]
 
 
 def seconds(fn: Callable[[], object]) -> float:
