@@ -176,6 +176,11 @@ def test_requeue_mid_run_resumes_into_the_same_run_with_identical_losses(straigh
         assert resumed[tag] == reference[tag], tag  # every step once, values bit for bit
 
 
+def interruptible() -> None:
+    """Ctrl-C reaches the child even when this run inherited an ignored SIGINT (a background CI job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_status_logs_and_cancel(straight_job, tmp_path, capsys):
     job, run_dir, _ = straight_job
     assert main(["status", job]) == 0
@@ -185,7 +190,9 @@ def test_status_logs_and_cancel(straight_job, tmp_path, capsys):
     assert f"vlp: job {job}, restart 0" in capsys.readouterr().out
 
     follow = [sys.executable, "-m", "vlp.cli", "slurm", "logs", job, "--follow"]
-    follower = subprocess.Popen(follow, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    follower = subprocess.Popen(
+        follow, stdout=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=interruptible
+    )
     try:
         lines = iter(follower.stdout.readline, "")
         assert any(line.startswith("metrics.json:") for line in lines)  # the whole log, then waits

@@ -29,7 +29,14 @@ def test_serves_the_runs_on_loopback_and_prints_the_url(tmp_path):
         "0",
     ]
     env = {"PYTHONPATH": str(Path(__file__).parents[2]), "PATH": "/usr/bin:/bin"}
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        preexec_fn=interruptible,
+    )
     try:
         line = server.stdout.readline()
         url = re.search(r"(http://\S+)", line).group(1)
@@ -50,3 +57,8 @@ def test_a_missing_logdir_is_named(tmp_path, capsys):
         main(["--logdir", str(tmp_path / "nope")])
     assert exit_info.value.code == 2
     assert f"--logdir {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+
+
+def interruptible() -> None:
+    """Ctrl-C reaches the child even when this run inherited an ignored SIGINT (a background CI job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
