@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -53,9 +54,10 @@ def test_rerank_scores_equal_brute_force_top_k():
     same_ranking(got[1], want[1], rows=False)
 
 
-def test_itm_validation_reranks_the_split_like_a_plain_loop(make_backbone, shapes, one_thread):
+@pytest.mark.parametrize("rerank_score", ["itm", "itm+itc"])
+def test_itm_validation_reranks_the_split_like_a_plain_loop(make_backbone, shapes, one_thread, rerank_score):
     backbone = make_backbone()
-    objective = ITMObjective(backbone, rerank_k=3, rerank_chunk=4).eval()
+    objective = ITMObjective(backbone, rerank_k=3, rerank_chunk=4, rerank_score=rerank_score).eval()
     torch.manual_seed(1)
     with torch.no_grad():  # an untrained tower maps every caption almost alike: spread them, no exact ties
         for param in objective.parameters():
@@ -79,7 +81,10 @@ def test_itm_validation_reranks_the_split_like_a_plain_loop(make_backbone, shape
             n = int(texts[j][1].sum())
             image = backbone.encode_image(images[i : i + 1])
             tokens = backbone.text(texts[j][0][None, :n], texts[j][1][None, :n])
-            return objective.head(backbone.fuse(image, tokens, texts[j][1][None, :n])[0, 0])[1]
+            logit = objective.head(backbone.fuse(image, tokens, texts[j][1][None, :n])[0, 0])[1]
+            if rerank_score == "itm+itc":  # BLIP adds the ITC logit of the pair
+                logit = logit + backbone.logit_scale() * float(image_emb[i] @ text_emb[j])
+            return logit
 
         i2t, t2i = brute_force(image_emb @ text_emb.T, 3, pair_score)
     from_i2t, from_t2i = retrieval_recall(i2t, ids, ids), retrieval_recall(t2i, ids, ids)

@@ -16,7 +16,7 @@ the repeats a DistributedSampler pads with (`is_padding`) are mined from but nev
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -159,14 +159,18 @@ class ITMObjective(Objective):
         optim: OptimConfig | None = None,
         rerank_k: int = 0,
         rerank_chunk: int = 256,
+        rerank_score: Literal["itm", "itm+itc"] = "itm",
     ) -> None:
         """`rerank_k` > 0: validation also ranks the whole split by ITC and re-scores each query's top
         `rerank_k` with this head (`val/retrieval_itm/*`; ALBEF uses 128 on COCO); `rerank_chunk` pairs go
-        through fusion at a time."""
+        through fusion at a time. `rerank_score`: the match logit alone (ALBEF) or plus the ITC logit
+        s * cos (BLIP)."""
         super().__init__(backbone, optim)
         if rerank_k < 0 or rerank_chunk < 1:
             raise ValueError(f"rerank_k must be >= 0 and rerank_chunk >= 1, got {rerank_k}, {rerank_chunk}")
-        self.rerank_k, self.rerank_chunk = rerank_k, rerank_chunk
+        if rerank_score not in ("itm", "itm+itc"):
+            raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
+        self.rerank_k, self.rerank_chunk, self.rerank_score = rerank_k, rerank_chunk, rerank_score
         self.head = nn.Linear(backbone.width, 2)
         self.val_accuracy = BinaryAccuracy()
         # the split's unimodal features, kept for re-ranking (synced over ranks by torchmetrics)
@@ -246,7 +250,10 @@ class ITMObjective(Objective):
             )
             cls = first_token(len(text_rows), mask.device)
             text_tokens, text_mask = split["text_tokens"][text_rows, :length], mask[text_rows, :length]
-            return self.head(self.backbone.fuse(image, text_tokens, text_mask, positions=cls)[:, 0])[:, 1]
+            logit = self.head(self.backbone.fuse(image, text_tokens, text_mask, positions=cls)[:, 0])[:, 1]
+            if self.rerank_score == "itm+itc":
+                logit = logit + self.backbone.logit_scale() * similarity[image_rows, text_rows]
+            return logit
 
         i2t, t2i = rerank_scores(similarity, self.rerank_k, match_logit, self.rerank_chunk)
         scores = {
