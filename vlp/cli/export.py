@@ -17,36 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from vlp.platform.pretrained import checkpoint_state
 from vlp.platform.strategies import consolidated_state_dict
-
-
-def load_checkpoint_state(path: Path) -> dict[str, Tensor]:
-    """The full model `state_dict` [name -> tensor] stored in a checkpoint file or folder."""
-    if not path.exists():
-        raise FileNotFoundError(f"vlp export: no such checkpoint: {path}")
-    if path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(f"vlp export: {path} is not a Lightning checkpoint (no 'state_dict' entry)")
-        return checkpoint["state_dict"]
-    if (path / "latest").is_file():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path))
-        return {key.removeprefix("_forward_module."): value for key, value in state.items()}
-    if any(path.glob("*.distcp")):
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-        return _load_distributed_checkpoint(path)["state_dict"]
-    raise ValueError(
-        f"vlp export: {path} is a folder but neither a torch distributed checkpoint (*.distcp) "
-        "nor a DeepSpeed checkpoint (a 'latest' file)"
-    )
 
 
 def export(checkpoint: Path, out: Path) -> dict[str, Tensor]:
     """Write the consolidated weights of `checkpoint` to `out`; returns them."""
-    state = consolidated_state_dict(load_checkpoint_state(checkpoint))
+    state = consolidated_state_dict(checkpoint_state(checkpoint, "vlp export"))
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file

@@ -16,31 +16,60 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vlp.platform.strategies import consolidated_state_dict
+
 STRICT_PREFIX = "backbone."
 MOMENTUM_PREFIX = "backbone.momentum."
 
 
-def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """name -> tensor from a Lightning checkpoint (its `state_dict`), a `vlp export` file (.safetensors or
-    torch.save of a plain dict); always with `weights_only` loading (the file may come from elsewhere)."""
+def checkpoint_state(path: str | Path, who: str, plain_ok: bool = False) -> dict[str, Tensor]:
+    """The full model `state_dict` [name -> tensor] stored in a checkpoint file (Lightning) or folder (FSDP2
+    torch distributed checkpoint, DeepSpeed); with `plain_ok` also a plain name -> tensor file (`vlp export`:
+    .safetensors or torch.save). Files load with `weights_only` (they may come from elsewhere). `who` starts
+    the error messages (the command or argument that read the path)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from: no such checkpoint file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if not path.exists():
+        raise FileNotFoundError(f"{who}: no such checkpoint: {path}")
+    if path.is_file():
+        if plain_ok and path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    stored = torch.load(path, map_location="cpu", weights_only=True)
-    state = stored.get("state_dict", stored) if isinstance(stored, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"init_from: {path} holds neither a Lightning checkpoint nor a name -> tensor dict")
-    return state
+            return load_file(str(path))
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(stored, dict) and "state_dict" in stored:
+            return stored["state_dict"]
+        if (
+            plain_ok
+            and isinstance(stored, dict)
+            and stored
+            and all(isinstance(v, Tensor) for v in stored.values())
+        ):
+            return stored
+        kind = (
+            "holds neither a Lightning checkpoint nor a name -> tensor dict"
+            if plain_ok
+            else "is not a Lightning checkpoint"
+        )
+        raise ValueError(f"{who}: {path} {kind} (no 'state_dict' entry)")
+    if (path / "latest").is_file():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path))
+        return {key.removeprefix("_forward_module."): value for key, value in state.items()}
+    if any(path.glob("*.distcp")):
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(path)["state_dict"]
+    raise ValueError(
+        f"{who}: {path} is a folder but neither a torch distributed checkpoint (*.distcp) "
+        "nor a DeepSpeed checkpoint (a 'latest' file)"
+    )
 
 
-def is_backbone_alias(key: str, state: dict[str, Tensor]) -> bool:
-    """`objectives.x.backbone.rest` names the tensor `backbone.rest` already holds."""
-    _, found, rest = key.partition(".backbone.")
-    return bool(found) and not key.startswith(STRICT_PREFIX) and STRICT_PREFIX + rest in state
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """The consolidated weights (each tensor once, under the plain model's names) of any vlp checkpoint or
+    `vlp export` file, for `init_from`."""
+    return consolidated_state_dict(checkpoint_state(path, "init_from", plain_ok=True))
 
 
 @dataclass
@@ -96,8 +125,6 @@ def load_pretrained(
             report.loaded.append(key)
         else:
             report.fresh.append(key)
-    report.unused = sorted(
-        k for k in state if k not in everything and ".momentum." not in k and not is_backbone_alias(k, state)
-    )
+    report.unused = sorted(k for k in state if k not in everything and ".momentum." not in k)
     module.load_state_dict(loaded, strict=False)
     return report
