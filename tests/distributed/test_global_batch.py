@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_ranks
 
 from vlp.datamodules.shapes import ShapesSource
 from vlp.platform.kernels import contrastive_loss
@@ -74,19 +74,12 @@ def _losses_and_grads(rows: list[int], average_over_ranks: bool) -> dict[str, ob
 
 def _worker(local_rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{Path(out_dir) / 'rendezvous'}", rank=local_rank, world_size=WORLD
-    )
-    try:
-        rows = ITEMS[local_rank * LOCAL_B : (local_rank + 1) * LOCAL_B]
-        torch.save(_losses_and_grads(rows, average_over_ranks=True), Path(out_dir) / f"rank{local_rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    rows = ITEMS[local_rank * LOCAL_B : (local_rank + 1) * LOCAL_B]
+    torch.save(_losses_and_grads(rows, average_over_ranks=True), Path(out_dir) / f"rank{local_rank}.pt")
 
 
 def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path: Path, one_thread):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    run_on_ranks(_worker, tmp_path, world=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single = _losses_and_grads(ITEMS, average_over_ranks=False)
 

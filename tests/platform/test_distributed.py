@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_ranks import run_on_ranks
 
 from vlp.platform.distributed import all_gather_with_grad, is_distributed, rank, world_size
 from vlp.platform.kernels import contrastive_loss, contrastive_loss_reference
@@ -35,37 +35,28 @@ def _loss(problem: dict[str, torch.Tensor], rows: slice, params: list[torch.Tens
 
 
 def _worker(local_rank: int, out_dir: str) -> None:
-    # A file rendezvous: a "free" TCP port can be taken by a concurrent run between probing and binding.
-    store = f"file://{Path(out_dir) / 'rendezvous'}"
-    dist.init_process_group("gloo", init_method=store, rank=local_rank, world_size=WORLD)
-    try:
-        x = torch.full((2, 3), float(local_rank), requires_grad=True)
-        gathered = all_gather_with_grad(x)
-        (gathered * (local_rank + 1)).sum().backward()
+    x = torch.full((2, 3), float(local_rank), requires_grad=True)
+    gathered = all_gather_with_grad(x)
+    (gathered * (local_rank + 1)).sum().backward()
 
-        problem = _problem()
-        params = [problem[k].clone().requires_grad_() for k in ("image_proj", "text_proj", "log_scale")]
-        rows = slice(local_rank * LOCAL_B, (local_rank + 1) * LOCAL_B)
-        loss = _loss(problem, rows, params, distributed=True)
-        loss.backward()
-        for p in params:  # what DDP does to replicated parameters
-            dist.all_reduce(p.grad)
-            p.grad /= WORLD
-        torch.save(
-            {
-                "helpers": (is_distributed(), world_size(), rank()),
-                "gathered": gathered.detach(),
-                "gather_grad": x.grad,
-                "loss": loss.detach(),
-                "grads": [p.grad for p in params],
-            },
-            Path(out_dir) / f"rank{local_rank}.pt",
-        )
-        # gloo aborts a process ("terminate called without an active exception") about one run in three
-        # when a rank tears the group down while its peer still holds the connection
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    problem = _problem()
+    params = [problem[k].clone().requires_grad_() for k in ("image_proj", "text_proj", "log_scale")]
+    rows = slice(local_rank * LOCAL_B, (local_rank + 1) * LOCAL_B)
+    loss = _loss(problem, rows, params, distributed=True)
+    loss.backward()
+    for p in params:  # what DDP does to replicated parameters
+        dist.all_reduce(p.grad)
+        p.grad /= WORLD
+    torch.save(
+        {
+            "helpers": (is_distributed(), world_size(), rank()),
+            "gathered": gathered.detach(),
+            "gather_grad": x.grad,
+            "loss": loss.detach(),
+            "grads": [p.grad for p in params],
+        },
+        Path(out_dir) / f"rank{local_rank}.pt",
+    )
 
 
 def test_helpers_outside_a_process_group_are_single_process_identities():
@@ -75,7 +66,7 @@ def test_helpers_outside_a_process_group_are_single_process_identities():
 
 
 def test_two_ranks_match_single_process_loss_and_gradients(tmp_path: Path):
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    run_on_ranks(_worker, tmp_path, world=WORLD)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     for r, res in enumerate(results):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_ranks
 
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache
@@ -100,27 +100,20 @@ def test_itm_validation_reranks_the_split_like_a_plain_loop(make_backbone, shape
 
 
 def _sharded(local_rank: int, out_dir: str) -> None:
-    import torch.distributed as dist
+    torch.manual_seed(0)
+    similarity = torch.randn(7, 6)
+    calls = []
 
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=local_rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        similarity = torch.randn(7, 6)
-        calls = []
+    def scorer(image_rows, text_rows):
+        calls.append(len(image_rows))
+        return toy_scorer(image_rows, text_rows)
 
-        def scorer(image_rows, text_rows):
-            calls.append(len(image_rows))
-            return toy_scorer(image_rows, text_rows)
-
-        i2t, t2i = rerank_scores(similarity, k=3, score_pairs=scorer, chunk=4)
-        torch.save({"i2t": i2t, "t2i": t2i, "pairs": sum(calls)}, Path(out_dir) / f"rank{local_rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    i2t, t2i = rerank_scores(similarity, k=3, score_pairs=scorer, chunk=4)
+    torch.save({"i2t": i2t, "t2i": t2i, "pairs": sum(calls)}, Path(out_dir) / f"rank{local_rank}.pt")
 
 
 def test_two_ranks_share_the_reranking_and_agree(tmp_path):
-    mp.spawn(_sharded, args=(str(tmp_path),), nprocs=2, join=True)
+    run_on_ranks(_sharded, tmp_path)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     similarity = torch.randn(7, 6)

@@ -108,24 +108,17 @@ def test_bad_momentum_settings_are_clear_errors(make_backbone):
 
 
 def _enqueue_on_two_ranks(local_rank: int, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=local_rank, world_size=2)
-    try:
-        queue = FeatureQueue(size=6, dim=2)
-        for step in range(2):  # each rank enqueues its own 2 rows per step; ids say who and when
-            ids = torch.tensor([100 * local_rank + 10 * step, 100 * local_rank + 10 * step + 1])
-            queue.enqueue(ids[:, None].float().repeat(1, 2), ids[:, None].float().repeat(1, 2), ids)
-        torch.save({name: t for name, t in queue.state_dict().items()}, f"{out_dir}/rank{local_rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    queue = FeatureQueue(size=6, dim=2)
+    for step in range(2):  # each rank enqueues its own 2 rows per step; ids say who and when
+        ids = torch.tensor([100 * local_rank + 10 * step, 100 * local_rank + 10 * step + 1])
+        queue.enqueue(ids[:, None].float().repeat(1, 2), ids[:, None].float().repeat(1, 2), ids)
+    torch.save({name: t for name, t in queue.state_dict().items()}, f"{out_dir}/rank{local_rank}.pt")
 
 
 def test_queue_holds_the_rows_of_every_rank_in_the_same_order(tmp_path):
-    import torch.multiprocessing as mp
+    from gloo_ranks import run_on_ranks
 
-    mp.spawn(_enqueue_on_two_ranks, args=(str(tmp_path),), nprocs=2, join=True)
+    run_on_ranks(_enqueue_on_two_ranks, tmp_path)
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
