@@ -1,9 +1,11 @@
-"""A short CPU run through the real entry point learns: retrieval, ITM and MLM far above chance."""
+"""A short CPU run through the real entry point learns: retrieval, ITM and MLM far above chance; and VQA
+fine-tuned from its checkpoint beats VQA from scratch at the same steps."""
 
 import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from vlp.cli import run as main
@@ -12,6 +14,7 @@ from vlp.platform.model.backbone import FeatureCache
 from vlp.tasks.zeroshot import ZeroShotObjective
 
 CONFIG = str(Path(__file__).parent / "configs" / "learning.yaml")
+VQA_CONFIG = str(Path(__file__).parent / "configs" / "vqa-learning.yaml")
 NUM_VAL = 100  # data.sources.shapes.init_args.num_val in the config
 
 
@@ -24,10 +27,25 @@ def majority_token_accuracy(source: ShapesSource) -> float:
     return Counter(tokens).most_common(1)[0][1] / len(tokens)
 
 
-def test_short_run_lifts_retrieval_itm_and_mlm_far_above_chance(tmp_path, monkeypatch, one_thread):
-    monkeypatch.chdir(tmp_path)
-    cli = main(["fit", "--config", CONFIG])
-    metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """The learning config's pre-training, run once through the CLI at one thread."""
+    folder = tmp_path_factory.mktemp("learning")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(folder)  # the run folder is runs/ under the cwd
+            return main(["fit", "--config", CONFIG, "--trainer.default_root_dir", str(folder)])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_short_run_lifts_retrieval_itm_and_mlm_far_above_chance(pretrained):
+    cli = pretrained
+    metrics = json.loads(
+        (Path(cli.trainer.default_root_dir) / cli.trainer.log_dir / "metrics.json").read_text()
+    )
     retrieval_chance = 1 / NUM_VAL
     mlm_chance = majority_token_accuracy(cli.datamodule.sources["shapes"])
     print(
@@ -56,3 +74,25 @@ def zero_shot_top1(backbone) -> float:
         batch = source.collate([dataset[i] for i in range(start, start + 60)])
         objective.validation_update(batch, FeatureCache(backbone, batch))
     return objective.validation_scores()["val/zeroshot/top1"]
+
+
+def test_vqa_fine_tuned_from_the_pretraining_beats_vqa_from_scratch(
+    pretrained, tmp_path, monkeypatch, one_thread
+):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = (
+        Path(pretrained.trainer.default_root_dir) / pretrained.trainer.checkpoint_callback.last_model_path
+    )
+    assert checkpoint.is_file()
+    accuracy = {}
+    for start, extra in (("scratch", []), ("pretrained", ["--model.init_args.init_from", str(checkpoint)])):
+        cli = main(["fit", "--config", VQA_CONFIG, *extra])
+        accuracy[start] = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())["val/vqa/acc"]
+    answers = Counter(cli.datamodule.sources["questions"].dataset("val")[i]["answers"][0] for i in range(200))
+    majority = answers.most_common(1)[0][1] / 200
+    print(
+        f"VQA acc after 300 steps: from pre-training {accuracy['pretrained']:.3f}, from scratch "
+        f"{accuracy['scratch']:.3f} (majority answer {majority:.3f})"
+    )
+    assert accuracy["pretrained"] >= accuracy["scratch"] + 0.03
+    assert accuracy["pretrained"] >= 2 * majority

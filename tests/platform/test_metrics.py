@@ -5,7 +5,15 @@ import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from vlp.platform.metrics import bleu4, cider_d, grounding_scores, retrieval_recall, simple_tokenize
+from vlp.platform.metrics import (
+    bleu4,
+    cider_d,
+    grounding_scores,
+    normalize_answer,
+    retrieval_recall,
+    simple_tokenize,
+    vqa_accuracy,
+)
 
 # ---------------------------------------------------------------- retrieval
 
@@ -227,3 +235,29 @@ def test_caption_metrics_reject_mismatched_ids_and_bad_values():
             metric({1: "a"}, {1: []})
         with pytest.raises(TypeError, match=r"candidates\[1\] must be a str"):
             metric({1: ["a"]}, {1: ["a"]})
+
+
+@pytest.mark.parametrize(
+    ("answer", "normalised"),
+    [("Two dogs.", "2 dogs"), ("the red one", "red 1"), ("3.5", "3.5"), ("Yes!", "yes"), ("none", "0")],
+)
+def test_answers_are_normalised_like_the_vqa_evaluation(answer, normalised):
+    assert normalize_answer(answer) == normalised
+
+
+@pytest.mark.parametrize(
+    ("matches", "accuracy"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]
+)
+def test_vqa_accuracy_of_ten_human_answers(matches, accuracy):
+    # leave-one-out by hand: a matching human left out leaves matches-1 others, any other leaves matches
+    references = ["yes"] * matches + ["no"] * (10 - matches)
+    by_hand = (matches * min((matches - 1) / 3, 1) + (10 - matches) * min(matches / 3, 1)) / 10
+    assert vqa_accuracy("yes", references) == pytest.approx(by_hand)
+    assert vqa_accuracy("Yes.", references) == pytest.approx(accuracy)
+
+
+def test_vqa_accuracy_single_reference_is_exact_match_and_empty_is_an_error():
+    assert vqa_accuracy("2", ["two"]) == 1.0
+    assert vqa_accuracy("red", ["blue"]) == 0.0
+    with pytest.raises(ValueError, match="reference"):
+        vqa_accuracy("red", [])

@@ -17,6 +17,10 @@ SOURCE_PATH_KEYS = (
     "image_root",
     "input_dir",
     "val_input_dir",
+    "train_questions",
+    "val_questions",
+    "test_questions",
+    "answer_list",
 )
 
 

@@ -52,10 +52,11 @@ RELATION_SYNONYMS = {
     "above": "over",
     "below": "under",
 }
+QUESTION_WORDS = ("what", "colour", "how", "many", "shapes", "are", "where", "?")  # see shapes_questions.py
 GRAMMAR_WORDS = tuple(
     dict.fromkeys(
         "a there is in at the and of to left right above below over under top middle bottom center shape".split()
-        + [*SIZES, *SIZE_SYNONYMS.values(), *COLOURS, *SHAPES, *SHAPE_SYNONYMS.values()]
+        + [*SIZES, *SIZE_SYNONYMS.values(), *COLOURS, *SHAPES, *SHAPE_SYNONYMS.values(), *QUESTION_WORDS]
     )
 )
 # referring-phrase kinds, from least to most specific: the attributes each one names
@@ -141,16 +142,15 @@ class Scene:
             " and ".join(f"{o.describe()} in the {o.position}" for o in self.objects),
         ]
 
+    def phrase(self, index: int, kind: tuple[str, ...]) -> Phrase:
+        """The phrase naming `objects[index]` by the attributes of `kind` (see PHRASE_KINDS)."""
+        target = self.objects[index]
+        matches = sum(all(_attribute(o, a) == _attribute(target, a) for a in kind) for o in self.objects)
+        return Phrase(_phrase_text(target, kind), index, matches > 1)
+
     def phrases(self) -> list[Phrase]:
         """Every candidate referring phrase of every object, with its ambiguity in this scene."""
-        phrases = []
-        for index, target in enumerate(self.objects):
-            for kind in PHRASE_KINDS:
-                matches = sum(
-                    all(_attribute(o, a) == _attribute(target, a) for a in kind) for o in self.objects
-                )
-                phrases.append(Phrase(_phrase_text(target, kind), index, matches > 1))
-        return phrases
+        return [self.phrase(index, kind) for index in range(len(self.objects)) for kind in PHRASE_KINDS]
 
     def render(self) -> Image.Image:
         image = Image.new("RGB", (self.image_size, self.image_size), BACKGROUND)

@@ -181,7 +181,8 @@ def finite_scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
-SUMMARY_PREFIXES = ("val/retrieval/", "val/itm/", "val/mlm/", "val/caption/", "val/grounding/", "test/")
+SUMMARY_GROUPS = ("retrieval", "retrieval_itm", "itm", "mlm", "caption", "grounding", "zeroshot", "vqa")
+SUMMARY_PREFIXES = (*(f"val/{group}/" for group in SUMMARY_GROUPS), "test/")
 
 
 class MetricsSummary(Callback):

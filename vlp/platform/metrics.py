@@ -1,4 +1,4 @@
-"""Validation metrics: retrieval recall@K, grounding Acc@0.5 / mIoU, caption BLEU-4 and CIDEr-D.
+"""Validation metrics: retrieval recall@K, grounding Acc@0.5 / mIoU, caption BLEU-4 and CIDEr-D, VQA accuracy.
 
 Each function scores the whole evaluated split at once; under DDP the caller gathers it first (and drops
 the duplicate samples a DistributedSampler pads with). Caption metrics are pure python and reproduce the
@@ -192,3 +192,35 @@ def cider_d(candidates: Mapping[Hashable, str], references: Mapping[Hashable, Se
                 total += penalty * (clipped_dot / norms if norms > 0 else 0.0)
         image_scores.append(CIDER_SCALE * total / (NGRAM_ORDER * len(ref_words[key])))
     return sum(image_scores) / len(image_scores)
+
+
+NUMBER_WORDS = {
+    word: str(i) for i, word in enumerate("zero one two three four five six seven eight nine ten".split())
+} | {"none": "0"}
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+def normalize_answer(answer: str) -> str:
+    """The VQA evaluation's answer normalisation, in short: lowercase, punctuation out (a decimal point
+    stays), number words to digits, articles dropped: "Two dogs." -> "2 dogs", "the red one" -> "red 1"."""
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", answer.lower().replace("'", ""))
+    text = re.sub(r"[^\w\s.]", " ", text)
+    words = [NUMBER_WORDS.get(word, word) for word in text.split() if word not in ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(answer: str, references: Sequence[str]) -> float:
+    """VQA accuracy of one answer against the human answers of its question (both normalised).
+
+    With several references it is the standard soft score min(#humans that gave the answer / 3, 1),
+    averaged over the leave-one-out subsets of the references as the official evaluation does (for VQAv2's
+    10 answers: 1, 2, 3, 4+ matches score 0.3, 0.6, 0.9, 1.0); a single reference is an exact match.
+    """
+    if not references:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    answer = normalize_answer(answer)
+    matches = [normalize_answer(reference) == answer for reference in references]
+    if len(matches) == 1:
+        return float(matches[0])
+    total = sum(matches)
+    return sum(min((total - hit) / 3.0, 1.0) for hit in matches) / len(matches)

@@ -1,0 +1,215 @@
+"""VQAv2-style data from files: questions JSON + annotations JSON per split, images under a root.
+
+Questions file: `questions` [{question_id, image_id, question}] (and `data_subtype`, e.g. "train2014").
+Annotations file: `annotations` [{question_id, answers [{answer}], answer_type?}]; a test split may have
+none. The answer vocabulary is the `num_answers` most frequent normalised training answers (ViLT / BUTD:
+3129 for VQAv2), or a file with one answer per line. Every question keeps all of its human answers: the
+targets are each candidate's VQA accuracy against them, so training and `val/vqa/acc` use the soft score.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlp.datamodules.captions import CaptionDataset, CaptionSource, annotation_path, field, read_json
+from vlp.datamodules.images import SkipSample, check_caption, decode_image, first_usable
+from vlp.platform.metrics import normalize_answer, vqa_accuracy
+
+DEFAULT_IMAGE_PATTERN = "{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg"
+ANSWER_TYPES = ("yes/no", "number", "other")
+
+
+@dataclass(frozen=True)
+class VQARecord:
+    """One question about one image, with its human answers (empty on a test split without annotations)."""
+
+    path: str
+    image_id: int
+    question_id: int
+    question: str
+    answers: tuple[str, ...]
+    answer_type: str
+
+    @property
+    def captions(self) -> tuple[str, ...]:
+        """The question, as the caption keys every source provides (and the corpus tokenizer reads)."""
+        return (self.question,)
+
+
+def read_vqa(
+    questions_path: Path, annotations_path: Path | None, image_root: Path, pattern: str, skipped: Counter
+) -> list[VQARecord]:
+    """One split's records; questions without annotations (when the split has them), annotations of
+    unknown questions, empty questions and missing images are counted in `skipped`."""
+    data = read_json(questions_path)
+    subtype = data.get("data_subtype", "") if isinstance(data, dict) else ""
+    annotations: dict[int, dict] | None = None
+    if annotations_path is not None:
+        annotations = {}
+        entries = field(read_json(annotations_path), "annotations", annotations_path, "the top level")
+        for number, entry in enumerate(entries):
+            question_id = field(entry, "question_id", annotations_path, f"annotations[{number}]")
+            annotations[int(question_id)] = entry
+    records, known = [], set()
+    for number, entry in enumerate(field(data, "questions", questions_path, "the top level")):
+        where = f"questions[{number}]"
+        question_id = int(field(entry, "question_id", questions_path, where))
+        image_id = int(field(entry, "image_id", questions_path, where))
+        known.add(question_id)
+        try:
+            question = check_caption(field(entry, "question", questions_path, where))
+        except SkipSample as skip:
+            skipped[skip.reason] += 1
+            continue
+        answers: tuple[str, ...] = ()
+        answer_type = "other"
+        if annotations is not None:
+            annotation = annotations.get(question_id)
+            if annotation is None:
+                skipped["unannotated_question"] += 1
+                continue
+            place = f"the annotation of question {question_id}"
+            answers = tuple(
+                str(field(a, "answer", annotations_path, place))
+                for a in field(annotation, "answers", annotations_path, place)
+            )
+            if not answers:
+                skipped["no_answers"] += 1
+                continue
+            answer_type = annotation.get("answer_type", "other")
+            answer_type = answer_type if answer_type in ANSWER_TYPES else "other"
+        path = image_root / pattern.format(data_subtype=subtype, image_id=image_id)
+        if not path.is_file():
+            skipped["missing_file"] += 1
+            continue
+        records.append(VQARecord(str(path), image_id, question_id, question, answers, answer_type))
+    if annotations is not None:
+        skipped["unknown_question"] += len(set(annotations) - known)
+    return records
+
+
+def answer_vocabulary(records: list[VQARecord], num_answers: int) -> list[str]:
+    """The `num_answers` most frequent normalised answers (over every human answer), ties alphabetical."""
+    counts = Counter(normalize_answer(a) for record in records for a in record.answers)
+    counts.pop("", None)
+    return [answer for answer, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:num_answers]]
+
+
+class VQADataset(CaptionDataset):
+    """Items: `image`, `image_id`, `question` (also as `caption`), `answers`, `answer_type`, `skipped`.
+    Training augments with a random resized crop and no flip (questions say "left" and "right")."""
+
+    def load(self, index: int) -> dict:
+        record = self.records[index]
+        image = decode_image(record.path, self.max_pixels, self.background)
+        generator = self.augmentation_generator(index) if self.train else None
+        pixels, _, _ = self.transform(image, generator=generator)
+        return {
+            "image": pixels,
+            "image_id": record.image_id,
+            "question_id": record.question_id,
+            "caption": record.question,
+            "references": [record.question],
+            "question": record.question,
+            "answers": list(record.answers),
+            "answer_type": record.answer_type,
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        return first_usable(self.load, index, len(self), self.name)
+
+
+class VQASource(CaptionSource):
+    """VQAv2-style questions and answers per split (see the module docstring), images under `image_root`
+    at `image_pattern` (fields `data_subtype`, `image_id`). Batches carry what `vlp.tasks.vqa` reads:
+    `question_input_ids`, `question_attention_mask`, `answer_scores` [B, A], `answer_list`, `answers`,
+    `answer_types`, `questions`, `question_id`; the caption keys hold the question."""
+
+    dataset_class = VQADataset
+
+    def __init__(
+        self,
+        train_questions: str | None = None,
+        train_annotations: str | None = None,
+        image_root: str | None = None,
+        val_questions: str | None = None,
+        val_annotations: str | None = None,
+        test_questions: str | None = None,
+        test_annotations: str | None = None,
+        image_pattern: str = DEFAULT_IMAGE_PATTERN,
+        num_answers: int = 3129,
+        answer_list: str | None = None,
+        **kwargs,
+    ) -> None:
+        if train_questions is None or train_annotations is None:
+            raise ValueError("train_questions and train_annotations are required (VQAv2 JSON files)")
+        if num_answers < 2:
+            raise ValueError(f"num_answers must be >= 2, got {num_answers}")
+        if kwargs.pop("flip", False):
+            raise ValueError("VQASource does not flip images: questions and answers say left and right")
+        self.files = {
+            split: (
+                annotation_path(questions, f"{split}_questions"),
+                annotation_path(answers, f"{split}_annotations"),
+            )
+            for split, questions, answers in (
+                ("train", train_questions, train_annotations),
+                ("val", val_questions, val_annotations),
+                ("test", test_questions, test_annotations),
+            )
+        }
+        self.image_pattern = image_pattern
+        super().__init__(image_root, flip=False, **kwargs)
+        self.answer_list = (
+            read_answer_list(answer_list)
+            if answer_list
+            else answer_vocabulary(self.records["train"], num_answers)
+        )
+        self.answer_index = {answer: i for i, answer in enumerate(self.answer_list)}
+
+    def read(self, split: str) -> list[VQARecord] | None:
+        questions, annotations = self.files[split]
+        if questions is None:
+            return None
+        return read_vqa(questions, annotations, self.image_root, self.image_pattern, self.skipped)
+
+    def collate(self, items: list[dict]) -> dict:
+        batch = super().collate(items)
+        batch["question_input_ids"], batch["question_attention_mask"] = (
+            batch["input_ids"],
+            batch["attention_mask"],
+        )
+        scores = torch.zeros(len(items), len(self.answer_list))
+        for row, item in enumerate(items):
+            for answer in {normalize_answer(a) for a in item["answers"]}:
+                if answer in self.answer_index:
+                    scores[row, self.answer_index[answer]] = vqa_accuracy(answer, item["answers"])
+        batch.update(
+            answer_scores=scores,
+            answer_list=self.answer_list,
+            answers=[item["answers"] for item in items],
+            answer_types=[item["answer_type"] for item in items],
+            questions=[item["question"] for item in items],
+            question_id=torch.tensor([item["question_id"] for item in items], dtype=torch.long),
+        )
+        return batch
+
+
+def read_answer_list(path: str) -> list[str]:
+    """One answer per line (normalised, blank lines ignored); duplicates are an error naming the line."""
+    file = annotation_path(path, "answer_list")
+    answers: list[str] = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        answer = normalize_answer(line)
+        if not answer:
+            continue
+        if answer in answers:
+            raise ValueError(f"{file}: line {number}: answer {answer!r} appears twice")
+        answers.append(answer)
+    if len(answers) < 2:
+        raise ValueError(f"{file}: needs at least 2 answers, got {len(answers)}")
+    return answers
