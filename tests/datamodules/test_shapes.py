@@ -243,3 +243,16 @@ def test_bad_split_and_index_raise(source):
         source.dataset("validation")
     with pytest.raises(IndexError, match="200"):
         source.describe("val", 200)
+
+
+def test_cached_tokenization_equals_the_tokenizers_batch_call():
+    source = ShapesSource(image_size=32, num_train=8, num_val=4, num_test=4, max_text_len=6, batch_size=4)
+    texts = ["a red circle", "a small blue square in the top left", "a red circle", "there is a big plus"]
+    for _ in range(2):  # the second call reads every text from the cache
+        ids, mask = source._tokenize(texts)
+        expected = source.tokenizer(
+            texts, padding="longest", truncation=True, max_length=6, return_tensors="pt"
+        )
+        torch.testing.assert_close(ids, expected["input_ids"])
+        torch.testing.assert_close(mask, expected["attention_mask"])
+    assert ids.shape == (4, 6)  # the long caption is truncated at max_text_len, not an error

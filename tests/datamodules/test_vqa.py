@@ -63,7 +63,10 @@ def vqa_folder(tmp_path: Path) -> dict[str, str]:
     val_questions = [(200 + i, 50 + i, f"what colour is {i} ?") for i in range(6)]
     val_answers = {200 + i: (["red"] * (i + 1) + ["blue"] * (9 - i), "other") for i in range(6)}
     vq, va = write_split(tmp_path, images, "val", val_questions, val_answers)
+    test_questions = [(300 + i, 70 + i // 2, f"is {i} bright ?") for i in range(5)]  # two per image
+    testq, _ = write_split(tmp_path, images, "test", test_questions, {})
     return {
+        "test_questions": str(testq),
         "train_questions": str(tq),
         "train_annotations": str(ta),
         "val_questions": str(vq),
@@ -167,3 +170,16 @@ def test_vqa_config_trains_on_a_vqa_folder_and_writes_metrics(vqa_folder, tmp_pa
         "unannotated_question": 1,
         "unknown_question": 1,
     }
+    checkpoint = Path(cli.trainer.checkpoint_callback.last_model_path).resolve()
+    predicted = run(
+        [
+            "predict",
+            "--config",
+            str(Path(cli.trainer.log_dir) / "config.yaml"),
+            "--ckpt_path",
+            str(checkpoint),
+        ]
+    )
+    answers = json.loads((Path(predicted.trainer.log_dir) / "answers.json").read_text())
+    assert sorted(answers) == [str(300 + i) for i in range(5)]  # one answer per question, not per image
+    assert set(answers.values()) <= set(cli.datamodule.sources["vqa"].answer_list)

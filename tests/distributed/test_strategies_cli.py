@@ -138,7 +138,9 @@ def test_validation_under_two_ranks_equals_one_process_on_the_same_global_batch(
     one_rank = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     for key in SCORES:
         assert one_rank[key] == pytest.approx(two_ranks[key], abs=1e-6), key
-    assert one_rank["val/mlm/acc"] > 0.0 and one_rank["val/retrieval/i2t_r5"] > 0.0
+    # non-zero, so the equalities above say something (MLM accuracy can still be 0 after 6 steps: its
+    # padding rows are covered by tests/distributed/test_eval_padding.py)
+    assert one_rank["val/retrieval/t2i_r5"] > 0.0 and one_rank["val/itm/acc"] > 0.0
 
 
 def test_fsdp2_shards_every_parameter_and_follows_the_ddp_loss_curve(ddp_run, fsdp_run):

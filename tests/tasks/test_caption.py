@@ -45,7 +45,7 @@ def test_label_smoothing_changes_the_loss_as_cross_entropy_does(make_backbone, b
     logits = backbone.decoder.logits(hidden).transpose(1, 2)
     want = F.cross_entropy(logits, targets, label_smoothing=0.2)
     torch.testing.assert_close(smoothed.forward_loss(batch, features).loss, want, atol=1e-5, rtol=1e-5)
-    assert abs(want - F.cross_entropy(logits, targets)) > 0.1
+    assert abs(want - F.cross_entropy(logits, targets)) > 0.05  # smoothing really moved it
 
 
 def test_validation_scores_every_image_once_against_all_references(objective, batch):

@@ -113,6 +113,7 @@ def run(args: list[str] | None = None) -> VLPCLI:
                 MetricsSummary(),
                 RandomStateCheckpoint(),
                 PredictionWriter(),
+                PredictionWriter(filename="answers.json", key="answers", id_key="question_id"),
                 ValidationImages(),
                 FinalValidation(),
                 RequeueAtStepBoundary(),

@@ -39,6 +39,7 @@ SPLITS = ("train", "val", "test")
 GRID = 3
 MIN_IMAGE_SIZE = 32
 SINGLE_OBJECT_PROBABILITY = 0.02
+TOKEN_CACHE_SIZE = 200_000  # distinct texts whose ids a source keeps (a few tens of MB)
 # first object (earlier in reading order) relative to the second, keyed by (same row, column order)
 RELATIONS = {
     (True, 1): ("left of", "right of"),
@@ -309,6 +310,7 @@ class ShapesSource(DataSource):
         self.tokenizer: PreTrainedTokenizerBase = (
             build_wordpiece_tokenizer(GRAMMAR_WORDS) if tokenizer is None else load_tokenizer(tokenizer)
         )
+        self._token_ids: dict[str, list[int]] = {}  # text -> ids, see _tokenize
 
     def _check_split(self, split: str) -> None:
         if split not in SPLITS:
@@ -335,10 +337,23 @@ class ShapesSource(DataSource):
         )
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.tokenizer(
-            texts, padding="longest", truncation=True, max_length=self.max_text_len, return_tensors="pt"
+        """[B, L] ids and mask, right-padded to the longest, truncated at `max_text_len`: what the tokenizer's
+        batch call gives, with each distinct text encoded once (the grammar repeats texts across steps)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._token_ids))
+        if missing:
+            if len(self._token_ids) + len(missing) > TOKEN_CACHE_SIZE:
+                self._token_ids.clear()
+            encoded = self.tokenizer(missing, truncation=True, max_length=self.max_text_len)["input_ids"]
+            self._token_ids.update(zip(missing, encoded, strict=True))
+        rows = [self._token_ids[t] for t in texts]
+        input_ids = torch.full(
+            (len(rows), max(map(len, rows))), self.tokenizer.pad_token_id, dtype=torch.long
         )
-        return encoded["input_ids"].long(), encoded["attention_mask"].long()
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(rows):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids, attention_mask
 
     def collate(self, items: list[dict]) -> dict:
         """Stack images [B, 3, H, W] and boxes [B, 4]; tokenize captions [B, L] and phrases [B, Lp]."""

@@ -1,4 +1,5 @@
-"""`vlp predict` output: the generated captions as `predictions.json` (image id -> caption) in the run folder."""
+"""`vlp predict` output: the generated captions as `predictions.json` (image id -> caption) and the VQA
+answers as `answers.json` (question id -> answer) in the run folder."""
 
 from __future__ import annotations
 
@@ -15,19 +16,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Collects `prediction[key]` per `prediction["image_id"]` from every predict batch of every rank and
+    """Collects `prediction[key]` per `prediction[id_key]` from every predict batch of every rank and
     writes them to `<trainer.log_dir>/<filename>` at the end of predict (rank zero), printing its path.
 
     Batches are collected as they come (not from the trainer's stored predictions), so it also works with
     `return_predictions=False`. Predictions without `key` (an objective with nothing to caption) are skipped.
     """
 
-    def __init__(self, filename: str = "predictions.json", key: str = "caption") -> None:
+    def __init__(
+        self, filename: str = "predictions.json", key: str = "caption", id_key: str = "image_id"
+    ) -> None:
         super().__init__(write_interval="batch")
         if not filename.endswith(".json"):
             raise ValueError(f"filename must end in .json, got {filename!r}")
         self.filename = filename
-        self.key = key
+        self.key, self.id_key = key, id_key
         self._rows: dict[int | str, Any] = {}
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -45,11 +48,13 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         if not isinstance(prediction, dict) or self.key not in prediction:
             return
-        ids = prediction["image_id"]
+        ids = prediction[self.id_key]
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         values = prediction[self.key]
         if len(values) != len(ids):
-            raise ValueError(f"prediction[{self.key!r}] has {len(values)} entries for {len(ids)} image ids")
+            raise ValueError(
+                f"prediction[{self.key!r}] has {len(values)} entries for {len(ids)} {self.id_key}s"
+            )
         self._rows.update(zip(ids, values, strict=True))
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -11,6 +11,8 @@ target score there, so `val/vqa/acc` is the standard VQA accuracy (answers outsi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -115,11 +117,13 @@ class VQAObjective(Objective):
         return scores
 
     @torch.no_grad()
-    def predict(self, batch: dict, features: FeatureCache) -> dict[str, list[str]]:
-        """The arg-max answer string of each question (needs the source's `answer_list`)."""
+    def predict(self, batch: dict, features: FeatureCache) -> dict[str, Any]:
+        """The arg-max answer string of each question (needs the source's `answer_list`), by `question_id`
+        (the image id where each image has one question); `vlp predict` writes them to `answers.json`."""
         logits = self.answer_logits(batch, features)
         answers = batch["answer_list"]
-        return {"answers": [answers[i] for i in logits.argmax(dim=1).tolist()]}
+        question_ids = batch.get("question_id", batch["image_id"])
+        return {"answers": [answers[i] for i in logits.argmax(dim=1).tolist()], "question_id": question_ids}
 
     @torch.no_grad()
     def validation_images(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
