@@ -54,6 +54,21 @@ def test_collate_tokenizes_with_truncation_and_sums_the_skips(coco_folder: Path)
     assert batch["skipped"] == {}
 
 
+def test_evaluation_batches_carry_every_caption_tokenized_and_training_batches_none(coco_folder: Path):
+    source = coco(coco_folder)
+    val = source.dataset("val")
+    batch = source.collate([val[i] for i in range(3)])  # 2, 3 and 2 captions
+    captions = [c for refs in batch["references"] for c in refs]
+    assert len(captions) == 7 and batch["reference_row"].tolist() == [0, 0, 1, 1, 1, 2, 2]
+    ids, mask = source.tokenize(captions)
+    assert torch.equal(batch["reference_input_ids"], ids) and torch.equal(
+        batch["reference_attention_mask"], mask
+    )
+    train = source.dataset("train")
+    train_batch = source.collate([train[i] for i in range(3)])
+    assert not {"references", "reference_input_ids", "reference_row"} & set(train_batch)
+
+
 def test_coco_counts_bad_annotations_and_steps_over_bad_files(coco_folder: Path):
     images = {
         1: "train2017/000001.jpg",

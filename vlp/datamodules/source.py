@@ -15,8 +15,12 @@ class DataSource(ABC):
     Batch keys every source provides: `image` [B, 3, H, W] float, `image_id` [B] long, `input_ids` and
     `attention_mask` [B, L] long (the caption with [CLS] ... [SEP]). Sources with referring phrases add
     `phrase_input_ids`, `phrase_attention_mask` [B, Lp] and `boxes` [B, 4] (normalised cx, cy, w, h);
-    caption sources add `references` (list of lists of str). Besides the two methods a source has the
-    attributes `tokenizer` (PreTrainedTokenizerBase), `batch_size` and `num_workers`.
+    caption sources add `references` (list of lists of str) to evaluation batches. Sources whose images
+    have several captions also tokenize them all for evaluation: `reference_input_ids`,
+    `reference_attention_mask` [R, Lr] and `reference_row` [R] long (the batch row of each caption's image);
+    retrieval then ranks every caption (a text matches its image), otherwise the `input_ids` captions.
+    Besides the two methods a source has the attributes `tokenizer` (PreTrainedTokenizerBase),
+    `batch_size` and `num_workers`.
 
     Sources that read files follow the bad-input policy of `vlp.datamodules.images`: batches carry
     `skipped` (reason -> count of samples stepped over), and the source may have `skipped` (a Counter of
