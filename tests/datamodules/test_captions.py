@@ -112,7 +112,9 @@ def test_the_data_module_counts_what_the_loader_stepped_over(coco_folder: Path):
     dataset = source.dataset("train")
     batch = source.collate([dataset[i] for i in range(4)])
     module.on_before_batch_transfer(batch, 0)
-    assert "skipped" not in batch and module.skipped == {"not_an_image": 1}
+    assert "skipped" not in batch and module.skipped == {} and module.loader_skipped == {"not_an_image": 1}
+    module.sync_skipped()  # the run's totals (one process: this rank's)
+    assert module.skipped == {"not_an_image": 1}
     assert module.samples_read == 32 + 5  # 32 records, then 4 items + 1 stepped over
     assert module.skipped_summary() == "skipped 1 of 37 samples read (not_an_image: 1)"
 

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlp.datamodules.shapes import ShapesSource
 from vlp.datamodules.source import DataSource, ResumableSampler
+from vlp.platform.distributed import all_gather_objects
 from vlp.platform.sampler import MultiTaskSampler, SamplingStrategy
 
 FEEDBACK_LAG = 2
@@ -202,9 +203,12 @@ class MultiTaskDataModule(LightningDataModule):
     `tasks` defaults to every objective of the model on the first source. Validation and test use
     `eval_source` (default: the first source).
 
-    Unusable samples (see `vlp.datamodules.images`) are counted per reason in `skipped`: those the sources
-    dropped while reading their annotations, and those the loaders stepped over (`batch["skipped"]`).
-    Past `max_bad_fraction` of the samples read the run stops with the counts.
+    Unusable samples (see `vlp.datamodules.images`) are counted per reason: those the sources dropped while
+    reading their annotations (the same on every rank, counted once) and those each rank's loaders stepped
+    over (`batch["skipped"]`). `sync_skipped` sums the loaders' counts over ranks into `skipped` and
+    `samples_read`, the whole run's; past `max_bad_fraction` of the samples read the run stops with the
+    counts. `SkippedSamplesMonitor` calls it on every rank at its logging steps, after validation and at
+    the end.
     """
 
     def __init__(
@@ -233,12 +237,26 @@ class MultiTaskDataModule(LightningDataModule):
                 f"eval_source {self.eval_source!r} is not one of the sources {list(self.sources)}"
             )
         self.tokenizer = self._shared_tokenizer()
-        self.skipped: Counter[str] = Counter()
-        self.samples_read = 0
+        self.annotation_skipped: Counter[str] = Counter()
+        self.annotation_total = 0
         for source in self.sources.values():
-            self.skipped.update(getattr(source, "skipped", {}))
-            self.samples_read += getattr(source, "total", 0)
+            self.annotation_skipped.update(getattr(source, "skipped", {}))
+            self.annotation_total += getattr(source, "total", 0)
+        self.loader_skipped: Counter[str] = Counter()  # this rank's
+        self.samples_loaded = 0  # this rank's, usable or not
+        self.skipped, self.samples_read = Counter(self.annotation_skipped), self.annotation_total
         self.check_bad_fraction(minimum=0)
+
+    def sync_skipped(self) -> None:
+        """The whole run's counts into `skipped` / `samples_read`: annotation skips once, loader skips and
+        samples summed over ranks (a collective: every rank calls it at the same point)."""
+        skipped, samples = Counter(self.annotation_skipped), self.annotation_total
+        for rank_skipped, rank_samples in all_gather_objects(
+            (dict(self.loader_skipped), self.samples_loaded)
+        ):
+            skipped.update(rank_skipped)
+            samples += rank_samples
+        self.skipped, self.samples_read = skipped, samples
 
     def skipped_summary(self) -> str:
         """One line: skipped samples by reason out of the samples read."""
@@ -322,9 +340,8 @@ class MultiTaskDataModule(LightningDataModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         skipped = batch.pop("skipped", None)
         if skipped is not None:
-            self.skipped.update(skipped)
-            self.samples_read += int(batch["image"].shape[0]) + sum(skipped.values())
-            self.check_bad_fraction()
+            self.loader_skipped.update(skipped)
+            self.samples_loaded += int(batch["image"].shape[0]) + sum(skipped.values())
         index = batch.pop("loader_index", None)
         if index is not None and self.train_loader is not None:
             self.train_loader.consumed(index)
