@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vlp.datamodules.source import ResumableSampler
+from vlp.datamodules.source import shard_order
 
 from ..datamodules.conftest import write_coco, write_jpeg
 
@@ -25,7 +25,7 @@ TRAIN_IMAGES, BATCH, STEPS, SEED = 40, 4, 4, 0
 
 def drawn(rank: int) -> list[int]:
     """The train indices rank `rank` of 2 reads in the run's steps (the data module's seeded shard)."""
-    return ResumableSampler(TRAIN_IMAGES, SEED, rank=rank, world_size=2).indices()[: STEPS * BATCH]
+    return shard_order(TRAIN_IMAGES, SEED, epoch=0, rank=rank, world_size=2)[: STEPS * BATCH]
 
 
 def isolated(indices: list[int], count: int) -> list[int]:

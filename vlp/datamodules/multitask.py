@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from vlp.datamodules.shapes import ShapesSource
-from vlp.datamodules.source import DataSource, ResumableSampler
+from vlp.datamodules.source import DataSource, EndlessSampler, EpochIndexed
 from vlp.platform.distributed import all_gather_objects
 from vlp.platform.sampler import MultiTaskSampler, SamplingStrategy
 
@@ -30,7 +30,11 @@ MIN_SAMPLES_FOR_BAD_FRACTION = 100
 
 
 class SourceStream:
-    """Endless batches of one source's train split: reshuffles each epoch, resumes mid-epoch."""
+    """Endless batches of one source's train split: reshuffles each epoch, resumes mid-epoch.
+
+    One DataLoader serves every epoch (`EndlessSampler`), so its workers start once and keep prefetching
+    across epoch boundaries; it is rebuilt only when a checkpoint's position is loaded.
+    """
 
     def __init__(self, name: str, source: DataSource, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.name, self.source, self.seed = name, source, seed
@@ -41,49 +45,48 @@ class SourceStream:
                 f"source {name!r}: {len(self.dataset)} train items are fewer than one batch "
                 f"({source.batch_size}) per rank"
             )
+        self.batches_per_epoch = len(self.dataset) // world_size // source.batch_size
         self.epoch, self.position = 0, 0
         self._iterator: Iterator[dict] | None = None
 
     def _open(self) -> Iterator[dict]:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)
-        sampler = ResumableSampler(
+        batch_size = self.source.batch_size
+        sampler = EndlessSampler(
             len(self.dataset),
             self.seed,
+            batch_size,
             self.epoch,
-            self.position * self.source.batch_size,
+            self.position * batch_size,
             self.rank,
             self.world_size,
         )
         loader = DataLoader(
-            self.dataset,
-            batch_size=self.source.batch_size,
+            EpochIndexed(self.dataset),
+            batch_size=batch_size,
             sampler=sampler,
             collate_fn=self.source.collate,
             num_workers=self.source.num_workers,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(
-                self.seed + self.epoch
-            ),  # worker seeds, not the global RNG
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds, not the global RNG
         )
         return iter(loader)
 
     def next(self) -> dict:
         if self._iterator is None:
             self._iterator = self._open()
-        batch = next(self._iterator, None)
-        if batch is None:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._iterator = self._open()
-            batch = next(self._iterator)
+        batch = next(self._iterator)
         self.position += 1
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
         return batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if position >= self.batches_per_epoch:  # saved as (epoch, its last batch) by earlier versions
+            epoch, position = epoch + 1, 0
+        self.epoch, self.position = epoch, position
         self._iterator = None
 
 

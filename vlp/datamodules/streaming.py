@@ -4,7 +4,7 @@ A chunk sample is `{"image": <the encoded file's bytes>, "meta": <JSON: image_id
 images stay JPEG/PNG (a tenth of decoded arrays), and `meta` keeps every format's fields in one structure
 litdata can batch. Reading goes through the same `CaptionDataset` / `GroundingDataset` as files do, over a
 lazy record list, so the order, the rank sharding and the resumable position come from the data module's
-`ResumableSampler`: a resumed run neither repeats nor skips a sample.
+`EndlessSampler`: a resumed run neither repeats nor skips a sample.
 """
 
 from __future__ import annotations
