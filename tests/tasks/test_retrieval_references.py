@@ -1,25 +1,31 @@
-"""Retrieval over a split whose images have several captions (COCO / Karpathy): every caption is a text of
+"""Validation over a split whose images have several captions (COCO / Karpathy): every caption is a text of
 its own, image -> text is right when ANY of the image's captions ranks in the top K, text -> image when the
-caption's one image does (the ALBEF / BLIP `itm_eval` protocol). ITC and ITM re-ranking against a brute
-force written here (one image, one caption, one pair at a time), in one process and over two gloo ranks."""
+caption's one image does (the ALBEF / BLIP `itm_eval` protocol), and BLEU/CIDEr score against all of them.
+ITC and ITM re-ranking against a brute force written here (one image, one caption, one pair at a time),
+captions against pycocoevalcap, in one process and over two gloo ranks."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 from gloo_ranks import run_on_ranks
 from PIL import Image
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
 from torch.utils.data import DistributedSampler
 
 from vlp.datamodules.captions import CocoCaptionsSource
 from vlp.datamodules.multitask import PaddingMarked
+from vlp.platform.metrics import simple_tokenize
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
+from vlp.tasks.caption import CaptionObjective
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.itm import ITMObjective
 
@@ -55,7 +61,13 @@ def coco_source(folder: str) -> CocoCaptionsSource:
     )
 
 
-def spread_backbone(source: CocoCaptionsSource) -> tuple[FusionBackbone, ITCObjective, ITMObjective]:
+class Objectives(NamedTuple):
+    itc: ITCObjective
+    itm: ITMObjective
+    caption: CaptionObjective
+
+
+def spread_backbone(source: CocoCaptionsSource) -> tuple[FusionBackbone, Objectives]:
     """A tiny backbone with its parameters spread (an untrained tower maps every caption almost alike)."""
     torch.manual_seed(0)
     backbone = FusionBackbone(
@@ -64,22 +76,24 @@ def spread_backbone(source: CocoCaptionsSource) -> tuple[FusionBackbone, ITCObje
         text=TextConfig(width=32, depth=1, heads=2, max_len=48),
         fusion=FusionConfig(depth=1, heads=2),
         embed_dim=16,
+        caption_decoder=True,
     )
-    itc = ITCObjective(backbone).eval()
     itm = ITMObjective(backbone, rerank_k=RERANK_K, rerank_chunk=4).eval()
     with torch.no_grad():
         for param in itm.parameters():
             param.add_(torch.randn_like(param) * 0.3)
-    return backbone, itc, itm
+    return backbone, Objectives(ITCObjective(backbone).eval(), itm, CaptionObjective(backbone).eval())
 
 
 @torch.no_grad()
-def validate(source: CocoCaptionsSource, itc: ITCObjective, itm: ITMObjective, batches: list[dict]) -> dict:
+def validate(objectives: Objectives, batches: list[dict]) -> dict:
     for batch in batches:
-        features = FeatureCache(itc.backbone, batch)
-        itc.validation_update(batch, features)
-        itm.validation_update(batch, features)
-    return {**itc.validation_scores(), **itm.validation_scores()}
+        # "generated" captions: each image's last caption (the first is what the batch's `captions` hold)
+        objectives.caption.captions = lambda image, batch=batch: [refs[-1] for refs in batch["references"]]
+        features = FeatureCache(objectives.itc.backbone, batch)
+        for objective in objectives:
+            objective.validation_update(batch, features)
+    return {key: value for objective in objectives for key, value in objective.validation_scores().items()}
 
 
 def recalls(rankings: list[list[int]], right: list[set[int]], prefix: str) -> dict[str, float]:
@@ -123,9 +137,13 @@ def brute_force(source: CocoCaptionsSource, backbone: FusionBackbone, itm: ITMOb
     text_right = [{owner[j]} for j in range(n_txt)]
     itc_scores = {**recalls(i2t, image_right, "i2t"), **recalls(t2i, text_right, "t2i")}
     itm_scores = {**recalls(i2t_itm, image_right, "i2t"), **recalls(t2i_itm, text_right, "t2i")}
+    references = {r.image_id: [simple_tokenize(c) for c in r.captions] for r in records}
+    candidates = {image_id: [refs[-1]] for image_id, refs in references.items()}
     return {
         **{f"val/retrieval/{key}": value for key, value in itc_scores.items()},
         **{f"val/retrieval_itm/{key}": value for key, value in itm_scores.items()},
+        "val/caption/bleu4": Bleu(4).compute_score(references, candidates, verbose=0)[0][3],
+        "val/caption/cider": float(Cider().compute_score(references, candidates)[0]),
     }
 
 
@@ -142,32 +160,33 @@ def split(tmp_path: Path) -> Path:
 
 def test_every_caption_is_a_text_of_its_own_in_itc_and_itm_retrieval(split: Path, one_thread):
     source = coco_source(str(split))
-    backbone, itc, itm = spread_backbone(source)
+    backbone, objectives = spread_backbone(source)
     dataset = source.dataset("val")
     batches = [source.collate([dataset[i] for i in rows]) for rows in ([0, 1, 2], [3, 4], [5, 6])]
     assert batches[0]["reference_row"].tolist() == [0, 0, 0, 1, 2, 2]
-    got = validate(source, itc, itm, batches)
-    want = brute_force(source, backbone, itm)
+    got = validate(objectives, batches)
+    want = brute_force(source, backbone, objectives.itm)
     assert_scores_equal(got, want)
     assert got["val/retrieval/t2i_r1"] < 1.0 and got["val/retrieval/i2t_r1"] < 1.0  # not trivially perfect
+    assert got["val/caption/bleu4"] == pytest.approx(1.0)  # each candidate is one of its image's references
 
 
 def _two_ranks(rank: int, out_dir: str, folder: str) -> None:
     torch.set_num_threads(1)
     source = coco_source(folder)
-    _, itc, itm = spread_backbone(source)
+    _, objectives = spread_backbone(source)
     marked = PaddingMarked(source.dataset("val"), world_size=2)  # 7 images -> 8 rows, the last a repeat
     order = list(DistributedSampler(marked, num_replicas=2, rank=rank, shuffle=False))
     collate = marked.collate_with(source.collate)
     batches = [collate([marked[i] for i in order[s : s + 2]]) for s in range(0, len(order), 2)]
-    torch.save(validate(source, itc, itm, batches), Path(out_dir) / f"scores{rank}.pt")
+    torch.save(validate(objectives, batches), Path(out_dir) / f"scores{rank}.pt")
 
 
 def test_two_ranks_with_a_padded_repeat_score_as_the_brute_force(split: Path, tmp_path_factory, one_thread):
     out_dir = tmp_path_factory.mktemp("ranks")
     run_on_ranks(_two_ranks, out_dir, str(split))
     source = coco_source(str(split))
-    backbone, _, itm = spread_backbone(source)
-    want = brute_force(source, backbone, itm)
+    backbone, objectives = spread_backbone(source)
+    want = brute_force(source, backbone, objectives.itm)
     for rank in (0, 1):
         assert_scores_equal(torch.load(Path(out_dir) / f"scores{rank}.pt"), want)
