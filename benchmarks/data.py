@@ -7,10 +7,10 @@ file differs) with two captions each, and the same set as litdata chunks (`vlp d
   files vs chunks, with 0, 1 and 2 workers; samples/s after the first batch (worker start-up excluded).
 - Fit row: `vlp fit --config configs/pretrain/captions.yaml` at 224 px (patch 32, the config's small
   towers), Lightning's SimpleProfiler: time waiting for the next batch over the whole step time, overall
-  and without the first step of each pass over the (small) data, where fresh loader workers start.
-  Goal: under 5 %.
+  and without the first step of each pass over the (small) data (where, before the data module kept one
+  loader for every pass, fresh workers started). Goal: under 5 %.
 
-    python benchmarks/data.py            # ~5 min on 2 CPU cores
+    python benchmarks/data.py            # ~1-2 min on 2 CPU cores
     python benchmarks/data.py --quick    # ~1 min smoke version
 """
 
@@ -88,7 +88,7 @@ def fit_data_share(root: Path, steps: int, workers: int) -> dict:
     durations = cli.trainer.profiler.recorded_durations
     waits = durations["[_TrainingEpochLoop].train_dataloader_next"]
     steps_time = durations["run_training_batch"]
-    # the data module opens a new DataLoader (fresh workers, empty prefetch) at each pass over the data
+    # the first step of each pass is where a per-pass loader would start fresh workers
     per_pass = cli.datamodule.train_loader.steps_per_epoch
     inside = [i for i in range(1, len(waits)) if i % per_pass]
     wait, step = sum(waits[1:]), sum(steps_time[1:])

@@ -69,7 +69,7 @@ def test_captions_config_trains_on_a_coco_folder_and_writes_metrics(coco_run: Pa
         "val/caption/bleu4",
         "val/caption/cider",
     } <= set(metrics)
-    assert metrics["val/retrieval/i2t_r10"] == 1.0  # 8 val images: every image is within the top 10
+    assert metrics["val/retrieval/t2i_r10"] == 1.0  # 8 val images: every caption's image is in the top 10
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()
     assert "data/skipped/not_an_image" in events.Tags()["scalars"]

@@ -54,6 +54,21 @@ def test_collate_tokenizes_with_truncation_and_sums_the_skips(coco_folder: Path)
     assert batch["skipped"] == {}
 
 
+def test_evaluation_batches_carry_every_caption_tokenized_and_training_batches_none(coco_folder: Path):
+    source = coco(coco_folder)
+    val = source.dataset("val")
+    batch = source.collate([val[i] for i in range(3)])  # 2, 3 and 2 captions
+    captions = [c for refs in batch["references"] for c in refs]
+    assert len(captions) == 7 and batch["reference_row"].tolist() == [0, 0, 1, 1, 1, 2, 2]
+    ids, mask = source.tokenize(captions)
+    assert torch.equal(batch["reference_input_ids"], ids) and torch.equal(
+        batch["reference_attention_mask"], mask
+    )
+    train = source.dataset("train")
+    train_batch = source.collate([train[i] for i in range(3)])
+    assert not {"references", "reference_input_ids", "reference_row"} & set(train_batch)
+
+
 def test_coco_counts_bad_annotations_and_steps_over_bad_files(coco_folder: Path):
     images = {
         1: "train2017/000001.jpg",
@@ -97,7 +112,9 @@ def test_the_data_module_counts_what_the_loader_stepped_over(coco_folder: Path):
     dataset = source.dataset("train")
     batch = source.collate([dataset[i] for i in range(4)])
     module.on_before_batch_transfer(batch, 0)
-    assert "skipped" not in batch and module.skipped == {"not_an_image": 1}
+    assert "skipped" not in batch and module.skipped == {} and module.loader_skipped == {"not_an_image": 1}
+    module.sync_skipped()  # the run's totals (one process: this rank's)
+    assert module.skipped == {"not_an_image": 1}
     assert module.samples_read == 32 + 5  # 32 records, then 4 items + 1 stepped over
     assert module.skipped_summary() == "skipped 1 of 37 samples read (not_an_image: 1)"
 

@@ -1,9 +1,11 @@
+from itertools import islice
+
 import pytest
 import torch
 
 from vlp.datamodules.multitask import MultiTaskDataModule, MultiTaskLoader, SourceStream
 from vlp.datamodules.shapes import ShapesSource
-from vlp.datamodules.source import ResumableSampler
+from vlp.datamodules.source import EndlessSampler, shard_order
 from vlp.platform.sampler import Adaptive, MultiTaskSampler, Temperature
 
 TASKS = {"itc": "a", "itm": "a", "grounding": "b"}
@@ -87,14 +89,36 @@ def test_each_source_cycles_through_its_whole_split_before_repeating():
 
 
 def test_ranks_get_disjoint_equal_shards():
-    shards = [ResumableSampler(10, seed=0, epoch=1, rank=r, world_size=3).indices() for r in range(3)]
+    shards = [shard_order(10, seed=0, epoch=1, rank=r, world_size=3) for r in range(3)]
     assert all(len(s) == 3 for s in shards)
     assert len(set(sum(shards, []))) == 9
 
 
-def test_resumable_sampler_starts_part_way():
-    full = ResumableSampler(20, seed=5, epoch=2).indices()
-    assert list(ResumableSampler(20, seed=5, epoch=2, start=7)) == full[7:]
+def test_endless_sampler_starts_part_way_and_runs_on_in_whole_batches():
+    pairs = list(islice(EndlessSampler(20, seed=5, batch_size=6, epoch=2, start=7), 11 + 18))
+    epoch2, epoch3 = shard_order(20, seed=5, epoch=2), shard_order(20, seed=5, epoch=3)
+    assert pairs == [(2, i) for i in epoch2[7:18]] + [(3, i) for i in epoch3[:18]]  # 2 of 20 dropped
+
+
+def test_loader_workers_live_across_epochs_and_follow_them():
+    def batches(workers: int) -> tuple[list[dict], list[object]]:
+        source = ShapesSource(
+            image_size=32, num_train=12, num_val=8, num_test=8, batch_size=4, num_workers=workers
+        )
+        stream = SourceStream("a", source, seed=0)
+        out, iterators = [], []
+        for _ in range(9):  # 3 epochs of 3 batches
+            out.append(stream.next())
+            iterators.append(stream._iterator)
+        return out, iterators
+
+    in_process, _ = batches(0)
+    with_worker, iterators = batches(1)
+    assert all(iterator is iterators[0] for iterator in iterators)  # one loader, its worker started once
+    for a, b in zip(in_process, with_worker, strict=True):  # the worker draws each epoch's captions and crops
+        assert a["captions"] == b["captions"]
+        torch.testing.assert_close(a["image"], b["image"], atol=0, rtol=0)
+    assert in_process[0]["captions"] != in_process[3]["captions"]
 
 
 def test_datamodule_checks_tasks_against_sources():

@@ -8,9 +8,12 @@ import json
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
+from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from vlp.datamodules.multitask import SourceStream
@@ -156,3 +159,62 @@ def test_webdataset_shards_and_grounding_boxes_survive_optimize(tmp_path: Path):
     source = StreamingSource(str(tmp_path / "refs"), val_input_dir=str(tmp_path / "refs"), image_size=32)
     item = source.dataset("val")[0]
     assert item["phrase"] == "the right half" and item["box"].tolist() == [0.75, 0.5, 0.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def s3_chunks(coco_chunks, tmp_path_factory) -> Iterator[str]:
+    """The chunk folder (with its saved vocabulary) uploaded with boto3 to a local S3 server (moto) on a
+    free port; boto3, hence litdata, finds it through `AWS_ENDPOINT_URL`, inherited by loader workers."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    environment = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in environment.items():
+            patch.setenv(key, value)
+        client = boto3.client("s3")
+        client.create_bucket(Bucket="vlp")
+        for path in coco_chunks[0].rglob("*"):
+            if path.is_file():
+                client.upload_file(str(path), "vlp", f"coco/train/{path.relative_to(coco_chunks[0])}")
+        yield "s3://vlp/coco/train"
+    server.stop()
+
+
+def test_chunks_stream_from_an_s3_url_byte_identical_with_the_saved_vocabulary(
+    s3_chunks, coco_chunks, tmp_path
+):
+    records = ChunkRecords(s3_chunks, cache_dir=str(tmp_path / "cache"))
+    assert len(records) == 40
+    seen = {}
+    for index in range(len(records)):
+        sample = records.sample(index)
+        seen[sample["image_id"]] = (sample["image"], sample["captions"])
+    assert seen == coco_chunks[1]
+    source = StreamingSource(s3_chunks, image_size=16, cache_dir=str(tmp_path / "cache2"))
+    local = StreamingSource(str(coco_chunks[0]), image_size=16)
+    assert source.tokenizer.get_vocab() == local.tokenizer.get_vocab()
+
+
+def test_an_s3_stream_stopped_mid_epoch_resumes_as_the_local_one_runs(s3_chunks, coco_chunks, tmp_path):
+    (local,) = streams(coco_chunks[0], world=1, num_workers=2)
+    reference = image_ids(local, 16)
+
+    def s3_stream(cache: str) -> SourceStream:
+        source = StreamingSource(
+            s3_chunks, image_size=16, batch_size=4, num_workers=2, seed=3, cache_dir=cache
+        )
+        return SourceStream("stream", source, seed=3)
+
+    stopped = s3_stream(str(tmp_path / "a"))
+    before = image_ids(stopped, 7)
+    state = json.loads(json.dumps(stopped.state_dict()))
+    del stopped
+    resumed = s3_stream(str(tmp_path / "b"))  # a fresh cache: every chunk read again from the bucket
+    resumed.load_state_dict(state)
+    assert before + image_ids(resumed, 9) == reference

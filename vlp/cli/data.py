@@ -21,7 +21,6 @@ from vlp.datamodules.refcoco import GroundingRecord, read_grounding
 from vlp.datamodules.streaming import (
     TOKENIZER_FOLDER,
     ChunkRecords,
-    chunk_count,
     optimize,
     record_image_bytes,
 )
@@ -84,7 +83,7 @@ def run_optimize(args: argparse.Namespace) -> int:
         (c for r in records for c in r.captions), min_count=args.min_word_count
     )
     tokenizer.save_pretrained(str(output / TOKENIZER_FOLDER))
-    written = chunk_count(output)
+    written = len(ChunkRecords(str(output)))
     print(f"samples written: {written}")
     print(f"bytes: {folder_bytes(output)} in {output}")
     print(f"skipped: {sum(skipped.values())}" + "".join(f"\n  {r}: {n}" for r, n in sorted(skipped.items())))

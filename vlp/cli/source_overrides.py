@@ -17,6 +17,7 @@ SOURCE_PATH_KEYS = (
     "image_root",
     "input_dir",
     "val_input_dir",
+    "cache_dir",
     "train_questions",
     "val_questions",
     "test_questions",

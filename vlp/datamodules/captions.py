@@ -1,7 +1,8 @@
 """Image-caption data from files: the COCO captions and Karpathy split readers, the dataset, the base source.
 
-Every caption of an image is kept: a training visit draws one (a different one per epoch), evaluation
-uses the first as the image's text for retrieval and all of them as references for BLEU/CIDEr.
+Every caption of an image is kept: a training visit draws one (a different one per epoch); evaluation
+batches carry all of them (`references`, tokenized as `reference_*`) as the texts retrieval ranks and the
+references BLEU/CIDEr score against, and the first as the image's caption for the per-pair losses.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def read_karpathy(
 
 
 class CaptionDataset(Dataset):
-    """Items: `image` [3, S, S], `image_id`, `caption`, `references`, `skipped` (reasons stepped over)."""
+    """Items: `image` [3, S, S], `image_id`, `caption`, `skipped` (reasons stepped over) and, for evaluation
+    only, `references` (every caption of the image)."""
 
     def __init__(
         self,
@@ -165,18 +167,17 @@ class CaptionDataset(Dataset):
         image = decode_image(record.path, self.max_pixels, self.background)
         if not self.train:
             pixels, _, _ = self.transform(image)
-            caption = record.captions[0]
-        else:
-            generator = self.augmentation_generator(index)
-            pixels, _, flipped = self.transform(image, generator=generator)
-            caption = record.captions[int(torch.randint(len(record.captions), (), generator=generator))]
-            caption = swap_left_right(caption) if flipped else caption
-        return {
-            "image": pixels,
-            "image_id": record.image_id,
-            "caption": caption,
-            "references": list(record.captions),
-        }
+            return {
+                "image": pixels,
+                "image_id": record.image_id,
+                "caption": record.captions[0],
+                "references": list(record.captions),
+            }
+        generator = self.augmentation_generator(index)
+        pixels, _, flipped = self.transform(image, generator=generator)
+        caption = record.captions[int(torch.randint(len(record.captions), (), generator=generator))]
+        caption = swap_left_right(caption) if flipped else caption
+        return {"image": pixels, "image_id": record.image_id, "caption": caption}
 
     def __getitem__(self, index: int) -> dict:
         return first_usable(self.load, index, len(self), self.name)
@@ -302,7 +303,8 @@ class CaptionSource(DataSource):
         return encoded["input_ids"].long(), encoded["attention_mask"].long()
 
     def collate(self, items: list[dict]) -> dict:
-        """Images [B, 3, S, S], captions [B, L]; with phrases also `phrase_*` [B, Lp] and `boxes` [B, 4]."""
+        """Images [B, 3, S, S], captions [B, L]; with phrases also `phrase_*` [B, Lp] and `boxes` [B, 4];
+        evaluation items add every caption: `references` and `reference_*` (see `DataSource`)."""
         input_ids, attention_mask = self.tokenize([item["caption"] for item in items])
         batch = {
             "image": torch.stack([item["image"] for item in items]),
@@ -310,9 +312,17 @@ class CaptionSource(DataSource):
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "captions": [item["caption"] for item in items],
-            "references": [item["references"] for item in items],
             "skipped": collate_skips(items),
         }
+        if "references" in items[0]:
+            references = [item["references"] for item in items]
+            batch["references"] = references
+            batch["reference_input_ids"], batch["reference_attention_mask"] = self.tokenize(
+                [text for texts in references for text in texts]
+            )
+            batch["reference_row"] = torch.repeat_interleave(
+                torch.arange(len(items)), torch.tensor([len(texts) for texts in references])
+            )
         if "phrase" in items[0]:
             batch["phrase_input_ids"], batch["phrase_attention_mask"] = self.tokenize(
                 [item["phrase"] for item in items]

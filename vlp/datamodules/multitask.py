@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from vlp.datamodules.shapes import ShapesSource
-from vlp.datamodules.source import DataSource, ResumableSampler
+from vlp.datamodules.source import DataSource, EndlessSampler, EpochIndexed
+from vlp.platform.distributed import all_gather_objects
 from vlp.platform.sampler import MultiTaskSampler, SamplingStrategy
 
 FEEDBACK_LAG = 2
@@ -29,7 +30,11 @@ MIN_SAMPLES_FOR_BAD_FRACTION = 100
 
 
 class SourceStream:
-    """Endless batches of one source's train split: reshuffles each epoch, resumes mid-epoch."""
+    """Endless batches of one source's train split: reshuffles each epoch, resumes mid-epoch.
+
+    One DataLoader serves every epoch (`EndlessSampler`), so its workers start once and keep prefetching
+    across epoch boundaries; it is rebuilt only when a checkpoint's position is loaded.
+    """
 
     def __init__(self, name: str, source: DataSource, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.name, self.source, self.seed = name, source, seed
@@ -40,49 +45,48 @@ class SourceStream:
                 f"source {name!r}: {len(self.dataset)} train items are fewer than one batch "
                 f"({source.batch_size}) per rank"
             )
+        self.batches_per_epoch = len(self.dataset) // world_size // source.batch_size
         self.epoch, self.position = 0, 0
         self._iterator: Iterator[dict] | None = None
 
     def _open(self) -> Iterator[dict]:
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)
-        sampler = ResumableSampler(
+        batch_size = self.source.batch_size
+        sampler = EndlessSampler(
             len(self.dataset),
             self.seed,
+            batch_size,
             self.epoch,
-            self.position * self.source.batch_size,
+            self.position * batch_size,
             self.rank,
             self.world_size,
         )
         loader = DataLoader(
-            self.dataset,
-            batch_size=self.source.batch_size,
+            EpochIndexed(self.dataset),
+            batch_size=batch_size,
             sampler=sampler,
             collate_fn=self.source.collate,
             num_workers=self.source.num_workers,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(
-                self.seed + self.epoch
-            ),  # worker seeds, not the global RNG
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds, not the global RNG
         )
         return iter(loader)
 
     def next(self) -> dict:
         if self._iterator is None:
             self._iterator = self._open()
-        batch = next(self._iterator, None)
-        if batch is None:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._iterator = self._open()
-            batch = next(self._iterator)
+        batch = next(self._iterator)
         self.position += 1
+        if self.position == self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
         return batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if position >= self.batches_per_epoch:  # saved as (epoch, its last batch) by earlier versions
+            epoch, position = epoch + 1, 0
+        self.epoch, self.position = epoch, position
         self._iterator = None
 
 
@@ -202,9 +206,12 @@ class MultiTaskDataModule(LightningDataModule):
     `tasks` defaults to every objective of the model on the first source. Validation and test use
     `eval_source` (default: the first source).
 
-    Unusable samples (see `vlp.datamodules.images`) are counted per reason in `skipped`: those the sources
-    dropped while reading their annotations, and those the loaders stepped over (`batch["skipped"]`).
-    Past `max_bad_fraction` of the samples read the run stops with the counts.
+    Unusable samples (see `vlp.datamodules.images`) are counted per reason: those the sources dropped while
+    reading their annotations (the same on every rank, counted once) and those each rank's loaders stepped
+    over (`batch["skipped"]`). `sync_skipped` sums the loaders' counts over ranks into `skipped` and
+    `samples_read`, the whole run's; past `max_bad_fraction` of the samples read the run stops with the
+    counts. `SkippedSamplesMonitor` calls it on every rank at its logging steps, after validation and at
+    the end.
     """
 
     def __init__(
@@ -233,12 +240,26 @@ class MultiTaskDataModule(LightningDataModule):
                 f"eval_source {self.eval_source!r} is not one of the sources {list(self.sources)}"
             )
         self.tokenizer = self._shared_tokenizer()
-        self.skipped: Counter[str] = Counter()
-        self.samples_read = 0
+        self.annotation_skipped: Counter[str] = Counter()
+        self.annotation_total = 0
         for source in self.sources.values():
-            self.skipped.update(getattr(source, "skipped", {}))
-            self.samples_read += getattr(source, "total", 0)
+            self.annotation_skipped.update(getattr(source, "skipped", {}))
+            self.annotation_total += getattr(source, "total", 0)
+        self.loader_skipped: Counter[str] = Counter()  # this rank's
+        self.samples_loaded = 0  # this rank's, usable or not
+        self.skipped, self.samples_read = Counter(self.annotation_skipped), self.annotation_total
         self.check_bad_fraction(minimum=0)
+
+    def sync_skipped(self) -> None:
+        """The whole run's counts into `skipped` / `samples_read`: annotation skips once, loader skips and
+        samples summed over ranks (a collective: every rank calls it at the same point)."""
+        skipped, samples = Counter(self.annotation_skipped), self.annotation_total
+        for rank_skipped, rank_samples in all_gather_objects(
+            (dict(self.loader_skipped), self.samples_loaded)
+        ):
+            skipped.update(rank_skipped)
+            samples += rank_samples
+        self.skipped, self.samples_read = skipped, samples
 
     def skipped_summary(self) -> str:
         """One line: skipped samples by reason out of the samples read."""
@@ -322,9 +343,8 @@ class MultiTaskDataModule(LightningDataModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         skipped = batch.pop("skipped", None)
         if skipped is not None:
-            self.skipped.update(skipped)
-            self.samples_read += int(batch["image"].shape[0]) + sum(skipped.values())
-            self.check_bad_fraction()
+            self.loader_skipped.update(skipped)
+            self.samples_loaded += int(batch["image"].shape[0]) + sum(skipped.values())
         index = batch.pop("loader_index", None)
         if index is not None and self.train_loader is not None:
             self.train_loader.consumed(index)

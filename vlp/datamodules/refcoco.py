@@ -79,7 +79,8 @@ def read_grounding(path: Path, image_root: Path, skipped: Counter) -> list[Groun
 
 
 class GroundingDataset(CaptionDataset):
-    """Items: `image`, `image_id`, `phrase` (also `caption`), `references` (all phrases), `box` [4]."""
+    """Items: `image`, `image_id`, `phrase` (also `caption`), `box` [4]; for evaluation also `references`
+    (all phrases)."""
 
     def load(self, index: int) -> dict:
         record: GroundingRecord = self.records[index]
@@ -88,18 +89,20 @@ class GroundingDataset(CaptionDataset):
         if not self.train:
             pixels, box, _ = self.transform(image, record.box)
             phrase = record.phrases[0]
+            evaluation = {"references": list(record.phrases)}
         else:
             generator = self.augmentation_generator(index)
             pixels, box, flipped = self.transform(image, record.box, generator)
             phrase = record.phrases[int(torch.randint(len(record.phrases), (), generator=generator))]
             phrase = swap_left_right(phrase) if flipped else phrase
+            evaluation = {}
         return {
             "image": pixels,
             "image_id": record.image_id,
             "caption": phrase,
             "phrase": phrase,
-            "references": list(record.phrases),
             "box": box,
+            **evaluation,
         }
 
 

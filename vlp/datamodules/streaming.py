@@ -4,7 +4,7 @@ A chunk sample is `{"image": <the encoded file's bytes>, "meta": <JSON: image_id
 images stay JPEG/PNG (a tenth of decoded arrays), and `meta` keeps every format's fields in one structure
 litdata can batch. Reading goes through the same `CaptionDataset` / `GroundingDataset` as files do, over a
 lazy record list, so the order, the rank sharding and the resumable position come from the data module's
-`ResumableSampler`: a resumed run neither repeats nor skips a sample.
+`EndlessSampler`: a resumed run neither repeats nor skips a sample.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -26,6 +27,9 @@ from vlp.datamodules.images import MAX_IMAGE_PIXELS, SkipSample, decode_image, o
 from vlp.datamodules.refcoco import GroundingDataset, GroundingRecord
 from vlp.datamodules.tokenizer import load_tokenizer
 from vlp.datamodules.webdataset import ShardRecord
+
+if TYPE_CHECKING:
+    from litdata import StreamingDataset
 
 TOKENIZER_FOLDER = "tokenizer"  # optimize saves the training captions' vocabulary here
 
@@ -100,22 +104,33 @@ def optimize(
         shutil.rmtree(skip_dir, ignore_errors=True)
 
 
-def chunk_count(input_dir: str | Path) -> int:
-    """Samples in a local chunk folder, from its `index.json`."""
-    index = Path(input_dir) / "index.json"
-    if not index.is_file():
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what optimize's `save_pretrained` writes
+
+
+def open_stream(input_dir: str, storage_options: dict | None, cache_dir: str | None) -> StreamingDataset:
+    """litdata's reader of a chunk folder or of any URL litdata supports (`s3://`, `gs://`, `azure://`, ...):
+    a remote index and the chunks read are cached under `cache_dir` (litdata's default when None). A custom
+    S3 endpoint comes from `storage_options` (`{"endpoint_url": ...}`, passed to boto3's client) or boto3's
+    own environment (`AWS_ENDPOINT_URL`)."""
+    if "://" not in input_dir and not (Path(input_dir) / "index.json").is_file():
         raise FileNotFoundError(f"not a litdata chunk folder (no index.json): {input_dir}")
-    return sum(int(chunk["chunk_size"]) for chunk in json.loads(index.read_text())["chunks"])
+    from litdata import StreamingDataset
+
+    return StreamingDataset(input_dir, cache_dir=cache_dir, storage_options=storage_options)
 
 
 class ChunkRecords(Sequence):
-    """The records of a chunk folder, read on access through litdata's `StreamingDataset`, opened lazily
-    by whichever process reads (never pickled, and reopened in a forked loader worker)."""
+    """The records of a chunk folder or URL, read on access through litdata's `StreamingDataset` (random
+    access by global index, so the data module's sampler decides order and sharding). The reader is
+    reopened by whichever process reads (never pickled, and reopened in a forked loader worker)."""
 
-    def __init__(self, input_dir: str) -> None:
-        self.input_dir = input_dir
-        self.length = chunk_count(input_dir)
-        self._stream, self._pid = None, None
+    def __init__(
+        self, input_dir: str, storage_options: dict | None = None, cache_dir: str | None = None
+    ) -> None:
+        self.input_dir, self.storage_options, self.cache_dir = input_dir, storage_options, cache_dir
+        self._stream, self._pid = open_stream(input_dir, storage_options, cache_dir), os.getpid()
+        # every sample of every chunk (StreamingDataset's own len is this rank's share under DDP)
+        self.length = sum(end - start for start, end in self._stream.region_of_interest)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_stream": None, "_pid": None}
@@ -126,9 +141,8 @@ class ChunkRecords(Sequence):
     def sample(self, index: int) -> dict:
         """The raw chunk sample: `image` bytes and the parsed `meta`."""
         if self._stream is None or self._pid != os.getpid():
-            from litdata import StreamingDataset
-
-            self._stream, self._pid = StreamingDataset(self.input_dir), os.getpid()
+            self._stream = open_stream(self.input_dir, self.storage_options, self.cache_dir)
+            self._pid = os.getpid()
         sample = self._stream[index]
         return {"image": bytes(sample["image"]), **json.loads(sample["meta"])}
 
@@ -142,9 +156,34 @@ class ChunkRecords(Sequence):
             )
         return CaptionRecord(sample["image"], sample["image_id"], tuple(sample["captions"]))
 
+    def saved_tokenizer(self) -> str:
+        """The local folder of the vocabulary `optimize` saved beside the chunks; for a URL its files are
+        fetched with litdata's downloader for that URL into litdata's cache of the index (as file objects:
+        litdata's obstore route for whole files refuses plain-http endpoints)."""
+        if "://" not in self.input_dir:
+            return str(Path(self.input_dir) / TOKENIZER_FOLDER)
+        from litdata.streaming.downloader import get_downloader
+
+        local = Path(self._stream.input_dir.path) / TOKENIZER_FOLDER
+        local.mkdir(parents=True, exist_ok=True)
+        downloader = get_downloader(self.input_dir, str(local.parent), [], self.storage_options)
+        for name in TOKENIZER_FILES:
+            buffer = io.BytesIO()
+            url = f"{self.input_dir.rstrip('/')}/{TOKENIZER_FOLDER}/{name}"
+            downloader.download_fileobj(url, buffer)
+            if not buffer.getvalue():
+                raise FileNotFoundError(
+                    f"could not read {url}; set the source's `tokenizer` to a local folder"
+                )
+            (local / name).write_bytes(buffer.getvalue())
+        return str(local)
+
 
 class StreamingSource(CaptionSource):
-    """Chunk folders written by `vlp data optimize`, one per split (`input_dir` trains).
+    """Chunk folders written by `vlp data optimize`, one per split (`input_dir` trains), local or at any
+    URL litdata reads (`s3://bucket/prefix`, ...), with litdata's `storage_options` (e.g. `{endpoint_url:
+    ...}` for an S3-compatible store; boto3's `AWS_ENDPOINT_URL` works too) and `cache_dir` for what it
+    downloads.
 
     Grounding chunks (written from RefCOCO-style input) come out with `boxes` and phrases. `tokenizer`
     None loads the vocabulary `optimize` saved beside the training chunks. Other arguments as
@@ -168,13 +207,15 @@ class StreamingSource(CaptionSource):
         seed: int = 0,
         max_pixels: int = MAX_IMAGE_PIXELS,
         background: tuple[int, int, int] = (255, 255, 255),
+        storage_options: dict | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         if input_dir is None:
             raise ValueError(
                 "input_dir is required (e.g. --data.input_dir DIR written by `vlp data optimize`)"
             )
         self.records = {
-            split: None if folder is None else ChunkRecords(folder)
+            split: None if folder is None else ChunkRecords(folder, storage_options, cache_dir)
             for split, folder in zip(SPLITS, (input_dir, val_input_dir, test_input_dir), strict=True)
         }
         self.configure_loading(
@@ -190,7 +231,7 @@ class StreamingSource(CaptionSource):
             max_pixels,
             background,
         )
-        self.tokenizer = load_tokenizer(tokenizer or str(Path(input_dir) / TOKENIZER_FOLDER))
+        self.tokenizer = load_tokenizer(tokenizer or self.records["train"].saved_tokenizer())
         self.dataset_class = (
             GroundingDataset if isinstance(self.records["train"][0], GroundingRecord) else CaptionDataset
         )

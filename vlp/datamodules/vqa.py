@@ -113,7 +113,6 @@ class VQADataset(CaptionDataset):
             "image_id": record.image_id,
             "question_id": record.question_id,
             "caption": record.question,
-            "references": [record.question],
             "question": record.question,
             "answers": list(record.answers),
             "answer_type": record.answer_type,

@@ -64,3 +64,13 @@ def all_gather_padded(t: Tensor, pad_dim: int | None = None, with_grad: bool = F
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.detach().contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_gather_objects(value: object) -> list[object]:
+    """Every rank's picklable `value`, in rank order (`[value]` when not distributed); a collective, so
+    every rank calls it at the same point."""
+    if not is_distributed():
+        return [value]
+    values: list[object] = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values

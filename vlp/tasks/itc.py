@@ -4,7 +4,9 @@ Loss: symmetric InfoNCE over the batch with the backbone's learnable temperature
     L = 1/2 [CE(s * I T^T, diag) + CE(s * T I^T, diag)],  I, T L2-normalised [B, E],
 through `vlp.platform.kernels.contrastive_loss`, which in distributed runs scores the local rows against
 columns gathered from every rank with gradients (open_clip's local loss) and never builds the full
-B x B matrix when chunked. Validation: retrieval R@1/5/10 both ways over the whole val split.
+B x B matrix when chunked. Validation: retrieval R@1/5/10 both ways over the whole val split, every caption
+of an image a text of its own (`vlp.tasks.retrieval_split`): image -> text is right when any of the image's
+captions is in the top K, text -> image when the caption's one image is.
 
 With the backbone's momentum model (ALBEF), two switches: `queue_size` keeps the momentum embeddings of past
 batches (gathered over ranks) as extra negative columns, and `alpha` mixes the one-hot targets with the
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.aggregation import CatMetric
 
 from vlp.platform.distributed import all_gather_padded, all_gather_with_grad, rank
 from vlp.platform.kernels import contrastive_loss
@@ -26,15 +27,8 @@ from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.model.momentum import FeatureQueue, ramped_alpha, soft_cross_entropy
 from vlp.platform.optim import OptimConfig
-from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation
-
-
-def first_occurrences(ids: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
-    """Drop repeated ids (DistributedSampler pads the last batch with repeats) from values [N, ...]."""
-    unique, inverse = torch.unique(ids, return_inverse=True)
-    positions = torch.arange(len(ids), device=ids.device)
-    first = torch.full_like(unique, len(ids)).scatter_reduce(0, inverse, positions, "amin")
-    return (*(v[first] for v in values), ids[first])
+from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation, real_rows
+from vlp.tasks.retrieval_split import SplitRows, retrieval_texts, unique_images
 
 
 class ITCObjective(Objective):
@@ -65,9 +59,7 @@ class ITCObjective(Objective):
         self.chunk_size = chunk_size
         self.alpha, self.alpha_warmup_steps = alpha, alpha_warmup_steps
         self.queue = FeatureQueue(queue_size, backbone.vision_proj.out_features) if queue_size else None
-        self.val_image_emb = CatMetric(nan_strategy="disable")
-        self.val_text_emb = CatMetric(nan_strategy="disable")
-        self.val_image_ids = CatMetric(nan_strategy="disable")
+        self.val_images, self.val_texts = SplitRows(("embedding",)), SplitRows(("embedding",))
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         scale = self.backbone.logit_scale()
@@ -121,21 +113,18 @@ class ITCObjective(Objective):
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         image_emb, text_emb = features.image.embedding, features.text.embedding
-        self.val_image_emb.update(image_emb)
-        self.val_text_emb.update(text_emb)
-        self.val_image_ids.update(batch["image_id"].to(image_emb.dtype))
+        self.val_images.update(batch["image_id"], real_rows(batch), embedding=image_emb)
+        texts = retrieval_texts(batch, features)
+        self.val_texts.update(texts.image_id, texts.real, embedding=texts.features.embedding)
         loss = contrastive_loss(image_emb, text_emb, self.backbone.logit_scale(), gather=False)
         return {"loss": loss}
 
     def validation_scores(self) -> dict[str, float]:
-        if not self.val_image_ids.update_called:
+        if not self.val_images.update_called:
             return {}
-        image_emb, text_emb = self.val_image_emb.compute(), self.val_text_emb.compute()
-        ids = self.val_image_ids.compute().long()
-        image_emb, text_emb, ids = first_occurrences(ids, image_emb, text_emb)
-        for metric in (self.val_image_emb, self.val_text_emb, self.val_image_ids):
-            metric.reset()
-        scores = retrieval_recall(image_emb.float() @ text_emb.float().T, text_image_ids=ids, image_ids=ids)
+        images, texts = unique_images(self.val_images.pop()), self.val_texts.pop()
+        similarity = images["embedding"].float() @ texts["embedding"].float().T
+        scores = retrieval_recall(similarity, text_image_ids=texts["image_id"], image_ids=images["image_id"])
         return {f"val/retrieval/{key}": value for key, value in scores.items()}
 
     @torch.no_grad()

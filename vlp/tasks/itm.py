@@ -11,7 +11,8 @@ keys and values are computed once (before the gather) and gathered, and only [CL
 fusion layer (exact: the same loss and gradients).
 Validation: accuracy on balanced pairs (every positive plus its hardest global-batch negative text);
 the repeats a DistributedSampler pads with (`is_padding`) are mined from but never scored; with
-`rerank_k`, retrieval over the whole split re-ranked by this head (`vlp.tasks.itm_rerank`).
+`rerank_k`, retrieval over the whole split (every caption of an image a text of its own,
+`vlp.tasks.retrieval_split`) re-ranked by this head (`vlp.tasks.itm_rerank`).
 """
 
 from __future__ import annotations
@@ -21,18 +22,15 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.aggregation import CatMetric
 from torchmetrics.classification import BinaryAccuracy
 
 from vlp.platform.distributed import all_gather_padded, rank
 from vlp.platform.metrics import retrieval_recall
-from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures, TextFeatures, first_token
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures, first_token
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
-from vlp.tasks.itc import first_occurrences
 from vlp.tasks.itm_rerank import rerank_scores
-
-SPLIT_KEYS = ("image_embedding", "text_embedding", "image_tokens", "text_tokens", "text_mask", "image_id")
+from vlp.tasks.retrieval_split import RetrievalTexts, SplitRows, retrieval_texts, unique_images
 
 
 def positive_pairs(image_ids: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -174,9 +172,8 @@ class ITMObjective(Objective):
         self.head = nn.Linear(backbone.width, 2)
         self.val_accuracy = BinaryAccuracy()
         # the split's unimodal features, kept for re-ranking (synced over ranks by torchmetrics)
-        self.val_split = nn.ModuleDict(
-            {key: CatMetric(nan_strategy="disable") for key in SPLIT_KEYS} if rerank_k else {}
-        )
+        self.val_images = SplitRows(("embedding", "tokens")) if rerank_k else None
+        self.val_texts = SplitRows(("embedding", "tokens", "mask")) if rerank_k else None
 
     def match_logits(self, pairs: MatchPairs) -> Tensor:
         """[P, 2] match / no-match logits of the pairs: image keys and values and the captions' first fusion
@@ -205,7 +202,7 @@ class ITMObjective(Objective):
         scored = pairs.anchor_is_real
         self.val_accuracy.update(logits.argmax(-1)[scored], pairs.labels[scored])
         if self.rerank_k:
-            self.keep_for_reranking(batch, features.fused_image, features.text)
+            self.keep_for_reranking(batch, features.fused_image, retrieval_texts(batch, features))
         return {"loss": F.cross_entropy(logits, pairs.labels)}
 
     def validation_scores(self) -> dict[str, float]:
@@ -215,49 +212,46 @@ class ITMObjective(Objective):
         self.val_accuracy.reset()
         return {"val/itm/acc": accuracy, **self.reranked_retrieval()}
 
-    def keep_for_reranking(self, batch: dict, image: ImageFeatures, text: TextFeatures) -> None:
+    def keep_for_reranking(self, batch: dict, image: ImageFeatures, texts: RetrievalTexts) -> None:
         """Store the batch's unimodal features (captions padded to `text.max_len`) for `reranked_retrieval`."""
+        text = texts.features
         pad = self.backbone.text.max_len - text.tokens.shape[1]
-        values = {
-            "image_embedding": image.embedding,
-            "text_embedding": text.embedding,
-            "image_tokens": image.tokens,
-            "text_tokens": F.pad(text.tokens, (0, 0, 0, pad)),
-            "text_mask": F.pad(text.attention_mask, (0, pad)).to(image.tokens.dtype),
-            "image_id": batch["image_id"].to(image.tokens.dtype),
-        }
-        for key, value in values.items():
-            self.val_split[key].update(value)
+        self.val_images.update(
+            batch["image_id"], real_rows(batch), embedding=image.embedding, tokens=image.tokens
+        )
+        self.val_texts.update(
+            texts.image_id,
+            texts.real,
+            embedding=text.embedding,
+            tokens=F.pad(text.tokens, (0, 0, 0, pad)),
+            mask=F.pad(text.attention_mask, (0, pad)).to(image.tokens.dtype),
+        )
 
     @torch.no_grad()
     def reranked_retrieval(self) -> dict[str, float]:
         """R@1/5/10 both ways after re-scoring each query's ITC top `rerank_k` with the ITM head."""
-        if not self.rerank_k or not self.val_split["image_id"].update_called:
+        if not self.rerank_k or not self.val_images.update_called:
             return {}
-        split = {key: metric.compute() for key, metric in self.val_split.items()}
-        for metric in self.val_split.values():
-            metric.reset()
-        ids = split.pop("image_id").long()
-        *values, ids = first_occurrences(ids, *split.values())
-        split = dict(zip(split, values, strict=True))
-        similarity = split["image_embedding"].float() @ split["text_embedding"].float().T
-        mask = split["text_mask"].long()
+        images, texts = unique_images(self.val_images.pop()), self.val_texts.pop()
+        similarity = images["embedding"].float() @ texts["embedding"].float().T
+        mask = texts["mask"].long()
 
         def match_logit(image_rows: Tensor, text_rows: Tensor) -> Tensor:
             length = int(mask[text_rows].sum(1).max())
             image = self.backbone.with_fusion_keys(
-                ImageFeatures(split["image_tokens"][image_rows], split["image_embedding"][image_rows])
+                ImageFeatures(images["tokens"][image_rows], images["embedding"][image_rows])
             )
             cls = first_token(len(text_rows), mask.device)
-            text_tokens, text_mask = split["text_tokens"][text_rows, :length], mask[text_rows, :length]
+            text_tokens, text_mask = texts["tokens"][text_rows, :length], mask[text_rows, :length]
             logit = self.head(self.backbone.fuse(image, text_tokens, text_mask, positions=cls)[:, 0])[:, 1]
             if self.rerank_score == "itm+itc":
                 logit = logit + self.backbone.logit_scale() * similarity[image_rows, text_rows]
             return logit
 
         i2t, t2i = rerank_scores(similarity, self.rerank_k, match_logit, self.rerank_chunk)
+        ids = texts["image_id"], images["image_id"]
         scores = {
-            **{k: v for k, v in retrieval_recall(i2t, ids, ids).items() if k.startswith("i2t")},
-            **{k: v for k, v in retrieval_recall(t2i, ids, ids).items() if k.startswith("t2i")},
+            **{k: v for k, v in retrieval_recall(i2t, *ids).items() if k.startswith("i2t")},
+            **{k: v for k, v in retrieval_recall(t2i, *ids).items() if k.startswith("t2i")},
         }
         return {f"val/retrieval_itm/{key}": value for key, value in scores.items()}

@@ -309,6 +309,16 @@ class FeatureCache:
         return self.backbone.encode_text(self.batch["input_ids"], self.batch["attention_mask"])
 
     @cached_property
+    def references(self) -> TextFeatures:
+        """Every caption of the batch's images [R, Lr, Dt] (`reference_input_ids`, evaluation batches of
+        sources with several captions per image); the batch's captions when it has none."""
+        if "reference_input_ids" not in self.batch:
+            return self.text
+        return self.backbone.encode_text(
+            self.batch["reference_input_ids"], self.batch["reference_attention_mask"]
+        )
+
+    @cached_property
     def momentum_image(self) -> ImageFeatures:
         """The momentum model's image features of the batch (no gradient); needs `momentum` set."""
         with torch.no_grad():
