@@ -235,21 +235,15 @@ def test_deepspeed_zero2_resumes_from_its_checkpoint_folder_to_the_same_losses(z
 
 
 def test_deepspeed_zero3_resumes_its_partitioned_weights_exactly(zero3_run, tmp_path):
+    # every step after the resume, not only the first: each objective leaves other parameters without a
+    # gradient, which ZeRO-3 stepped with a stale one until strategies.clear_gradient_partitions_after_step
     out, full = zero3_run
     checkpoint = _checkpoint(out, "step=3.ckpt")
     assert (checkpoint / "latest").is_file() and len(list(checkpoint.rglob("*optim_states.pt"))) == 2
     resumed = _fit(
         tmp_path / "resumed", "deepspeed_zero3", *ZERO3_EVERYTHING_PARTITIONED, f"--ckpt_path={checkpoint}"
     )
-    for rank in (0, 1):
-        after, before = _steps(resumed[rank]), _steps(full[rank])
-        assert sorted(after) == [4, 5, 6]
-        # step 4's loss is the restored weights' (data, sampler and RNG state restored too); the update
-        # after it is NOT bit-exact under ZeRO-3 with the module's torch AdamW (step 5 differs by ~4e-3,
-        # an open defect, see the scaling notes), unlike ZeRO-2 above
-        assert after[4]["loss"] == pytest.approx(before[4]["loss"], abs=1e-6)
-        for step in (5, 6):
-            assert after[step]["loss"] == pytest.approx(before[step]["loss"], rel=0.01), (rank, step)
+    _resumed_losses_equal(resumed, full, atol=0.0)
 
 
 @pytest.mark.parametrize("run_name", ["ddp_run", "fsdp_run", "zero2_run"])

@@ -221,6 +221,32 @@ def read_outside_forward(module: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
+def clear_gradient_partitions_after_step(optimizer: Any) -> None:
+    """Make ZeRO-3's optimizer clear its reduced gradient partitions after each step, so a parameter that
+    gets no gradient in a step is stepped with a zero one (as under ZeRO-2), not with an old one.
+
+    ZeRO-3 (DeepSpeed 0.19) reduce-scatters each gradient into one flat buffer of partitions
+    (`grad_partitions_flat_buffer`; with an offloaded optimizer also the fp32 partitions' `.grad`) and
+    steps on that whole buffer, but writes only the slices of parameters that got a gradient and never
+    clears it. A sampled multi-task step leaves the other objectives' heads (and for ITC the fusion
+    layers) unused, so they were stepped with the gradient of the last step that used them; a resumed
+    run starts with a zero buffer, which is why it parted from the uninterrupted run at the second step
+    after resume. The optimizer steps once per accumulation window, so clearing after it never drops
+    gradients still being accumulated.
+    """
+    step = optimizer.step
+
+    def step_and_clear_gradient_partitions(*args: Any, **kwargs: Any) -> Any:
+        result = step(*args, **kwargs)
+        optimizer.grad_partitions_flat_buffer.zero_()
+        for flat in optimizer.fp32_partitioned_groups_flat:
+            if flat.grad is not None:
+                flat.grad.zero_()
+        return result
+
+    optimizer.step = step_and_clear_gradient_partitions
+
+
 class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     """DeepSpeed ZeRO-2 / ZeRO-3 from a few options, on GPUs and also on CPU ranks (gloo).
 
@@ -307,6 +333,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
 
             for param in read_outside_forward(model):
                 register_external_parameter(model, param)
+            clear_gradient_partitions_after_step(optimizer)
         return engine, optimizer
 
 
