@@ -65,6 +65,8 @@ class RequeueAtStepBoundary(Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             return
+        if trainer.fit_loop._should_accumulate():
+            return  # inside an optimizer step of accumulated micro-batches: its gradients are in no checkpoint
         self._signalled = True
         if 0 <= trainer.max_steps <= trainer.global_step:
             return  # the last step: the job ends on its own, nothing left to resume

@@ -337,6 +337,14 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         return engine, optimizer
 
 
+def optimizer_stepped(strategy: Strategy) -> bool:
+    """Whether the last `optimizer_step` changed the weights. Lightning calls it once per optimizer step,
+    except under DeepSpeed, which accumulates gradients itself: there it runs on every micro-batch and the
+    engine steps only at the accumulation boundary (and not after an fp16 overflow)."""
+    engine = getattr(strategy, "deepspeed_engine", None)
+    return True if engine is None else engine.was_step_applied()
+
+
 def parallelize(module: LightningModule, strategy: Strategy) -> None:
     """Apply `strategy`'s scaling plan to `module` if it has one (vlp's strategies do; Lightning's own
     and single-device ones do not)."""
