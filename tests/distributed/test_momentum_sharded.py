@@ -34,8 +34,9 @@ STRATEGIES = {
 SHARDED = {"fsdp", "deepspeed_zero3"}
 
 
-def _fit(out: Path, strategy: str, *extra: str) -> dict[int, dict[int, dict]]:
-    """Train 6 steps (checkpoints at 3 and 6) on 2 ranks; per rank, step -> losses and momentum records."""
+def _fit(out: Path, strategy: str, *extra: str) -> dict[int, list[dict]]:
+    """Train 6 optimizer steps (checkpoints at 3 and 6) on 2 ranks; per rank, per micro-batch the optimizer
+    steps taken after it, its loss and the momentum record."""
     out.mkdir(parents=True)
     callbacks = [
         {"class_path": "recorder.StepRecorder", "init_args": {"out_dir": str(out / "steps")}},
@@ -66,29 +67,35 @@ def _fit(out: Path, strategy: str, *extra: str) -> dict[int, dict[int, dict]]:
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    records: dict[int, dict[int, dict]] = {}
+    records: dict[int, list[dict]] = {}
     for rank in (0, 1):
-        steps = records.setdefault(rank, {})
-        for line in (out / "steps" / f"rank{rank}.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            if record["event"] == "step":
-                steps.setdefault(record["step"], {})["loss"] = record["loss"]
-        for line in (out / "steps" / f"momentum{rank}.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            steps[record["step"]].update(record)
+        lines = (out / "steps" / f"rank{rank}.jsonl").read_text().splitlines()
+        losses = [r["loss"] for r in map(json.loads, lines) if r["event"] == "step"]
+        lines = (out / "steps" / f"momentum{rank}.jsonl").read_text().splitlines()
+        records[rank] = [{**json.loads(line), "loss": loss} for line, loss in zip(lines, losses, strict=True)]
     return records
+
+
+def _fit_and_resume(out: Path, strategy: str, *extra: str) -> tuple[dict, dict]:
+    """(uninterrupted run, run resumed from its step-3 checkpoint)."""
+    full = _fit(out / "full", strategy, *extra)
+    checkpoint = out / "full" / "runs" / "default" / "version_0" / "checkpoints" / "step=3.ckpt"
+    assert checkpoint.exists()
+    return full, _fit(out / "resumed", strategy, *extra, f"--ckpt_path={checkpoint}")
 
 
 @pytest.fixture(scope="module", params=list(STRATEGIES))
 def strategy_runs(request, tmp_path_factory) -> tuple[str, dict, dict]:
-    """(strategy, uninterrupted run, run resumed from the uninterrupted run's step-3 checkpoint)."""
-    strategy = request.param
-    out = tmp_path_factory.mktemp(strategy)
-    full = _fit(out / "full", strategy)
-    checkpoint = out / "full" / "runs" / "default" / "version_0" / "checkpoints" / "step=3.ckpt"
-    assert checkpoint.exists()
-    resumed = _fit(out / "resumed", strategy, f"--ckpt_path={checkpoint}")
-    return strategy, full, resumed
+    """(strategy, uninterrupted run, resumed run), one micro-batch per step: step -> record."""
+    full, resumed = _fit_and_resume(tmp_path_factory.mktemp(request.param), request.param)
+    by_step = [{rank: {r["step"]: r for r in run[rank]} for rank in (0, 1)} for run in (full, resumed)]
+    return request.param, *by_step
+
+
+def _assert_ema(before: dict, now: dict, where: object) -> None:
+    for name, value in now["momentum"].items():
+        expected = DECAY * before["momentum"][name] + (1 - DECAY) * now["online"][name]
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-5), (where, name)
 
 
 def test_momentum_copy_is_stored_like_the_backbone(strategy_runs):
@@ -112,10 +119,7 @@ def test_each_rank_updates_what_it_holds_of_the_copy_by_the_ema_formula(strategy
         steps = full[rank]
         assert sorted(steps) == [1, 2, 3, 4, 5, 6]
         for step in range(2, 7):
-            before, now = steps[step - 1]["momentum"], steps[step]
-            for name, value in now["momentum"].items():
-                expected = DECAY * before[name] + (1 - DECAY) * now["online"][name]
-                assert value == pytest.approx(expected, rel=1e-5, abs=1e-5), (rank, step, name)
+            _assert_ema(steps[step - 1], steps[step], (rank, step))
         assert steps[6]["momentum"] != steps[6]["online"]  # the copy lags the model
 
 
@@ -127,3 +131,19 @@ def test_resumed_run_continues_losses_momentum_weights_and_queue_exactly(strateg
         for step in (4, 5, 6):
             for key in ("loss", "momentum", "queue"):
                 assert resumed[rank][step][key] == full[rank][step][key], (rank, step, key)
+
+
+def test_zero3_with_accumulation_updates_the_ema_once_per_optimizer_step_and_resumes_exactly(tmp_path):
+    """DeepSpeed runs Lightning's optimizer_step on every micro-batch and steps only at the boundary."""
+    full, resumed = _fit_and_resume(
+        tmp_path, "deepspeed_zero3", "--trainer.accumulate_grad_batches=2", "--trainer.max_steps=5"
+    )
+    for rank in (0, 1):
+        records = full[rank]
+        assert [r["step"] for r in records] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
+        for step in range(2, 6):  # micro-batches 2 step - 2 and 2 step - 1 make optimizer step `step`
+            previous, first, last = records[2 * step - 3], records[2 * step - 2], records[2 * step - 1]
+            assert first["momentum"] == previous["momentum"]  # no EMA update inside an optimizer step
+            _assert_ema(previous, last, (rank, step))
+        assert [r["loss"] for r in resumed[rank]] == [r["loss"] for r in records[6:]]
+        assert resumed[rank][-1]["momentum"] == records[-1]["momentum"]
