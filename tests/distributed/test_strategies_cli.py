@@ -246,6 +246,39 @@ def test_deepspeed_zero3_resumes_its_partitioned_weights_exactly(zero3_run, tmp_
     _resumed_losses_equal(resumed, full, atol=0.0)
 
 
+OFFLOADED = {
+    "fsdp": ("fsdp_run", ["--trainer.strategy.init_args.cpu_offload=true"]),
+    "deepspeed_zero2": (
+        "zero2_run",
+        ["--trainer.precision=32-true", "--trainer.strategy.init_args.offload_optimizer=true"],
+    ),
+    "deepspeed_zero3": (
+        "zero3_run",
+        [
+            *ZERO3_EVERYTHING_PARTITIONED,
+            "--trainer.strategy.init_args.offload_optimizer=true",
+            "--trainer.strategy.init_args.offload_parameters=true",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("strategy", list(OFFLOADED))
+def test_offloaded_runs_train_on_cpu_ranks_like_the_same_strategy_without_offload(
+    strategy, request, tmp_path
+):
+    # FSDP2: sharded parameters, gradients and optimizer state in host memory (not pinned: no GPU);
+    # ZeRO-2: optimizer state and step on the host; ZeRO-3: parameters too
+    reference, options = OFFLOADED[strategy]
+    _, without = request.getfixturevalue(reference)
+    offloaded = _fit(tmp_path, strategy, *options, "--checkpoint.every_n_train_steps=0")
+    for rank in (0, 1):
+        steps, expected = _steps(offloaded[rank]), _steps(without[rank])
+        assert sorted(steps) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+        for step, record in steps.items():
+            assert record["loss"] == pytest.approx(expected[step]["loss"], abs=1e-6), (rank, step)
+
+
 @pytest.mark.parametrize("run_name", ["ddp_run", "fsdp_run", "zero2_run"])
 def test_export_writes_each_trained_parameter_once_under_its_plain_name(run_name, request, tmp_path):
     out, records = request.getfixturevalue(run_name)
