@@ -3,7 +3,8 @@
 Proves: both ranks draw the same objective sequence; sampled mode (parameters unused in a step) runs
 under DDP with no setting; FSDP2 shards every parameter (DTensors with local shards) and follows DDP's
 loss curve; an FSDP2 run killed with SIGKILL resumes from its sharded checkpoint to the same next losses;
-DeepSpeed ZeRO-2 and ZeRO-3 (everything partitioned) train through `vlp fit` like DDP and ZeRO-3 resumes;
+DeepSpeed ZeRO-2 and ZeRO-3 (everything partitioned) train through `vlp fit` like DDP and resume exactly;
+FSDP2 CPU offload and DeepSpeed optimizer / parameter offload train like the same strategy without it;
 validation scores under 2 ranks (with a padded last batch) equal one process's on the same global batch.
 """
 

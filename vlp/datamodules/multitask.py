@@ -308,12 +308,10 @@ class MultiTaskDataModule(LightningDataModule):
         }
         self.sampler.setup({name: len(streams[source].dataset) for name, source in tasks.items()})
         accumulate = self.trainer.accumulate_grad_batches
-        steps = (
-            self.steps_per_epoch
-            or min(len(s.dataset) // (s.source.batch_size * world) for s in streams.values())
-            // accumulate
-            * accumulate
-        )
+        steps = self.steps_per_epoch
+        if steps is None:  # every source's batches per rank, cut to whole optimizer steps
+            steps = min(len(s.dataset) // (s.source.batch_size * world) for s in streams.values())
+            steps = steps // accumulate * accumulate
         if steps == 0:
             raise ValueError(
                 f"an epoch of the train data holds fewer than trainer.accumulate_grad_batches ({accumulate}) "

@@ -79,10 +79,8 @@ class RequeueAtStepBoundary(Callback):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._after_validation and not trainer.sanity_checking:
-            if (
-                trainer.fit_loop._should_accumulate()
-            ):  # a validation inside an optimizer step: wait for its end
-                self._after_validation = False
+            if trainer.fit_loop._should_accumulate():
+                self._after_validation = False  # it validated inside an optimizer step: wait for its end
                 return
             self._requeue(trainer)
 

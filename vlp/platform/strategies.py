@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule
-from lightning.pytorch.accelerators import Accelerator, CPUAccelerator, CUDAAccelerator, MPSAccelerator
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
@@ -370,12 +370,11 @@ def fp16_mixed_on_cpu(precision: Any, accelerator: Any, strategy: Any) -> MixedP
         return None
     if isinstance(strategy, str) and strategy.startswith(("deepspeed", "fsdp")):
         return None
-    on_cpu = accelerator == "cpu" or isinstance(accelerator, CPUAccelerator)
     if accelerator in (None, "auto"):
         on_cpu = not (CUDAAccelerator.is_available() or MPSAccelerator.is_available())
-    if not on_cpu or isinstance(accelerator, Accelerator) and not isinstance(accelerator, CPUAccelerator):
-        return None
-    return MixedPrecision("16-mixed", "cpu")
+    else:
+        on_cpu = accelerator == "cpu" or isinstance(accelerator, CPUAccelerator)
+    return MixedPrecision("16-mixed", "cpu") if on_cpu else None
 
 
 def parallelize(module: LightningModule, strategy: Strategy) -> None:
