@@ -83,6 +83,18 @@ def _held(param: torch.Tensor) -> torch.Tensor:
     return getattr(param, "ds_tensor", param)
 
 
+def _whole_and_partition_agree(params: Any, rank: int) -> dict[str, int]:
+    """ZeRO-3 parameters kept whole (under the persistence threshold): how many there are and how many
+    hold, at this rank's partition, the values of the partition itself."""
+    whole = [p for p in params if hasattr(p, "ds_tensor") and p.data.numel() == p.ds_numel]
+    agree = 0
+    for param in whole:
+        size = param.ds_tensor.numel()
+        piece = param.data.reshape(-1)[rank * size : (rank + 1) * size]
+        agree += bool(torch.equal(piece, param.ds_tensor[: piece.numel()]))
+    return {"whole": len(whole), "agree": agree}
+
+
 class MomentumRecorder(Callback):
     """After every optimizer step (and the EMA update after it), each rank appends per parameter the sum of
     what it stores of the online backbone and of its momentum copy, and the ITC queue's sums and pointer."""
@@ -105,6 +117,7 @@ class MomentumRecorder(Callback):
             "full_numel": {n: int(getattr(p, "ds_numel", p.numel())) for n, p in copy.items()},
             "online_held_numel": {n: _held(p).numel() for n, p in online.items()},
             "dtensor": sorted({isinstance(p, DTensor) for p in copy.values()}),
+            "whole_and_partition_agree": _whole_and_partition_agree(copy.values(), trainer.global_rank),
             "queue": [
                 float(queue.image.double().sum()),
                 float(queue.text.double().sum()),

@@ -25,10 +25,10 @@ DECAY = 0.9  # tests/configs/momentum.yaml
 STRATEGIES = {
     "fsdp": [],
     "deepspeed_zero2": ["--trainer.precision=32-true"],
-    # every parameter partitioned (the tiny model's would all stay whole under the 1e5 default)
+    # matrices partitioned, biases and norms kept whole (the tiny model's all stay whole under the 1e5 default)
     "deepspeed_zero3": [
         "--trainer.precision=32-true",
-        "--trainer.strategy.init_args.param_persistence_threshold=0",
+        "--trainer.strategy.init_args.param_persistence_threshold=1000",
     ],
 }
 SHARDED = {"fsdp", "deepspeed_zero3"}
@@ -108,6 +108,10 @@ def test_momentum_copy_is_stored_like_the_backbone(strategy_runs):
             assert sum(held.values()) < 0.6 * sum(whole.values())
         else:
             assert held == whole
+    if strategy == "deepspeed_zero3":  # both kinds of ZeRO-3 parameter are there, and kept consistent
+        for record in (r for rank in (0, 1) for r in full[rank].values()):
+            agreement = record["whole_and_partition_agree"]
+            assert agreement["agree"] == agreement["whole"] > 0
     if strategy == "fsdp":
         assert first[0]["dtensor"] == [True]
         assert {n: first[0]["held_numel"][n] + first[1]["held_numel"][n] for n in whole} == whole
