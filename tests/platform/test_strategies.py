@@ -21,6 +21,7 @@ from vlp.platform.strategies import (
     allow_unused_parameters,
     apply_activation_checkpointing,
     apply_compile,
+    fp16_mixed_on_cpu,
     store_scalars_as_vectors,
     transformer_blocks,
 )
@@ -166,6 +167,17 @@ def test_fp16_mixed_that_a_strategy_cannot_run_on_cpu_fails_naming_the_precision
     config = str(Path(__file__).parents[2] / "configs" / "strategy" / f"{strategy}.yaml")
     with pytest.raises(ValueError, match=message):
         _fit(tmp_path, "16-mixed", config)
+
+
+def test_fp16_autocast_with_a_scaler_is_chosen_only_for_16_mixed_on_the_cpu_outside_deepspeed_and_fsdp():
+    assert fp16_mixed_on_cpu("16-mixed", "cpu", "ddp").device == "cpu"
+    assert fp16_mixed_on_cpu("16-mixed", "cpu", DDPStrategy()).precision == "16-mixed"
+    on_gpu_machine = torch.cuda.is_available() or torch.backends.mps.is_available()
+    assert (fp16_mixed_on_cpu("16-mixed", "auto", "auto") is None) == on_gpu_machine
+    assert fp16_mixed_on_cpu("bf16-mixed", "cpu", "ddp") is None
+    assert fp16_mixed_on_cpu("16-mixed", "gpu", "ddp") is None
+    assert fp16_mixed_on_cpu("16-mixed", "cpu", DeepSpeedStrategy()) is None
+    assert fp16_mixed_on_cpu("16-mixed", "cpu", "fsdp") is None
 
 
 def test_plain_ddp_gets_find_unused_parameters_unless_the_user_set_it():
