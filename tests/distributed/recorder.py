@@ -74,3 +74,56 @@ class StepRecorder(Callback):
             full = param.full_tensor() if isinstance(param, DTensor) else param
             sums[name] = float(full.detach().double().sum())
         self._write(trainer, {"event": "end", "param_sums": sums})
+
+
+def _held(param: torch.Tensor) -> torch.Tensor:
+    """The part of `param` this rank stores: FSDP2's local shard, ZeRO-3's partition, or all of it."""
+    if isinstance(param, DTensor):
+        return param.to_local()
+    return getattr(param, "ds_tensor", param)
+
+
+def _whole_and_partition_agree(params: Any, rank: int) -> dict[str, int]:
+    """ZeRO-3 parameters kept whole (under the persistence threshold): how many there are and how many
+    hold, at this rank's partition, the values of the partition itself."""
+    whole = [p for p in params if hasattr(p, "ds_tensor") and p.data.numel() == p.ds_numel]
+    agree = 0
+    for param in whole:
+        size = param.ds_tensor.numel()
+        piece = param.data.reshape(-1)[rank * size : (rank + 1) * size]
+        agree += bool(torch.equal(piece, param.ds_tensor[: piece.numel()]))
+    return {"whole": len(whole), "agree": agree}
+
+
+class MomentumRecorder(Callback):
+    """After every optimizer step (and the EMA update after it), each rank appends per parameter the sum of
+    what it stores of the online backbone and of its momentum copy, and the ITC queue's sums and pointer."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: dict, batch_idx: int
+    ) -> None:
+        backbone = pl_module.backbone
+        copy = dict(backbone.momentum.backbone.named_parameters())
+        online = {n: p for n, p in backbone.named_parameters() if not n.startswith("momentum.")}
+        queue = pl_module.objectives["itc"].queue
+        record = {
+            "step": trainer.global_step,
+            "online": {n: float(_held(p).detach().double().sum()) for n, p in online.items()},
+            "momentum": {n: float(_held(p).double().sum()) for n, p in copy.items()},
+            "held_numel": {n: _held(p).numel() for n, p in copy.items()},
+            "full_numel": {n: int(getattr(p, "ds_numel", p.numel())) for n, p in copy.items()},
+            "online_held_numel": {n: _held(p).numel() for n, p in online.items()},
+            "dtensor": sorted({isinstance(p, DTensor) for p in copy.values()}),
+            "whole_and_partition_agree": _whole_and_partition_agree(copy.values(), trainer.global_rank),
+            "queue": [
+                float(queue.image.double().sum()),
+                float(queue.text.double().sum()),
+                int(queue.pointer),
+            ],
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f"momentum{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -99,3 +99,27 @@ def test_requeue_signal_mid_step_checkpoints_at_the_step_end_and_resumes_exactly
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
+
+
+def test_requeue_signal_inside_an_accumulated_step_waits_for_the_step_end_and_resumes_exactly(slurm_job):
+    # 2 micro-batches per optimizer step; validation every 2 steps (val_check_interval counts batches).
+    # USR1 comes during both micro-batches of step 4: the checkpoint waits for the step (and its validation)
+    accumulate = ["--trainer.accumulate_grad_batches=2", "--trainer.val_check_interval=4"]
+    folder = slurm_job / "run"
+    with pytest.raises(SIGTERMException):
+        fit(
+            folder,
+            *accumulate,
+            "--trainer.callbacks+=tests.platform.test_requeue.SignalMidStep",
+            "--trainer.callbacks.step=3",
+        )
+    checkpoint = torch.load(folder / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    resumed = fit(folder, *accumulate)
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        del os.environ[key]
+    straight = fit(slurm_job / "straight", *accumulate)
+    assert scalars(folder)["train/loss"] == scalars(slurm_job / "straight")["train/loss"]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)

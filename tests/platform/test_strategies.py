@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 
 from vlp.cli import run
@@ -19,6 +21,7 @@ from vlp.platform.strategies import (
     allow_unused_parameters,
     apply_activation_checkpointing,
     apply_compile,
+    fp16_mixed_on_cpu,
     store_scalars_as_vectors,
     transformer_blocks,
 )
@@ -87,13 +90,19 @@ def test_scalar_parameters_are_stored_as_vectors_and_still_read_as_scalars(backb
 
 
 def _fit_losses(tmp_path: Path, precision: str) -> dict[int, float]:
+    return _fit(tmp_path, precision)[1]
+
+
+def _fit(tmp_path: Path, precision: str, *configs: str) -> tuple[Any, dict[int, float]]:
+    """3 steps of the tiny config (and `configs`) at `precision`: the CLI and step -> loss."""
     out = tmp_path / precision
     recorder = {"class_path": "recorder.StepRecorder", "init_args": {"out_dir": str(out)}}
-    run(
+    cli = run(
         [
             "fit",
             "--config",
             str(TINY),
+            *(arg for config in configs for arg in ("--config", config)),
             f"--trainer.precision={precision}",
             "--trainer.max_steps=3",
             "--trainer.limit_val_batches=0",
@@ -102,7 +111,7 @@ def _fit_losses(tmp_path: Path, precision: str) -> dict[int, float]:
         ]
     )
     records = [json.loads(line) for line in (out / "rank0.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["event"] == "step"}
+    return cli, {r["step"]: r["loss"] for r in records if r["event"] == "step"}
 
 
 def test_bf16_mixed_from_the_trainer_config_tracks_fp32_within_2_percent(tmp_path, monkeypatch, one_thread):
@@ -113,6 +122,62 @@ def test_bf16_mixed_from_the_trainer_config_tracks_fp32_within_2_percent(tmp_pat
     for step, loss in fp32.items():
         assert bf16[step] == pytest.approx(loss, rel=0.02), step
     assert bf16 != fp32  # bf16 did run: the losses are not bit-identical
+
+
+def test_fp16_mixed_on_cpu_trains_with_a_loss_scaler_and_tracks_fp32(tmp_path, monkeypatch, one_thread):
+    # Lightning alone would run bf16-mixed instead (with a warning); vlp gives it fp16 autocast + GradScaler
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(RECORDER))
+    cli, fp16 = _fit(tmp_path, "16-mixed")
+    plugin = cli.trainer.precision_plugin
+    assert isinstance(plugin, MixedPrecision) and plugin.precision == "16-mixed" and plugin.device == "cpu"
+    assert isinstance(plugin.scaler, torch.amp.GradScaler) and plugin.scaler.is_enabled()
+    saved = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)
+    assert saved["MixedPrecision"]["scale"] == plugin.scaler.get_scale() > 0  # the scaler resumes too
+    fp32, bf16 = _fit_losses(tmp_path, "32-true"), _fit_losses(tmp_path, "bf16-mixed")
+    assert sorted(fp16) == [1, 2, 3]
+    for step, loss in fp32.items():
+        assert fp16[step] == pytest.approx(loss, rel=0.05), step
+    assert fp16 != fp32 and fp16 != bf16  # fp16 did run, and not as bf16
+
+
+def test_bf16_true_keeps_bf16_weights_and_tracks_fp32(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(RECORDER))
+    cli, bf16 = _fit(tmp_path, "bf16-true")
+    assert {p.dtype for p in cli.model.parameters()} == {torch.bfloat16}
+    fp32 = _fit_losses(tmp_path, "32-true")
+    for step, loss in fp32.items():
+        assert bf16[step] == pytest.approx(loss, rel=0.05), step
+    assert bf16 != fp32
+
+
+@pytest.mark.parametrize(
+    ("strategy", "message"),
+    [
+        ("fsdp", r"ModelParallelStrategy` does not support .*precision='16-mixed'"),
+        ("deepspeed_zero2", r"trainer.precision: 16-mixed with DeepSpeed needs GPUs"),
+    ],
+)
+def test_fp16_mixed_that_a_strategy_cannot_run_on_cpu_fails_naming_the_precision(
+    strategy, message, tmp_path, monkeypatch, one_thread
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(RECORDER))
+    config = str(Path(__file__).parents[2] / "configs" / "strategy" / f"{strategy}.yaml")
+    with pytest.raises(ValueError, match=message):
+        _fit(tmp_path, "16-mixed", config)
+
+
+def test_fp16_autocast_with_a_scaler_is_chosen_only_for_16_mixed_on_the_cpu_outside_deepspeed_and_fsdp():
+    assert fp16_mixed_on_cpu("16-mixed", "cpu", "ddp").device == "cpu"
+    assert fp16_mixed_on_cpu("16-mixed", "cpu", DDPStrategy()).precision == "16-mixed"
+    on_gpu_machine = torch.cuda.is_available() or torch.backends.mps.is_available()
+    assert (fp16_mixed_on_cpu("16-mixed", "auto", "auto") is None) == on_gpu_machine
+    assert fp16_mixed_on_cpu("bf16-mixed", "cpu", "ddp") is None
+    assert fp16_mixed_on_cpu("16-mixed", "gpu", "ddp") is None
+    assert fp16_mixed_on_cpu("16-mixed", "cpu", DeepSpeedStrategy()) is None
+    assert fp16_mixed_on_cpu("16-mixed", "cpu", "fsdp") is None
 
 
 def test_plain_ddp_gets_find_unused_parameters_unless_the_user_set_it():

@@ -34,7 +34,7 @@ from vlp.platform.perf import FlopsMonitor
 from vlp.platform.prediction_writer import PredictionWriter
 from vlp.platform.requeue import RequeueAtStepBoundary
 from vlp.platform.skipped_samples import SkippedSamplesMonitor
-from vlp.platform.strategies import allow_unused_parameters
+from vlp.platform.strategies import allow_unused_parameters, fp16_mixed_on_cpu
 from vlp.platform.visualization import ValidationImages
 from vlp.tasks.base import TrainableModule
 
@@ -53,15 +53,21 @@ class VLPCLI(LightningCLI):
         apply_source_overrides(self.config[self.subcommand] if self.subcommand else self.config)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Adds the step progress bar unless the bar is off or the config brings its own, and atomic
-        checkpoint writes unless the config brings its own checkpoint IO."""
+        """Adds the step progress bar unless the bar is off or the config brings its own, atomic
+        checkpoint writes unless the config brings its own checkpoint IO, and fp16 autocast with a loss
+        scaler for `precision: 16-mixed` on the CPU (Lightning would switch to bf16-mixed)."""
         own_bar = any(isinstance(c, ProgressBar) for c in [*callbacks, *(config.get("callbacks") or [])])
         if config.get("enable_progress_bar") is not False and not own_bar:
             callbacks = [*callbacks, StepProgressBar()]
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+            plugins = config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        cpu_fp16 = fp16_mixed_on_cpu(
+            config.get("precision"), config.get("accelerator"), config.get("strategy")
+        )
+        if cpu_fp16 is not None:
+            config["precision"], config["plugins"] = None, [*plugins, cpu_fp16]
         return super()._instantiate_trainer(config, callbacks)
 
     def before_fit(self) -> None:

@@ -6,6 +6,13 @@ sampler, each source's (epoch, position) and the step within the Lightning epoch
 last batch the model consumed, not the last one prefetched. Loss feedback for the adaptive strategy is
 applied with a fixed lag of two steps, the most Lightning's one-batch prefetch allows, so a resumed run
 applies every observation at the same draw as an uninterrupted one.
+
+Gradient accumulation (`trainer.accumulate_grad_batches: k`): a step is one optimizer step, made of k
+batches (micro-batches) that all serve the objective the sampler drew for it, each of `batch_size`
+samples read one after the other, so k micro-batches hold the samples one batch of k x `batch_size`
+would. The sampler draws once per step, the streams advance once per micro-batch, and a Lightning epoch
+holds whole steps (its batch count is a multiple of k), so checkpoints, taken between steps, resume at a
+step's first micro-batch.
 """
 
 from __future__ import annotations
@@ -99,10 +106,18 @@ class MultiTaskLoader:
         tasks: dict[str, str],
         sampler: MultiTaskSampler,
         steps_per_epoch: int,
+        accumulate: int = 1,
     ) -> None:
+        """`steps_per_epoch` counts batches; `accumulate` batches in a row serve one drawn objective."""
+        if steps_per_epoch % accumulate:
+            raise ValueError(
+                f"data.steps_per_epoch ({steps_per_epoch}) must be a multiple of "
+                f"trainer.accumulate_grad_batches ({accumulate}): an epoch holds whole optimizer steps"
+            )
         self.streams, self.tasks, self.sampler = streams, tasks, sampler
-        self.steps_per_epoch = steps_per_epoch
+        self.steps_per_epoch, self.accumulate = steps_per_epoch, accumulate
         self.produced = 0  # batches yielded so far (global index of the next one)
+        self.objective: str | None = None  # what the current optimizer step serves
         self.step_in_epoch = 0
         self.applied_through = -1  # observations with index <= this are in the sampler
         self.observations: dict[int, dict[str, float]] = {}  # kept until the consumed snapshot holds them
@@ -117,6 +132,7 @@ class MultiTaskLoader:
             "sampler": self.sampler.state_dict(),
             "streams": {name: stream.state_dict() for name, stream in self.streams.items()},
             "produced": self.produced,
+            "objective": self.objective,
             "step_in_epoch": self.step_in_epoch,
             "applied_through": self.applied_through,
         }
@@ -132,7 +148,9 @@ class MultiTaskLoader:
             self.step_in_epoch = 0
         while self.step_in_epoch < self.steps_per_epoch:
             self._apply_observations()
-            name = self.sampler.sample()
+            if self.produced % self.accumulate == 0:
+                self.objective = self.sampler.sample()
+            name = self.objective
             batch = self.streams[self.tasks[name]].next()
             batch["objective"] = name
             batch["objective_probabilities"] = self.sampler.probabilities()
@@ -169,6 +187,7 @@ class MultiTaskLoader:
                 raise ValueError(f"checkpoint has data source {name!r}; this run has {list(self.streams)}")
             self.streams[name].load_state_dict(stream_state)
         self.produced, self.step_in_epoch = int(state["produced"]), int(state["step_in_epoch"])
+        self.objective = state.get("objective")
         self.applied_through = int(state["applied_through"])
         self.observations = {int(i): losses for i, losses in state["observations"].items()}
         self.snapshots, self.consumed_state = {}, None
@@ -309,10 +328,17 @@ class MultiTaskDataModule(LightningDataModule):
             for name in sorted(set(tasks.values()))
         }
         self.sampler.setup({name: len(streams[source].dataset) for name, source in tasks.items()})
-        steps = self.steps_per_epoch or min(
-            len(s.dataset) // (s.source.batch_size * world) for s in streams.values()
-        )
-        self.train_loader = MultiTaskLoader(streams, tasks, self.sampler, steps)
+        accumulate = self.trainer.accumulate_grad_batches
+        steps = self.steps_per_epoch
+        if steps is None:  # every source's batches per rank, cut to whole optimizer steps
+            steps = min(len(s.dataset) // (s.source.batch_size * world) for s in streams.values())
+            steps = steps // accumulate * accumulate
+        if steps == 0:
+            raise ValueError(
+                f"an epoch of the train data holds fewer than trainer.accumulate_grad_batches ({accumulate}) "
+                "batches per rank; lower it or the batch size"
+            )
+        self.train_loader = MultiTaskLoader(streams, tasks, self.sampler, steps, accumulate)
         return self.train_loader
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -7,7 +7,8 @@ rank happens to be: under DDP one rank's barrier can meet another rank's gradien
 then fails or hangs), and a checkpoint taken in the middle of a step has already consumed that step's
 batch. `RequeueAtStepBoundary` keeps Lightning's handler and moves only the moment it runs: the signal
 sets a flag; after each training step the ranks reduce the flag (any rank signalled -> all); then every
-rank calls Lightning's handler at the same point, where a checkpoint resumes exactly, and waits for the
+rank calls Lightning's handler at the same point (with gradient accumulation: at the end of an optimizer
+step, never between its micro-batches), where a checkpoint resumes exactly, and waits for the
 SIGTERM with which Slurm ends the job, so no step after the checkpoint is trained or logged twice.
 """
 
@@ -65,6 +66,8 @@ class RequeueAtStepBoundary(Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             return
+        if trainer.fit_loop._should_accumulate():
+            return  # inside an optimizer step of accumulated micro-batches, whose gradients no checkpoint holds
         self._signalled = True
         if 0 <= trainer.max_steps <= trainer.global_step:
             return  # the last step: the job ends on its own, nothing left to resume
@@ -76,6 +79,9 @@ class RequeueAtStepBoundary(Callback):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._after_validation and not trainer.sanity_checking:
+            if trainer.fit_loop._should_accumulate():
+                self._after_validation = False  # it validated inside an optimizer step: wait for its end
+                return
             self._requeue(trainer)
 
     def _requeue(self, trainer: Trainer) -> None:

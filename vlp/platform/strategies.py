@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule
-from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
@@ -105,7 +106,8 @@ def apply_fsdp(
         register_fsdp_forward_method,
     )
 
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # pinned host memory speeds up copies to a GPU; CPU ranks have none (and pinning needs one)
+    offload = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu") if cpu_offload else OffloadPolicy()
     store_scalars_as_vectors(module)
     for backbone in backbones(module):
         merges_fusion = backbone.merging is not None and backbone.merging.merges_fusion
@@ -221,6 +223,37 @@ def read_outside_forward(module: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
+def clear_gradient_partitions_after_step(optimizer: Any) -> None:
+    """Make a ZeRO optimizer clear its reduced gradient partitions after each step, so a parameter that
+    gets no gradient in a step is stepped with a zero gradient, not with the last one it got.
+
+    DeepSpeed (0.19) keeps the reduced gradients in persistent flat buffers that the optimizer steps on
+    whole: ZeRO-3 in `grad_partitions_flat_buffer` (and, with an offloaded optimizer, the fp32
+    partitions' `.grad`), ZeRO-2 with an offloaded optimizer in the fp32 partitions' `.grad`. It writes
+    only the slices of parameters that got a gradient and never clears them. A sampled multi-task step
+    leaves the other objectives' heads (and for ITC the fusion layers) unused, so they were stepped with
+    the gradient of the last step that used them; a resumed run starts from zero buffers, which is why it
+    parted from the uninterrupted run at the second step after resume. The optimizer steps once per
+    accumulation window, so clearing after it never drops gradients still being accumulated.
+    """
+    step = optimizer.step
+
+    def step_and_clear_gradient_partitions(*args: Any, **kwargs: Any) -> Any:
+        result = step(*args, **kwargs)
+        flat_buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)  # ZeRO-3
+        if flat_buffer is not None:
+            flat_buffer.zero_()
+        fp32_partitions = getattr(optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+        if fp32_partitions is None:
+            fp32_partitions = optimizer.single_partition_of_fp32_groups  # ZeRO-1/2
+        for partition in fp32_partitions:
+            if partition.grad is not None:
+                partition.grad.zero_()
+        return result
+
+    optimizer.step = step_and_clear_gradient_partitions
+
+
 class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     """DeepSpeed ZeRO-2 / ZeRO-3 from a few options, on GPUs and also on CPU ranks (gloo).
 
@@ -268,6 +301,13 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
 
     def setup_environment(self) -> None:
         if self._on_cpu:
+            precision = self.precision_plugin.precision
+            if precision in ("16-mixed", "16-true"):
+                raise ValueError(
+                    f"trainer.precision: {precision} with DeepSpeed needs GPUs: DeepSpeed's CPU accelerator "
+                    "has no fp16 ('Type fp16 is not supported on your device'); on CPU ranks use "
+                    "bf16-mixed or 32-true"
+                )
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             LightningDDPStrategy.setup_environment(self)  # skips only the parent's CUDA check
         else:
@@ -307,7 +347,34 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
 
             for param in read_outside_forward(model):
                 register_external_parameter(model, param)
+        clear_gradient_partitions_after_step(optimizer)
         return engine, optimizer
+
+
+def optimizer_stepped(strategy: Strategy) -> bool:
+    """Whether the last `optimizer_step` changed the weights. Lightning calls it once per optimizer step,
+    except under DeepSpeed, which accumulates gradients itself: there it runs on every micro-batch and the
+    engine steps only at the accumulation boundary (and not after an fp16 overflow)."""
+    engine = getattr(strategy, "deepspeed_engine", None)
+    return True if engine is None else engine.was_step_applied()
+
+
+def fp16_mixed_on_cpu(precision: Any, accelerator: Any, strategy: Any) -> MixedPrecision | None:
+    """The precision plugin for `16-mixed` on the CPU: fp16 autocast with a loss scaler (GradScaler), which
+    torch runs on the CPU; None when the run asks for something else, or its strategy brings its own
+    precision handling (DeepSpeed: its fp16, refused on CPU ranks; FSDP2: Lightning refuses 16-mixed).
+    Lightning itself turns `16-mixed` on the CPU into `bf16-mixed`, with only a warning."""
+    if str(precision) != "16-mixed" or isinstance(
+        strategy, (LightningDeepSpeedStrategy, ModelParallelStrategy)
+    ):
+        return None
+    if isinstance(strategy, str) and strategy.startswith(("deepspeed", "fsdp")):
+        return None
+    if accelerator in (None, "auto"):
+        on_cpu = not (CUDAAccelerator.is_available() or MPSAccelerator.is_available())
+    else:
+        on_cpu = accelerator == "cpu" or isinstance(accelerator, CPUAccelerator)
+    return MixedPrecision("16-mixed", "cpu") if on_cpu else None
 
 
 def parallelize(module: LightningModule, strategy: Strategy) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.optim import OptimConfig, build_optimizer
-from vlp.platform.strategies import parallelize
+from vlp.platform.strategies import optimizer_stepped, parallelize
 
 
 class ObjectiveOutput(NamedTuple):
@@ -54,10 +54,11 @@ class TrainableModule(LightningModule):
         return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """The optimizer step, then the momentum model's EMA update (when the backbone keeps one)."""
+        """The optimizer step, then the momentum model's EMA update (when the backbone keeps one): once per
+        optimizer step, also under DeepSpeed, which is called on every accumulated micro-batch."""
         super().optimizer_step(*args, **kwargs)
         momentum = getattr(getattr(self, "backbone", None), "momentum", None)
-        if momentum is not None:
+        if momentum is not None and optimizer_stepped(self.trainer.strategy):
             momentum.update()
 
     def log_objective(self, stage: str, name: str, logs: dict[str, Tensor], batch_size: int) -> None:

@@ -61,16 +61,8 @@ class MomentumModel(nn.Module):
             (self._online[name], head) for name, head in self.heads.items()
         ]
 
-    @torch.no_grad()
-    def sync(self) -> None:
-        """Set every momentum copy equal to its online module (ALBEF's `copy_params`, e.g. after loading)."""
-        for source, target in self.pairs():
-            for (_, p), p_m in zip(online_parameters(source), target.parameters(), strict=True):
-                p_m.copy_(p)
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """p_m <- decay * p_m + (1 - decay) * p for every tracked parameter (buffers are copied)."""
+    def held_pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(online, momentum) tensors this rank holds, matched element for element (see `held_tensors`)."""
         online, momentum = [], []
         for source, target in self.pairs():
             for (name, p), (name_m, p_m) in zip(
@@ -78,9 +70,42 @@ class MomentumModel(nn.Module):
             ):
                 if name != name_m:
                     raise RuntimeError(f"momentum copy out of step with the model: {name} vs {name_m}")
-                online.append(p.detach())
-                momentum.append(p_m)
+                held, held_m = held_tensors(p), held_tensors(p_m)
+                if [t.shape for t in held] != [t.shape for t in held_m]:
+                    raise RuntimeError(f"momentum copy of {name} is not sharded like the model")
+                online += held
+                momentum += held_m
+        return online, momentum
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Set every momentum copy equal to its online module (ALBEF's `copy_params`, e.g. after loading)."""
+        online, momentum = self.held_pairs()
+        torch._foreach_copy_(momentum, online)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """p_m <- decay * p_m + (1 - decay) * p for every tracked parameter, on what this rank holds."""
+        online, momentum = self.held_pairs()
         torch._foreach_lerp_(momentum, online, 1.0 - self.config.decay)
+
+
+def held_tensors(param: Tensor) -> list[Tensor]:
+    """What this rank holds of `param`, to update in place. The momentum copy is a child of the backbone,
+    so every strategy shards it like the backbone and the EMA is a local, element-wise update:
+    - FSDP2: the parameter is a DTensor whose local shard lines up with its copy's (same mesh, Shard(0));
+    - DeepSpeed ZeRO-3: the rank's partition `ds_tensor` (the parameter itself is empty outside forward),
+      plus the whole tensor while ZeRO-3 keeps it gathered (parameters under the persistence threshold),
+      so both stay equal; DeepSpeed checkpoints the partitions of frozen parameters;
+    - otherwise (DDP, ZeRO-2, one process): the parameter.
+    """
+    partition = getattr(param, "ds_tensor", None)
+    if partition is None:
+        return [param.detach()]
+    held = [partition]
+    if param.data.numel() == param.ds_numel:
+        held.append(param.data)
+    return held
 
 
 def online_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
