@@ -6,11 +6,29 @@ would only push gradients into the local rows. `all_gather_with_grad` uses
 per-rank losses averaged by DDP, the result equals the single-process gradient on the whole batch.
 """
 
+import atexit
+import functools
 import warnings
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+@functools.cache  # registered once
+def destroy_process_group_at_exit() -> None:
+    """Tear the process group down at exit while Python is still whole (Lightning does it for NCCL only).
+
+    Left to interpreter finalisation, gloo's worker threads can still hold work objects with Python
+    references, and destroying them then aborts the process ("terminate called without an active
+    exception", SIGABRT) after a run that finished: Slurm marks such a job FAILED.
+    """
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
