@@ -123,31 +123,9 @@ class ShapeQuestionsSource(ShapesSource):
     each of the A = len(ANSWERS) candidate answers), `answers`, `answer_types`, `questions` and
     `answer_list`; the caption keys stay, so the same source also feeds the pre-training objectives."""
 
-    def __init__(
-        self,
-        image_size: int = 64,
-        max_objects: int = 3,
-        num_train: int = 20000,
-        num_val: int = 500,
-        num_test: int = 500,
-        max_text_len: int = 40,
-        tokenizer: str | None = None,
-        seed: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(
-            image_size,
-            max_objects,
-            num_train,
-            num_val,
-            num_test,
-            max_text_len,
-            tokenizer,
-            seed,
-            batch_size,
-            num_workers,
-        )
+    def __init__(self, **kwargs) -> None:
+        """The arguments of `ShapesSource`."""
+        super().__init__(**kwargs)
         self.answer_list = list(ANSWERS)
 
     def dataset(self, split: str) -> ShapeQuestionsDataset:
