@@ -41,6 +41,11 @@ def pretrained(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+def last_checkpoint(cli) -> Path:
+    """The run's last.ckpt as an absolute path (the run folder is relative to the fixture's folder)."""
+    return Path(cli.trainer.default_root_dir) / cli.trainer.checkpoint_callback.last_model_path
+
+
 def test_short_run_lifts_retrieval_itm_and_mlm_far_above_chance(pretrained):
     cli = pretrained
     metrics = json.loads(
@@ -81,9 +86,7 @@ def test_vqa_fine_tuned_from_the_pretraining_beats_vqa_from_scratch(
     pretrained, tmp_path, monkeypatch, one_thread
 ):
     monkeypatch.chdir(tmp_path)
-    checkpoint = (
-        Path(pretrained.trainer.default_root_dir) / pretrained.trainer.checkpoint_callback.last_model_path
-    )
+    checkpoint = last_checkpoint(pretrained)
     assert checkpoint.is_file()
     accuracy = {}
     for start, extra in (("scratch", []), ("pretrained", ["--model.init_args.init_from", str(checkpoint)])):
@@ -101,9 +104,7 @@ def test_vqa_fine_tuned_from_the_pretraining_beats_vqa_from_scratch(
 
 def test_itm_reranking_matches_or_improves_itc_retrieval(pretrained, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
-    checkpoint = (
-        Path(pretrained.trainer.default_root_dir) / pretrained.trainer.checkpoint_callback.last_model_path
-    )
+    checkpoint = last_checkpoint(pretrained)
     itm = "--model.init_args.objectives.itm.init_args"
     cli = main(
         ["validate", "--config", CONFIG, "--ckpt_path", str(checkpoint), f"{itm}.rerank_k=16"]

@@ -389,30 +389,9 @@ class ShapeClassesSource(ShapesSource):
     ("red circle": 24 classes), any size and cell. Batches add `label` [B] and `class_names`; the caption
     keys hold the object's description, as every source provides them."""
 
-    def __init__(
-        self,
-        image_size: int = 64,
-        num_train: int = 20000,
-        num_val: int = 500,
-        num_test: int = 500,
-        max_text_len: int = 40,
-        tokenizer: str | None = None,
-        seed: int = 0,
-        batch_size: int = 64,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__(
-            image_size,
-            1,
-            num_train,
-            num_val,
-            num_test,
-            max_text_len,
-            tokenizer,
-            seed,
-            batch_size,
-            num_workers,
-        )
+    def __init__(self, **kwargs) -> None:
+        """The arguments of `ShapesSource`, with one object per image."""
+        super().__init__(max_objects=1, **kwargs)
         self.class_names = list(CLASS_NAMES)
 
     def dataset(self, split: str) -> ShapeClassesDataset:

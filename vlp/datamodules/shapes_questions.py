@@ -18,7 +18,6 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import torch
 
 from vlp.datamodules.shapes import (
     COLOURS,
@@ -31,7 +30,7 @@ from vlp.datamodules.shapes import (
     ShapesDataset,
     ShapesSource,
 )
-from vlp.platform.metrics import vqa_accuracy
+from vlp.platform.metrics import vqa_score_matrix
 
 POSITIONS = tuple(
     "center" if (r, c) == (1, 1) else f"{ROWS[r]} {COLUMNS[c]}" for r in range(3) for c in range(3)
@@ -127,6 +126,7 @@ class ShapeQuestionsSource(ShapesSource):
         """The arguments of `ShapesSource`."""
         super().__init__(**kwargs)
         self.answer_list = list(ANSWERS)
+        self.answer_index = {answer: i for i, answer in enumerate(ANSWERS)}  # ANSWERS are normalised
 
     def dataset(self, split: str) -> ShapeQuestionsDataset:
         self._check_split(split)
@@ -134,7 +134,6 @@ class ShapeQuestionsSource(ShapesSource):
 
     def collate(self, items: list[dict]) -> dict:
         question_ids, question_mask = self._tokenize([item["question"] for item in items])
-        scores = [[vqa_accuracy(a, item["answers"]) for a in self.answer_list] for item in items]
         return {
             **super().collate(items),
             "question_input_ids": question_ids,
@@ -142,6 +141,6 @@ class ShapeQuestionsSource(ShapesSource):
             "questions": [item["question"] for item in items],
             "answers": [item["answers"] for item in items],
             "answer_types": [item["answer_type"] for item in items],
-            "answer_scores": torch.tensor(scores, dtype=torch.float32),
+            "answer_scores": vqa_score_matrix([item["answers"] for item in items], self.answer_index),
             "answer_list": self.answer_list,
         }

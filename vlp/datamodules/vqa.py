@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from vlp.datamodules.captions import CaptionDataset, CaptionSource, annotation_path, field, read_json
-from vlp.datamodules.images import SkipSample, check_caption, decode_image, first_usable
-from vlp.platform.metrics import normalize_answer, vqa_accuracy
+from vlp.datamodules.images import SkipSample, check_caption, decode_image
+from vlp.platform.metrics import normalize_answer, vqa_score_matrix
 
 DEFAULT_IMAGE_PATTERN = "{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg"
 ANSWER_TYPES = ("yes/no", "number", "other")
@@ -118,9 +118,6 @@ class VQADataset(CaptionDataset):
             "answer_type": record.answer_type,
         }
 
-    def __getitem__(self, index: int) -> dict:
-        return first_usable(self.load, index, len(self), self.name)
-
 
 class VQASource(CaptionSource):
     """VQAv2-style questions and answers per split (see the module docstring), images under `image_root`
@@ -182,13 +179,8 @@ class VQASource(CaptionSource):
             batch["input_ids"],
             batch["attention_mask"],
         )
-        scores = torch.zeros(len(items), len(self.answer_list))
-        for row, item in enumerate(items):
-            for answer in {normalize_answer(a) for a in item["answers"]}:
-                if answer in self.answer_index:
-                    scores[row, self.answer_index[answer]] = vqa_accuracy(answer, item["answers"])
         batch.update(
-            answer_scores=scores,
+            answer_scores=vqa_score_matrix([item["answers"] for item in items], self.answer_index),
             answer_list=self.answer_list,
             answers=[item["answers"] for item in items],
             answer_types=[item["answer_type"] for item in items],

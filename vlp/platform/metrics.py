@@ -209,18 +209,36 @@ def normalize_answer(answer: str) -> str:
     return " ".join(words)
 
 
-def vqa_accuracy(answer: str, references: Sequence[str]) -> float:
-    """VQA accuracy of one answer against the human answers of its question (both normalised).
+def vqa_scores(references: Sequence[str]) -> dict[str, float]:
+    """VQA accuracy of every answer some human gave (normalised); any other answer scores 0.
 
     With several references it is the standard soft score min(#humans that gave the answer / 3, 1),
     averaged over the leave-one-out subsets of the references as the official evaluation does (for VQAv2's
     10 answers: 1, 2, 3, 4+ matches score 0.3, 0.6, 0.9, 1.0); a single reference is an exact match.
+    Each reference is normalised once, so a source scores its whole answer vocabulary cheaply.
     """
     if not references:
         raise ValueError("vqa_accuracy needs at least one reference answer")
-    answer = normalize_answer(answer)
-    matches = [normalize_answer(reference) == answer for reference in references]
-    if len(matches) == 1:
-        return float(matches[0])
-    total = sum(matches)
-    return sum(min((total - hit) / 3.0, 1.0) for hit in matches) / len(matches)
+    normalised = [normalize_answer(reference) for reference in references]
+    if len(normalised) == 1:
+        return {normalised[0]: 1.0}
+    return {
+        answer: sum(min((total - (other == answer)) / 3.0, 1.0) for other in normalised) / len(normalised)
+        for answer, total in Counter(normalised).items()
+    }
+
+
+def vqa_accuracy(answer: str, references: Sequence[str]) -> float:
+    """VQA accuracy of one answer against the human answers of its question (see `vqa_scores`)."""
+    return vqa_scores(references).get(normalize_answer(answer), 0.0)
+
+
+def vqa_score_matrix(references: Sequence[Sequence[str]], answer_index: Mapping[str, int]) -> Tensor:
+    """[B, A] soft VQA targets: the accuracy of each candidate answer (`answer_index`: normalised answer ->
+    column) against each question's references; 0 where nobody gave it, a row of 0 with no references."""
+    scores = torch.zeros(len(references), len(answer_index))
+    for row, answers in enumerate(references):
+        for answer, score in (vqa_scores(answers) if answers else {}).items():
+            if answer in answer_index:
+                scores[row, answer_index[answer]] = score
+    return scores
