@@ -30,7 +30,7 @@ from vlp.platform.callbacks import (
     ThroughputMonitor,
 )
 from vlp.platform.checkpoints import AtomicCheckpointIO, newest_complete_checkpoint
-from vlp.platform.distributed import destroy_process_group_at_exit
+from vlp.platform.distributed import destroy_process_group_at_exit, leave_gloo_run
 from vlp.platform.perf import FlopsMonitor
 from vlp.platform.prediction_writer import PredictionWriter
 from vlp.platform.requeue import RequeueAtStepBoundary
@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
         return
-    destroy_process_group_at_exit()  # a multi-rank run must not abort at exit after it finished
+    destroy_process_group_at_exit()  # a multi-rank run must not abort at exit (see both functions)
     run(argv)  # None: LightningCLI reads sys.argv itself (and does not warn about args given twice)
+    leave_gloo_run()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ per-rank losses averaged by DDP, the result equals the single-process gradient o
 
 import atexit
 import functools
+import logging
+import os
+import sys
 import warnings
 
 import torch
@@ -21,7 +24,8 @@ def destroy_process_group_at_exit() -> None:
 
     Left to interpreter finalisation, gloo's worker threads can still hold work objects with Python
     references, and destroying them then aborts the process ("terminate called without an active
-    exception", SIGABRT) after a run that finished: Slurm marks such a job FAILED.
+    exception", SIGABRT). This is the fallback for a run that ends with an error; a finished run ends
+    through `leave_gloo_run`.
     """
     atexit.register(_destroy_process_group)
 
@@ -29,6 +33,21 @@ def destroy_process_group_at_exit() -> None:
 def _destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave_gloo_run() -> None:
+    """End a finished multi-rank gloo run: every rank meets at a barrier, flushes, and leaves with exit
+    status 0 without gloo's teardown. That teardown (an explicit destroy or interpreter finalisation) still
+    aborts a process now and then after the run's checkpoints, logs and metrics are written, and Slurm then
+    marks the job FAILED. Exit handlers do not run; Lightning has closed its loggers by then. No-op in one
+    process or under another backend (NCCL is torn down by Lightning's own exit handler)."""
+    if not is_distributed() or dist.get_backend() != "gloo":
+        return
+    dist.barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def is_distributed() -> bool:
