@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from vlp.platform.model.decoder import CaptionDecoder, DecoderCache
 from vlp.platform.model.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
 from vlp.platform.model.fusion import FusionConfig, FusionEncoder, KeyValues, gather_tokens
-from vlp.platform.model.length_buckets import by_length
+from vlp.platform.model.length_buckets import by_length, trim
 from vlp.platform.model.momentum import MomentumConfig, MomentumModel
 from vlp.platform.model.token_merging import (
     TokenMergingConfig,
@@ -176,12 +176,11 @@ class FusionBackbone(nn.Module):
     def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The text tower's tokens [B, L, Dt], run in groups of similar length (padded positions unspecified)."""
 
-        def run(rows: Tensor | None, length: int) -> Tensor:
-            if rows is None:
-                return self.text(input_ids, attention_mask)
-            return self.text(input_ids[rows, :length], attention_mask[rows, :length])
+        def run(parts: tuple[Tensor, Tensor], length: int) -> Tensor:
+            ids, mask = parts
+            return self.text(trim(ids, length), trim(mask, length))
 
-        return by_length(run, attention_mask, full_length=True)
+        return by_length(run, attention_mask, full_length=True, inputs=(input_ids, attention_mask))
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         tokens = self.text_tokens(input_ids, attention_mask)
@@ -236,20 +235,21 @@ class FusionBackbone(nn.Module):
             return fused if positions is None else gather_tokens(fused, positions)
         proportional = merging is None or merging.proportional_attention
 
-        def run(rows: Tensor | None, length: int) -> Tensor:
-            part = image if rows is None else image.take(rows)
-            bias = None if part.sizes is None or not proportional else part.sizes.log()
+        def run(parts: tuple, length: int) -> Tensor:
+            tokens, sizes, kv, text, mask, queries = parts
+            bias = None if sizes is None or not proportional else sizes.log()
             return self.fusion(
-                text_tokens if rows is None else text_tokens[rows, :length],
-                attention_mask if rows is None else attention_mask[rows, :length],
-                part.tokens,
+                trim(text, length),
+                trim(mask, length),
+                tokens,
                 image_bias=bias,
-                image_kv=part.fusion_kv,
-                positions=positions if positions is None or rows is None else positions[rows],
+                image_kv=kv,
+                positions=queries,
                 self_attended=self_attended,
             )
 
-        return by_length(run, attention_mask, full_length=positions is None)
+        inputs = (image.tokens, image.sizes, image.fusion_kv, text_tokens, attention_mask, positions)
+        return by_length(run, attention_mask, full_length=positions is None, inputs=inputs)
 
     def first_self_attention(self, text_tokens: Tensor, attention_mask: Tensor) -> Tensor | None:
         """The first fusion layer's self-attention of captions [B, L, Dt], to share between the several
@@ -264,16 +264,13 @@ class FusionBackbone(nn.Module):
         if self.decoder is None:
             raise ValueError("this backbone has no caption decoder: build it with caption_decoder=True")
 
-        def run(rows: Tensor | None, length: int) -> Tensor:
-            part = image if rows is None else image.take(rows)
-            bias = None if part.sizes is None else part.sizes.log()
-            if rows is not None:
-                return self.decoder(
-                    input_ids[rows, :length], attention_mask[rows, :length], part.tokens, bias, part.fusion_kv
-                )
-            return self.decoder(input_ids, attention_mask, part.tokens, bias, part.fusion_kv)
+        def run(parts: tuple, length: int) -> Tensor:
+            tokens, sizes, kv, ids, mask = parts
+            bias = None if sizes is None else sizes.log()
+            return self.decoder(trim(ids, length), trim(mask, length), tokens, bias, kv)
 
-        return by_length(run, attention_mask, full_length=True)
+        inputs = (image.tokens, image.sizes, image.fusion_kv, input_ids, attention_mask)
+        return by_length(run, attention_mask, full_length=True, inputs=inputs)
 
     def start_decoding(self, image: ImageFeatures) -> DecoderCache:
         """A cached caption generation over `image` (one row per hypothesis): feed it tokens step by step

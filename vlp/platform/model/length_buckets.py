@@ -5,15 +5,19 @@ every per-token layer (projections, MLP, norms) pays for the padding. Sorting th
 running, say, four groups each cut to its longest skips most of it. Exact for any layer stack whose real
 tokens read no padded key (key-padding masks, absolute positions): the same values and gradients at the
 real positions; what padded positions hold differs (zeros past a group's length) and nothing may read it.
+The inputs are put in length order once and split into contiguous groups, so the backward pass scatters
+each input's gradient once (not once per group into a zero tensor of the whole batch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 MAX_BUCKETS = 4
 MIN_ROWS = 16  # fewer rows per group and the smaller matmuls cost more than the padding saved
@@ -29,20 +33,35 @@ def length_buckets(attention_mask: Tensor, max_buckets: int = MAX_BUCKETS, min_r
     return [(rows, int(lengths[rows].max())) for rows in order.tensor_split(count)]
 
 
+def trim(t: Tensor, length: int) -> Tensor:
+    """t [B, L, ...] cut to its first `length` positions (t itself when nothing is cut)."""
+    return t if t.shape[1] == length else t[:, :length]
+
+
 def by_length(
-    run: Callable[[Tensor | None, int], Tensor], attention_mask: Tensor, full_length: bool
+    run: Callable[[Any, int], Tensor], attention_mask: Tensor, full_length: bool, inputs: Any
 ) -> Tensor:
-    """`run(rows, length)` -> [Bk, Lk or Q, ...] for each group (rows None = the whole batch uncut), put back
-    in row order: [B, L, ...] (zero-padded past each group's length) when `full_length`, else [B, Q, ...]."""
+    """`run(parts, length)` -> [Bk, Lk or Q, ...] for each group, put back in row order: [B, L, ...]
+    (zero-padded past each group's length) when `full_length`, else [B, Q, ...].
+
+    `inputs`: the row-aligned tensors [B, ...] that `run` reads, as a tensor or a (named) tuple of them
+    (None allowed); `parts` is the same structure holding one group's rows, untrimmed (`run` cuts what
+    has a length axis with `trim`). With one group `parts` is `inputs` itself and `length` is L.
+    """
     buckets = length_buckets(attention_mask)
     if len(buckets) == 1:
-        return run(None, attention_mask.shape[1])
+        return run(inputs, attention_mask.shape[1])
+    order = torch.cat([rows for rows, _ in buckets])
+    counts = [len(rows) for rows, _ in buckets]
+    leaves, spec = tree_flatten(inputs)
+    groups = [
+        leaf[order].split(counts) if isinstance(leaf, Tensor) else [leaf] * len(counts) for leaf in leaves
+    ]
     width = attention_mask.shape[1]
-    parts = []
-    for rows, length in buckets:
-        part = run(rows, length)
+    outputs = []
+    for k, (_, length) in enumerate(buckets):
+        out = run(tree_unflatten([group[k] for group in groups], spec), length)
         if full_length:
-            part = F.pad(part, (0, 0, 0, width - length))
-        parts.append(part)
-    inverse = torch.cat([rows for rows, _ in buckets]).argsort()
-    return torch.cat(parts)[inverse]
+            out = F.pad(out, (0, 0, 0, width - length))
+        outputs.append(out)
+    return torch.cat(outputs)[order.argsort()]
