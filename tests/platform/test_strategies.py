@@ -3,6 +3,7 @@ numbers (and parameter names) as they were; bf16-mixed from the trainer config t
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 from vlp.cli import run
 from vlp.platform.model.backbone import FeatureCache
 from vlp.platform.model.token_merging import TokenMergingConfig
+from vlp.platform.optim import OptimConfig, build_optimizer
 from vlp.platform.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -150,6 +152,33 @@ def test_bf16_true_keeps_bf16_weights_and_tracks_fp32(tmp_path, monkeypatch, one
     for step, loss in fp32.items():
         assert bf16[step] == pytest.approx(loss, rel=0.05), step
     assert bf16 != fp32
+
+
+def test_adamw_is_fused_on_plain_tensors_and_not_under_a_loss_scaler(tmp_path, monkeypatch, one_thread):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(RECORDER))
+    plain, _ = _fit(tmp_path, "32-true")
+    assert all(group["fused"] for group in plain.trainer.optimizers[0].param_groups)
+    scaled, _ = _fit(tmp_path, "16-mixed")  # a fused step would unscale itself, after Lightning's clipping
+    assert not any(group["fused"] for group in scaled.trainer.optimizers[0].param_groups)
+
+
+def test_fused_adamw_steps_like_the_loop_over_parameters(backbone):
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) for p in backbone.parameters()]
+    weights = {}
+    for fused in (False, True):
+        model = copy.deepcopy(backbone)
+        step = build_optimizer(model, OptimConfig(lr=1e-3), total_steps=10, fused=fused)
+        optimizer, scheduler = step["optimizer"], step["lr_scheduler"]["scheduler"]
+        for _ in range(3):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+            scheduler.step()
+        weights[fused] = [p.detach() for p in model.parameters()]
+    for loop, fused in zip(weights[False], weights[True], strict=True):
+        torch.testing.assert_close(fused, loop, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -70,14 +70,16 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(module: nn.Module, config: OptimConfig, total_steps: int) -> dict:
-    """The dict `configure_optimizers` returns; the scheduler steps every optimizer step."""
+def build_optimizer(module: nn.Module, config: OptimConfig, total_steps: int, fused: bool = False) -> dict:
+    """The dict `configure_optimizers` returns; the scheduler steps every optimizer step. `fused`: torch's
+    fused AdamW kernel (the same update in one pass; see `strategies.fused_optimizer_fits`)."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps} (set trainer.max_steps)")
     optimizer = torch.optim.AdamW(
         parameter_groups(module, config.weight_decay, config.lr, config.lr_scales),
         lr=config.lr,
         betas=(config.beta1, config.beta2),
+        fused=True if fused else None,
     )
     warmup_steps = int(config.warmup * total_steps) if config.warmup < 1 else int(config.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

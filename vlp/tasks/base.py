@@ -16,7 +16,7 @@ from torch import Tensor
 
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.optim import OptimConfig, build_optimizer
-from vlp.platform.strategies import optimizer_stepped, parallelize
+from vlp.platform.strategies import fused_optimizer_fits, optimizer_stepped, parallelize
 
 
 class ObjectiveOutput(NamedTuple):
@@ -51,7 +51,8 @@ class TrainableModule(LightningModule):
             self._parallelized = True
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.optim, int(self.trainer.estimated_stepping_batches))
+        steps = int(self.trainer.estimated_stepping_batches)
+        return build_optimizer(self, self.optim, steps, fused=fused_optimizer_fits(self.trainer, self))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the momentum model's EMA update (when the backbone keeps one): once per
