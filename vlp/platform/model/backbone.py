@@ -248,7 +248,8 @@ class FusionBackbone(nn.Module):
                 self_attended=self_attended,
             )
 
-        inputs = (image.tokens, image.sizes, image.fusion_kv, text_tokens, attention_mask, positions)
+        tokens = image.tokens if image.fusion_kv is None else None  # the keys and values stand for them
+        inputs = (tokens, image.sizes, image.fusion_kv, text_tokens, attention_mask, positions)
         return by_length(run, attention_mask, full_length=positions is None, inputs=inputs)
 
     def first_self_attention(self, text_tokens: Tensor, attention_mask: Tensor) -> Tensor | None:
@@ -269,7 +270,8 @@ class FusionBackbone(nn.Module):
             bias = None if sizes is None else sizes.log()
             return self.decoder(trim(ids, length), trim(mask, length), tokens, bias, kv)
 
-        inputs = (image.tokens, image.sizes, image.fusion_kv, input_ids, attention_mask)
+        tokens = image.tokens if image.fusion_kv is None else None  # the keys and values stand for them
+        inputs = (tokens, image.sizes, image.fusion_kv, input_ids, attention_mask)
         return by_length(run, attention_mask, full_length=True, inputs=inputs)
 
     def start_decoding(self, image: ImageFeatures) -> DecoderCache:

@@ -55,12 +55,13 @@ class CaptionDecoder(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
-        image_tokens: Tensor,
+        image_tokens: Tensor | None,
         image_bias: Tensor | None = None,
         image_kv: tuple[KeyValues, ...] | None = None,
     ) -> Tensor:
         """`image_bias` [B, N]: additive key bias on the image tokens (log token sizes after merging);
-        `image_kv`: the fusion layers' keys and values of `image_tokens`, when computed already."""
+        `image_kv`: the fusion layers' keys and values of `image_tokens`, when computed already (then
+        `image_tokens` may be None)."""
         text, fusion = self._shared
         if input_ids.shape[1] > text.max_len:
             raise ValueError(f"decoder input length {input_ids.shape[1]} exceeds text.max_len={text.max_len}")
