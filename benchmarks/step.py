@@ -204,11 +204,19 @@ def compare(model: str, baseline_root: Path, rounds: int) -> list[dict]:
 
 
 def goals(rows: list[dict]) -> dict:
-    """The issue's targets, from the rows of the default model: joint <= 0.6x singles, ITM >= 1.6x, gen >= 3x."""
+    """The issue's targets: joint <= 0.6x singles (per model measured), ITM >= 1.6x, gen >= 3x (default model).
+
+    The joint ITC+ITM+MLM step saves the singles' repeated unimodal passes (two image passes and one caption
+    pass) and nothing of fusion, which every objective needs for its own pairs; so the ratio falls as the
+    image tower's share of the work grows (measured 0.68-0.75 for the default's 10 image tokens)."""
+    ratios = {}
+    for model in dict.fromkeys(row["model"] for row in rows):
+        by_model = {row["step"]: row for row in rows if row["model"] == model}
+        ratio = by_model["itc+itm+mlm"]["new_s"] / by_model["sum itc+itm+mlm"]["new_s"]
+        ratios[f"{model}: joint itc+itm+mlm / sum of singles (goal <= 0.6)"] = ratio
     by_step = {row["step"]: row for row in rows if row["model"] == "shapes-tiny"}
-    joint_ratio = by_step["itc+itm+mlm"]["new_s"] / by_step["sum itc+itm+mlm"]["new_s"]
     return {
-        "joint itc+itm+mlm / sum of singles (goal <= 0.6)": joint_ratio,
+        **ratios,
         "itm speed-up vs baseline (goal >= 1.6)": by_step["itm"]["speedup"],
         "generation speed-up vs baseline (goal >= 3)": by_step["generate tok/s"]["speedup"],
         "validation speed-up vs baseline": by_step["validate samples/s"]["speedup"],
