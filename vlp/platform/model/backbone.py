@@ -47,6 +47,12 @@ class ImageFeatures(NamedTuple):
             self.tokens[index], self.embedding[index], None if self.sizes is None else self.sizes[index], kv
         )
 
+    def read_by_fusion(self) -> ImageFeatures:
+        """What the fused and decoder passes read: sizes, keys and values, and the tokens only when no keys
+        and values were precomputed (the embedding never), so a length-grouped pass gathers nothing else."""
+        tokens = self.tokens if self.fusion_kv is None else None
+        return ImageFeatures(tokens, None, self.sizes, self.fusion_kv)
+
 
 class TextFeatures(NamedTuple):
     tokens: Tensor  # [B, L, Dt], [CLS] first
@@ -236,20 +242,19 @@ class FusionBackbone(nn.Module):
         proportional = merging is None or merging.proportional_attention
 
         def run(parts: tuple, length: int) -> Tensor:
-            tokens, sizes, kv, text, mask, queries = parts
-            bias = None if sizes is None or not proportional else sizes.log()
+            part, text, mask, queries = parts
+            bias = None if part.sizes is None or not proportional else part.sizes.log()
             return self.fusion(
                 trim(text, length),
                 trim(mask, length),
-                tokens,
+                part.tokens,
                 image_bias=bias,
-                image_kv=kv,
+                image_kv=part.fusion_kv,
                 positions=queries,
                 self_attended=self_attended,
             )
 
-        tokens = image.tokens if image.fusion_kv is None else None  # the keys and values stand for them
-        inputs = (tokens, image.sizes, image.fusion_kv, text_tokens, attention_mask, positions)
+        inputs = (image.read_by_fusion(), text_tokens, attention_mask, positions)
         return by_length(run, attention_mask, full_length=positions is None, inputs=inputs)
 
     def first_self_attention(self, text_tokens: Tensor, attention_mask: Tensor) -> Tensor | None:
@@ -266,12 +271,11 @@ class FusionBackbone(nn.Module):
             raise ValueError("this backbone has no caption decoder: build it with caption_decoder=True")
 
         def run(parts: tuple, length: int) -> Tensor:
-            tokens, sizes, kv, ids, mask = parts
-            bias = None if sizes is None else sizes.log()
-            return self.decoder(trim(ids, length), trim(mask, length), tokens, bias, kv)
+            part, ids, mask = parts
+            bias = None if part.sizes is None else part.sizes.log()
+            return self.decoder(trim(ids, length), trim(mask, length), part.tokens, bias, part.fusion_kv)
 
-        tokens = image.tokens if image.fusion_kv is None else None  # the keys and values stand for them
-        inputs = (tokens, image.sizes, image.fusion_kv, input_ids, attention_mask)
+        inputs = (image.read_by_fusion(), input_ids, attention_mask)
         return by_length(run, attention_mask, full_length=True, inputs=inputs)
 
     def start_decoding(self, image: ImageFeatures) -> DecoderCache:
