@@ -126,3 +126,15 @@ def test_lr_scales_give_each_tower_its_learning_rate():
 def test_a_pretrained_text_tower_starts_in_training_mode():
     tower = TextEncoder(TextConfig(pretrained=MINILM), 30522, 0)
     assert all(module.training for module in tower.modules())
+
+
+def test_text_mlp_ratio_sets_berts_intermediate_width():
+    """The default's text tower runs a 2x MLP; 4x (BERT's own ratio) stays the default of TextConfig."""
+    for ratio, hidden in ((4.0, 256), (2.0, 128)):
+        tower = TextEncoder(
+            TextConfig(width=64, depth=1, heads=2, mlp_ratio=ratio), vocab_size=30, pad_token_id=0
+        )
+        layer = tower.bert.encoder.layer[0]
+        assert tower.bert.config.intermediate_size == hidden
+        assert layer.intermediate.dense.weight.shape == (hidden, 64)
+        assert layer.output.dense.weight.shape == (64, hidden)

@@ -64,6 +64,7 @@ class TextConfig:
     depth: int = 2
     heads: int = 3
     max_len: int = 64
+    mlp_ratio: float = 4.0  # BERT's intermediate_size / width
     dropout: float = 0.0
     pool: Literal["cls", "mean"] = "cls"
     pretrained: str | None = None
@@ -196,7 +197,7 @@ class TextEncoder(nn.Module):
                 hidden_size=config.width,
                 num_hidden_layers=config.depth,
                 num_attention_heads=config.heads,
-                intermediate_size=4 * config.width,
+                intermediate_size=int(config.mlp_ratio * config.width),
                 max_position_embeddings=config.max_len,
                 hidden_dropout_prob=config.dropout,
                 attention_probs_dropout_prob=config.dropout,
