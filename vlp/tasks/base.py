@@ -76,9 +76,11 @@ class TrainableModule(LightningModule):
             )
 
     def log_scores(self, scores: dict[str, float | Tensor]) -> None:
-        """Whole-split metrics, already computed over every rank (torchmetrics syncs them)."""
+        """Whole-split metrics, already computed over every rank (torchmetrics syncs them). `sync_dist`
+        averages equal values, which changes none of them and keeps Lightning from warning on every
+        multi-rank validation that they were not synced."""
         for key, value in scores.items():
-            self.log(key, torch.as_tensor(value, dtype=torch.float32), rank_zero_only=False)
+            self.log(key, torch.as_tensor(value, dtype=torch.float32), rank_zero_only=False, sync_dist=True)
 
 
 def check_distillation(name: str, backbone: FusionBackbone, alpha: float, warmup_steps: int) -> None:
