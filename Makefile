@@ -23,8 +23,17 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(BIN)/python -c "import vlp, torch, torchvision, timm, lightning, transformers"
 	touch $(STAMP)
 
+# Without a GPU, on 2 or more cores, the default trains as two CPU ranks of one thread each
+# (configs/pretrain/shapes-tiny-2cpu.yaml: the same global batch and objectives): its matmuls are too small
+# for a second intra-op thread, a second process is not. RANKS=1 keeps one process.
+RANKS ?= auto
 train: install
-	$(BIN)/vlp fit --config $(CONFIG)
+	@extra=""; \
+	if [ "$(RANKS)" = auto ] && [ "$(CONFIG)" = configs/pretrain/shapes-tiny.yaml ] && [ "$$(nproc)" -ge 2 ] \
+	  && $(BIN)/python -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
+	  extra="--config configs/pretrain/shapes-tiny-2cpu.yaml"; fi; \
+	echo "$(BIN)/vlp fit --config $(CONFIG) $$extra"; \
+	$(BIN)/vlp fit --config $(CONFIG) $$extra
 
 # Tiny models: one intra-op thread per test is fastest and never oversubscribes a shared CPU.
 test: install

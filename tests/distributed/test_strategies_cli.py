@@ -308,3 +308,31 @@ def test_export_names_the_path_when_it_is_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="no 'state_dict' entry"):
         export_main([str(tmp_path / "plain.pt"), str(tmp_path / "out.pt")])
+
+
+def test_the_default_on_two_cpu_ranks_trains_every_parameter_each_step(tmp_path):
+    """shapes-tiny-2cpu.yaml (what `make train` adds without a GPU) turns DDP's unused-parameter search
+    off: a joint step of the default's five objectives must reach every parameter, or DDP fails at the
+    second step. Both ranks train on their own shards and validation writes the scores."""
+    recorder = {"class_path": "recorder.StepRecorder", "init_args": {"out_dir": str(tmp_path / "steps")}}
+    command = [
+        str(VLP),
+        "fit",
+        "--config",
+        str(REPO / "configs" / "pretrain" / "shapes-tiny.yaml"),
+        "--config",
+        str(REPO / "configs" / "pretrain" / "shapes-tiny-2cpu.yaml"),
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        "--data.sources.shapes.init_args.num_val=16",
+        f"--trainer.callbacks+={json.dumps(recorder)}",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = _records(tmp_path)
+    losses = [[step["loss"] for step in _steps(records[rank]).values()] for rank in (0, 1)]
+    assert [len(rank_losses) for rank_losses in losses] == [3, 3]
+    assert all(torch.isfinite(torch.tensor(rank_losses)).all() for rank_losses in losses)
+    assert losses[0] != losses[1]
+    (metrics,) = (tmp_path / "runs").glob("*/version_0/metrics.json")
+    assert 0.0 <= json.loads(metrics.read_text())["val/itm/acc"] <= 1.0
