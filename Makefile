@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	touch $(STAMP)
 
 # Without a GPU, on 2 or more cores, the default trains as two CPU ranks of one thread each
-# (configs/pretrain/shapes-tiny-2cpu.yaml: the same global batch and objectives): its matmuls are too small
-# for a second intra-op thread, a second process is not. RANKS=1 keeps one process.
+# (configs/pretrain/shapes-tiny-2cpu.yaml: the same global batch and objectives; README: measured scores).
+# RANKS=1 keeps one process of as many threads as cores.
 RANKS ?= auto
 train: install
 	@extra=""; \
