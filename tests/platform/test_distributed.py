@@ -1,13 +1,22 @@
-"""all_gather_with_grad and the distributed contrastive loss, checked with 2 spawned CPU processes (gloo)."""
+"""all_gather_with_grad, all_gather_many and the distributed contrastive loss, checked with 2 spawned CPU
+processes (gloo)."""
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from gloo_ranks import run_on_ranks
 
-from vlp.platform.distributed import all_gather_with_grad, is_distributed, rank, world_size
+from vlp.platform.distributed import (
+    all_gather_many,
+    all_gather_with_grad,
+    is_distributed,
+    longest_over_ranks,
+    rank,
+    world_size,
+)
 from vlp.platform.kernels import contrastive_loss, contrastive_loss_reference
 
 WORLD, LOCAL_B, FEATURES, DIM = 2, 6, 10, 8
@@ -39,6 +48,15 @@ def _worker(local_rank: int, out_dir: str) -> None:
     gathered = all_gather_with_grad(x)
     (gathered * (local_rank + 1)).sum().backward()
 
+    # several tensors, two dtypes, one collective each: rank r holds features 10 r + (0..), ids 100 r + (0, 1)
+    feats = (torch.arange(8.0).reshape(2, 2, 2) + 10 * local_rank).requires_grad_()
+    vecs = (torch.arange(6.0).reshape(2, 3) - 10 * local_rank).requires_grad_()
+    ids = torch.tensor([0, 1]) + 100 * local_rank
+    many = all_gather_many([feats, ids, vecs], with_grad=True)
+    # rank r weighs the gathered features by r + 1 and the vectors by 10 (r + 1): grads sum over ranks
+    ((many[0] * (local_rank + 1)).sum() + (many[2] * 10 * (local_rank + 1)).sum()).backward()
+    detached = all_gather_many([feats, vecs])
+
     problem = _problem()
     params = [problem[k].clone().requires_grad_() for k in ("image_proj", "text_proj", "log_scale")]
     rows = slice(local_rank * LOCAL_B, (local_rank + 1) * LOCAL_B)
@@ -52,6 +70,10 @@ def _worker(local_rank: int, out_dir: str) -> None:
             "helpers": (is_distributed(), world_size(), rank()),
             "gathered": gathered.detach(),
             "gather_grad": x.grad,
+            "many": [t.detach() for t in many],
+            "many_grads": (feats.grad, vecs.grad),
+            "detached_require_grad": [t.requires_grad for t in detached],
+            "longest": longest_over_ranks(3 + local_rank),
             "loss": loss.detach(),
             "grads": [p.grad for p in params],
         },
@@ -63,6 +85,15 @@ def test_helpers_outside_a_process_group_are_single_process_identities():
     t = torch.randn(3, 2)
     assert (is_distributed(), world_size(), rank()) == (False, 1, 0)
     assert all_gather_with_grad(t) is t
+    ids = torch.arange(3)
+    assert all(a is b for a, b in zip(all_gather_many([t, ids]), [t, ids], strict=True))
+    assert longest_over_ranks(7) == 7
+
+
+def test_gathering_many_needs_one_row_count(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("vlp.platform.distributed.is_distributed", lambda: True)
+    with pytest.raises(ValueError, match=r"one row count, got \[2, 3\]"):
+        all_gather_many([torch.zeros(2, 4), torch.zeros(3)])
 
 
 def test_two_ranks_match_single_process_loss_and_gradients(tmp_path: Path):
@@ -75,6 +106,18 @@ def test_two_ranks_match_single_process_loss_and_gradients(tmp_path: Path):
         torch.testing.assert_close(res["gathered"], expected)
         # the backward sums over ranks: rank 0 weighs the gathered rows by 1, rank 1 by 2
         torch.testing.assert_close(res["gather_grad"], torch.full((2, 3), 3.0))
+        feats, ids, vecs = res["many"]
+        base = torch.arange(8.0).reshape(2, 2, 2)
+        torch.testing.assert_close(feats, torch.cat([base, base + 10]))
+        torch.testing.assert_close(ids, torch.tensor([0, 1, 100, 101]))
+        assert ids.dtype == torch.long
+        torch.testing.assert_close(
+            vecs, torch.cat([torch.arange(6.0).reshape(2, 3) - 10 * k for k in (0, 1)])
+        )
+        torch.testing.assert_close(res["many_grads"][0], torch.full((2, 2, 2), 3.0))
+        torch.testing.assert_close(res["many_grads"][1], torch.full((2, 3), 30.0))
+        assert res["detached_require_grad"] == [False, False]
+        assert res["longest"] == 4
 
     problem = _problem()
     params = [problem[k].clone().requires_grad_() for k in ("image_proj", "text_proj", "log_scale")]

@@ -1,9 +1,9 @@
 """Rank helpers and an all-gather that keeps gradients, for losses that score against the global batch.
 
 A plain `torch.distributed.all_gather` cuts the graph, so a contrastive loss computed on gathered features
-would only push gradients into the local rows. `all_gather_with_grad` uses
-`torch.distributed.nn.functional.all_gather`, whose backward sums each slice's gradient over ranks: with
-per-rank losses averaged by DDP, the result equals the single-process gradient on the whole batch.
+would only push gradients into the local rows. `all_gather_with_grad` keeps it: its
+backward sums each slice's gradient over ranks, so with per-rank losses averaged by DDP the result equals
+the single-process gradient on the whole batch. `all_gather_many` gathers several tensors in one collective.
 """
 
 import atexit
@@ -11,7 +11,8 @@ import functools
 import logging
 import os
 import sys
-import warnings
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -65,42 +66,84 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+class _GatherRows(torch.autograd.Function):
+    """all_gather of a [B, F] tensor -> [W * B, F] in one collective each way: the backward sums each rank's
+    slice of the gradient over ranks with a reduce-scatter (NCCL, XCCL) or an all-reduce and a slice (gloo
+    has no reduce-scatter; torch's own differentiable all_gather emulates one there by W scatters)."""
+
+    @staticmethod
+    def forward(ctx: Any, flat: Tensor) -> Tensor:
+        parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, flat)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        rows = grad.shape[0] // dist.get_world_size()
+        if dist.get_backend() in (dist.Backend.NCCL, dist.Backend.XCCL):
+            out = grad.new_empty((rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad.contiguous())
+            return out
+        summed = grad.contiguous().clone()
+        dist.all_reduce(summed)
+        return summed[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
 def all_gather_with_grad(t: Tensor) -> Tensor:
-    """Concatenate `t` [B, ...] from every rank along dim 0 -> [world_size * B, ...], differentiably.
+    """Concatenate `t` [B, ...] from every rank along dim 0 -> [world_size * B, ...], differentiably: the
+    backward gives each rank the sum over ranks of its rows' gradients.
 
     Every rank must pass the same shape. Identity when not distributed.
     """
     if not is_distributed():
         return t
-    from torch.distributed.nn.functional import all_gather
-
-    with warnings.catch_warnings():
-        # torch >= 2.6 marks it deprecated in favour of a private API; it is still the documented route.
-        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
-        return torch.cat(all_gather(t), dim=0)
+    return _GatherRows.apply(t.contiguous().reshape(t.shape[0], -1)).reshape(-1, *t.shape[1:])
 
 
-def all_gather_padded(t: Tensor, pad_dim: int | None = None, with_grad: bool = False) -> Tensor:
-    """Concatenate `t` [B, ...] from every rank along dim 0 -> [world_size * B, ...].
-
-    `pad_dim` names a dimension whose size may differ between ranks (captions padded to each batch's
-    longest): every rank's tensor is zero-padded there to the longest first. `with_grad` keeps the graph
-    (`all_gather_with_grad`); otherwise the result is detached. Identity when not distributed.
-    """
+def all_gather_many(tensors: Sequence[Tensor], with_grad: bool = False) -> list[Tensor]:
+    """`all_gather_with_grad` (or, without `with_grad`, a detached gather) of several tensors that share
+    their row count B, in one collective per dtype instead of one each: a step that gathers a dozen
+    feature tensors (ITM: captions, every fusion layer's image keys and values) waits on the other ranks
+    once, not a dozen times. Each result is [world_size * B, ...] in rank order. Identity when not
+    distributed; every rank must pass the same shapes."""
     if not is_distributed():
+        return list(tensors)
+    rows = {t.shape[0] for t in tensors}
+    if len(rows) > 1:
+        raise ValueError(f"all_gather_many needs tensors with one row count, got {sorted(rows)}")
+    out: list[Tensor | None] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        members = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flats = [tensors[i].reshape(tensors[i].shape[0], -1) for i in members]
+        packed = torch.cat(flats, dim=1) if len(flats) > 1 else flats[0].contiguous()
+        if with_grad:
+            gathered = _GatherRows.apply(packed)
+        else:
+            parts = [torch.empty_like(packed) for _ in range(world_size())]
+            dist.all_gather(parts, packed.detach())
+            gathered = torch.cat(parts)
+        for i, piece in zip(members, gathered.split([f.shape[1] for f in flats], dim=1), strict=True):
+            out[i] = piece.reshape(-1, *tensors[i].shape[1:])
+    return out  # type: ignore[return-value]
+
+
+def longest_over_ranks(length: int, device: torch.device | None = None) -> int:
+    """The largest `length` any rank passes (a collective; `length` itself when not distributed), e.g. to
+    pad captions to one length before a gather."""
+    if not is_distributed():
+        return length
+    longest = torch.tensor(length, device=device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    return int(longest)
+
+
+def pad_to(t: Tensor, dim: int, length: int) -> Tensor:
+    """`t` zero-padded at the end of dimension `dim` to `length`."""
+    missing = length - t.shape[dim]
+    if missing <= 0:
         return t
-    if pad_dim is not None:
-        longest = torch.tensor(t.shape[pad_dim], device=t.device)
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-        missing = int(longest) - t.shape[pad_dim]
-        if missing:
-            pad = [0, 0] * (t.ndim - 1 - pad_dim % t.ndim) + [0, missing]
-            t = torch.nn.functional.pad(t, pad)
-    if with_grad:
-        return all_gather_with_grad(t)
-    parts = [torch.empty_like(t) for _ in range(world_size())]
-    dist.all_gather(parts, t.detach().contiguous())
-    return torch.cat(parts, dim=0)
+    pad = [0, 0] * (t.ndim - 1 - dim % t.ndim) + [0, missing]
+    return torch.nn.functional.pad(t, pad)
 
 
 def all_gather_objects(value: object) -> list[object]:

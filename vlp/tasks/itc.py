@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlp.platform.distributed import all_gather_padded, all_gather_with_grad, rank
+from vlp.platform.distributed import all_gather_many, rank
 from vlp.platform.kernels import contrastive_loss
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
@@ -76,7 +76,7 @@ class ITCObjective(Objective):
         """Local rows against the global batch's columns and the queue, soft targets by `alpha` (ALBEF)."""
         image, text = features.image.embedding, features.text.embedding
         b = image.shape[0]
-        image_all, text_all = all_gather_with_grad(image), all_gather_with_grad(text)
+        image_all, text_all = all_gather_many([image, text], with_grad=True)
         ids = batch["image_id"]
         queued_image, queued_text, queued_ids = (
             (image.new_zeros(0, image.shape[1]),) * 2 + (ids.new_zeros(0),)
@@ -100,8 +100,9 @@ class ITCObjective(Objective):
             image_m, text_m = features.momentum_image.embedding, features.momentum_text.embedding
         if alpha > 0:
             with torch.no_grad():
-                text_m_all = torch.cat([all_gather_padded(text_m), queued_text.to(text_m.dtype)])
-                image_m_all = torch.cat([all_gather_padded(image_m), queued_image.to(image_m.dtype)])
+                text_m_all, image_m_all = all_gather_many([text_m, image_m])
+                text_m_all = torch.cat([text_m_all, queued_text.to(text_m.dtype)])
+                image_m_all = torch.cat([image_m_all, queued_image.to(image_m.dtype)])
                 soft_i2t = (scale * image_m @ text_m_all.T).masked_fill(hidden, -torch.inf).softmax(dim=1)
                 soft_t2i = (scale * text_m @ image_m_all.T).masked_fill(hidden, -torch.inf).softmax(dim=1)
                 targets_i2t = alpha * soft_i2t + (1 - alpha) * targets_i2t

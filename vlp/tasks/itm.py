@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 
-from vlp.platform.distributed import all_gather_padded, rank
+from vlp.platform.distributed import all_gather_many, longest_over_ranks, pad_to, rank
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures, first_token
 from vlp.platform.optim import OptimConfig
@@ -64,7 +64,7 @@ class MatchPairs(NamedTuple):
     """(image, text) pairs for the matching head as indices into the global batch: positives first, then
     the mined negatives."""
 
-    image: ImageFeatures  # the global batch's images [W * B, 1 + N, Dv] (+ sizes, fusion keys and values)
+    image: ImageFeatures  # the global batch's images [W * B]: fusion keys and values, else tokens (+ sizes)
     text_tokens: Tensor  # the global batch's captions [W * B, L, Dt], after the first fusion self-attention
     self_attended: bool  # whether text_tokens went through it (not with token merging inside fusion)
     attention_mask: Tensor  # [W * B, L]
@@ -74,30 +74,15 @@ class MatchPairs(NamedTuple):
     anchor_is_real: Tensor  # [P] bool: the pair's local anchor row is not a sampler padding repeat
 
 
-def gather_image(image: ImageFeatures) -> ImageFeatures:
-    """Every rank's image features, with gradients, fusion keys and values included (identity on one process)."""
-    kv = None
-    if image.fusion_kv is not None:
-        kv = tuple(
-            (all_gather_padded(k, with_grad=True), all_gather_padded(v, with_grad=True))
-            for k, v in image.fusion_kv
-        )
-    sizes = None if image.sizes is None else all_gather_padded(image.sizes, with_grad=True)
-    return ImageFeatures(
-        all_gather_padded(image.tokens, with_grad=True),
-        all_gather_padded(image.embedding, with_grad=True),
-        sizes,
-        kv,
-    )
-
-
 def global_match_pairs(
     batch: dict, features: FeatureCache, backbone: FusionBackbone, hardest: bool = False
 ) -> MatchPairs:
     """Positives of this rank's B rows plus negatives mined from the global batch of every rank.
 
-    Gathers (with gradients) the image tokens and text tokens of all ranks, and (without) the ITC
-    embeddings, image ids, caption ids and masks; captions are zero-padded to the longest on any rank.
+    Gathers (with gradients) the text tokens and the image side of fusion (each layer's keys and values,
+    or the image tokens where fusion merges them) of all ranks, and (without) the ITC embeddings, image
+    ids, caption ids and masks; captions are zero-padded to the longest on any rank. That is three
+    collectives (the longest caption, the integers, the features) and one in the backward.
     Negatives are drawn for every global row with the same draw a single process would make (identical
     on each rank when their RNGs agree, as under a seeded Lightning run) and each rank keeps its own rows.
     `hardest` takes the most similar negative text instead of sampling and mines no negative images
@@ -106,19 +91,29 @@ def global_match_pairs(
     image, text = features.fused_image, features.text
     b = image.tokens.shape[0]
     real = real_rows(batch)
-    image_ids = all_gather_padded(batch["image_id"])
-    input_ids = all_gather_padded(batch["input_ids"], pad_dim=1)
-    attention_mask = all_gather_padded(text.attention_mask, pad_dim=1)
     attended = backbone.first_self_attention(text.tokens, text.attention_mask)
-    tokens = text.tokens if attended is None else attended
-    text_tokens = all_gather_padded(tokens, pad_dim=1, with_grad=True)
-    global_image = gather_image(image)
+    longest = longest_over_ranks(text.attention_mask.shape[1], image.tokens.device)
+    input_ids, attention_mask = (pad_to(t, 1, longest) for t in (batch["input_ids"], text.attention_mask))
+    image_ids, input_ids, attention_mask = all_gather_many([batch["image_id"], input_ids, attention_mask])
+    # the image side that fusion reads: keys and values when precomputed, else the tokens (and merged sizes)
+    kv = [t for layer in image.fusion_kv or () for t in layer]
+    image_side = kv or [image.tokens, *([] if image.sizes is None else [image.sizes])]
+    tokens = pad_to(text.tokens if attended is None else attended, 1, longest)
+    # the ITC embeddings ride along detached (they only pick the negatives): their slice gets no gradient
+    embeddings = [image.embedding.detach(), text.embedding.detach()]
+    gathered = all_gather_many([tokens, *image_side, *embeddings], with_grad=True)
+    text_tokens, image_side, (image_emb, text_emb) = gathered[0], gathered[1:-2], gathered[-2:]
+    image_emb, text_emb = image_emb.detach(), text_emb.detach()
+    if kv:
+        global_kv = tuple((image_side[i], image_side[i + 1]) for i in range(0, len(image_side), 2))
+        global_image = ImageFeatures(None, image_emb, None, global_kv)
+    else:
+        sizes = image_side[1] if len(image_side) > 1 else None
+        global_image = ImageFeatures(image_side[0], image_emb, sizes)
     logit_scale = backbone.logit_scale()
     local = torch.arange(b, device=image.tokens.device) + rank() * b
     positives = positive_pairs(image_ids, input_ids, attention_mask)
     with torch.no_grad():
-        image_emb = all_gather_padded(image.embedding)
-        text_emb = all_gather_padded(text.embedding)
         similarity = image_emb @ text_emb.T * logit_scale
         if hardest:
             masked = similarity.masked_fill(positives, float("-inf"))

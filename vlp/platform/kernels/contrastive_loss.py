@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlp.platform.distributed import all_gather_with_grad, is_distributed, rank
+from vlp.platform.distributed import all_gather_many, is_distributed, rank
 from vlp.platform.kernels._triton import Backend, dot_precision, tl, triton, use_triton
 
 _BLOCK_M, _BLOCK_K, _BLOCK_D = 64, 64, 64
@@ -267,7 +267,7 @@ def contrastive_loss(
     with torch.autocast(device_type, enabled=False):
         if not (gather and is_distributed()):
             return _InfoNCE.apply(image_emb, text_emb, scale, 0, True, tile, on_triton)
-        all_text, all_image = all_gather_with_grad(text_emb), all_gather_with_grad(image_emb)
+        all_text, all_image = all_gather_many([text_emb, image_emb], with_grad=True)
         offset = rank() * image_emb.shape[0]
         image_to_text = _InfoNCE.apply(image_emb, all_text, scale, offset, False, tile, on_triton)
         text_to_image = _InfoNCE.apply(text_emb, all_image, scale, offset, False, tile, on_triton)

@@ -32,7 +32,7 @@ from vlp.platform.model.token_merging import (
 
 
 class ImageFeatures(NamedTuple):
-    tokens: Tensor  # [B, 1 + N, Dv], [CLS] first
+    tokens: Tensor  # [B, 1 + N, Dv], [CLS] first (None where only fusion's keys and values are kept)
     embedding: Tensor  # [B, E], L2-normalised
     sizes: Tensor | None = None  # [B, 1 + N] original patches per token after merging; None = all 1
     # per fusion layer the cross-attention keys and values of `tokens` ([B, heads, 1 + N, Dt / heads] each),
@@ -43,8 +43,9 @@ class ImageFeatures(NamedTuple):
         """The features of images `index` [K] (repeats allowed), e.g. to pair images with negative texts;
         precomputed keys and values are gathered too, not recomputed."""
         kv = None if self.fusion_kv is None else tuple((k[index], v[index]) for k, v in self.fusion_kv)
+        tokens = None if self.tokens is None else self.tokens[index]  # None: fusion reads only kv
         return ImageFeatures(
-            self.tokens[index], self.embedding[index], None if self.sizes is None else self.sizes[index], kv
+            tokens, self.embedding[index], None if self.sizes is None else self.sizes[index], kv
         )
 
     def read_by_fusion(self) -> ImageFeatures:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlp.platform.distributed import all_gather_padded
+from vlp.platform.distributed import all_gather_many
 
 
 @dataclass
@@ -165,7 +165,7 @@ class FeatureQueue(nn.Module):
     @torch.no_grad()
     def enqueue(self, image: Tensor, text: Tensor, ids: Tensor) -> None:
         """Append rows [B, E], [B, E], [B] of every rank at the pointer, overwriting the oldest ones."""
-        image, text, ids = (all_gather_padded(t.detach()) for t in (image, text, ids))
+        image, text, ids = all_gather_many([image.detach(), text.detach(), ids])
         n = ids.shape[0]
         if n > self.size:  # more rows than the queue holds: the last `size` stay
             image, text, ids = image[-self.size :], text[-self.size :], ids[-self.size :]
