@@ -101,3 +101,49 @@ def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path: Path,
     assert (torch.stack([rank["itc_no_gather"][0] for rank in ranks]).mean() - loss).abs() > 1e-2
     worst = max((no_gather[1][key] - grad).abs().max().item() for key, grad in grads.items())
     assert worst > 100 * TOLERANCE["atol"]
+
+
+COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter_tensor", "scatter", "broadcast", "all_to_all")
+
+
+def _count_collectives(local_rank: int, out_dir: str) -> None:
+    """How many collectives one ITM step and its backward call, by kind."""
+    torch.set_num_threads(1)
+    source = _source()
+    dataset = source.dataset("train")
+    rows = ITEMS[local_rank * LOCAL_B : (local_rank + 1) * LOCAL_B]
+    batch = source.collate([dataset[i] for i in rows])
+    backbone, _, itm = _models(source)
+    features = FeatureCache(backbone, batch)
+    calls: dict[str, list[str]] = {"forward": [], "backward": []}
+    phase = "forward"
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counted(name: str):
+        def call(*args, **kwargs):
+            calls[phase].append(name)
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counted(name))
+    try:
+        torch.manual_seed(7)
+        loss = itm.forward_loss(batch, features).loss
+        phase = "backward"
+        loss.backward()
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    torch.save(calls, Path(out_dir) / f"calls{local_rank}.pt")
+
+
+def test_itm_waits_on_the_other_ranks_three_times_forward_and_once_backward(tmp_path: Path, one_thread):
+    """The longest caption, the integers (ids, caption ids, masks), the features (captions, every fusion
+    layer's image keys and values, the ITC embeddings); the backward sums the feature gradients once."""
+    run_on_ranks(_count_collectives, tmp_path, world=WORLD)
+    for r in range(WORLD):
+        calls = torch.load(tmp_path / f"calls{r}.pt")
+        assert sorted(calls["forward"]) == ["all_gather", "all_gather", "all_reduce"], calls
+        assert calls["backward"] == ["all_reduce"], calls
