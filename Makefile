@@ -35,13 +35,9 @@ train: install
 	echo "$(BIN)/vlp fit --config $(CONFIG) $$extra"; \
 	$(BIN)/vlp fit --config $(CONFIG) $$extra
 
-# Tiny models: one intra-op thread per test is fastest and never oversubscribes a shared CPU; one pytest-xdist
-# worker per core instead (TEST_WORKERS=auto: physical cores), each test file on one worker, so a file's
-# shared module fixtures (a trained run several tests read) run once and the Slurm tests queue one at a time.
-# TEST_WORKERS=0 runs them in this process.
-TEST_WORKERS ?= auto
+# Tiny models: one intra-op thread per test is fastest and never oversubscribes a shared CPU.
 test: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q tests
 
 lint: install
 	$(BIN)/ruff check vlp tests benchmarks
