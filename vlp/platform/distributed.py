@@ -95,9 +95,7 @@ def all_gather_with_grad(t: Tensor) -> Tensor:
 
     Every rank must pass the same shape. Identity when not distributed.
     """
-    if not is_distributed():
-        return t
-    return _GatherRows.apply(t.contiguous().reshape(t.shape[0], -1)).reshape(-1, *t.shape[1:])
+    return all_gather_many([t], with_grad=True)[0]
 
 
 def all_gather_many(tensors: Sequence[Tensor], with_grad: bool = False) -> list[Tensor]:
@@ -116,12 +114,7 @@ def all_gather_many(tensors: Sequence[Tensor], with_grad: bool = False) -> list[
         members = [i for i, t in enumerate(tensors) if t.dtype == dtype]
         flats = [tensors[i].reshape(tensors[i].shape[0], -1) for i in members]
         packed = torch.cat(flats, dim=1) if len(flats) > 1 else flats[0].contiguous()
-        if with_grad:
-            gathered = _GatherRows.apply(packed)
-        else:
-            parts = [torch.empty_like(packed) for _ in range(world_size())]
-            dist.all_gather(parts, packed.detach())
-            gathered = torch.cat(parts)
+        gathered = _GatherRows.apply(packed if with_grad else packed.detach())
         for i, piece in zip(members, gathered.split([f.shape[1] for f in flats], dim=1), strict=True):
             out[i] = piece.reshape(-1, *tensors[i].shape[1:])
     return out  # type: ignore[return-value]
