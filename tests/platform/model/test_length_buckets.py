@@ -20,9 +20,17 @@ def unbucketed(monkeypatch) -> None:
     monkeypatch.setattr(buckets_module, "length_buckets", lambda mask, *a, **k: [(None, mask.shape[1])])
 
 
+@pytest.fixture
+def small_groups(monkeypatch) -> None:
+    """Groups of 16 rows, so a 48-row batch runs in three (the default needs 128 rows for two)."""
+    monkeypatch.setattr(buckets_module, "MIN_ROWS", 16)
+
+
 def test_groups_cover_every_row_once_in_length_order(wide_batch):
     mask = wide_batch["attention_mask"]
-    groups = length_buckets(mask)
+    assert length_buckets(mask) == [(None, mask.shape[1])]  # the default: at least 64 rows a group
+    assert len(length_buckets(mask.repeat(3, 1))) == 2  # 144 rows
+    groups = length_buckets(mask, min_rows=16)
     assert len(groups) == 3  # 48 rows, at least 16 per group
     rows = torch.cat([r for r, _ in groups])
     assert sorted(rows.tolist()) == list(range(48))
@@ -30,7 +38,7 @@ def test_groups_cover_every_row_once_in_length_order(wide_batch):
     for r, length in groups:
         assert length == int(lengths[r].max())
     assert [length for _, length in groups] == sorted(length for _, length in groups)
-    assert length_buckets(mask[:20]) == [(None, mask.shape[1])]  # too few rows to split
+    assert length_buckets(mask[:20], min_rows=16) == [(None, mask.shape[1])]  # too few rows to split
 
 
 def passes(backbone, batch):
@@ -49,9 +57,10 @@ def passes(backbone, batch):
 
 
 def test_bucketed_passes_equal_the_padded_batch_in_values_and_gradients(
-    make_backbone, wide_batch, monkeypatch, one_thread
+    make_backbone, wide_batch, monkeypatch, one_thread, small_groups
 ):
     backbone = make_backbone(caption_decoder=True)
+    assert len(length_buckets(wide_batch["attention_mask"])) == 3
     real = wide_batch["attention_mask"].bool()[..., None]
     bucketed = passes(backbone, wide_batch)
     with monkeypatch.context() as patch:

@@ -2,7 +2,8 @@
 
 A batch pads every caption to the longest one (29 tokens in the default's batches, 21.5 on average), and
 every per-token layer (projections, MLP, norms) pays for the padding. Sorting the rows by length and
-running, say, four groups each cut to its longest skips most of it. Exact for any layer stack whose real
+running, say, four groups each cut to its longest skips most of it, once the batch is large enough that a
+group's matmuls outweigh the cost of running more passes (`MIN_ROWS`). Exact for any layer stack whose real
 tokens read no padded key (key-padding masks, absolute positions): the same values and gradients at the
 real positions; what padded positions hold differs (zeros past a group's length) and nothing may read it.
 The inputs are put in length order once and split into contiguous groups, so the backward pass scatters
@@ -20,12 +21,20 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 MAX_BUCKETS = 4
-MIN_ROWS = 16  # fewer rows per group and the smaller matmuls cost more than the padding saved
+# Fewer rows per group and the per-op cost of the extra, smaller passes outweighs the padding saved. On the
+# default (one CPU thread, its joint step interleaved with each setting) groups of at least 16 rows cost
+# 1.1-1.25x the step of no groups at 32 rows a rank; at least 64 rows ran 0.89x of 16 at 64 rows and 0.96x
+# at 128 (README: step efficiency).
+MIN_ROWS = 64
 
 
-def length_buckets(attention_mask: Tensor, max_buckets: int = MAX_BUCKETS, min_rows: int = MIN_ROWS) -> list:
-    """[(row indices [Bk], length Lk)] of equal-count groups of rows sorted by length (mask [B, L])."""
+def length_buckets(
+    attention_mask: Tensor, max_buckets: int = MAX_BUCKETS, min_rows: int | None = None
+) -> list:
+    """[(row indices [Bk], length Lk)] of equal-count groups of rows sorted by length (mask [B, L]);
+    at least `min_rows` (default `MIN_ROWS`) rows a group, one group of all rows below twice that."""
     lengths = attention_mask.sum(dim=1)
+    min_rows = MIN_ROWS if min_rows is None else min_rows
     count = max(1, min(max_buckets, attention_mask.shape[0] // min_rows))
     if count == 1:
         return [(None, attention_mask.shape[1])]
