@@ -1,9 +1,17 @@
+import csv
+
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from vlp.platform.callbacks import NonFiniteLossError, NonFiniteLossGuard, RandomStateCheckpoint
+from vlp.platform.callbacks import (
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    RandomStateCheckpoint,
+    ThroughputMonitor,
+)
 
 
 class NaNOnSteps(LightningModule):
@@ -56,6 +64,108 @@ def test_training_stops_after_too_many_in_a_row():
     module = NaNOnSteps(bad_steps=set(range(1, 100)))
     with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row.*max_consecutive=3"):
         run(module, NonFiniteLossGuard(max_consecutive=3), steps=10)
+
+
+class NaNOnBatches(NaNOnSteps):
+    """NaN on chosen batch indices only (micro-batches under gradient accumulation)."""
+
+    def training_step(self, batch, batch_idx):
+        self.weights_seen.append(self.layer.weight.detach().clone())
+        loss = self.layer(batch).pow(2).mean()
+        return loss * float("nan") if batch_idx in self.bad_steps else loss
+
+
+def test_one_nonfinite_micro_batch_skips_its_accumulated_step():
+    module = NaNOnBatches(bad_steps={2})  # batches 2 and 3 make step 1
+    guard = NonFiniteLossGuard(max_consecutive=3)
+    Trainer(
+        max_steps=3,
+        accumulate_grad_batches=2,
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    ).fit(module, DataLoader(torch.randn(64, 2), batch_size=4))
+    seen = module.weights_seen  # one entry per micro-batch: steps start at batches 0, 2, 4
+    assert guard.skipped == 1 and guard.consecutive == 0
+    assert not torch.equal(seen[2], seen[0])  # step 0 trained
+    torch.testing.assert_close(seen[4], seen[2])  # step 1 skipped, though its batch 3 was finite
+    assert not torch.equal(module.layer.weight.detach(), seen[4])  # step 2 trained again
+
+
+def test_the_ranks_decide_once_per_optimizer_step_after_every_backward():
+    """The cross-rank decision is one collective per optimizer step, after the gradients exist: none before
+    a backward, where it would make the ranks wait for each other an extra time."""
+    events: list[str] = []
+
+    class Recorded(NaNOnBatches):
+        def on_after_backward(self):
+            events.append("backward")
+
+    trainer = Trainer(
+        max_steps=2,
+        accumulate_grad_batches=2,
+        callbacks=[NonFiniteLossGuard()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    decide = trainer.strategy.reduce_boolean_decision
+
+    def recorded_decision(decision, all=True):
+        events.append(f"decide {decision} all={all}")
+        return decide(decision, all=all)
+
+    trainer.strategy.reduce_boolean_decision = recorded_decision
+    trainer.fit(Recorded(bad_steps={1}), DataLoader(torch.randn(64, 2), batch_size=4))
+    assert events == [
+        "backward",
+        "backward",
+        "decide True all=False",
+        "backward",
+        "backward",
+        "decide False all=False",
+    ]
+
+
+class ImageBatches(LightningModule):
+    """A linear model on dict batches with an `image`, as the monitors expect."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch["image"]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_monitors_log_only_on_the_steps_the_logger_writes(tmp_path):
+    module = ImageBatches()
+    calls: list[str] = []
+    log = module.log
+    module.log = lambda key, *args, **kwargs: (calls.append(key), log(key, *args, **kwargs))
+    Trainer(
+        max_steps=6,
+        log_every_n_steps=2,
+        callbacks=[ThroughputMonitor(window=3)],
+        logger=CSVLogger(tmp_path, name="run"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    ).fit(module, DataLoader([{"image": torch.randn(4, 2)} for _ in range(6)], batch_size=None))
+    assert calls == ["perf/samples_per_s"] * 3  # steps 2, 4 and 6 of 6, not every step
+    with open(tmp_path / "run/version_0/metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["perf/samples_per_s"]]
+    assert [int(row["step"]) for row in rows] == [1, 3, 5]
+    assert all(float(row["perf/samples_per_s"]) > 0 for row in rows)
 
 
 def test_guard_rejects_a_nonpositive_limit():

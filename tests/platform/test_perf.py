@@ -50,6 +50,7 @@ def test_flops_monitor_logs_gflops_per_sample_and_tokens_kept(shapes):
     module = build(shapes.tokenizer, TokenMergingConfig(vision_r=3))
     trainer = Trainer(
         max_steps=3,
+        log_every_n_steps=1,  # the monitor logs on the steps the loggers write
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -115,7 +115,7 @@ def run(args: list[str] | None = None) -> VLPCLI:
             "callbacks": [
                 LearningRateMonitor(logging_interval="step"),
                 ThroughputMonitor(),
-                FlopsMonitor(every_n_steps=100),
+                FlopsMonitor(every_n_steps=250),
                 SamplerMonitor(),
                 MetricsSummary(),
                 RandomStateCheckpoint(),

@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 
+from vlp.platform.callbacks import logs_this_step
 from vlp.platform.flops import flop_counter
 from vlp.platform.model.backbone import FusionBackbone
 
@@ -97,7 +98,7 @@ class FlopsMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         backbone = getattr(pl_module, "backbone", None)
-        if isinstance(backbone, FusionBackbone):
+        if isinstance(backbone, FusionBackbone) and logs_this_step(trainer):
             pl_module.log("perf/tokens_kept", backbone.tokens_kept, on_step=True, on_epoch=False)
         measure = self._batches % self.every_n_steps == 0
         self._batches += 1
