@@ -41,6 +41,29 @@ def test_same_seed_and_index_give_identical_items():
         assert (a["caption"], a["references"], a["phrase"]) == (b["caption"], b["references"], b["phrase"])
 
 
+def test_items_of_a_later_epoch_equal_those_of_a_fresh_dataset(monkeypatch):
+    """The scene cache (layouts, references, phrases) changes no item, and a bounded cache starts over."""
+    import vlp.datamodules.shapes as shapes_module
+
+    monkeypatch.setattr(shapes_module, "SCENE_CACHE_SIZE", 5)
+    used = ShapesSource(seed=1).dataset("train")
+    for index in range(8):  # fills the cache past its bound once
+        used[index]["references"].append("mutated by a caller")
+    assert 0 < len(used._scenes) <= 5
+    for epoch in (1, 3):
+        used.set_epoch(epoch)
+        fresh = ShapesSource(seed=1).dataset("train")
+        fresh.set_epoch(epoch)
+        for index in range(8):
+            a, b = used[index], fresh[index]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["box"], b["box"])
+            assert (a["caption"], a["references"], a["phrase"]) == (
+                b["caption"],
+                b["references"],
+                b["phrase"],
+            )
+
+
 def test_different_indices_and_seeds_give_different_images(source):
     dataset = source.dataset("val")
     images = torch.stack([dataset[index]["image"] for index in range(20)]).flatten(1)

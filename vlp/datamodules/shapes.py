@@ -40,6 +40,9 @@ GRID = 3
 MIN_IMAGE_SIZE = 32
 SINGLE_OBJECT_PROBABILITY = 0.02
 TOKEN_CACHE_SIZE = 200_000  # distinct texts whose ids a source keeps (a few tens of MB)
+# scenes (with their references and unambiguous phrases) a dataset keeps: a few KB each. An epoch after the
+# first then skips the layout sampling and the ambiguity checks, about 80 % of an item's time.
+SCENE_CACHE_SIZE = 50_000
 # first object (earlier in reading order) relative to the second, keyed by (same row, column order)
 RELATIONS = {
     (True, 1): ("left of", "right of"),
@@ -223,6 +226,7 @@ class ShapesDataset(Dataset):
         self.max_objects = max_objects
         self.seed = seed
         self.epoch = 0
+        self._scenes: dict[int, tuple[Scene, list[str], list[Phrase]]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Pick other references/phrases on train for this epoch (val/test are fixed)."""
@@ -243,10 +247,19 @@ class ShapesDataset(Dataset):
                 return scene
         raise RuntimeError(f"no {self.split} layout found for index {index}")  # probability (2/3)^1000
 
+    def _scene_texts(self, index: int) -> tuple[Scene, list[str], list[Phrase]]:
+        """The scene of `index`, its references and its unambiguous phrases (the same every epoch), cached."""
+        cached = self._scenes.get(index)
+        if cached is None:
+            scene = self.scene(index)
+            cached = (scene, scene.references(), [p for p in scene.phrases() if not p.ambiguous])
+            if len(self._scenes) >= SCENE_CACHE_SIZE:
+                self._scenes.clear()
+            self._scenes[index] = cached
+        return cached
+
     def __getitem__(self, index: int) -> dict:
-        scene = self.scene(index)
-        references = scene.references()
-        usable = [p for p in scene.phrases() if not p.ambiguous]
+        scene, references, usable = self._scene_texts(index)
         if self.split == "train":
             rng = random.Random(f"text:{self.seed}:{index}:{self.epoch}")
             caption = references[rng.randrange(len(references))]
@@ -259,7 +272,7 @@ class ShapesDataset(Dataset):
             "image": pixels.float().div_(127.5).sub_(1.0),
             "image_id": index,
             "caption": caption,
-            "references": references,
+            "references": list(references),  # a copy: the cached list stays as it is
             "phrase": phrase.text,
             "box": torch.tensor(scene.objects[phrase.object_index].box, dtype=torch.float32),
         }
