@@ -51,6 +51,16 @@ def test_fit_logs_per_objective_tags_and_writes_metrics(in_tmp, capsys):
     assert "val/retrieval/t2i_r1" in out and str(run / "metrics.json") in out
 
 
+def test_fit_without_a_logger_trains_and_writes_its_metrics(in_tmp, capsys):
+    """`--trainer.logger false` drops the learning-rate monitor (it would stop the run: no logger)."""
+    cli = fit(in_tmp, "--trainer.logger", "false")
+    assert cli.trainer.loggers == [] and cli.trainer.global_step > 0
+    assert not any(type(c).__name__ == "LearningRateMonitor" for c in cli.trainer.callbacks)
+    metrics = json.loads((in_tmp / "metrics.json").read_text())
+    assert {"val/itm/acc", "val/mlm/acc"} <= set(metrics)
+    assert not (in_tmp / "runs").exists()
+
+
 def test_validate_from_checkpoint_reproduces_the_scores(in_tmp):
     run = Path(fit(in_tmp).trainer.log_dir)
     trained = json.loads((run / "metrics.json").read_text())

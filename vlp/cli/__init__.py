@@ -54,9 +54,16 @@ class VLPCLI(LightningCLI):
         apply_source_overrides(self.config[self.subcommand] if self.subcommand else self.config)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Adds the step progress bar unless the bar is off or the config brings its own, atomic
+        """Drops the learning-rate monitor when the logger is off (`--trainer.logger false`), adds the step
+        progress bar unless the bar is off or the config brings its own, atomic
         checkpoint writes unless the config brings its own checkpoint IO, and fp16 autocast with a loss
         scaler for `precision: 16-mixed` on the CPU (Lightning would switch to bf16-mixed)."""
+        if config.get("logger") is False:  # LearningRateMonitor stops a run that has no logger to write to
+            defaults = self.trainer_defaults.get("callbacks") or []
+            self.trainer_defaults = {
+                **self.trainer_defaults,
+                "callbacks": [c for c in defaults if not isinstance(c, LearningRateMonitor)],
+            }
         own_bar = any(isinstance(c, ProgressBar) for c in [*callbacks, *(config.get("callbacks") or [])])
         if config.get("enable_progress_bar") is not False and not own_bar:
             callbacks = [*callbacks, StepProgressBar()]
