@@ -34,16 +34,20 @@ class NaNOnSteps(LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=0.1)
 
 
-def run(module, guard, steps):
-    trainer = Trainer(
-        max_steps=steps,
-        callbacks=[guard],
+def quiet_trainer(**kwargs) -> Trainer:
+    """A CPU trainer with no logger, checkpoints, bar or summary unless `kwargs` say otherwise."""
+    defaults = dict(
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
     )
+    return Trainer(**{**defaults, **kwargs})
+
+
+def run(module, guard, steps):
+    trainer = quiet_trainer(max_steps=steps, callbacks=[guard])
     trainer.fit(module, DataLoader(torch.randn(64, 2), batch_size=4))
     return trainer
 
@@ -78,16 +82,9 @@ class NaNOnBatches(NaNOnSteps):
 def test_one_nonfinite_micro_batch_skips_its_accumulated_step():
     module = NaNOnBatches(bad_steps={2})  # batches 2 and 3 make step 1
     guard = NonFiniteLossGuard(max_consecutive=3)
-    Trainer(
-        max_steps=3,
-        accumulate_grad_batches=2,
-        callbacks=[guard],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    ).fit(module, DataLoader(torch.randn(64, 2), batch_size=4))
+    quiet_trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[guard]).fit(
+        module, DataLoader(torch.randn(64, 2), batch_size=4)
+    )
     seen = module.weights_seen  # one entry per micro-batch: steps start at batches 0, 2, 4
     assert guard.skipped == 1 and guard.consecutive == 0
     assert not torch.equal(seen[2], seen[0])  # step 0 trained
@@ -104,16 +101,7 @@ def test_the_ranks_decide_once_per_optimizer_step_after_every_backward():
         def on_after_backward(self):
             events.append("backward")
 
-    trainer = Trainer(
-        max_steps=2,
-        accumulate_grad_batches=2,
-        callbacks=[NonFiniteLossGuard()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[NonFiniteLossGuard()])
     decide = trainer.strategy.reduce_boolean_decision
 
     def recorded_decision(decision, all=True):
@@ -151,15 +139,11 @@ def test_monitors_log_only_on_the_steps_the_logger_writes(tmp_path):
     calls: list[str] = []
     log = module.log
     module.log = lambda key, *args, **kwargs: (calls.append(key), log(key, *args, **kwargs))
-    Trainer(
+    quiet_trainer(
         max_steps=6,
         log_every_n_steps=2,
         callbacks=[ThroughputMonitor(window=3)],
         logger=CSVLogger(tmp_path, name="run"),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
     ).fit(module, DataLoader([{"image": torch.randn(4, 2)} for _ in range(6)], batch_size=None))
     assert calls == ["perf/samples_per_s"] * 3  # steps 2, 4 and 6 of 6, not every step
     with open(tmp_path / "run/version_0/metrics.csv") as f:
