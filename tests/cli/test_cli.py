@@ -51,7 +51,7 @@ def test_fit_logs_per_objective_tags_and_writes_metrics(in_tmp, capsys):
     assert "val/retrieval/t2i_r1" in out and str(run / "metrics.json") in out
 
 
-def test_fit_without_a_logger_trains_and_writes_its_metrics(in_tmp, capsys):
+def test_fit_without_a_logger_trains_and_writes_its_metrics(in_tmp):
     """`--trainer.logger false` drops the learning-rate monitor (it would stop the run: no logger)."""
     cli = fit(in_tmp, "--trainer.logger", "false")
     assert cli.trainer.loggers == [] and cli.trainer.global_step > 0

@@ -26,16 +26,14 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def logs_this_step(trainer: Trainer | None) -> bool:
+def logs_this_step(trainer: Trainer) -> bool:
     """Whether the loggers write this training step (every `log_every_n_steps`, and when the run stops).
 
     A monitor's per-step value logged on other steps reaches no logger, and each `self.log` call costs about
     half a millisecond of Lightning's bookkeeping (the monitors made half of the default's calls), so they log
     only here, as Lightning's own LearningRateMonitor and ThroughputMonitor do. Objectives' values are
-    logged every step (a checkpoint or early-stopping callback may watch them). True without a trainer.
+    logged every step (a checkpoint or early-stopping callback may watch them).
     """
-    if trainer is None:
-        return True
     return trainer._logger_connector.should_update_logs
 
 
