@@ -1,7 +1,7 @@
 """A joint step that shares its fusion work (image keys and values once per image, each caption's first
 self-attention once, only the read tokens through the last layer: [CLS] for ITM and grounding, the masked
-ones for MLM) equals the step that
-recomputes everything per pass: the same loss and the same gradient on every parameter."""
+ones for MLM) and runs the real tokens packed equals the step that recomputes everything per pass over the
+padded batch: the same loss and the same gradient on every parameter."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vlp.platform.model.length_buckets as buckets_module
+import vlp.platform.model.packing as packing_module
 from vlp.platform.model.backbone import FusionBackbone
 from vlp.platform.model.fusion import FusionConfig
 from vlp.tasks.caption import CaptionObjective
@@ -29,8 +30,9 @@ OBJECTIVES = {
 
 def unshared(monkeypatch) -> None:
     """Every fused pass computes its own keys and values and the whole fusion over the whole padded batch, as
-    before the sharing."""
+    before the sharing (no length groups, no packing)."""
     monkeypatch.setattr(buckets_module, "length_buckets", lambda mask, *a, **k: [(None, mask.shape[1])])
+    monkeypatch.setattr(packing_module, "MIN_PADDING", 2.0)
     monkeypatch.setattr(FusionBackbone, "with_fusion_keys", lambda self, image: image)
     monkeypatch.setattr(FusionBackbone, "first_self_attention", lambda self, tokens, mask: None)
     original_fuse = FusionBackbone.fuse

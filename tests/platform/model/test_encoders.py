@@ -40,6 +40,7 @@ def test_minilm_text_tower_equals_a_direct_automodel_computation(one_thread):
     with torch.no_grad():
         ours = mean_pool(tower(encoded["input_ids"], encoded["attention_mask"]), encoded["attention_mask"])
         theirs = mean_pool(reference(**encoded).last_hidden_state, encoded["attention_mask"])
+    assert tower.packs  # the padded sentences ran packed
     assert tower.width == 384 and ours.shape == (4, 384)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     similarity = F.normalize(ours, dim=-1) @ F.normalize(ours, dim=-1).T

@@ -12,11 +12,15 @@ from typing import Literal
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 from timm.models import load_state_dict as timm_load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 from transformers import AutoModel, BertConfig, BertModel
+from transformers.models.bert.modeling_bert import BertLayer, BertSelfAttention
+
+from vlp.platform.model.packing import Packing, packing_for
 
 
 @dataclass
@@ -205,6 +209,7 @@ class TextEncoder(nn.Module):
             )
             bert_config._attn_implementation = "sdpa"
             self.bert = BertModel(bert_config, add_pooling_layer=False)
+        self.packs = switch_to_packed_layers(self.bert)  # whether forward skips padding (`packing`)
 
     @property
     def width(self) -> int:
@@ -219,11 +224,70 @@ class TextEncoder(nn.Module):
         return self.bert.config.max_position_embeddings
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """ids [B, L] + mask [B, L] -> tokens [B, L, D]; the layers run on the packed real tokens when
+        padding is worth skipping (`packing`; BERT encoders only), zeros then at the padded positions."""
         if input_ids.shape[1] > self.max_len:
             raise ValueError(f"text length {input_ids.shape[1]} exceeds text.max_len={self.max_len}")
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        packing = packing_for(attention_mask) if self.packs else None
+        if packing is None:
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = packing.pack(self.bert.embeddings(input_ids=input_ids))
+        keys = attention_mask.bool()[:, None, None, :]
+        for layer in self.bert.encoder.layer:
+            hidden = layer(hidden, keys, packing=packing)
+        return packing.unpack(hidden)
 
     def embed(self, input_ids: Tensor, start: int = 0) -> Tensor:
         """Token + position embeddings only (for the caption decoder, which shares them as BLIP does);
         `start`: position of the first id (a generation step embeds one token at its position)."""
         return self.bert.embeddings(input_ids=input_ids, past_key_values_length=start)
+
+
+def switch_to_packed_layers(bert: nn.Module) -> bool:
+    """Make the layers of a bidirectional BERT encoder of plain `BertLayer`s with SDPA or eager attention
+    `PackedBertLayer`s (same parameters, same state-dict keys; before any wrapper is applied) and return
+    True; anything else (another architecture, a decoder, chunked feed-forward) stays as it is: False."""
+    config = bert.config
+    layers = getattr(getattr(bert, "encoder", None), "layer", ())
+    plain = (
+        isinstance(bert, BertModel)
+        and not config.is_decoder
+        and not config.add_cross_attention
+        and not config.chunk_size_feed_forward
+        and config._attn_implementation in ("sdpa", "eager")
+        and all(type(layer) in (BertLayer, PackedBertLayer) for layer in layers)
+        and all(type(layer.attention.self) is BertSelfAttention for layer in layers)
+    )
+    if plain:
+        for layer in layers:
+            layer.__class__ = PackedBertLayer
+    return plain
+
+
+class PackedBertLayer(BertLayer):
+    """transformers' `BertLayer` that also runs on packed real tokens [T, D] (`packing`), padded only
+    around attention: the same math (post-norm self-attention, then the feed-forward), the same modules
+    and parameters, so wrappers applied to the layer (activation checkpointing, FSDP2, compile) apply."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs) -> Tensor:
+        """`packing` (keyword): hidden_states are its packed tokens [T, D] and attention_mask the bool key
+        mask [B, 1, 1, L]; returns [T, D]. Without it, `BertLayer.forward`."""
+        packing: Packing | None = kwargs.pop("packing", None)
+        if packing is None:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        attention = self.attention.self
+
+        def heads(x: Tensor) -> Tensor:  # [T, D] -> [B, heads, L, D / heads]
+            padded = packing.unpack(x).view(packing.batch, packing.length, -1, attention.attention_head_size)
+            return padded.transpose(1, 2)
+
+        q, k, v = (
+            heads(project(hidden_states)) for project in (attention.query, attention.key, attention.value)
+        )
+        dropout = attention.dropout.p if self.training else 0.0
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, dropout_p=dropout, scale=attention.scaling
+        )
+        context = packing.pack(context.transpose(1, 2).reshape(packing.batch, packing.length, -1))
+        attended = self.attention.output(context, hidden_states)
+        return self.output(self.intermediate(attended), attended)

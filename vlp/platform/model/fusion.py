@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlp.platform.model.packing import Packing, packing_for
 from vlp.platform.model.token_merging import (
     TokenMergingConfig,
     bipartite_soft_matching,
@@ -50,12 +51,16 @@ class MultiHeadAttention(nn.Module):
         self.key_value = nn.Linear(context_dim or dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def key_values(self, context: Tensor) -> KeyValues:
+    def key_values(self, context: Tensor, packing: Packing | None = None) -> KeyValues:
         """The context's keys and values [B, heads, Nk, D / heads], computable once and reused by every
-        query that reads the same context (image tokens across objectives, a decoder's past tokens)."""
-        b = context.shape[0]
+        query that reads the same context (image tokens across objectives, a decoder's past tokens).
+        `packing`: the context is packed real tokens [T, Dk] (projected as such, padded back here)."""
+        projected = self.key_value(context)
+        if packing is not None:
+            projected = packing.unpack(projected)
+        b = projected.shape[0]
         width = self.out.in_features
-        k, v = self.key_value(context).view(b, -1, 2, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        k, v = projected.view(b, -1, 2, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         return k, v
 
     def forward(
@@ -65,26 +70,38 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         return_weights: bool = False,
         key_values: KeyValues | None = None,
+        packing: Packing | None = None,
+        context_packing: Packing | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """`mask`: bool (True = attend) or additive float, broadcastable to [B, heads, Nq, Nk].
 
         `key_values` replaces the projection of `context` when already computed. `return_weights` also
         returns the detached attention probabilities [B, heads, Nq, Nk] (computed explicitly instead of
-        by SDPA, same FLOPs), e.g. to rank image tokens for merging.
+        by SDPA, same FLOPs), e.g. to rank image tokens for merging. `packing`: x holds the packed real
+        tokens [T, D] of that batch (projected as such, padded only around SDPA; the output comes back
+        packed); `context_packing` likewise for `context`, and for x itself when there is no context.
         """
-        b, nq, d = x.shape
-        q = self.query(x).view(b, nq, self.heads, d // self.heads).transpose(1, 2)
-        k, v = key_values if key_values is not None else self.key_values(x if context is None else context)
+        q = self.query(x)
+        if packing is not None:
+            q = packing.unpack(q)
+        b, nq, d = q.shape
+        q = q.view(b, nq, self.heads, d // self.heads).transpose(1, 2)
+        if key_values is None:
+            own = context is None
+            context_packing = packing if own and context_packing is None else context_packing
+            key_values = self.key_values(x if own else context, context_packing)
+        k, v = key_values
         dropout = self.dropout if self.training else 0.0
         if not return_weights:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-            return self.out(out.transpose(1, 2).reshape(b, nq, d))
+            out = out.transpose(1, 2).reshape(b, nq, d)
+            return self.out(out if packing is None else packing.pack(out))
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         if mask is not None:
             scores = scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask
         weights = scores.softmax(dim=-1)
-        out = F.dropout(weights, dropout) @ v
-        return self.out(out.transpose(1, 2).reshape(b, nq, d)), weights.detach()
+        out = (F.dropout(weights, dropout) @ v).transpose(1, 2).reshape(b, nq, d)
+        return self.out(out if packing is None else packing.pack(out)), weights.detach()
 
 
 class FeedForward(nn.Sequential):
@@ -115,28 +132,36 @@ class FusionLayer(nn.Module):
         image_kv: KeyValues | None = None,
         queries: Tensor | None = None,
         self_attended: bool = False,
+        packing: Packing | None = None,
     ) -> Tensor:
         """`self_attn` replaces this layer's own self-attention (the caption decoder's causal one);
         `image_kv` the projection of `image` (precomputed cross-attention keys and values); `queries`
         [B, Q] positions: only their outputs are computed -> [B, Q, D] (ITM and grounding read [CLS] only,
-        MLM its masked tokens); `self_attended`: `text` already is this layer's self-attention output.
-        """
+        MLM its masked tokens); `self_attended`: `text` already is this layer's self-attention output;
+        `packing`: `text` holds that batch's packed real tokens [T, D] (so does the output, unless
+        `queries` picks rows)."""
+
+        def take(x: Tensor) -> Tensor:
+            return gather_tokens(x, queries) if packing is None else packing.take(x, queries)
+
         if self_attended:
             if queries is not None:
-                text = gather_tokens(text, queries)
+                text = take(text)
         else:
             attn = self.self_attn if self_attn is None else self_attn
             normed = self.self_norm(text)
             if queries is None:
-                text = text + attn(normed, mask=self_mask)
+                text = text + attn(normed, mask=self_mask, packing=packing)
             else:
                 if self_mask.shape[-2] > 1:  # per-query (causal) mask: keep the queries' rows
                     self_mask = self_mask.gather(
                         2, queries[:, None, :, None].expand(-1, 1, -1, self_mask.shape[-1])
                     )
-                text = gather_tokens(text, queries)
-                text = text + attn(gather_tokens(normed, queries), normed, mask=self_mask)
-        text = text + self.cross_attn(self.cross_norm(text), image, mask=cross_mask, key_values=image_kv)
+                text = take(text)
+                text = text + attn(take(normed), normed, mask=self_mask, context_packing=packing)
+        packing = packing if queries is None else None  # the picked rows [B, Q, D] are all read
+        normed = self.cross_norm(text)
+        text = text + self.cross_attn(normed, image, mask=cross_mask, key_values=image_kv, packing=packing)
         return text + self.mlp(self.mlp_norm(text))
 
     def decode_step(
@@ -165,9 +190,10 @@ class FusionLayer(nn.Module):
         """This layer's cross-attention keys and values of image tokens [B, N, Dv], to share between passes."""
         return self.cross_attn.key_values(image)
 
-    def self_attention(self, text: Tensor, self_mask: Tensor) -> Tensor:
-        """The self-attention sub-block alone: text [B, L, D] -> [B, L, D]; it does not read the image."""
-        return text + self.self_attn(self.self_norm(text), mask=self_mask)
+    def self_attention(self, text: Tensor, self_mask: Tensor, packing: Packing | None = None) -> Tensor:
+        """The self-attention sub-block alone: text [B, L, D] -> [B, L, D] (packed [T, D] with `packing`);
+        it does not read the image."""
+        return text + self.self_attn(self.self_norm(text), mask=self_mask, packing=packing)
 
     def attend(
         self,
@@ -221,7 +247,11 @@ class FusionEncoder(nn.Module):
     def first_self_attention(self, text: Tensor, attention_mask: Tensor) -> Tensor:
         """The first layer's self-attention over text [B, L, D] (it reads no image), for captions fused with
         several images: pass its rows with `self_attended=True`."""
-        return self.layers[0].self_attention(text, self_attention_mask(attention_mask))
+        packing = packing_for(attention_mask)
+        mask = self_attention_mask(attention_mask)
+        if packing is None:
+            return self.layers[0].self_attention(text, mask)
+        return packing.unpack(self.layers[0].self_attention(packing.pack(text), mask, packing))
 
     def forward(
         self,
@@ -240,10 +270,14 @@ class FusionEncoder(nn.Module):
         `image_kv`: `image_key_values(image)` computed earlier (then `image` may be None).
         `positions` [B, Q]: the last layer computes these queries alone -> [B, Q, D], exactly those rows of
         the full output (nothing after the last layer mixes tokens). `self_attended`: `text` is
-        `first_self_attention(text)` already.
+        `first_self_attention(text)` already. A batch with enough padding runs packed (`packing`): the
+        per-token work on its real tokens alone, zeros at the padded positions of the output.
         """
         self_mask = self_attention_mask(attention_mask, causal)
         cross_mask = None if image_bias is None else image_bias[:, None, None, :].to(text.dtype)
+        packing = packing_for(attention_mask)
+        if packing is not None:  # per-token work on the real tokens alone (`packing`)
+            text = packing.pack(text)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             text = layer(
@@ -255,8 +289,10 @@ class FusionEncoder(nn.Module):
                 image_kv=None if image_kv is None else image_kv[i],
                 queries=positions if i == last else None,
                 self_attended=self_attended and i == 0,
+                packing=packing,
             )
-        return self.norm(text)
+        text = self.norm(text)
+        return text if packing is None or positions is not None else packing.unpack(text)
 
     def merged_forward(
         self,
