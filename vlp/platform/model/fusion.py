@@ -79,7 +79,7 @@ class MultiHeadAttention(nn.Module):
         returns the detached attention probabilities [B, heads, Nq, Nk] (computed explicitly instead of
         by SDPA, same FLOPs), e.g. to rank image tokens for merging. `packing`: x holds the packed real
         tokens [T, D] of that batch (projected as such, padded only around SDPA; the output comes back
-        packed); `context_packing` likewise for `context`, and for x itself when there is no context.
+        packed); `context_packing` likewise for `context`.
         """
         q = self.query(x)
         if packing is not None:
@@ -87,9 +87,8 @@ class MultiHeadAttention(nn.Module):
         b, nq, d = q.shape
         q = q.view(b, nq, self.heads, d // self.heads).transpose(1, 2)
         if key_values is None:
-            own = context is None
-            context_packing = packing if own and context_packing is None else context_packing
-            key_values = self.key_values(x if own else context, context_packing)
+            source = (x, packing) if context is None else (context, context_packing)
+            key_values = self.key_values(*source)
         k, v = key_values
         dropout = self.dropout if self.training else 0.0
         if not return_weights:
