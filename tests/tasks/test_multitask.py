@@ -82,3 +82,30 @@ def test_joint_loss_follows_the_sampler_probabilities(backbone, batch):
     expected = 2 * 0.75 * logged["train/itc/loss"] + 0.5 * 2 * 0.25 * logged["train/itm/loss"]
     torch.testing.assert_close(out["loss"], expected)
     assert set(out["objective_losses"]) == {"itc", "itm"}
+
+
+def test_training_logs_losses_every_step_and_other_values_when_the_logger_writes(backbone, shapes):
+    """Each `self.log` costs Lightning's bookkeeping, so values other than losses (ITM accuracy) are logged on
+    the steps the loggers write and on the last step; the losses every step (progress bar, checkpoints)."""
+    from lightning.pytorch import Trainer
+
+    module = MultiTaskModule(backbone, {"itc": ITCObjective, "itm": ITMObjective}, mode="joint")
+    steps: dict[str, list[int]] = {}
+    log = module.log
+    module.log = lambda key, *a, **k: (
+        steps.setdefault(key, []).append(module.global_step),
+        log(key, *a, **k),
+    )
+    trainer = Trainer(
+        max_steps=5,
+        log_every_n_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=shapes.dataloader("train"))
+    assert steps["train/itm/loss"] == steps["train/itc/loss"] == steps["train/loss"] == [0, 1, 2, 3, 4]
+    assert steps["train/itm/acc"] == steps["train/itc/logit_scale"] == [1, 3, 4]  # steps 2, 4 and the last
+    assert trainer.callback_metrics["train/itm/acc"].item() >= 0  # the last step's value is there

@@ -31,8 +31,8 @@ def logs_this_step(trainer: Trainer) -> bool:
 
     A monitor's per-step value logged on other steps reaches no logger, and each `self.log` call costs about
     half a millisecond of Lightning's bookkeeping (the monitors made half of the default's calls), so they log
-    only here, as Lightning's own LearningRateMonitor and ThroughputMonitor do. Objectives' values are
-    logged every step (a checkpoint or early-stopping callback may watch them).
+    only here, as Lightning's own LearningRateMonitor and ThroughputMonitor do; so do the objectives' values
+    other than their losses (`TrainableModule.log_objective`).
     """
     return trainer._logger_connector.should_update_logs
 
