@@ -139,11 +139,12 @@ def _count_collectives(local_rank: int, out_dir: str) -> None:
     torch.save(calls, Path(out_dir) / f"calls{local_rank}.pt")
 
 
-def test_itm_waits_on_the_other_ranks_three_times_forward_and_once_backward(tmp_path: Path, one_thread):
-    """The longest caption, the integers (ids, caption ids, masks), the features (captions, every fusion
-    layer's image keys and values, the ITC embeddings); the backward sums the feature gradients once."""
+def test_itm_waits_on_the_other_ranks_twice_forward_and_once_backward(tmp_path: Path, one_thread):
+    """The integers (ids, caption ids, masks, padded to the text tower's length limit, so no collective
+    agrees on a width), the features (captions, every fusion layer's image keys and values, the ITC
+    embeddings); the backward sums the feature gradients once."""
     run_on_ranks(_count_collectives, tmp_path, world=WORLD)
     for r in range(WORLD):
         calls = torch.load(tmp_path / f"calls{r}.pt")
-        assert sorted(calls["forward"]) == ["all_gather", "all_gather", "all_reduce"], calls
+        assert calls["forward"] == ["all_gather", "all_gather"], calls
         assert calls["backward"] == ["all_reduce"], calls

@@ -13,7 +13,6 @@ from vlp.platform.distributed import (
     all_gather_many,
     all_gather_with_grad,
     is_distributed,
-    longest_over_ranks,
     rank,
     world_size,
 )
@@ -73,7 +72,6 @@ def _worker(local_rank: int, out_dir: str) -> None:
             "many": [t.detach() for t in many],
             "many_grads": (feats.grad, vecs.grad),
             "detached_require_grad": [t.requires_grad for t in detached],
-            "longest": longest_over_ranks(3 + local_rank),
             "loss": loss.detach(),
             "grads": [p.grad for p in params],
         },
@@ -87,7 +85,6 @@ def test_helpers_outside_a_process_group_are_single_process_identities():
     assert all_gather_with_grad(t) is t
     ids = torch.arange(3)
     assert all(a is b for a, b in zip(all_gather_many([t, ids]), [t, ids], strict=True))
-    assert longest_over_ranks(7) == 7
 
 
 def test_gathering_many_needs_one_row_count(monkeypatch: pytest.MonkeyPatch):
@@ -117,7 +114,6 @@ def test_two_ranks_match_single_process_loss_and_gradients(tmp_path: Path):
         torch.testing.assert_close(res["many_grads"][0], torch.full((2, 2, 2), 3.0))
         torch.testing.assert_close(res["many_grads"][1], torch.full((2, 3), 30.0))
         assert res["detached_require_grad"] == [False, False]
-        assert res["longest"] == 4
 
     problem = _problem()
     params = [problem[k].clone().requires_grad_() for k in ("image_proj", "text_proj", "log_scale")]

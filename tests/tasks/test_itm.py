@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+import vlp.tasks.itm as itm_module
 from vlp.platform.model.backbone import FeatureCache
 from vlp.tasks.itm import ITMObjective, positive_pairs, sample_hard_negatives
 
@@ -64,3 +66,36 @@ def test_itm_validation_is_balanced(backbone, batch):
     acc = objective.val_accuracy
     assert int(acc.tp + acc.fn) == 8 and int(acc.tn + acc.fp) == 8  # 8 positives + 8 hardest negatives
     assert 0.0 <= objective.validation_scores()["val/itm/acc"] <= 1.0
+
+
+def test_hard_negative_warmup_draws_uniformly_first_then_itc_weighted(backbone, batch, monkeypatch):
+    objective = ITMObjective(backbone, hard_negative_warmup=4)
+    assert [objective.hardness(step) for step in (0, 3, 4, 9)] == [0.0, 0.0, 1.0, 1.0]
+    assert ITMObjective(backbone).hardness(0) == 1.0  # ALBEF's draw from the first step
+    with pytest.raises(ValueError, match="hard_negative_warmup"):
+        ITMObjective(backbone, hard_negative_warmup=-1)
+    seen = []
+    original = itm_module.sample_hard_negatives
+    monkeypatch.setattr(
+        itm_module,
+        "sample_hard_negatives",
+        lambda s, p, g=None: (seen.append(s.clone()), original(s, p, g))[1],
+    )
+    features = FeatureCache(backbone, batch)
+    itc = (features.image.embedding @ features.text.embedding.T * backbone.logit_scale()).detach()
+    for step, expected in ((0, torch.zeros_like(itc)), (3, torch.zeros_like(itc)), (4, itc)):
+        seen.clear()
+        out = objective.forward_loss({**batch, "global_step": step}, features)
+        assert out.logs["hardness"].item() == objective.hardness(step)
+        torch.testing.assert_close(seen[0], expected)  # negative texts: equal logits = a uniform draw
+        torch.testing.assert_close(seen[1], expected.T)  # negative images
+    # a share in between draws each row one way or the other
+    hard_rows = []
+    for _ in range(4):
+        seen.clear()
+        itm_module.global_match_pairs(batch, features, backbone, hardness=0.5)
+        for draw, logits in zip(seen, (itc, itc.T), strict=True):
+            hard = (draw == logits).all(dim=1)
+            assert (hard | (draw == 0).all(dim=1)).all()
+            hard_rows.append(hard)
+    assert 0.2 < torch.cat(hard_rows).float().mean().item() < 0.8  # 64 rows, each hard with probability 1/2

@@ -120,16 +120,6 @@ def all_gather_many(tensors: Sequence[Tensor], with_grad: bool = False) -> list[
     return out  # type: ignore[return-value]
 
 
-def longest_over_ranks(length: int, device: torch.device | None = None) -> int:
-    """The largest `length` any rank passes (a collective; `length` itself when not distributed), e.g. to
-    pad captions to one length before a gather."""
-    if not is_distributed():
-        return length
-    longest = torch.tensor(length, device=device)
-    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-    return int(longest)
-
-
 def pad_to(t: Tensor, dim: int, length: int) -> Tensor:
     """`t` zero-padded at the end of dimension `dim` to `length`."""
     missing = length - t.shape[dim]

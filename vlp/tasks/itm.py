@@ -4,11 +4,12 @@ For every image one negative text, for every text one negative image, drawn from
 similarities over the GLOBAL batch (every rank's rows, as ALBEF does), so similar-but-wrong pairs are
 drawn most often. A pair is never a negative when it is a positive: same image id, or exactly the same
 caption (token ids), since duplicate captions describe both images; both are checked across ranks.
-Binary head on the fused [CLS]; cross-entropy over B positives and 2B negatives per rank, so with DDP's
-gradient averaging W ranks of batch B train exactly like one process with batch W * B. The 3B fused passes
-share what does not depend on the pair: each caption's first fusion self-attention and each image's fusion
-keys and values are computed once (before the gather) and gathered, and only [CLS] runs through the last
-fusion layer (exact: the same loss and gradients).
+With `hard_negative_warmup`, the first steps draw the negatives uniformly instead (easy ones, so the head
+learns to match at all before the hard ones refine it). Binary head on the fused [CLS]; cross-entropy over
+B positives and 2B negatives per rank, so with DDP's gradient averaging W ranks of batch B train exactly like
+one process with batch W * B. The 3B fused passes share what does not depend on the pair: each caption's
+first fusion self-attention and each image's fusion keys and values are computed once (before the gather)
+and gathered, and only [CLS] runs through the last fusion layer (exact: the same loss and gradients).
 Validation: accuracy on balanced pairs (every positive plus its hardest global-batch negative text);
 the repeats a DistributedSampler pads with (`is_padding`) are mined from but never scored; with
 `rerank_k`, retrieval over the whole split (every caption of an image a text of its own,
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 
-from vlp.platform.distributed import all_gather_many, longest_over_ranks, pad_to, rank
+from vlp.platform.distributed import all_gather_many, pad_to, rank
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures, first_token
 from vlp.platform.optim import OptimConfig
@@ -75,30 +76,38 @@ class MatchPairs(NamedTuple):
 
 
 def global_match_pairs(
-    batch: dict, features: FeatureCache, backbone: FusionBackbone, hardest: bool = False
+    batch: dict,
+    features: FeatureCache,
+    backbone: FusionBackbone,
+    hardest: bool = False,
+    hardness: float = 1.0,
 ) -> MatchPairs:
     """Positives of this rank's B rows plus negatives mined from the global batch of every rank.
 
     Gathers (with gradients) the text tokens and the image side of fusion (each layer's keys and values,
     or the image tokens where fusion merges them) of all ranks, and (without) the ITC embeddings, image
-    ids, caption ids and masks; captions are zero-padded to the longest on any rank. That is three
-    collectives (the longest caption, the integers, the features) and one in the backward.
+    ids, caption ids and masks; captions are zero-padded to the longest on any rank. That is two
+    collectives (the integers, the features) and one in the backward.
     Negatives are drawn for every global row with the same draw a single process would make (identical
     on each rank when their RNGs agree, as under a seeded Lightning run) and each rank keeps its own rows.
     `hardest` takes the most similar negative text instead of sampling and mines no negative images
-    (validation). Identity gathers on one process.
+    (validation). `hardness` in [0, 1] is the share of rows whose negative is drawn ALBEF's way; the others
+    draw theirs uniformly among their non-positives (1: ALBEF). Identity gathers on one process.
     """
     image, text = features.fused_image, features.text
     b = image.tokens.shape[0]
     real = real_rows(batch)
     attended = backbone.first_self_attention(text.tokens, text.attention_mask)
-    longest = longest_over_ranks(text.attention_mask.shape[1], image.tokens.device)
-    input_ids, attention_mask = (pad_to(t, 1, longest) for t in (batch["input_ids"], text.attention_mask))
-    image_ids, input_ids, attention_mask = all_gather_many([batch["image_id"], input_ids, attention_mask])
+    # the integers go padded to the text tower's length limit, which every rank knows (no collective to
+    # agree on a width), then cut to the longest caption of the global batch, as are the gathered tokens
+    limit = [pad_to(t, 1, backbone.text.max_len) for t in (batch["input_ids"], text.attention_mask)]
+    image_ids, input_ids, attention_mask = all_gather_many([batch["image_id"], *limit])
+    longest = int(attention_mask.sum(dim=1).max())
+    input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
     # the image side that fusion reads: keys and values when precomputed, else the tokens (and merged sizes)
     kv = [t for layer in image.fusion_kv or () for t in layer]
     image_side = kv or [image.tokens, *([] if image.sizes is None else [image.sizes])]
-    tokens = pad_to(text.tokens if attended is None else attended, 1, longest)
+    tokens = pad_to((text.tokens if attended is None else attended)[:, :longest], 1, longest)
     # the ITC embeddings ride along detached (they only pick the negatives): their slice gets no gradient
     embeddings = [image.embedding.detach(), text.embedding.detach()]
     gathered = all_gather_many([tokens, *image_side, *embeddings], with_grad=True)
@@ -121,8 +130,17 @@ def global_match_pairs(
             image_ok = torch.zeros_like(text_ok)
             neg_image = neg_text
         else:
-            neg_text, text_ok = sample_hard_negatives(similarity, positives)
-            neg_image, image_ok = sample_hard_negatives(similarity.T, positives.T)
+            if hardness < 1:  # rows drawing uniformly see equal logits
+                hard = torch.rand(2, len(similarity), device=similarity.device) < hardness
+                easy = torch.zeros_like(similarity)
+                draws = (
+                    torch.where(hard[0, :, None], similarity, easy),
+                    torch.where(hard[1, :, None], similarity.T, easy),
+                )
+            else:
+                draws = (similarity, similarity.T)
+            neg_text, text_ok = sample_hard_negatives(draws[0], positives)
+            neg_image, image_ok = sample_hard_negatives(draws[1], positives.T)
     text_ok, image_ok = text_ok[local], image_ok[local]
     image_index = torch.cat([local, local[text_ok], neg_image[local][image_ok]])
     text_index = torch.cat([local, neg_text[local][text_ok], local[image_ok]])
@@ -153,8 +171,13 @@ class ITMObjective(Objective):
         rerank_k: int = 0,
         rerank_chunk: int = 256,
         rerank_score: Literal["itm", "itm+itc"] = "itm",
+        hard_negative_warmup: int = 0,
     ) -> None:
-        """`rerank_k` > 0: validation also ranks the whole split by ITC and re-scores each query's top
+        """`hard_negative_warmup` > 0: the first that many steps draw each negative uniformly among the
+        non-positives, later ones ALBEF's way (ITC-weighted). ITC ranks well long before fusion can tell
+        near-duplicates apart: against hard negatives from the first step the default's head sat at chance
+        (always "no match") for a third of the run, also with half of them drawn uniformly; on uniform ones
+        it learns to match within 250 steps, and the hard ones then refine it (README: measured scores). `rerank_k` > 0: validation also ranks the whole split by ITC and re-scores each query's top
         `rerank_k` with this head (`val/retrieval_itm/*`; ALBEF uses 128 on COCO); `rerank_chunk` pairs go
         through fusion at a time. `rerank_score`: the match logit alone (ALBEF) or plus the ITC logit
         s * cos (BLIP)."""
@@ -163,7 +186,10 @@ class ITMObjective(Objective):
             raise ValueError(f"rerank_k must be >= 0 and rerank_chunk >= 1, got {rerank_k}, {rerank_chunk}")
         if rerank_score not in ("itm", "itm+itc"):
             raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
+        if hard_negative_warmup < 0:
+            raise ValueError(f"hard_negative_warmup must be >= 0, got {hard_negative_warmup}")
         self.rerank_k, self.rerank_chunk, self.rerank_score = rerank_k, rerank_chunk, rerank_score
+        self.hard_negative_warmup = hard_negative_warmup
         self.head = nn.Linear(backbone.width, 2)
         self.val_accuracy = BinaryAccuracy()
         # the split's unimodal features, kept for re-ranking (synced over ranks by torchmetrics)
@@ -184,12 +210,20 @@ class ITMObjective(Objective):
         )
         return self.head(fused[:, 0])
 
+    def hardness(self, step: int) -> float:
+        """The share of ITC-weighted negatives at optimizer step `step`: 0 during the warm-up, then 1."""
+        return 0.0 if step < self.hard_negative_warmup else 1.0
+
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
-        pairs = global_match_pairs(batch, features, self.backbone)
+        hardness = self.hardness(self.current_step(batch))
+        pairs = global_match_pairs(batch, features, self.backbone, hardness=hardness)
         logits = self.match_logits(pairs)
         loss = F.cross_entropy(logits, pairs.labels)
         accuracy = (logits.argmax(-1) == pairs.labels).float().mean()
-        return ObjectiveOutput(loss, {"loss": loss, "acc": accuracy})
+        logs = {"loss": loss, "acc": accuracy}
+        if self.hard_negative_warmup:
+            logs["hardness"] = torch.tensor(hardness)
+        return ObjectiveOutput(loss, logs)
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         pairs = global_match_pairs(batch, features, self.backbone, hardest=True)
