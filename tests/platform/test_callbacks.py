@@ -2,8 +2,9 @@ import csv
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import CSVLogger
+from quiet_trainer import quiet_trainer
 from torch.utils.data import DataLoader
 
 from vlp.platform.callbacks import (
@@ -32,18 +33,6 @@ class NaNOnSteps(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=0.1)
-
-
-def quiet_trainer(**kwargs) -> Trainer:
-    """A CPU trainer with no logger, checkpoints, bar or summary unless `kwargs` say otherwise."""
-    defaults = dict(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
-    return Trainer(**{**defaults, **kwargs})
 
 
 def run(module, guard, steps):

@@ -4,7 +4,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from quiet_trainer import quiet_trainer
 
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
@@ -96,14 +96,7 @@ def test_validation_scores_the_final_r(backbone, batch):
 
 def test_runs_alone_under_a_trainer_with_its_global_step(backbone, shapes):
     objective = MergeObjective(backbone, r_start=0, r_end=4, ramp_steps=2)
-    trainer = Trainer(
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=3, limit_val_batches=0)
     trainer.fit(objective, train_dataloaders=shapes.dataloader("train"))
     metrics = trainer.callback_metrics
     assert metrics["train/merge/r"].item() == 4.0  # last step: global_step 2 of a 2-step ramp

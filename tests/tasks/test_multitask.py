@@ -1,5 +1,6 @@
 import pytest
 import torch
+from quiet_trainer import quiet_trainer
 
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.itm import ITMObjective
@@ -87,8 +88,6 @@ def test_joint_loss_follows_the_sampler_probabilities(backbone, batch):
 def test_training_logs_losses_every_step_and_other_values_when_the_logger_writes(backbone, shapes):
     """Each `self.log` costs Lightning's bookkeeping, so values other than losses (ITM accuracy) are logged on
     the steps the loggers write and on the last step; the losses every step (progress bar, checkpoints)."""
-    from lightning.pytorch import Trainer
-
     module = MultiTaskModule(backbone, {"itc": ITCObjective, "itm": ITMObjective}, mode="joint")
     steps: dict[str, list[int]] = {}
     log = module.log
@@ -96,15 +95,7 @@ def test_training_logs_losses_every_step_and_other_values_when_the_logger_writes
         steps.setdefault(key, []).append(module.global_step),
         log(key, *a, **k),
     )
-    trainer = Trainer(
-        max_steps=5,
-        log_every_n_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=5, log_every_n_steps=2, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=shapes.dataloader("train"))
     assert steps["train/itm/loss"] == steps["train/itc/loss"] == steps["train/loss"] == [0, 1, 2, 3, 4]
     assert steps["train/itm/acc"] == steps["train/itc/logit_scale"] == [1, 3, 4]  # steps 2, 4 and the last
