@@ -65,7 +65,7 @@ def comparable_config(folder: Path) -> Path:
     backbone = config["model"]["init_args"]["backbone"]["init_args"]
     for tower in ("text", "fusion"):
         backbone[tower].pop("mlp_ratio", None)
-    config["model"]["init_args"]["objectives"]["itm"].pop("init_args", None)
+    config["model"]["init_args"]["objectives"]["itm"].get("init_args", {}).pop("hard_negative_warmup", None)
     path = folder / CONFIG.name
     path.write_text(yaml.safe_dump(config))
     return path
