@@ -52,16 +52,21 @@ def _losses_and_grads(rows: list[int], average_over_ranks: bool) -> dict[str, ob
     def no_gather(features: FeatureCache) -> torch.Tensor:
         return contrastive_loss(features.image.embedding, features.text.embedding, scale(), gather=False)
 
+    def joint(features: FeatureCache) -> torch.Tensor:
+        return itc.forward_loss(batch, features).loss + itm.forward_loss(batch, features).loss
+
+    # (loss, whether ITC reads ITM's gather); the one-process reference of "joint" gathers nothing
     runs = {
-        "itc": lambda f: itc.forward_loss(batch, f).loss,
-        "itm": lambda f: itm.forward_loss(batch, f).loss,
-        "itc_no_gather": no_gather,
+        "itc": (lambda f: itc.forward_loss(batch, f).loss, False),
+        "itm": (lambda f: itm.forward_loss(batch, f).loss, False),
+        "joint": (joint, average_over_ranks),
+        "itc_no_gather": (no_gather, False),
     }
     out: dict[str, object] = {}
-    for name, loss_of in runs.items():
+    for name, (loss_of, share) in runs.items():
         torch.manual_seed(7)  # the hard-negative draws
         itm.zero_grad()
-        loss = loss_of(FeatureCache(backbone, batch))
+        loss = loss_of(FeatureCache(backbone, batch, share_global_rows=share))
         loss.backward()
         grads = {n: p.grad.clone() for n, p in itm.named_parameters() if p.grad is not None}
         if average_over_ranks:  # what DDP does to replicated parameters
@@ -83,7 +88,7 @@ def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path: Path,
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single = _losses_and_grads(ITEMS, average_over_ranks=False)
 
-    for name in ("itc", "itm"):
+    for name in ("itc", "itm", "joint"):
         loss, grads = single[name]
         mean_rank_loss = torch.stack([rank[name][0] for rank in ranks]).mean()
         torch.testing.assert_close(mean_rank_loss, loss, **TOLERANCE)
@@ -107,14 +112,25 @@ COLLECTIVES = ("all_gather", "all_reduce", "reduce_scatter_tensor", "scatter", "
 
 
 def _count_collectives(local_rank: int, out_dir: str) -> None:
-    """How many collectives one ITM step and its backward call, by kind."""
+    """How many collectives a step of ITM, of ITC, and of both (sharing one gather) and their backward
+    passes call, by kind."""
     torch.set_num_threads(1)
     source = _source()
     dataset = source.dataset("train")
     rows = ITEMS[local_rank * LOCAL_B : (local_rank + 1) * LOCAL_B]
     batch = source.collate([dataset[i] for i in rows])
-    backbone, _, itm = _models(source)
-    features = FeatureCache(backbone, batch)
+    backbone, itc, itm = _models(source)
+    steps = {
+        "itm": ([itm], False),
+        "itc": ([itc], False),
+        "itc+itm": ([itc, itm], True),
+    }
+    torch.save({name: _calls(batch, objectives, share) for name, (objectives, share) in steps.items()},
+               Path(out_dir) / f"calls{local_rank}.pt")  # fmt: skip
+
+
+def _calls(batch: dict, objectives: list, share: bool) -> dict[str, list[str]]:
+    features = FeatureCache(objectives[0].backbone, batch, share_global_rows=share)
     calls: dict[str, list[str]] = {"forward": [], "backward": []}
     phase = "forward"
     originals = {name: getattr(dist, name) for name in COLLECTIVES}
@@ -130,21 +146,24 @@ def _count_collectives(local_rank: int, out_dir: str) -> None:
         setattr(dist, name, counted(name))
     try:
         torch.manual_seed(7)
-        loss = itm.forward_loss(batch, features).loss
+        loss = sum(objective.forward_loss(batch, features).loss for objective in objectives)
         phase = "backward"
         loss.backward()
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
-    torch.save(calls, Path(out_dir) / f"calls{local_rank}.pt")
+    return calls
 
 
-def test_itm_waits_on_the_other_ranks_twice_forward_and_once_backward(tmp_path: Path, one_thread):
-    """The integers (ids, caption ids, masks, padded to the text tower's length limit, so no collective
-    agrees on a width), the features (captions, every fusion layer's image keys and values, the ITC
-    embeddings); the backward sums the feature gradients once."""
+def test_itm_and_itc_wait_on_the_other_ranks_twice_forward_and_once_backward(tmp_path: Path, one_thread):
+    """ITM: the integers (ids, caption ids, masks, padded to the text tower's length limit, so no
+    collective agrees on a width), the features (captions, every fusion layer's image keys and values, the
+    ITC embeddings); the backward sums the feature gradients once. ITC alone gathers its embeddings once
+    each way; with ITM in the step it reads them from ITM's gather and adds no collective."""
     run_on_ranks(_count_collectives, tmp_path, world=WORLD)
     for r in range(WORLD):
         calls = torch.load(tmp_path / f"calls{r}.pt")
-        assert calls["forward"] == ["all_gather", "all_gather"], calls
-        assert calls["backward"] == ["all_reduce"], calls
+        for step in ("itm", "itc+itm"):
+            assert calls[step]["forward"] == ["all_gather", "all_gather"], calls
+            assert calls[step]["backward"] == ["all_reduce"], calls
+        assert calls["itc"] == {"forward": ["all_gather"], "backward": ["all_reduce"]}, calls

@@ -12,6 +12,7 @@ from gloo_ranks import run_on_ranks
 from vlp.platform.distributed import (
     all_gather_many,
     all_gather_with_grad,
+    decide_over_ranks,
     is_distributed,
     rank,
     world_size,
@@ -64,8 +65,19 @@ def _worker(local_rank: int, out_dir: str) -> None:
     for p in params:  # what DDP does to replicated parameters
         dist.all_reduce(p.grad)
         p.grad /= WORLD
+    calls: list[str] = []
+    barrier, all_reduce = dist.barrier, dist.all_reduce
+    dist.barrier = lambda *a, **k: (calls.append("barrier"), barrier(*a, **k))[1]
+    dist.all_reduce = lambda *a, **k: (calls.append("all_reduce"), all_reduce(*a, **k))[1]
+    try:  # rank 0 says yes, rank 1 no; then both yes, both no
+        first = local_rank == 0
+        decisions = [decide_over_ranks(first), decide_over_ranks(first, all=False)]
+        decisions += [decide_over_ranks(True), decide_over_ranks(False, all=False)]
+    finally:
+        dist.barrier, dist.all_reduce = barrier, all_reduce
     torch.save(
         {
+            "decisions": (decisions, calls),
             "helpers": (is_distributed(), world_size(), rank()),
             "gathered": gathered.detach(),
             "gather_grad": x.grad,
@@ -83,6 +95,7 @@ def test_helpers_outside_a_process_group_are_single_process_identities():
     t = torch.randn(3, 2)
     assert (is_distributed(), world_size(), rank()) == (False, 1, 0)
     assert all_gather_with_grad(t) is t
+    assert decide_over_ranks(True) and not decide_over_ranks(False, all=False)
     ids = torch.arange(3)
     assert all(a is b for a, b in zip(all_gather_many([t, ids]), [t, ids], strict=True))
 
@@ -99,6 +112,8 @@ def test_two_ranks_match_single_process_loss_and_gradients(tmp_path: Path):
 
     for r, res in enumerate(results):
         assert res["helpers"] == (True, WORLD, r)
+        # all / any of the ranks' decisions, one all-reduce each and no barrier
+        assert res["decisions"] == ([False, True, True, False], ["all_reduce"] * 4)
         expected = torch.cat([torch.zeros(2, 3), torch.ones(2, 3)])
         torch.testing.assert_close(res["gathered"], expected)
         # the backward sums over ranks: rank 0 weighs the gathered rows by 1, rank 1 by 2

@@ -20,6 +20,7 @@ from vlp.platform.optim import OptimConfig, build_optimizer
 from vlp.platform.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
+    FSDP2Strategy,
     allow_unused_parameters,
     apply_activation_checkpointing,
     apply_compile,
@@ -226,3 +227,17 @@ def test_deepspeed_options_become_its_zero_config():
     assert zero3["zero_optimization"]["offload_param"] == {"device": "cpu"}
     with pytest.raises(ValueError, match="offload_parameters needs stage: 3"):
         DeepSpeedStrategy(stage=2, offload_parameters=True)
+
+
+def test_every_strategy_decides_over_ranks_in_one_collective(monkeypatch: pytest.MonkeyPatch):
+    """The non-finite guard's per-step decision goes through `decide_over_ranks` (one all-reduce, no
+    barrier; its two-rank behaviour is tested in test_distributed) in each of the three strategies."""
+    seen: list[tuple[bool, bool]] = []
+    monkeypatch.setattr(
+        "vlp.platform.strategies.decide_over_ranks",
+        lambda decision, all=True, device="cpu": seen.append((decision, all)) or decision,
+    )
+    for strategy in (DDPStrategy(), FSDP2Strategy(), DeepSpeedStrategy()):
+        monkeypatch.setattr(type(strategy), "root_device", torch.device("cpu"), raising=False)
+        assert strategy.reduce_boolean_decision(True, all=False)
+    assert seen == [(True, False)] * 3

@@ -120,6 +120,18 @@ def all_gather_many(tensors: Sequence[Tensor], with_grad: bool = False) -> list[
     return out  # type: ignore[return-value]
 
 
+def decide_over_ranks(decision: bool, all: bool = True, device: torch.device | str = "cpu") -> bool:
+    """`all` (else `any`) of every rank's `decision`, in one all-reduce. Lightning's own
+    `reduce_boolean_decision` puts a barrier before its all-reduce: a second point a step where each rank
+    waits for the slowest, for the non-finite guard's decision of every optimizer step. `device`: where the
+    backend reduces (CUDA for NCCL). `decision` when not distributed."""
+    if not is_distributed():
+        return decision
+    votes = torch.tensor(int(decision), device=device)
+    dist.all_reduce(votes)
+    return int(votes) == dist.get_world_size() if all else int(votes) > 0
+
+
 def pad_to(t: Tensor, dim: int, length: int) -> Tensor:
     """`t` zero-padded at the end of dimension `dim` to `length`."""
     missing = length - t.shape[dim]

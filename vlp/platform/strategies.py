@@ -19,6 +19,7 @@ import argparse
 import os
 from typing import Any, Literal
 
+import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import LightningModule
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
@@ -29,6 +30,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from vlp.platform.distributed import decide_over_ranks
 from vlp.platform.model.backbone import FusionBackbone
 from vlp.platform.model.token_merging import token_merging_state
 
@@ -147,7 +149,17 @@ def store_scalars_as_vectors(module: nn.Module) -> None:
                 parametrize.register_parametrization(owner, name, ScalarAsVector())
 
 
-class DDPStrategy(LightningDDPStrategy):
+class OneCollectiveDecisions:
+    """`reduce_boolean_decision` (the non-finite guard's every step, a requeue's) in one all-reduce instead
+    of Lightning's barrier and all-reduce (`vlp.platform.distributed.decide_over_ranks`)."""
+
+    root_device: torch.device
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        return decide_over_ranks(decision, all=all, device=self.root_device)
+
+
+class DDPStrategy(OneCollectiveDecisions, LightningDDPStrategy):
     """Lightning's DDP with activation checkpointing and compile of the blocks.
 
     `find_unused_parameters` (None: on) lets a step leave parameters without gradients, as a sampled
@@ -171,7 +183,7 @@ class DDPStrategy(LightningDDPStrategy):
         apply_block_options(module, self.activation_checkpointing, self.compile)
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(OneCollectiveDecisions, ModelParallelStrategy):
     """FSDP2 (`fully_shard` per block) over all ranks through Lightning's `ModelParallelStrategy`.
 
     Checkpoints are sharded folders (torch distributed checkpoint) unless `save_distributed_checkpoint`
@@ -254,7 +266,7 @@ def clear_gradient_partitions_after_step(optimizer: Any) -> None:
     optimizer.step = step_and_clear_gradient_partitions
 
 
-class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+class DeepSpeedStrategy(OneCollectiveDecisions, LightningDeepSpeedStrategy):
     """DeepSpeed ZeRO-2 / ZeRO-3 from a few options, on GPUs and also on CPU ranks (gloo).
 
     Lightning's strategy refuses a CPU accelerator; DeepSpeed itself runs ZeRO-2/3 on CPU through its

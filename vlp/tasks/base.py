@@ -114,6 +114,9 @@ class Objective(TrainableModule):
     """One pre-training objective on the shared backbone; trains alone or inside MultiTaskModule."""
 
     name: ClassVar[str]
+    # scores against every rank's rows through `vlp.tasks.global_rows` (ITC, ITM): a joint step of two
+    # such objectives gathers them once
+    reads_global_rows: ClassVar[bool] = False
 
     def __init__(self, backbone: FusionBackbone, optim: OptimConfig | None = None) -> None:
         super().__init__(optim)

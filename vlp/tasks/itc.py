@@ -21,13 +21,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlp.platform.distributed import all_gather_many, rank
+from vlp.platform.distributed import all_gather_many, is_distributed, rank
 from vlp.platform.kernels import contrastive_loss
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.model.momentum import FeatureQueue, ramped_alpha, soft_cross_entropy
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation, real_rows
+from vlp.tasks.global_rows import global_rows
 from vlp.tasks.retrieval_split import SplitRows, retrieval_texts, unique_images
 
 
@@ -35,6 +36,7 @@ class ITCObjective(Objective):
     """Image-text contrastive objective; `chunk_size` tiles the similarity matrix to save memory."""
 
     name = "itc"
+    reads_global_rows = True
 
     def __init__(
         self,
@@ -65,18 +67,33 @@ class ITCObjective(Objective):
         scale = self.backbone.logit_scale()
         alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
         if self.queue is None and alpha == 0:
+            shared = features.share_global_rows and is_distributed()
+            gathered = self.global_columns(features) if shared else None
             loss = contrastive_loss(
-                features.image.embedding, features.text.embedding, scale, chunk_size=self.chunk_size
+                features.image.embedding,
+                features.text.embedding,
+                scale,
+                chunk_size=self.chunk_size,
+                gathered=gathered,
             )
             return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale})
         loss = self.distilled_loss(batch, features, scale, alpha)
         return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale, "alpha": torch.tensor(alpha)})
 
+    def global_columns(self, features: FeatureCache) -> tuple[Tensor, Tensor]:
+        """Every rank's (image, text) embeddings [W * B, E] with gradients: from the step's one gather when
+        ITM gathers too (`features.share_global_rows`), else a gather of their own."""
+        if features.share_global_rows:
+            rows = global_rows(features)
+            return rows.image.embedding, rows.text_embedding
+        image, text = all_gather_many([features.image.embedding, features.text.embedding], with_grad=True)
+        return image, text
+
     def distilled_loss(self, batch: dict, features: FeatureCache, scale: Tensor, alpha: float) -> Tensor:
         """Local rows against the global batch's columns and the queue, soft targets by `alpha` (ALBEF)."""
         image, text = features.image.embedding, features.text.embedding
         b = image.shape[0]
-        image_all, text_all = all_gather_many([image, text], with_grad=True)
+        image_all, text_all = self.global_columns(features)
         ids = batch["image_id"]
         queued_image, queued_text, queued_ids = (
             (image.new_zeros(0, image.shape[1]),) * 2 + (ids.new_zeros(0),)

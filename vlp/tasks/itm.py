@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryAccuracy
 
-from vlp.platform.distributed import all_gather_many, pad_to, rank
+from vlp.platform.distributed import rank
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures, first_token
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
+from vlp.tasks.global_rows import global_rows
 from vlp.tasks.itm_rerank import rerank_scores
 from vlp.tasks.retrieval_split import RetrievalTexts, SplitRows, retrieval_texts, unique_images
 
@@ -84,43 +85,23 @@ def global_match_pairs(
 ) -> MatchPairs:
     """Positives of this rank's B rows plus negatives mined from the global batch of every rank.
 
-    Gathers (with gradients) the text tokens and the image side of fusion (each layer's keys and values,
-    or the image tokens where fusion merges them) of all ranks, and (without) the ITC embeddings, image
-    ids, caption ids and masks; captions are zero-padded to the longest on any rank. That is two
-    collectives (the integers, the features) and one in the backward.
+    Reads every rank's rows from the step's one gather (`vlp.tasks.global_rows`: the text tokens and the
+    image side of fusion with gradients; the ITC embeddings, image ids, caption ids and masks without).
     Negatives are drawn for every global row with the same draw a single process would make (identical
     on each rank when their RNGs agree, as under a seeded Lightning run) and each rank keeps its own rows.
     `hardest` takes the most similar negative text instead of sampling and mines no negative images
     (validation). `hardness` in [0, 1] is the share of rows whose negative is drawn ALBEF's way; the others
     draw theirs uniformly among their non-positives (1: ALBEF). Identity gathers on one process.
     """
-    image, text = features.fused_image, features.text
-    b = image.tokens.shape[0]
+    b = features.fused_image.tokens.shape[0]
     real = real_rows(batch)
-    attended = backbone.first_self_attention(text.tokens, text.attention_mask)
-    # the integers go padded to the text tower's length limit, which every rank knows (no collective to
-    # agree on a width), then cut to the longest caption of the global batch, as are the gathered tokens
-    limit = [pad_to(t, 1, backbone.text.max_len) for t in (batch["input_ids"], text.attention_mask)]
-    image_ids, input_ids, attention_mask = all_gather_many([batch["image_id"], *limit])
-    longest = int(attention_mask.sum(dim=1).max())
-    input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
-    # the image side that fusion reads: keys and values when precomputed, else the tokens (and merged sizes)
-    kv = [t for layer in image.fusion_kv or () for t in layer]
-    image_side = kv or [image.tokens, *([] if image.sizes is None else [image.sizes])]
-    tokens = pad_to((text.tokens if attended is None else attended)[:, :longest], 1, longest)
-    # the ITC embeddings ride along detached (they only pick the negatives): their slice gets no gradient
-    embeddings = [image.embedding.detach(), text.embedding.detach()]
-    gathered = all_gather_many([tokens, *image_side, *embeddings], with_grad=True)
-    text_tokens, image_side, (image_emb, text_emb) = gathered[0], gathered[1:-2], gathered[-2:]
-    image_emb, text_emb = image_emb.detach(), text_emb.detach()
-    if kv:
-        global_kv = tuple((image_side[i], image_side[i + 1]) for i in range(0, len(image_side), 2))
-        global_image = ImageFeatures(None, image_emb, None, global_kv)
-    else:
-        sizes = image_side[1] if len(image_side) > 1 else None
-        global_image = ImageFeatures(image_side[0], image_emb, sizes)
+    rows = global_rows(features)
+    image_ids, input_ids, attention_mask = rows.image_ids, rows.input_ids, rows.attention_mask
+    # the ITC embeddings only pick the negatives: no gradient through them from here
+    image_emb, text_emb = rows.image.embedding.detach(), rows.text_embedding.detach()
+    global_image = rows.image._replace(embedding=image_emb)
     logit_scale = backbone.logit_scale()
-    local = torch.arange(b, device=image.tokens.device) + rank() * b
+    local = torch.arange(b, device=image_emb.device) + rank() * b
     positives = positive_pairs(image_ids, input_ids, attention_mask)
     with torch.no_grad():
         similarity = image_emb @ text_emb.T * logit_scale
@@ -149,8 +130,8 @@ def global_match_pairs(
     anchor_is_real = torch.cat([real, real[text_ok], real[image_ok]])
     return MatchPairs(
         global_image,
-        text_tokens,
-        attended is not None,
+        rows.text_tokens,
+        rows.self_attended,
         attention_mask,
         image_index,
         text_index,
@@ -163,6 +144,7 @@ class ITMObjective(Objective):
     """Image-text matching head on the fused [CLS] with ITC-weighted hard negatives."""
 
     name = "itm"
+    reads_global_rows = True
 
     def __init__(
         self,

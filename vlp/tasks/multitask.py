@@ -73,7 +73,8 @@ class MultiTaskModule(TrainableModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | dict[str, Any]:
         batch = {**batch, "global_step": self.global_step}  # nested objectives have no trainer of their own
-        features = FeatureCache(self.backbone, batch)
+        readers = sum(objective.reads_global_rows for objective in self.objectives.values())
+        features = FeatureCache(self.backbone, batch, share_global_rows=self.mode == "joint" and readers > 1)
         batch_size = batch_size_of(batch)
         if self.mode == "sampled":
             name = batch.get("objective")

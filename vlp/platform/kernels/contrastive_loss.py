@@ -231,6 +231,7 @@ def contrastive_loss(
     chunk_size: int | None = None,
     *,
     gather: bool = True,
+    gathered: tuple[Tensor, Tensor] | None = None,
     backend: Backend = "auto",
 ) -> Tensor:
     """CLIP's symmetric InfoNCE: mean of image->text and text->image cross-entropy, diagonal positives.
@@ -239,6 +240,8 @@ def contrastive_loss(
     which receives a gradient. Returns a 0-dim fp32 loss. `chunk_size`: tile edge of the PyTorch route
     (default 2048); the Triton route tiles at fixed block sizes and ignores it. `gather`: in a
     distributed run, score local rows against embeddings gathered from all ranks (see module docstring).
+    `gathered`: every rank's (image, text) embeddings [W * B, D] in rank order, already gathered with
+    gradients (a joint step's one gather, `vlp.tasks.global_rows`), scored against instead of gathering.
     `backend`: "auto" (Triton on CUDA tensors when installed), "triton" (CPU tensors need
     TRITON_INTERPRET=1, for tests) or "torch".
     """
@@ -267,7 +270,10 @@ def contrastive_loss(
     with torch.autocast(device_type, enabled=False):
         if not (gather and is_distributed()):
             return _InfoNCE.apply(image_emb, text_emb, scale, 0, True, tile, on_triton)
-        all_text, all_image = all_gather_many([text_emb, image_emb], with_grad=True)
+        if gathered is None:
+            all_text, all_image = all_gather_many([text_emb, image_emb], with_grad=True)
+        else:
+            all_image, all_text = (t.to(image_emb.dtype).contiguous() for t in gathered)
         offset = rank() * image_emb.shape[0]
         image_to_text = _InfoNCE.apply(image_emb, all_text, scale, offset, False, tile, on_triton)
         text_to_image = _InfoNCE.apply(text_emb, all_image, scale, offset, False, tile, on_triton)

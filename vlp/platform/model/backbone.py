@@ -7,11 +7,11 @@ embedding space with a learnable CLIP temperature. Objectives call its passes an
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,8 @@ from vlp.platform.model.token_merging import (
     set_merge_r,
     token_merging_state,
 )
+
+T = TypeVar("T")
 
 
 class ImageFeatures(NamedTuple):
@@ -293,11 +295,23 @@ class FusionBackbone(nn.Module):
 
 
 class FeatureCache:
-    """The unimodal passes of one batch, computed on first use, so objectives in a joint step share them."""
+    """The unimodal passes of one batch, computed on first use, so objectives in a joint step share them.
 
-    def __init__(self, backbone: FusionBackbone, batch: dict) -> None:
+    `share_global_rows`: a joint step with ITC and ITM, whose global-batch gathers become one
+    (`vlp.tasks.global_rows`)."""
+
+    def __init__(self, backbone: FusionBackbone, batch: dict, share_global_rows: bool = False) -> None:
         self.backbone = backbone
         self.batch = batch
+        self.share_global_rows = share_global_rows
+        self._shared: dict[str, Any] = {}
+
+    def shared(self, key: str, compute: Callable[[], T]) -> T:
+        """`compute()` on the first call with `key`, its result on later ones: work that several objectives
+        of one step read, such as one gather of the global batch."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
 
     @cached_property
     def image(self) -> ImageFeatures:

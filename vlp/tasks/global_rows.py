@@ -1,0 +1,69 @@
+"""Every rank's rows that ITM scores against, gathered once a step, and ITC's columns riding along.
+
+ITM mines its negatives from the global batch, so it needs every rank's image ids, caption ids and masks
+(no gradient), and the features it fuses: each caption after the first fusion self-attention and each
+image's fusion keys and values (or tokens), with gradients, plus the ITC embeddings that pick the
+negatives. ITC scores its local rows against every rank's embeddings, with gradients. In a joint step of
+both (`FeatureCache.share_global_rows`) the embeddings gather with gradients in ITM's feature collective and
+ITC reads them from there: one collective and one backward all-reduce fewer a step, and on two CPU ranks
+each collective is a point where a rank waits for the other (README: what a step shares).
+Identity gathers in one process.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from vlp.platform.distributed import all_gather_many, pad_to
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures
+
+
+class GlobalRows(NamedTuple):
+    """The global batch of W ranks x B rows, in rank order."""
+
+    image: ImageFeatures  # fusion keys and values (else tokens and merged sizes); embedding [W * B, E]
+    text_tokens: Tensor  # [W * B, L, Dt] captions after the first fusion self-attention (if self_attended)
+    text_embedding: Tensor  # [W * B, E]
+    self_attended: bool
+    image_ids: Tensor  # [W * B]
+    input_ids: Tensor  # [W * B, L], L the longest caption of the global batch
+    attention_mask: Tensor  # [W * B, L]
+
+
+def global_rows(features: FeatureCache) -> GlobalRows:
+    """The step's `GlobalRows`, gathered on first use and shared by every objective that asks. The
+    embeddings carry gradients when ITC reads them (`features.share_global_rows`), else they go detached
+    (ITM only picks negatives with them, and a zero gradient would still move AdamW's moments)."""
+    return features.shared("global_rows", lambda: gather_global_rows(features))
+
+
+def gather_global_rows(features: FeatureCache) -> GlobalRows:
+    """Two collectives forward: the integers, padded to the text tower's length limit (a width every rank
+    knows, so no collective agrees on one first) and cut to the global batch's longest caption; then the
+    features (with gradients), captions cut to that length. One all-reduce backward."""
+    backbone: FusionBackbone = features.backbone
+    batch, image, text = features.batch, features.fused_image, features.text
+    attended = backbone.first_self_attention(text.tokens, text.attention_mask)
+    limit = [pad_to(t, 1, backbone.text.max_len) for t in (batch["input_ids"], text.attention_mask)]
+    image_ids, input_ids, attention_mask = all_gather_many([batch["image_id"], *limit])
+    longest = int(attention_mask.sum(dim=1).max())
+    input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
+    kv = [t for layer in image.fusion_kv or () for t in layer]
+    image_side = kv or [image.tokens, *([] if image.sizes is None else [image.sizes])]
+    tokens = pad_to((text.tokens if attended is None else attended)[:, :longest], 1, longest)
+    embeddings = [image.embedding, text.embedding]
+    if not features.share_global_rows:
+        embeddings = [e.detach() for e in embeddings]
+    gathered = all_gather_many([tokens, *image_side, *embeddings], with_grad=True)
+    text_tokens, image_side, (image_emb, text_emb) = gathered[0], gathered[1:-2], gathered[-2:]
+    if kv:
+        global_kv = tuple((image_side[i], image_side[i + 1]) for i in range(0, len(image_side), 2))
+        global_image = ImageFeatures(None, image_emb, None, global_kv)
+    else:
+        sizes = image_side[1] if len(image_side) > 1 else None
+        global_image = ImageFeatures(image_side[0], image_emb, sizes)
+    return GlobalRows(
+        global_image, text_tokens, text_emb, attended is not None, image_ids, input_ids, attention_mask
+    )
