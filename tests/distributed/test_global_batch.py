@@ -16,6 +16,7 @@ from vlp.platform.kernels import contrastive_loss
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
+from vlp.platform.model.momentum import MomentumConfig
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.itm import ITMObjective
 
@@ -29,7 +30,8 @@ def _source() -> ShapesSource:
     return ShapesSource(image_size=32, num_train=32, num_val=8, num_test=8, batch_size=LOCAL_B)
 
 
-def _models(source: ShapesSource) -> tuple[FusionBackbone, ITCObjective, ITMObjective]:
+def _models(source: ShapesSource, alpha: float = 0.0) -> tuple[FusionBackbone, ITCObjective, ITMObjective]:
+    """`alpha` > 0: a momentum model and ITC's distilled loss (soft targets from it)."""
     torch.manual_seed(0)
     backbone = FusionBackbone(
         vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2),
@@ -37,8 +39,9 @@ def _models(source: ShapesSource) -> tuple[FusionBackbone, ITCObjective, ITMObje
         fusion=FusionConfig(depth=1, heads=2),
         embed_dim=16,
         tokenizer=source.tokenizer,
+        momentum=MomentumConfig() if alpha else None,
     )
-    return backbone, ITCObjective(backbone, chunk_size=3), ITMObjective(backbone)
+    return backbone, ITCObjective(backbone, chunk_size=3, alpha=alpha), ITMObjective(backbone)
 
 
 def _losses_and_grads(rows: list[int], average_over_ranks: bool) -> dict[str, object]:
@@ -47,28 +50,31 @@ def _losses_and_grads(rows: list[int], average_over_ranks: bool) -> dict[str, ob
     dataset = source.dataset("train")
     batch = source.collate([dataset[i] for i in rows])
     backbone, itc, itm = _models(source)
+    _, distilled_itc, distilled_itm = _models(source, alpha=0.4)
     scale = backbone.logit_scale
 
     def no_gather(features: FeatureCache) -> torch.Tensor:
         return contrastive_loss(features.image.embedding, features.text.embedding, scale(), gather=False)
 
-    def joint(features: FeatureCache) -> torch.Tensor:
-        return itc.forward_loss(batch, features).loss + itm.forward_loss(batch, features).loss
+    def joint(itc: ITCObjective, itm: ITMObjective):
+        return lambda f: itc.forward_loss(batch, f).loss + itm.forward_loss(batch, f).loss
 
-    # (loss, whether ITC reads ITM's gather); the one-process reference of "joint" gathers nothing
+    # (loss, its ITM module, whether ITC reads ITM's gather); one process's reference of a joint step
+    # gathers nothing
     runs = {
-        "itc": (lambda f: itc.forward_loss(batch, f).loss, False),
-        "itm": (lambda f: itm.forward_loss(batch, f).loss, False),
-        "joint": (joint, average_over_ranks),
-        "itc_no_gather": (no_gather, False),
+        "itc": (lambda f: itc.forward_loss(batch, f).loss, itm, False),
+        "itm": (lambda f: itm.forward_loss(batch, f).loss, itm, False),
+        "joint": (joint(itc, itm), itm, average_over_ranks),
+        "joint_distilled": (joint(distilled_itc, distilled_itm), distilled_itm, average_over_ranks),
+        "itc_no_gather": (no_gather, itm, False),
     }
     out: dict[str, object] = {}
-    for name, (loss_of, share) in runs.items():
+    for name, (loss_of, module, share) in runs.items():
         torch.manual_seed(7)  # the hard-negative draws
-        itm.zero_grad()
-        loss = loss_of(FeatureCache(backbone, batch, share_global_rows=share))
+        module.zero_grad()
+        loss = loss_of(FeatureCache(module.backbone, batch, share_global_rows=share))
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in itm.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
         if average_over_ranks:  # what DDP does to replicated parameters
             for grad in grads.values():
                 dist.all_reduce(grad)
@@ -88,7 +94,7 @@ def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path: Path,
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single = _losses_and_grads(ITEMS, average_over_ranks=False)
 
-    for name in ("itc", "itm", "joint"):
+    for name in ("itc", "itm", "joint", "joint_distilled"):
         loss, grads = single[name]
         mean_rank_loss = torch.stack([rank[name][0] for rank in ranks]).mean()
         torch.testing.assert_close(mean_rank_loss, loss, **TOLERANCE)
