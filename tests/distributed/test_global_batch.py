@@ -125,14 +125,10 @@ def _count_collectives(local_rank: int, out_dir: str) -> None:
     dataset = source.dataset("train")
     rows = ITEMS[local_rank * LOCAL_B : (local_rank + 1) * LOCAL_B]
     batch = source.collate([dataset[i] for i in rows])
-    backbone, itc, itm = _models(source)
-    steps = {
-        "itm": ([itm], False),
-        "itc": ([itc], False),
-        "itc+itm": ([itc, itm], True),
-    }
-    torch.save({name: _calls(batch, objectives, share) for name, (objectives, share) in steps.items()},
-               Path(out_dir) / f"calls{local_rank}.pt")  # fmt: skip
+    _, itc, itm = _models(source)
+    steps = {"itm": ([itm], False), "itc": ([itc], False), "itc+itm": ([itc, itm], True)}
+    calls = {name: _calls(batch, objectives, share) for name, (objectives, share) in steps.items()}
+    torch.save(calls, Path(out_dir) / f"calls{local_rank}.pt")
 
 
 def _calls(batch: dict, objectives: list, share: bool) -> dict[str, list[str]]:
