@@ -2,6 +2,8 @@ import pytest
 import torch
 from quiet_trainer import quiet_trainer
 
+from vlp.platform.model.backbone import FeatureCache, first_rows
+from vlp.tasks.caption import CaptionObjective
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.itm import ITMObjective
 from vlp.tasks.mlm import MLMObjective
@@ -100,3 +102,60 @@ def test_training_logs_losses_every_step_and_other_values_when_the_logger_writes
     assert steps["train/itm/loss"] == steps["train/itc/loss"] == steps["train/loss"] == [0, 1, 2, 3, 4]
     assert steps["train/itm/acc"] == steps["train/itc/logit_scale"] == [1, 3, 4]  # steps 2, 4 and the last
     assert trainer.callback_metrics["train/itm/acc"].item() >= 0  # the last step's value is there
+
+
+def test_first_rows_cut_every_per_row_entry_and_keep_the_rest(batch):
+    part = first_rows({**batch, "global_step": 3, "class_names": ["a", "b"]}, 3)
+    assert part["image"].shape[0] == part["input_ids"].shape[0] == part["boxes"].shape[0] == 3
+    torch.testing.assert_close(part["phrase_input_ids"], batch["phrase_input_ids"][:3])
+    assert part["captions"] == batch["captions"][:3]
+    assert part["global_step"] == 3 and part["class_names"] == ["a", "b"]  # not one entry per row
+    assert first_rows(batch, 8) is batch
+    with pytest.raises(ValueError, match="reference_"):
+        first_rows({**batch, "reference_input_ids": batch["input_ids"]}, 3)
+
+
+def test_row_fractions_give_an_objective_the_first_rows_with_shared_passes(make_backbone, batch):
+    """MLM and captioning at half the rows: their losses and every gradient equal each objective run on the
+    first 4 rows by itself (its own image pass), beside ITC and ITM on all 8; the image tower runs once."""
+    backbone = make_backbone(caption_decoder=True)
+    names = {"itc": ITCObjective, "itm": ITMObjective, "mlm": MLMObjective, "caption": CaptionObjective}
+    module = MultiTaskModule(backbone, names, mode="joint", row_fractions={"mlm": 0.5, "caption": 0.45})
+    assert [module.rows_of(name, 8) for name in names] == [8, 8, 4, 4]  # ceil(0.45 * 8) = 4
+    logged = {}
+    module.log = lambda key, value, **k: logged.__setitem__(key, value)
+    vision = count_calls(backbone.vision)
+    torch.manual_seed(0)
+    module.training_step(batch, 0)["loss"].backward()
+    assert vision[0] == 1
+    joint = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    module.zero_grad()
+    objectives, whole, half = module.objectives, {**batch, "global_step": 0}, first_rows(batch, 4)
+    half = {**half, "global_step": 0}
+    torch.manual_seed(0)  # the same draws in the same order: ITM's negatives, then MLM's masks
+    itc = objectives["itc"].forward_loss(whole, features := FeatureCache(backbone, whole)).loss
+    itm = objectives["itm"].forward_loss(whole, features).loss
+    mlm = objectives["mlm"].forward_loss(half, alone := FeatureCache(backbone, half)).loss
+    caption = objectives["caption"].forward_loss(half, alone).loss
+    (itc + itm + mlm + caption).backward()
+    torch.testing.assert_close(logged["train/mlm/loss"], mlm.detach())
+    torch.testing.assert_close(logged["train/caption/loss"], caption.detach())
+    reference = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    assert joint.keys() == reference.keys()
+    for name, grad in joint.items():
+        torch.testing.assert_close(grad, reference[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bad_row_fractions_are_clear_errors(backbone):
+    with pytest.raises(ValueError, match="unknown objectives"):
+        MultiTaskModule(backbone, ALL, mode="joint", row_fractions={"mlx": 0.5})
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+            MultiTaskModule(backbone, ALL, mode="joint", row_fractions={"mlm": share})
+    for name in ("itc", "itm"):
+        with pytest.raises(ValueError, match="global batch"):
+            MultiTaskModule(backbone, ALL, mode="joint", row_fractions={name: 0.5})
+    with pytest.raises(ValueError, match="mode: joint"):
+        MultiTaskModule(backbone, ALL, mode="sampled", row_fractions={"mlm": 0.5})
+    assert MultiTaskModule(backbone, ALL, mode="joint", row_fractions={"itm": 1.0}).rows_of("itm", 5) == 5

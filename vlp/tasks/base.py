@@ -15,7 +15,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from vlp.platform.callbacks import logs_this_step
-from vlp.platform.model.backbone import FeatureCache, FusionBackbone
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, batch_size_of
 from vlp.platform.optim import OptimConfig, build_optimizer
 from vlp.platform.strategies import fused_optimizer_fits, optimizer_stepped, parallelize
 
@@ -23,10 +23,6 @@ from vlp.platform.strategies import fused_optimizer_fits, optimizer_stepped, par
 class ObjectiveOutput(NamedTuple):
     loss: Tensor  # scalar
     logs: dict[str, Tensor]  # short keys ("loss", "acc"), logged as <stage>/<objective>/<key>
-
-
-def batch_size_of(batch: dict) -> int:
-    return int(batch["image"].shape[0])
 
 
 def real_rows(batch: dict) -> Tensor:

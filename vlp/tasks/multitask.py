@@ -7,11 +7,13 @@ the identical module and the parameters exist once. Two modes:
 - `joint`: every objective on every batch, the unimodal passes computed once and shared. The loss is
   sum_i loss_weight_i * n * p_i with p the sampler's probabilities carried by the batch, so the sampler
   strategy weights objectives instead of choosing one (round-robin: every weight 1; adaptive: more
-  weight to objectives whose loss falls slowest).
+  weight to objectives whose loss falls slowest). `row_fractions` lets an objective learn from the first
+  rows of each rank's batch only (its own passes cost that share; the shared ones are sliced, not redone).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -19,7 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from vlp.platform.model.backbone import FeatureCache, FusionBackbone
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_rows
 from vlp.platform.optim import OptimConfig
 from vlp.platform.pretrained import LoadReport, load_pretrained, read_weights
 from vlp.tasks.base import Objective, TrainableModule, batch_size_of
@@ -36,8 +38,13 @@ class MultiTaskModule(TrainableModule):
         loss_weights: dict[str, float] | None = None,
         optim: OptimConfig | None = None,
         init_from: str | None = None,
+        row_fractions: dict[str, float] | None = None,
     ) -> None:
-        """`init_from`: a pre-training checkpoint (Lightning .ckpt or `vlp export` file) to start from: the
+        """`row_fractions` (joint mode): objective -> the share of each rank's batch it reads, its first
+        ceil(share * B) rows (batches are shuffled); e.g. `{mlm: 0.5}` halves MLM's own passes. Objectives
+        scored over the global batch (ITC, ITM) read every row.
+
+        `init_from`: a pre-training checkpoint (Lightning .ckpt or `vlp export` file) to start from: the
         backbone loads strictly, heads where they fit, new ones start fresh (both listed); the optimizer and
         schedule start fresh. A resumed run (`--ckpt_path`) restores its own checkpoint over it."""
         super().__init__(optim)
@@ -57,6 +64,30 @@ class MultiTaskModule(TrainableModule):
                 f"loss_weights names unknown objectives {sorted(unknown)}; known: {list(self.objectives)}"
             )
         self.loss_weights = {name: float((loss_weights or {}).get(name, 1.0)) for name in self.objectives}
+        self.row_fractions = self._check_row_fractions(row_fractions or {})
+
+    def _check_row_fractions(self, fractions: dict[str, float]) -> dict[str, float]:
+        unknown = set(fractions) - set(self.objectives)
+        if unknown:
+            raise ValueError(
+                f"row_fractions names unknown objectives {sorted(unknown)}; known: {list(self.objectives)}"
+            )
+        if fractions and self.mode != "joint":
+            raise ValueError(
+                "row_fractions needs mode: joint (in sampled mode each batch is one objective's)"
+            )
+        for name, share in fractions.items():
+            if not 0.0 < share <= 1.0:
+                raise ValueError(f"row_fractions[{name!r}] must be in (0, 1], got {share}")
+            if share < 1.0 and self.objectives[name].reads_global_rows:
+                raise ValueError(
+                    f"row_fractions[{name!r}]: {name} is scored over the global batch and reads every row"
+                )
+        return {name: float(share) for name, share in fractions.items()}
+
+    def rows_of(self, name: str, batch_size: int) -> int:
+        """How many of a rank's `batch_size` rows objective `name` reads in a joint step (at least one)."""
+        return max(1, math.ceil(self.row_fractions.get(name, 1.0) * batch_size))
 
     @property
     def objective_names(self) -> list[str]:
@@ -89,8 +120,9 @@ class MultiTaskModule(TrainableModule):
         total = torch.zeros((), device=batch["image"].device)
         losses = {}
         for name, objective in self.objectives.items():
-            out = objective.forward_loss(batch, features)
-            self.log_objective("train", name, out.logs, batch_size)
+            rows = self.rows_of(name, batch_size)
+            out = objective.forward_loss(first_rows(batch, rows), features.first_rows(rows))
+            self.log_objective("train", name, out.logs, rows)
             share = len(self.objectives) * probabilities[name] if name in probabilities else 1.0
             total = total + self.loss_weights[name] * share * out.loss
             losses[name] = out.loss.detach()

@@ -50,6 +50,11 @@ class ImageFeatures(NamedTuple):
             tokens, self.embedding[index], None if self.sizes is None else self.sizes[index], kv
         )
 
+    def rows(self, n: int) -> ImageFeatures:
+        """The features of the first `n` images (views, keys and values included)."""
+        kv = None if self.fusion_kv is None else tuple((k[:n], v[:n]) for k, v in self.fusion_kv)
+        return ImageFeatures(*(None if t is None else t[:n] for t in self[:3]), kv)
+
     def read_by_fusion(self) -> ImageFeatures:
         """What the fused and decoder passes read: sizes, keys and values, and the tokens only when no keys
         and values were precomputed (the embedding never), so a length-grouped pass gathers nothing else."""
@@ -61,6 +66,30 @@ class TextFeatures(NamedTuple):
     tokens: Tensor  # [B, L, Dt], [CLS] first
     attention_mask: Tensor  # [B, L], 1 = real token
     embedding: Tensor  # [B, E], L2-normalised
+
+    def rows(self, n: int) -> TextFeatures:
+        """The features of the first `n` captions (views)."""
+        return TextFeatures(*(t[:n] for t in self))
+
+
+def first_rows(batch: dict, n: int) -> dict:
+    """The batch's first `n` rows: every tensor or list with one entry per row (leading size B) is cut;
+    other entries (class names, the step, sampler probabilities) are kept. Evaluation batches' several
+    references per image (`reference_*`, R rows) are not per-row and are refused."""
+    size = batch_size_of(batch)
+    if n >= size:
+        return batch
+    if any(key.startswith("reference_") for key in batch):
+        raise ValueError("first_rows: batches with reference captions (reference_*) cannot be cut by rows")
+    return {
+        key: value[:n] if isinstance(value, Tensor | list) and len(value) == size else value
+        for key, value in batch.items()
+    }
+
+
+def batch_size_of(batch: dict) -> int:
+    """B: the batch's rows (its images)."""
+    return int(batch["image"].shape[0])
 
 
 def first_token(batch_size: int, device: torch.device) -> Tensor:
@@ -305,6 +334,17 @@ class FeatureCache:
         self.batch = batch
         self.share_global_rows = share_global_rows
         self._shared: dict[str, Any] = {}
+        self._whole: FeatureCache | None = None  # set by `first_rows`: the cache these rows are cut from
+
+    def first_rows(self, n: int) -> FeatureCache:
+        """The cache of the batch's first `n` rows (`first_rows` of the batch): its unimodal features are
+        this cache's, computed once over all rows and sliced, so an objective that learns from part of
+        a joint step's batch shares the passes of the others and costs only its own work on `n` rows."""
+        if n >= batch_size_of(self.batch):
+            return self
+        part = FeatureCache(self.backbone, first_rows(self.batch, n))
+        part._whole = self
+        return part
 
     def shared(self, key: str, compute: Callable[[], T]) -> T:
         """`compute()` on the first call with `key`, its result on later ones: work that several objectives
@@ -315,15 +355,21 @@ class FeatureCache:
 
     @cached_property
     def image(self) -> ImageFeatures:
+        if self._whole is not None:
+            return self._whole.image.rows(batch_size_of(self.batch))
         return self.backbone.encode_image(self.batch["image"])
 
     @cached_property
     def fused_image(self) -> ImageFeatures:
         """`image` with the fusion layers' keys and values, shared by every fused pass of the batch."""
+        if self._whole is not None:
+            return self._whole.fused_image.rows(batch_size_of(self.batch))
         return self.backbone.with_fusion_keys(self.image)
 
     @cached_property
     def text(self) -> TextFeatures:
+        if self._whole is not None:
+            return self._whole.text.rows(batch_size_of(self.batch))
         return self.backbone.encode_text(self.batch["input_ids"], self.batch["attention_mask"])
 
     @cached_property
@@ -339,12 +385,16 @@ class FeatureCache:
     @cached_property
     def momentum_image(self) -> ImageFeatures:
         """The momentum model's image features of the batch (no gradient); needs `momentum` set."""
+        if self._whole is not None:
+            return self._whole.momentum_image.rows(batch_size_of(self.batch))
         with torch.no_grad():
             return self.momentum_backbone.encode_image(self.batch["image"])
 
     @cached_property
     def momentum_text(self) -> TextFeatures:
         """The momentum model's caption features of the batch (no gradient)."""
+        if self._whole is not None:
+            return self._whole.momentum_text.rows(batch_size_of(self.batch))
         with torch.no_grad():
             return self.momentum_backbone.encode_text(self.batch["input_ids"], self.batch["attention_mask"])
 
