@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	touch $(STAMP)
 
 # Without a GPU, on 2 or more cores, the default trains as two CPU ranks of one thread each
-# (configs/pretrain/shapes-tiny-2cpu.yaml: the same global batch and objectives; README: measured scores).
+# (configs/pretrain/shapes-tiny-2cpu.yaml: the same global batch and objectives; benchmarks/make-train.md).
 # RANKS=1 keeps one process of as many threads as cores.
 RANKS ?= auto
 train: install

@@ -159,7 +159,7 @@ class ITMObjective(Objective):
         non-positives, later ones ALBEF's way (ITC-weighted). ITC ranks well long before fusion can tell
         near-duplicates apart: against hard negatives from the first step the default's head sat at chance
         (always "no match") for a third of the run, also with half of them drawn uniformly; on uniform ones
-        it learns to match within 250 steps, and the hard ones then refine it (README: measured scores).
+        it learns to match within 250 steps, and the hard ones then refine it (benchmarks/make-train.md).
         `rerank_k` > 0: validation also ranks the whole split by ITC and re-scores each query's top
         `rerank_k` with this head (`val/retrieval_itm/*`; ALBEF uses 128 on COCO); `rerank_chunk` pairs go
         through fusion at a time. `rerank_score`: the match logit alone (ALBEF) or plus the ITC logit
