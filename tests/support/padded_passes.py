@@ -40,9 +40,10 @@ def assert_equal_to_padded(
 ) -> dict[str, torch.Tensor]:
     """`passes` as the code runs them equal `passes` under `padded` (a patch that makes every pass run the
     padded batch whole): values at the real positions, and the gradient of every parameter under a random
-    weighting of the outputs. Both run in float64, so the check is tight (1e-10): in float32 the two paths sum
-    in other orders and differ by rounding that grows with the rows summed (3e-5 in a weight gradient on one
-    CPU), which would hide a real error of that size. Returns the outputs of the code as it runs."""
+    weighting of the outputs. Both run in float64 (`backbone` is converted in place), so the check is tight
+    (1e-10): in float32 the two paths sum in other orders and differ by rounding that grows with the rows
+    summed (3e-5 in a weight gradient on one CPU), which would hide a real error of that size. Returns the
+    outputs of the code as it runs."""
     backbone.double()
     batch = {**batch, "image": batch["image"].double()}
     real = batch["attention_mask"].bool()[..., None]
