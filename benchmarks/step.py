@@ -110,8 +110,8 @@ def measure(source_root: str, model: str, rounds: int) -> dict:
     module, source = build(source_root, model)
     import torch
 
-    from vlp.platform.flops import count_flops
     from vlp.platform.model.backbone import FeatureCache
+    from vlp.platform.run.flops import count_flops
 
     spec = MODELS[model]
     backbone, objectives = module.backbone, module.objectives

@@ -32,9 +32,9 @@ import yaml
 from harness import build_from_config, report
 
 from vlp.cli import run as vlp_run
-from vlp.platform.flops import count_flops
 from vlp.platform.model.token_merging import TokenMergingConfig
-from vlp.platform.perf import training_step_flops
+from vlp.platform.run.flops import count_flops
+from vlp.platform.run.perf import training_step_flops
 from vlp.tasks.base import TrainableModule
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "pretrain"

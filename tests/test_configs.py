@@ -36,7 +36,7 @@ def test_two_cpu_ranks_keep_the_default_global_batch(capsys):
     batch = {name: c["data"]["sources"]["shapes"]["init_args"]["batch_size"] for name, c in configs.items()}
     assert (one["trainer"]["devices"], two["trainer"]["devices"]) == (1, 2)
     assert batch["two"] * two["trainer"]["devices"] == batch["one"]
-    assert two["trainer"]["strategy"]["class_path"] == "vlp.platform.strategies.DDPStrategy"
+    assert two["trainer"]["strategy"]["class_path"] == "vlp.platform.distributed.strategies.DDPStrategy"
     for c in configs.values():
         c["data"]["sources"]["shapes"]["init_args"].pop("batch_size")
         for key in ("devices", "accelerator", "strategy"):

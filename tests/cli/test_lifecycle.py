@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlp.cli import run
-from vlp.platform.checkpoints import AtomicCheckpointIO
+from vlp.platform.run.checkpoints import AtomicCheckpointIO
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 

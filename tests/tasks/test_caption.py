@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from vlp.datamodules.shapes import ShapesSource
 from vlp.platform.model.backbone import FeatureCache
 from vlp.platform.model.decoder import IGNORE_INDEX
-from vlp.platform.prediction_writer import PredictionWriter
+from vlp.platform.run.prediction_writer import PredictionWriter
 from vlp.tasks.caption import CaptionObjective
 
 

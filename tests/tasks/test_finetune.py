@@ -12,7 +12,7 @@ import torch
 from vlp.cli import run as main
 from vlp.platform.model.encoders import TextConfig
 from vlp.platform.model.momentum import MomentumConfig
-from vlp.platform.pretrained import load_pretrained, read_weights
+from vlp.platform.model.pretrained import load_pretrained, read_weights
 from vlp.tasks.grounding import GroundingObjective
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.itm import ITMObjective

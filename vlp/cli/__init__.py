@@ -20,7 +20,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from vlp.cli.source_overrides import add_source_overrides, apply_source_overrides
 from vlp.datamodules.multitask import MultiTaskDataModule
-from vlp.platform.callbacks import (
+from vlp.platform.distributed.collectives import destroy_process_group_at_exit, leave_gloo_run
+from vlp.platform.distributed.strategies import allow_unused_parameters, fp16_mixed_on_cpu
+from vlp.platform.run.callbacks import (
     FinalValidation,
     MetricsSummary,
     NonFiniteLossGuard,
@@ -29,14 +31,12 @@ from vlp.platform.callbacks import (
     StepProgressBar,
     ThroughputMonitor,
 )
-from vlp.platform.checkpoints import AtomicCheckpointIO, newest_complete_checkpoint
-from vlp.platform.distributed import destroy_process_group_at_exit, leave_gloo_run
-from vlp.platform.perf import FlopsMonitor
-from vlp.platform.prediction_writer import PredictionWriter
-from vlp.platform.requeue import RequeueAtStepBoundary
-from vlp.platform.skipped_samples import SkippedSamplesMonitor
-from vlp.platform.strategies import allow_unused_parameters, fp16_mixed_on_cpu
-from vlp.platform.visualization import ValidationImages
+from vlp.platform.run.checkpoints import AtomicCheckpointIO, newest_complete_checkpoint
+from vlp.platform.run.perf import FlopsMonitor
+from vlp.platform.run.prediction_writer import PredictionWriter
+from vlp.platform.run.requeue import RequeueAtStepBoundary
+from vlp.platform.run.skipped_samples import SkippedSamplesMonitor
+from vlp.platform.run.visualization import ValidationImages
 from vlp.tasks.base import TrainableModule
 
 

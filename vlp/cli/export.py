@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vlp.platform.pretrained import checkpoint_state
-from vlp.platform.strategies import consolidated_state_dict
+from vlp.platform.distributed.strategies import consolidated_state_dict
+from vlp.platform.model.pretrained import checkpoint_state
 
 
 def export(checkpoint: Path, out: Path) -> dict[str, Tensor]:

@@ -7,7 +7,7 @@ so every requeue of the job logs to the same TensorBoard run and finds Lightning
 there. The sbatch parameters are validated data rendered by one function,
 `render_sbatch`, which shell-quotes every value; the job runs `srun <python> -m vlp.cli fit --config
 job.yaml [extra args] [pins]`, one task per device, and asks Slurm for USR1 90 s before its time limit, which
-Lightning's `SLURMEnvironment` turns into a checkpoint and a requeue (see `vlp.platform.requeue`).
+Lightning's `SLURMEnvironment` turns into a checkpoint and a requeue (see `vlp.platform.run.requeue`).
 """
 
 from __future__ import annotations

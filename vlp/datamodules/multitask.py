@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlp.datamodules.shapes import ShapesSource
 from vlp.datamodules.source import DataSource, EndlessSampler, EpochIndexed
-from vlp.platform.distributed import all_gather_objects
+from vlp.platform.distributed.collectives import all_gather_objects
 from vlp.platform.sampler import MultiTaskSampler, SamplingStrategy
 
 FEEDBACK_LAG = 2

@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from vlp.platform.callbacks import logs_this_step
+from vlp.platform.distributed.strategies import fused_optimizer_fits, optimizer_stepped, parallelize
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, batch_size_of
 from vlp.platform.optim import OptimConfig, build_optimizer
-from vlp.platform.strategies import fused_optimizer_fits, optimizer_stepped, parallelize
+from vlp.platform.run.callbacks import logs_this_step
 
 
 class ObjectiveOutput(NamedTuple):

@@ -28,7 +28,7 @@ from vlp.platform.model.decoder import (
 )
 from vlp.platform.model.momentum import distilled_cross_entropy, ramped_alpha
 from vlp.platform.optim import OptimConfig
-from vlp.platform.visualization import annotate_captions
+from vlp.platform.run.visualization import annotate_captions
 from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation, real_rows
 
 MAX_LOGGED_IMAGES = 8

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from vlp.platform.distributed import all_gather_many, pad_to
+from vlp.platform.distributed.collectives import all_gather_many, pad_to
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures
 
 

@@ -21,7 +21,7 @@ from vlp.platform.boxes import box_cxcywh_to_xyxy, generalized_box_iou_loss
 from vlp.platform.metrics import grounding_scores
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_token
 from vlp.platform.optim import OptimConfig
-from vlp.platform.visualization import MAX_IMAGES, annotate_boxes
+from vlp.platform.run.visualization import MAX_IMAGES, annotate_boxes
 from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
 
 BATCH_KEYS = ("phrase_input_ids", "phrase_attention_mask", "boxes")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vlp.platform.distributed import all_gather_many, is_distributed, rank
+from vlp.platform.distributed.collectives import all_gather_many, is_distributed, rank
 from vlp.platform.kernels import contrastive_loss
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone

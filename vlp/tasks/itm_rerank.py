@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vlp.platform.distributed import is_distributed, rank, world_size
+from vlp.platform.distributed.collectives import is_distributed, rank, world_size
 
 PairScorer = Callable[[Tensor, Tensor], Tensor]  # (image rows [P], text rows [P]) -> match logits [P]
 

@@ -22,8 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_rows
+from vlp.platform.model.pretrained import LoadReport, load_pretrained, read_weights
 from vlp.platform.optim import OptimConfig
-from vlp.platform.pretrained import LoadReport, load_pretrained, read_weights
 from vlp.tasks.base import Objective, TrainableModule, batch_size_of
 
 

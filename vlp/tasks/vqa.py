@@ -20,7 +20,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_token
 from vlp.platform.optim import OptimConfig
-from vlp.platform.visualization import MAX_IMAGES, annotate_captions
+from vlp.platform.run.visualization import MAX_IMAGES, annotate_captions
 from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
 
 BATCH_KEYS = ("question_input_ids", "question_attention_mask", "answer_scores")

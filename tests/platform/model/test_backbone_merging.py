@@ -3,13 +3,13 @@ from unittest import mock
 import pytest
 import torch
 
-from vlp.platform.flops import count_flops
 from vlp.platform.model import fusion as fusion_module
 from vlp.platform.model import packing as packing_module
 from vlp.platform.model.backbone import FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 from vlp.platform.model.token_merging import TokenMergingConfig
+from vlp.platform.run.flops import count_flops
 
 TOKENS = 1 + (32 // 8) ** 2  # [CLS] + 16 patches
 

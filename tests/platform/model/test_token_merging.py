@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from vlp.platform.flops import count_flops
 from vlp.platform.model.token_merging import (
     MergingAttention,
     MergingBlock,
@@ -21,6 +20,7 @@ from vlp.platform.model.token_merging import (
     text_guided_merge,
     token_merging_state,
 )
+from vlp.platform.run.flops import count_flops
 
 
 def tiny_vit(depth: int = 3, **kwargs) -> VisionTransformer:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlp.platform.distributed import all_gather_many, is_distributed, rank
+from vlp.platform.distributed.collectives import all_gather_many, is_distributed, rank
 from vlp.platform.kernels._triton import Backend, dot_precision, tl, triton, use_triton
 
 _BLOCK_M, _BLOCK_K, _BLOCK_D = 64, 64, 64

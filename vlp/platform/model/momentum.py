@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlp.platform.distributed import all_gather_many
+from vlp.platform.distributed.collectives import all_gather_many
 
 
 @dataclass

@@ -14,10 +14,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 
 from vlp.cli import run
-from vlp.platform.model.backbone import FeatureCache
-from vlp.platform.model.token_merging import TokenMergingConfig
-from vlp.platform.optim import OptimConfig, build_optimizer
-from vlp.platform.strategies import (
+from vlp.platform.distributed.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
     FSDP2Strategy,
@@ -28,11 +25,14 @@ from vlp.platform.strategies import (
     store_scalars_as_vectors,
     transformer_blocks,
 )
+from vlp.platform.model.backbone import FeatureCache
+from vlp.platform.model.token_merging import TokenMergingConfig
+from vlp.platform.optim import OptimConfig, build_optimizer
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.itm import ITMObjective
 
-TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
-RECORDER = Path(__file__).parents[1] / "distributed"
+TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
+RECORDER = Path(__file__).parents[2] / "distributed"
 
 
 def _train(backbone, batch: dict, steps: int, with_itm: bool = True) -> list[float]:
@@ -194,7 +194,7 @@ def test_fp16_mixed_that_a_strategy_cannot_run_on_cpu_fails_naming_the_precision
 ):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(RECORDER))
-    config = str(Path(__file__).parents[2] / "configs" / "strategy" / f"{strategy}.yaml")
+    config = str(Path(__file__).parents[3] / "configs" / "strategy" / f"{strategy}.yaml")
     with pytest.raises(ValueError, match=message):
         _fit(tmp_path, "16-mixed", config)
 
@@ -234,7 +234,7 @@ def test_every_strategy_decides_over_ranks_in_one_collective(monkeypatch: pytest
     barrier; its two-rank behaviour is tested in test_distributed) in each of the three strategies."""
     seen: list[tuple[bool, bool]] = []
     monkeypatch.setattr(
-        "vlp.platform.strategies.decide_over_ranks",
+        "vlp.platform.distributed.strategies.decide_over_ranks",
         lambda decision, all=True, device="cpu": seen.append((decision, all)) or decision,
     )
     for strategy in (DDPStrategy(), FSDP2Strategy(), DeepSpeedStrategy()):

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlp.platform.flops import count_flops, flop_counter
+from vlp.platform.run.flops import count_flops, flop_counter
 
 B, H, N, D = 2, 3, 7, 4
 FORWARD = 4 * B * H * N * N * D  # q @ k^T and scores @ v, 2 FLOPs per multiply-add

@@ -15,9 +15,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 
-from vlp.platform.callbacks import logs_this_step
-from vlp.platform.flops import flop_counter
 from vlp.platform.model.backbone import FusionBackbone
+from vlp.platform.run.callbacks import logs_this_step
+from vlp.platform.run.flops import flop_counter
 
 
 def head_of_batch(batch: dict, n: int) -> dict:

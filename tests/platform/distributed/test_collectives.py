@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from gloo_ranks import run_on_ranks
 
-from vlp.platform.distributed import (
+from vlp.platform.distributed.collectives import (
     all_gather_many,
     all_gather_with_grad,
     decide_over_ranks,
@@ -101,7 +101,7 @@ def test_helpers_outside_a_process_group_are_single_process_identities():
 
 
 def test_gathering_many_needs_one_row_count(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("vlp.platform.distributed.is_distributed", lambda: True)
+    monkeypatch.setattr("vlp.platform.distributed.collectives.is_distributed", lambda: True)
     with pytest.raises(ValueError, match=r"one row count, got \[2, 3\]"):
         all_gather_many([torch.zeros(2, 4), torch.zeros(3)])
 

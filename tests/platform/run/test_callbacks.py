@@ -7,7 +7,7 @@ from lightning.pytorch.loggers import CSVLogger
 from quiet_trainer import quiet_trainer
 from torch.utils.data import DataLoader
 
-from vlp.platform.callbacks import (
+from vlp.platform.run.callbacks import (
     NonFiniteLossError,
     NonFiniteLossGuard,
     RandomStateCheckpoint,

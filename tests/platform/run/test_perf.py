@@ -8,7 +8,7 @@ from vlp.platform.model.backbone import FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 from vlp.platform.model.token_merging import TokenMergingConfig
-from vlp.platform.perf import FlopsMonitor, head_of_batch, training_step_flops
+from vlp.platform.run.perf import FlopsMonitor, head_of_batch, training_step_flops
 
 TOKENS = 1 + (32 // 8) ** 2
 

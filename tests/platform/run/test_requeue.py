@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vlp.cli import run
 
-CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+CONFIG = str(Path(__file__).parents[2] / "configs" / "tiny.yaml")
 
 
 class SignalMidStep(Callback):
@@ -79,7 +79,7 @@ def test_requeue_signal_mid_step_checkpoints_at_the_step_end_and_resumes_exactly
     with pytest.raises(SIGTERMException):
         fit(
             folder,
-            "--trainer.callbacks+=tests.platform.test_requeue.SignalMidStep",
+            "--trainer.callbacks+=tests.platform.run.test_requeue.SignalMidStep",
             f"--trainer.callbacks.step={signal_at}",
         )
     assert (slurm_job / "scontrol.log").read_text() == "requeue 42\n"
@@ -110,7 +110,7 @@ def test_requeue_signal_inside_an_accumulated_step_waits_for_the_step_end_and_re
         fit(
             folder,
             *accumulate,
-            "--trainer.callbacks+=tests.platform.test_requeue.SignalMidStep",
+            "--trainer.callbacks+=tests.platform.run.test_requeue.SignalMidStep",
             "--trainer.callbacks.step=3",
         )
     checkpoint = torch.load(folder / "hpc_ckpt_1.ckpt", weights_only=True)

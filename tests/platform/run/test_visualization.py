@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vlp.datamodules.multitask import MultiTaskDataModule
 from vlp.datamodules.shapes import ShapesSource
-from vlp.platform.visualization import (
+from vlp.platform.run.visualization import (
     BAND_COLOUR,
     GREEN,
     RED,

@@ -30,7 +30,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from vlp.platform.distributed import decide_over_ranks
+from vlp.platform.distributed.collectives import decide_over_ranks
 from vlp.platform.model.backbone import FusionBackbone
 from vlp.platform.model.token_merging import token_merging_state
 
@@ -151,7 +151,7 @@ def store_scalars_as_vectors(module: nn.Module) -> None:
 
 class OneCollectiveDecisions:
     """`reduce_boolean_decision` (the non-finite guard's every step, a requeue's) in one all-reduce instead
-    of Lightning's barrier and all-reduce (`vlp.platform.distributed.decide_over_ranks`)."""
+    of Lightning's barrier and all-reduce (`vlp.platform.distributed.collectives.decide_over_ranks`)."""
 
     root_device: torch.device
 

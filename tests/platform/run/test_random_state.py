@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from gloo_ranks import run_on_ranks
 
-from vlp.platform.callbacks import RandomStateCheckpoint
+from vlp.platform.run.callbacks import RandomStateCheckpoint
 
 
 class TwoRanks:

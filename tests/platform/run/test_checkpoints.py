@@ -8,13 +8,17 @@ from pathlib import Path
 
 import torch
 
-from vlp.platform.checkpoints import AtomicCheckpointIO, is_complete_checkpoint, newest_complete_checkpoint
+from vlp.platform.run.checkpoints import (
+    AtomicCheckpointIO,
+    is_complete_checkpoint,
+    newest_complete_checkpoint,
+)
 
 KILLED_MID_WRITE = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    from vlp.platform.checkpoints import AtomicCheckpointIO
+    from vlp.platform.run.checkpoints import AtomicCheckpointIO
 
     # killed once every byte is out but before the file is published: the widest window there is
     os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
@@ -26,7 +30,7 @@ KILLED_MID_WRITE = textwrap.dedent(
 def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_intact(tmp_path):
     target = tmp_path / "checkpoints" / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(4), "step": 3}, target)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
     killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(target)], env=env, timeout=120)
     assert killed.returncode == -9
     partial = [path for path in target.parent.iterdir() if path != target]

@@ -1,0 +1,1 @@
+"""The run around the model: callbacks, checkpoints, requeue, cost accounting, predictions, pictures."""
