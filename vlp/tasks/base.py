@@ -12,12 +12,17 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
+from torch.optim import Optimizer
 
+from vlp.platform.distributed.outside_step import outside_step
 from vlp.platform.distributed.strategies import fused_optimizer_fits, optimizer_stepped, parallelize
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, batch_size_of
 from vlp.platform.optim import OptimConfig, build_optimizer
 from vlp.platform.run.callbacks import logs_this_step
+from vlp.platform.run.visualization import first_samples
 
 
 class ObjectiveOutput(NamedTuple):
@@ -41,6 +46,17 @@ class TrainableModule(LightningModule):
         super().__init__()
         self.optim = optim or OptimConfig()
 
+    # set by the TensorBoard pictures callback (`ValidationImages`) for the validation step that draws them
+    pictures_requested: int = 0
+
+    def requested_pictures(self, batch: dict) -> dict[str, Any] | None:
+        """The step's output when `ValidationImages` asked for pictures (of the first `pictures_requested`
+        samples): drawn inside the step, where a sharded strategy has gathered the parameters."""
+        if not self.pictures_requested:
+            return None
+        with torch.no_grad():
+            return {"pictures": self.pictures(first_samples(batch, self.pictures_requested))}
+
     def configure_model(self) -> None:
         """The trainer strategy's scaling plan (sharding, checkpointing, compile), applied once."""
         if not getattr(self, "_parallelized", False):
@@ -50,6 +66,23 @@ class TrainableModule(LightningModule):
     def configure_optimizers(self) -> dict:
         steps = int(self.trainer.estimated_stepping_batches)
         return build_optimizer(self, self.optim, steps, fused=fused_optimizer_fits(self.trainer, self))
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, which also clips a fused AdamW under `bf16-mixed`. Lightning's mixed-precision
+        plugin refuses to clip for any optimizer that unscales gradients in its step; that matters only when a
+        loss scaler has scaled them (`16-mixed`, where `fused_optimizer_fits` keeps AdamW unfused). bf16
+        autocast scales nothing, so the gradients are clipped as they are, as without mixed precision."""
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val or 0.0, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the momentum model's EMA update (when the backbone keeps one): once per
@@ -145,19 +178,25 @@ class Objective(TrainableModule):
         self.log_objective("train", self.name, out.logs, batch_size_of(batch))
         return out.loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Any] | None:
         logs = self.validation_update(batch, FeatureCache(self.backbone, batch))
         self.log_objective("val", self.name, logs, batch_size_of(batch))
+        return self.requested_pictures(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_scores(self.validation_scores())
+        self.log_scores(self.scores_of_split())
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         logs = self.validation_update(batch, FeatureCache(self.backbone, batch))
         self.log_objective("test", self.name, logs, batch_size_of(batch))
 
     def on_test_epoch_end(self) -> None:
-        self.log_scores({key.replace("val/", "test/", 1): v for key, v in self.validation_scores().items()})
+        self.log_scores({key.replace("val/", "test/", 1): v for key, v in self.scores_of_split().items()})
+
+    def scores_of_split(self) -> dict[str, float]:
+        """`validation_scores`, which may call the network (ITM re-ranking), outside the strategy's step."""
+        with outside_step(self, self._trainer.strategy if self._trainer is not None else None):
+            return self.validation_scores()
 
     def predict_step(self, batch: dict, batch_idx: int) -> Any:
         return {"image_id": batch["image_id"], **self.predict(batch, FeatureCache(self.backbone, batch))}
@@ -166,7 +205,8 @@ class Objective(TrainableModule):
         """Pictures for TensorBoard, tag -> uint8 images [N, 3, H, W] (empty when it has none)."""
         return {}
 
-    def images_for_logging(self, batch: dict) -> dict[str, Tensor]:
+    def pictures(self, batch: dict) -> dict[str, Tensor]:
+        """Every picture this module draws for `batch`, tag -> uint8 [N, 3, H, W]."""
         return self.validation_images(batch, FeatureCache(self.backbone, batch))
 
     def predict(self, batch: dict, features: FeatureCache) -> dict[str, Any]:
