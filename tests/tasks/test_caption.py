@@ -86,7 +86,7 @@ def test_validation_images_show_at_most_eight_captioned_images(objective, shapes
     dataset = shapes.dataset("val")
     batch = shapes.collate([dataset[i] for i in range(10)])
     with torch.no_grad():
-        images = objective.eval().images_for_logging(batch)
+        images = objective.eval().pictures(batch)
     samples = images["val/caption/samples"]
     assert samples.dtype == torch.uint8 and samples.shape[:2] == (8, 3) and samples.shape[3] == 192
     assert samples.shape[2] > 192  # text rows under the upscaled image

@@ -31,7 +31,9 @@ class SteepLinear(TrainableModule):
         self.fused = bool(optimizer.defaults.get("fused"))
 
         def record(opt, args, kwargs):
-            grads = [p.grad.float() for group in opt.param_groups for p in group["params"] if p.grad is not None]
+            grads = [
+                p.grad.float() for group in opt.param_groups for p in group["params"] if p.grad is not None
+            ]
             self.stepped_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
         optimizer.register_step_post_hook(record)  # the gradients it stepped on, clipped

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from vlp.platform.distributed.outside_step import outside_step
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_rows
 from vlp.platform.model.pretrained import LoadReport, load_pretrained, read_weights
 from vlp.platform.optim import OptimConfig
@@ -138,12 +139,15 @@ class MultiTaskModule(TrainableModule):
 
     def _scores(self) -> dict[str, float]:
         scores: dict[str, float] = {}
-        for objective in self.objectives.values():
-            scores.update(objective.validation_scores())
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        with outside_step(self, strategy):  # re-ranking calls the network
+            for objective in self.objectives.values():
+                scores.update(objective.validation_scores())
         return scores
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Any] | None:
         self._evaluate("val", batch)
+        return self.requested_pictures(batch)
 
     def on_validation_epoch_end(self) -> None:
         self.log_scores(self._scores())
@@ -161,7 +165,7 @@ class MultiTaskModule(TrainableModule):
             out.update(objective.predict(batch, features))
         return out
 
-    def images_for_logging(self, batch: dict) -> dict[str, Tensor]:
+    def pictures(self, batch: dict) -> dict[str, Tensor]:
         features = FeatureCache(self.backbone, batch)
         images: dict[str, Tensor] = {}
         for objective in self.objectives.values():

@@ -141,6 +141,6 @@ def test_callback_writes_grounding_pictures_every_nth_validation(tmp_path, backb
 
 def test_callback_is_a_no_op_without_a_tensorboard_logger(tmp_path, backbone, monkeypatch):
     calls = []
-    monkeypatch.setattr(GroundingObjective, "images_for_logging", lambda self, batch: calls.append(1) or {})
+    monkeypatch.setattr(GroundingObjective, "pictures", lambda self, batch: calls.append(1) or {})
     run_fit(tmp_path, backbone, CSVLogger(tmp_path), ValidationImages(), steps=2)
     assert calls == []

@@ -157,7 +157,7 @@ def annotate_boxes(
     return torch.stack(pictures)
 
 
-def _first(batch: Any, n: int) -> Any:
+def first_samples(batch: Any, n: int) -> Any:
     """The first `n` samples of a dict batch (tensors and lists of batch length are cut, the rest kept)."""
     if not isinstance(batch, dict) or not isinstance(batch.get("image"), Tensor):
         return batch
@@ -169,11 +169,13 @@ def _first(batch: Any, n: int) -> Any:
 
 
 class ValidationImages(Callback):
-    """Logs `pl_module.images_for_logging(batch)` (tag -> uint8 [N, 3, H, W]) to every TensorBoard logger,
-    from the first batch of the first val loader of every `every_n_validations`-th validation run.
+    """Logs the module's pictures (tag -> uint8 [N, 3, H, W]) to every TensorBoard logger, from the first
+    batch of the first val loader of every `every_n_validations`-th validation run.
 
-    The sanity check does not count. Every rank computes the pictures (a sharded model needs all ranks
-    in its forward); only rank zero writes, as TensorBoardLogger's experiment is a no-op elsewhere.
+    The sanity check does not count. The module draws them inside its `validation_step` when asked
+    (`pictures_requested`: how many samples), so they run where the strategy runs the network: a sharded
+    model (ZeRO-3, FSDP2) has its parameters gathered there on every rank, and each rank draws its own
+    batch's; only rank zero writes, as TensorBoardLogger's experiment is a no-op elsewhere.
     """
 
     def __init__(self, every_n_validations: int = 1, max_images: int = MAX_IMAGES) -> None:
@@ -189,6 +191,21 @@ class ValidationImages(Callback):
         if not trainer.sanity_checking:
             self.validations += 1
 
+    def _loggers(self, trainer: Trainer) -> list[TensorBoardLogger]:
+        return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+    def on_validation_batch_start(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        due = self.validations % self.every_n_validations == 0 and batch_idx == 0 and dataloader_idx == 0
+        if due and not trainer.sanity_checking and self._loggers(trainer) and hasattr(pl_module, "pictures"):
+            pl_module.pictures_requested = self.max_images
+
     def on_validation_batch_end(
         self,
         trainer: Trainer,
@@ -198,19 +215,13 @@ class ValidationImages(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking or batch_idx != 0 or dataloader_idx != 0:
+        if not getattr(pl_module, "pictures_requested", 0):
             return
-        if self.validations % self.every_n_validations != 0:
-            return
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        make_images = getattr(pl_module, "images_for_logging", None)
-        if not loggers or make_images is None:
-            return
-        with torch.no_grad():
-            images = make_images(_first(batch, self.max_images))
+        pl_module.pictures_requested = 0
+        images = outputs.get("pictures", {}) if isinstance(outputs, dict) else {}
         for tag, pictures in images.items():
             pictures = pictures[: self.max_images].detach().cpu()
-            for logger in loggers:
+            for logger in self._loggers(trainer):
                 logger.experiment.add_images(tag, pictures, trainer.global_step, dataformats="NCHW")
 
     def state_dict(self) -> dict[str, int]:
