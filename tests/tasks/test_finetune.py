@@ -4,6 +4,7 @@ fresh; a resumed fine-tuning run restores its own checkpoint, not the pre-traini
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,81 @@ def test_finetuning_through_the_cli_starts_a_fresh_schedule_and_resumes_its_own(
     assert resumed.trainer.global_step == 3
     key = "backbone.fusion.layers.0.mlp.0.weight"
     assert not torch.equal(resumed.model.state_dict()[key], weights[key])  # it trained on from there
+
+
+# The architecture a checkpoint carries: a config that names only objectives and data builds the model from it.
+OBJECTIVES_ONLY = [
+    "--model", "vlp.tasks.multitask.MultiTaskModule",
+    "--model.init_args.objectives", '{"itm": {"class_path": "vlp.tasks.itm.ITMObjective"}}',
+]  # fmt: skip
+
+
+def without_backbone(config: str, folder: Path) -> list[str]:
+    """`config` (tiny.yaml) with its model replaced by objectives alone (no backbone)."""
+    text = Path(config).read_text()
+    model = text.index("model:\n")
+    data = text.index("data:\n")
+    plain = folder / "no-backbone.yaml"
+    plain.write_text(text[:model] + text[data:])
+    return ["--config", str(plain), *OBJECTIVES_ONLY]
+
+
+def test_evaluation_builds_the_backbone_from_the_checkpoint(pretrained, tmp_path):
+    args = [*without_backbone(TINY, tmp_path), *in_folder(tmp_path)]
+    cli = main(["validate", *args, "--model.init_args.init_from", str(pretrained)])
+    stored = read_weights(pretrained)
+    torch.testing.assert_close(
+        cli.model.backbone.text.word_embeddings.weight,
+        stored["backbone.text.bert.embeddings.word_embeddings.weight"],
+    )
+    assert cli.model.backbone.architecture == torch.load(pretrained, weights_only=True)["vlp_architecture"]
+    # evaluation with --ckpt_path alone (the checkpoint's objectives): the config does not describe the model
+    every = '{"itc": "vlp.tasks.itc.ITCObjective", "itm": "vlp.tasks.itm.ITMObjective", "mlm": "vlp.tasks.mlm.MLMObjective"}'
+    cli = main(["validate", *args, "--model.init_args.objectives", every, "--ckpt_path", str(pretrained)])
+    assert cli.model.backbone.fusion.layers[0].mlp[0].weight.shape[1] == 32
+
+
+def test_a_config_value_that_contradicts_the_checkpoint_is_an_error_naming_both(pretrained, tmp_path):
+    args = [
+        *without_backbone(TINY, tmp_path),
+        *in_folder(tmp_path),
+        "--model.init_args.init_from",
+        str(pretrained),
+    ]
+    backbone = "--model.init_args.backbone=vlp.platform.model.backbone.FusionBackbone"
+    with pytest.raises(
+        ValueError, match=r"text\.width: checkpoint 32, config 64.*text\.depth: checkpoint 1, config 3"
+    ):
+        main(["validate", *args, backbone, "--model.init_args.backbone.init_args.text.width=64",
+              "--model.init_args.backbone.init_args.text.depth=3"])  # fmt: skip
+
+
+def test_settings_that_may_differ_are_applied_and_listed(pretrained, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    args = [
+        *without_backbone(TINY, tmp_path),
+        *in_folder(tmp_path),
+        "--model.init_args.init_from",
+        str(pretrained),
+    ]
+    cli = main(["validate", *args, "--model.init_args.backbone=vlp.platform.model.backbone.FusionBackbone",
+                "--model.init_args.backbone.init_args.text.dropout=0.1"])  # fmt: skip
+    assert cli.model.backbone.architecture["text"]["dropout"] == 0.1
+    assert cli.model.backbone.architecture["text"]["width"] == 32  # the rest from the checkpoint
+    assert "text.dropout: 0.0 -> 0.1" in caplog.text
+
+
+def test_an_exported_file_carries_the_architecture(pretrained, tmp_path):
+    from vlp.cli.export import export
+
+    for name in ("model.safetensors", "model.pt"):
+        exported = tmp_path / name
+        export(pretrained, exported)
+        cli = main(["validate", *without_backbone(TINY, tmp_path), *in_folder(tmp_path),
+                    "--model.init_args.init_from", str(exported)])  # fmt: skip
+        assert cli.model.backbone.architecture["vision"]["width"] == 32
+
+
+def test_without_a_backbone_or_checkpoint_the_error_says_what_to_give(tmp_path):
+    with pytest.raises(ValueError, match=r"backbone is not set: give --model.init_args.init_from CKPT"):
+        main(["validate", *without_backbone(TINY, tmp_path), *in_folder(tmp_path)])

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from vlp.cli.architecture import backbone_from_checkpoint
 from vlp.cli.source_overrides import add_source_overrides, apply_source_overrides
 from vlp.datamodules.multitask import MultiTaskDataModule
 from vlp.platform.distributed.collectives import destroy_process_group_at_exit, leave_gloo_run
@@ -51,7 +52,9 @@ class VLPCLI(LightningCLI):
         add_source_overrides(parser)
 
     def before_instantiate_classes(self) -> None:
-        apply_source_overrides(self.config[self.subcommand] if self.subcommand else self.config)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        apply_source_overrides(config)
+        backbone_from_checkpoint(config, self.subcommand)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Drops the learning-rate monitor when the logger is off (`--trainer.logger false`), adds the step

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from vlp.platform.distributed.outside_step import outside_step
 from vlp.platform.distributed.strategies import fused_optimizer_fits, optimizer_stepped, parallelize
+from vlp.platform.model.architecture import ARCHITECTURE_KEY
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, batch_size_of
 from vlp.platform.optim import OptimConfig, build_optimizer
 from vlp.platform.run.callbacks import logs_this_step
@@ -83,6 +84,13 @@ class TrainableModule(LightningModule):
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val or 0.0, algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every checkpoint carries its backbone's architecture, so evaluation and fine-tuning rebuild the
+        model from it (`vlp.cli.architecture`)."""
+        backbone = getattr(self, "backbone", None)
+        if backbone is not None:
+            checkpoint[ARCHITECTURE_KEY] = backbone.architecture
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the momentum model's EMA update (when the backbone keeps one): once per

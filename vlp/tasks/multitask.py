@@ -33,8 +33,8 @@ class MultiTaskModule(TrainableModule):
 
     def __init__(
         self,
-        backbone: FusionBackbone,
-        objectives: dict[str, Callable[[FusionBackbone], Objective]],
+        backbone: FusionBackbone | None = None,
+        objectives: dict[str, Callable[[FusionBackbone], Objective]] | None = None,
         mode: Literal["sampled", "joint"] = "sampled",
         loss_weights: dict[str, float] | None = None,
         optim: OptimConfig | None = None,
@@ -49,6 +49,11 @@ class MultiTaskModule(TrainableModule):
         backbone loads strictly, heads where they fit, new ones start fresh (both listed); the optimizer and
         schedule start fresh. A resumed run (`--ckpt_path`) restores its own checkpoint over it."""
         super().__init__(optim)
+        if backbone is None:
+            raise ValueError(
+                "MultiTaskModule needs a backbone: the config's, or (through the CLI) the one stored in "
+                "init_from's checkpoint"
+            )
         self.init_from = init_from
         self.init_report: LoadReport | None = None  # what init_from loaded, once it has
         if not objectives:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from vlp.platform.model.architecture import as_plain_data
 from vlp.platform.model.decoder import CaptionDecoder, DecoderCache
 from vlp.platform.model.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
 from vlp.platform.model.fusion import FusionConfig, FusionEncoder, KeyValues, gather_tokens
@@ -124,6 +125,20 @@ class FusionBackbone(nn.Module):
         if tokenizer.pad_token_id is None or tokenizer.mask_token_id is None:
             raise ValueError("the tokenizer must define pad and mask tokens")
         self.tokenizer = tokenizer
+        # the settings that rebuild this module from a checkpoint (vlp.platform.model.architecture)
+        self.architecture = as_plain_data(
+            {
+                "vision": vision or VisionConfig(),
+                "text": text or TextConfig(),
+                "fusion": fusion or FusionConfig(),
+                "embed_dim": embed_dim,
+                "init_temperature": init_temperature,
+                "max_logit_scale": max_logit_scale,
+                "caption_decoder": caption_decoder,
+                "merging": merging,
+                "momentum": momentum,
+            }
+        )
         self.vision = VisionEncoder(vision or VisionConfig())
         self.text = TextEncoder(text or TextConfig(), len(tokenizer), tokenizer.pad_token_id)
         self.fusion = FusionEncoder(fusion or FusionConfig(), self.text.width, self.vision.width)
