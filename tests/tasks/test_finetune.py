@@ -199,3 +199,23 @@ def test_an_exported_file_carries_the_architecture(pretrained, tmp_path):
 def test_without_a_backbone_or_checkpoint_the_error_says_what_to_give(tmp_path):
     with pytest.raises(ValueError, match=r"backbone is not set: give --model.init_args.init_from CKPT"):
         main(["validate", *without_backbone(TINY, tmp_path), *in_folder(tmp_path)])
+
+
+def test_another_image_size_resamples_the_position_embeddings(make_backbone, pretrained):
+    from vlp.platform.model.encoders import VisionConfig
+
+    module = finetuner(
+        make_backbone,
+        pretrained,
+        vision=VisionConfig(image_size=48, patch_size=8, width=32, depth=1, heads=2),
+    )
+    module.setup("fit")
+    stored = read_weights(pretrained)["backbone.vision.vit.pos_embed"]  # [1, 1 + 4 * 4, 32]
+    loaded = module.backbone.vision.vit.pos_embed  # [1, 1 + 6 * 6, 32]
+    assert loaded.shape == (1, 37, 32)
+    torch.testing.assert_close(loaded[:, 0], stored[:, 0])  # [CLS] row kept
+    grid = stored[0, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(
+        grid, size=(6, 6), mode="bicubic", antialias=True, align_corners=False
+    )
+    torch.testing.assert_close(loaded[0, 1:], expected.permute(0, 2, 3, 1).reshape(36, 32))

@@ -10,6 +10,7 @@ ALBEF, a fine-tuning run's momentum model starts equal to the loaded model (`Mom
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +93,24 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def resample_position_embeddings(state: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A ViT position table [1, P + g*g, D] of another image size resampled (bicubic, as timm does) to the
+    target's grid, the P prefix ([CLS]) rows kept: fine-tuning at a higher resolution than pre-training."""
+    from timm.layers import resample_abs_pos_embed
+
+    out = dict(state)
+    for key, value in state.items():
+        want = target.get(key)
+        if not key.endswith("pos_embed") or want is None or want.shape == value.shape or value.ndim != 3:
+            continue
+        for prefix in (1, 0, 2, 4):
+            old, new = math.isqrt(value.shape[1] - prefix), math.isqrt(want.shape[1] - prefix)
+            if old * old == value.shape[1] - prefix and new * new == want.shape[1] - prefix:
+                out[key] = resample_abs_pos_embed(value, [new, new], [old, old], num_prefix_tokens=prefix)
+                break
+    return out
+
+
 def load_pretrained(
     module: nn.Module, state: dict[str, Tensor], path: str | Path = "checkpoint"
 ) -> LoadReport:
@@ -105,6 +124,7 @@ def load_pretrained(
         for k, v in everything.items()
         if not k.startswith(MOMENTUM_PREFIX) and (k.startswith(STRICT_PREFIX) or id(v) not in strict_ids)
     }
+    state = resample_position_embeddings(state, target)
     strict = [k for k in target if k.startswith(STRICT_PREFIX)]
     missing = [k for k in strict if k not in state]
     mismatched = [
