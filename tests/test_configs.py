@@ -46,3 +46,26 @@ def test_two_cpu_ranks_keep_the_default_global_batch(capsys):
 
 def test_the_default_config_exists():
     assert any(c.name == "shapes-tiny.yaml" for c in CONFIGS)
+
+
+OVERLAYS = sorted(ROOT.glob("overlays/*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[c.stem for c in OVERLAYS])
+def test_overlay_on_the_default_keeps_every_objective_and_its_settings(overlay, capsys):
+    """An overlay changes what it names and nothing else: the default's objectives and their settings stay."""
+    resolved = {}
+    for name, args in {"default": [], "overlaid": ["--config", str(overlay)]}.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(DEFAULT), *args, "--print_config"])
+        output = capsys.readouterr()
+        assert exit_info.value.code == 0, output.err
+        resolved[name] = yaml.safe_load(output.out)["model"]["init_args"]
+    default, overlaid = resolved["default"], resolved["overlaid"]
+    assert set(overlaid["objectives"]) == set(default["objectives"])
+    for name, objective in default["objectives"].items():
+        changed = overlaid["objectives"][name]["init_args"]
+        for key, value in objective["init_args"].items():
+            assert changed[key] == value or key in ("alpha", "alpha_warmup_steps", "queue_size"), (name, key)
+    for key in ("mode", "loss_weights", "row_fractions", "optim"):
+        assert overlaid[key] == default[key]
