@@ -26,15 +26,16 @@ $(STAMP): pyproject.toml requirements-lock.txt
 
 # Without a GPU, on 2 or more cores, the default trains as two CPU ranks of one thread each
 # (configs/pretrain/shapes-tiny-2cpu.yaml: the same global batch and objectives; benchmarks/make-train.md).
-# RANKS=1 keeps one process of as many threads as cores.
+# RANKS=1 keeps one process of as many threads as cores; ARGS adds `vlp fit` arguments.
 RANKS ?= auto
+ARGS ?=
 train: install
 	@extra=""; \
 	if [ "$(RANKS)" = auto ] && [ "$(CONFIG)" = configs/pretrain/shapes-tiny.yaml ] && [ "$$(nproc)" -ge 2 ] \
 	  && $(BIN)/python -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
 	  extra="--config configs/pretrain/shapes-tiny-2cpu.yaml"; fi; \
-	echo "$(BIN)/vlp fit --config $(CONFIG) $$extra"; \
-	$(BIN)/vlp fit --config $(CONFIG) $$extra
+	echo "$(BIN)/vlp fit --config $(CONFIG) $$extra $(ARGS)"; \
+	$(BIN)/vlp fit --config $(CONFIG) $$extra $(ARGS)
 
 # Tiny models: one intra-op thread per test is fastest and never oversubscribes a shared CPU.
 test: install

@@ -188,3 +188,39 @@ def test_test_and_predict_subcommands_run_from_a_checkpoint(in_tmp):
     predicted = main(["predict", "--config", CONFIG, "--ckpt_path", ckpt])
     outputs = predicted.trainer.predict_loop.predictions
     assert outputs and {"image_id", "image_embedding", "text_embedding"} <= set(outputs[0])
+
+
+def test_help_lists_every_subcommand_without_loading_the_training_stack():
+    import subprocess
+    import sys
+
+    from vlp.cli import GROUPS, LIGHTNING
+
+    check = (
+        "import sys; from vlp.cli import main; main(sys.argv[1:]); assert 'torch' not in sys.modules, 'torch'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    listed = [
+        line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ") and line.split()
+    ]
+    assert set(LIGHTNING) | set(GROUPS) <= set(listed)
+    version = subprocess.run(
+        [sys.executable, "-c", check, "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert version.returncode == 0 and version.stdout.startswith("vlp 0."), version.stderr
+
+
+def test_a_failed_run_ends_with_the_one_line_that_says_why(in_tmp):
+    import subprocess
+    import sys
+
+    bad = ["fit", "--config", CONFIG, "--model.init_args.loss_weights", '{"nope": 1.0}']
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "vlp"), *bad], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("vlp fit failed: ValueError: loss_weights names unknown objectives ['nope']"), last

@@ -1,163 +1,99 @@
-"""The `vlp` command: LightningCLI's fit / validate / test / predict over vlp's modules and data, and the
-dispatch to the groups of other subcommands (`vlp data ...`, `vlp slurm ...`, ...), one module each.
+"""The `vlp` command: a light dispatcher, so `vlp --help` and `vlp slurm status` answer without loading the
+training stack. `vlp fit | validate | test | predict` run LightningCLI (`vlp.cli.lightning_cli`), the other
+subcommands are one module each (`vlp data ...`, `vlp slurm ...`, `vlp export`, `vlp tensorboard`).
 
-The only package that knows platform, tasks and data modules together: it links the data's tokenizer
-into the backbone, so the text tower's vocabulary always matches the data.
+The only package that knows platform, tasks and data modules together.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from pathlib import Path
+import traceback
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
-
-from vlp.cli.architecture import backbone_from_checkpoint
-from vlp.cli.source_overrides import add_source_overrides, apply_source_overrides
-from vlp.datamodules.multitask import MultiTaskDataModule
-from vlp.platform.distributed.collectives import destroy_process_group_at_exit, leave_gloo_run
-from vlp.platform.distributed.strategies import allow_unused_parameters, fp16_mixed_on_cpu
-from vlp.platform.run.callbacks import (
-    FinalValidation,
-    MetricsSummary,
-    NonFiniteLossGuard,
-    RandomStateCheckpoint,
-    SamplerMonitor,
-    StepProgressBar,
-    ThroughputMonitor,
-)
-from vlp.platform.run.checkpoints import AtomicCheckpointIO, newest_complete_checkpoint
-from vlp.platform.run.perf import FlopsMonitor
-from vlp.platform.run.prediction_writer import PredictionWriter
-from vlp.platform.run.requeue import RequeueAtStepBoundary
-from vlp.platform.run.skipped_samples import SkippedSamplesMonitor
-from vlp.platform.run.visualization import ValidationImages
-from vlp.tasks.base import TrainableModule
+LIGHTNING = {
+    "fit": "train (and validate) a model from a YAML config: vlp fit --config configs/pretrain/shapes-tiny.yaml",
+    "validate": "score a checkpoint on the validation split (--ckpt_path, or init_from for zero-shot)",
+    "test": "score a checkpoint on the test split",
+    "predict": "write a checkpoint's predictions (captions, boxes, answers, embeddings) to the run folder",
+}
+# subcommand -> (module of this package with `main(argv: list[str]) -> int | None`, one line); imported on use
+GROUPS: dict[str, tuple[str, str]] = {
+    "data": ("data", "convert data to streamed chunks (optimize) or look at it first (inspect)"),
+    "slurm": ("slurm", "submit, watch and cancel training jobs on a Slurm cluster"),
+    "export": ("export", "one consolidated weights file (with its architecture) from any checkpoint"),
+    "tensorboard": ("tensorboard", "serve the runs' TensorBoard logs on 127.0.0.1"),
+}
 
 
-class VLPCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite_guard")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "{step}"})
-        parser.link_arguments(
-            "data.tokenizer", "model.init_args.backbone.init_args.tokenizer", apply_on="instantiate"
-        )
-        add_source_overrides(parser)
-
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        apply_source_overrides(config)
-        backbone_from_checkpoint(config, self.subcommand)
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Drops the learning-rate monitor when the logger is off (`--trainer.logger false`), adds the step
-        progress bar unless the bar is off or the config brings its own, atomic
-        checkpoint writes unless the config brings its own checkpoint IO, and fp16 autocast with a loss
-        scaler for `precision: 16-mixed` on the CPU (Lightning would switch to bf16-mixed)."""
-        if config.get("logger") is False:  # LearningRateMonitor stops a run that has no logger to write to
-            defaults = self.trainer_defaults.get("callbacks") or []
-            self.trainer_defaults = {
-                **self.trainer_defaults,
-                "callbacks": [c for c in defaults if not isinstance(c, LearningRateMonitor)],
-            }
-        own_bar = any(isinstance(c, ProgressBar) for c in [*callbacks, *(config.get("callbacks") or [])])
-        if config.get("enable_progress_bar") is not False and not own_bar:
-            callbacks = [*callbacks, StepProgressBar()]
-        plugins = config.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
-        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
-            plugins = config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        cpu_fp16 = fp16_mixed_on_cpu(
-            config.get("precision"), config.get("accelerator"), config.get("strategy")
-        )
-        if cpu_fp16 is not None:
-            config["precision"], config["plugins"] = None, [*plugins, cpu_fp16]
-        return super()._instantiate_trainer(config, callbacks)
-
-    def before_fit(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def before_validate(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def before_test(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def before_predict(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def _resolve_last_checkpoint(self) -> None:
-        """`--ckpt_path last`: the newest complete checkpoint of the whole experiment (every version
-        folder under the logger's `<save_dir>/<name>/`), not only of this run's new, empty folder."""
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "last":
-            return
-        logger = self.trainer.logger
-        experiment = Path(getattr(logger, "root_dir", None) or self.trainer.default_root_dir)
-        newest = newest_complete_checkpoint(experiment)
-        if newest is not None:
-            rank_zero_info(f"--ckpt_path last: resuming from {newest}")
-            config["ckpt_path"] = str(newest)
-
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        allow_unused_parameters(self.trainer.strategy)
+def package_version() -> str:
+    try:
+        return version("vlp")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
-def run(args: list[str] | None = None) -> VLPCLI:
-    """Parse `args` (default: the command line), run the subcommand, return the CLI (trainer, model, data)."""
-    return VLPCLI(
-        model_class=TrainableModule,
-        subclass_mode_model=True,
-        datamodule_class=MultiTaskDataModule,
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": "default"},
-            },
-            "callbacks": [
-                LearningRateMonitor(logging_interval="step"),
-                ThroughputMonitor(),
-                FlopsMonitor(every_n_steps=250),
-                SamplerMonitor(),
-                MetricsSummary(),
-                RandomStateCheckpoint(),
-                PredictionWriter(),
-                PredictionWriter(filename="answers.json", key="answers", id_key="question_id"),
-                ValidationImages(),
-                FinalValidation(),
-                RequeueAtStepBoundary(),
-                SkippedSamplesMonitor(),
-            ],
-        },
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-    )
+def overview() -> str:
+    width = max(map(len, [*LIGHTNING, *GROUPS]))
+    lines = ["usage: vlp <command> [options]    (vlp <command> --help: its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in GROUPS.items()]
+    lines += ["", "  --version   print vlp's version", "  --help      this overview"]
+    return "\n".join(lines)
 
 
-# subcommand -> module of this package with `main(argv: list[str]) -> int | None`; imported on use only
-GROUPS: dict[str, str] = {"data": "data", "slurm": "slurm", "export": "export", "tensorboard": "tensorboard"}
+def __getattr__(name: str) -> Any:
+    """`vlp.cli.run` and `vlp.cli.VLPCLI` load the training stack when first used."""
+    if name in ("run", "VLPCLI"):
+        return getattr(importlib.import_module(f"{__name__}.lightning_cli"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The first exception of a chain: jsonargparse wraps a class's own error ("Does not validate against any
+    of the Union subtypes ...") and Lightning re-raises in its own words; the user needs the original."""
+    seen = {id(error)}
+    while (error.__cause__ or error.__context__) is not None and id(
+        error.__cause__ or error.__context__
+    ) not in seen:
+        error = error.__cause__ or error.__context__
+        seen.add(id(error))
+    return error
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The `vlp` console script: a group's subcommand, else LightningCLI. Exits 0 on success."""
+    """The `vlp` console script: an overview, a group's subcommand, else LightningCLI. Exits 0 on success;
+    a failed run ends its output with one line that says why."""
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in GROUPS:
-        module = importlib.import_module(f"{__name__}.{GROUPS[args[0]]}")
+    if not args or args[0] in ("-h", "--help"):
+        print(overview())
+        return
+    if args[0] == "--version":
+        print(f"vlp {package_version()}")
+        return
+    if args[0] in GROUPS:
+        module = importlib.import_module(f"{__name__}.{GROUPS[args[0]][0]}")
         code = module.main(args[1:])
         if code:
             raise SystemExit(code)
         return
+    from vlp.cli.lightning_cli import run
+    from vlp.platform.distributed.collectives import destroy_process_group_at_exit, leave_gloo_run
+
     destroy_process_group_at_exit()  # a multi-rank run must not abort at exit (see both functions)
-    run(argv)  # None: LightningCLI reads sys.argv itself (and does not warn about args given twice)
+    try:
+        run(argv)  # None: LightningCLI reads sys.argv itself (and does not warn about args given twice)
+    except Exception as error:
+        traceback.print_exc()
+        rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_PROCID")
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        cause = root_cause(error)
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        print(f"\nvlp {args[0]} failed{where}: {type(cause).__name__}: {reason}", file=sys.stderr)
+        raise SystemExit(1) from None
     leave_gloo_run()
 
 

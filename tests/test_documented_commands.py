@@ -1,0 +1,193 @@
+"""Every `vlp` / `make` command the README and docs/ show runs, as a user types it, in their order.
+
+litgpt's `tests/test_readme.py` is the pattern: the commands a user is shown are the interface, so a command
+whose form changes fails here instead of on a user's machine. The commands run in a scratch folder laid out
+as the repository (configs/ and the data files the data commands name), in the order they are documented,
+sharing their runs: pre-train -> evaluate -> export -> zero-shot / fine-tune -> test -> predict, each
+strategy and precision, `vlp data optimize` -> `fit` on the chunks. A short form keeps each one to seconds
+(`SHORT`: two steps, two validation batches). A command that needs what only a user has (a GPU cluster, COCO,
+a bucket) says so in a trailing `# needs: ...` comment: it is parsed (`--print_config`, `--dry-run`), not run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+VLP = str(Path(sys.executable).parent / "vlp")
+# a few steps, two validation batches, no progress bar: what every fit / validate / test / predict adds
+SHORT = [
+    "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+    "--trainer.limit_test_batches", "2", "--trainer.limit_predict_batches", "2",
+    "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+]  # fmt: skip
+NOT_RUN = {
+    "make test": "the suite itself (CI runs it)",
+    "make tensorboard": "a server (tests/cli/test_tensorboard.py)",
+}
+
+
+@dataclass
+class Command:
+    page: str
+    line: int
+    text: str  # the command, continuation lines joined
+    needs: str | None  # what only a user has, from a trailing `# needs: ...`
+
+    @property
+    def words(self) -> list[str]:
+        return shlex.split(self.text)
+
+    def __str__(self) -> str:
+        return f"{self.page}:{self.line}: {self.text}"
+
+
+def documented_commands() -> list[Command]:
+    """The `vlp ...` and `make ...` lines of every fenced block, comments split off, in page order."""
+    commands = []
+    for page in PAGES:
+        lines = page.read_text().splitlines()
+        fenced, start, pending = False, 0, ""
+        for number, line in enumerate(lines, 1):
+            if line.startswith("```"):
+                fenced = not fenced
+                continue
+            if not fenced:
+                continue
+            if not pending and not re.match(r"\s*(vlp|make) ", line):
+                continue
+            start = start if pending else number
+            pending += " " + line.strip()
+            if pending.endswith("\\"):
+                pending = pending[:-1]
+                continue
+            text, _, comment = pending.partition(" #")
+            needs = re.search(r"needs: ?(.*)", comment)
+            commands.append(Command(page.name, start, " ".join(text.split()), needs and needs.group(1)))
+            pending = ""
+    return commands
+
+
+def jpeg(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, ((37 * seed) % 256, (91 * seed) % 256, (53 * seed) % 256)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def lay_out_user_files(folder: Path) -> None:
+    """The repository's configs, and the data files the data commands name: COCO captions with images,
+    WebDataset shards, a TSV table."""
+    (folder / "configs").symlink_to(ROOT / "configs")
+    for name in ("Makefile", "pyproject.toml", "requirements-lock.txt"):
+        (folder / name).symlink_to(ROOT / name)
+    words = ["red", "blue", "green", "small", "large", "circle", "square", "left", "right", "top"]
+    images, captions = [], []
+    for index in range(16):
+        (folder / "coco").mkdir(exist_ok=True)
+        (folder / "coco" / f"{index:06d}.jpg").write_bytes(jpeg(index))
+        images.append({"id": index, "file_name": f"{index:06d}.jpg"})
+        captions.append({"id": index, "image_id": index, "caption": f"a {words[index % 10]} picture {index}"})
+    (folder / "captions_val2017.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    (folder / "shards").mkdir()
+    for shard in range(2):
+        with tarfile.open(folder / "shards" / f"shard-{shard:03d}.tar", "w") as archive:
+            for index in range(16):
+                key = f"{shard}{index:04d}"
+                for name, data in ((f"{key}.jpg", jpeg(index + 16 * shard, (64, 48))),
+                                   (f"{key}.txt", f"the {words[index % 10]} shard image {index}".encode())):  # fmt: skip
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+    (folder / "images").mkdir()
+    rows = ["filepath\ttitle"]
+    for index in range(16):
+        (folder / "images" / f"{index}.jpg").write_bytes(jpeg(100 + index))
+        rows.append(f"{index}.jpg\ta {words[index % 10]} table image {index}")
+    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+
+
+def short_form(command: Command) -> tuple[list[str], bool]:
+    """(argv to run, whether it runs for real). Training commands get `SHORT`; a command that `needs`
+    something is parsed instead: `--print_config` for the LightningCLI ones, `--dry-run` for a Slurm submit."""
+    words = command.words
+    if words[0] == "make":
+        # the checkout's environment, never reinstalled from here (-o: its stamp counts as up to date; make
+        # would otherwise install the scratch folder's symlinked project), the short form in ARGS
+        venv = Path(sys.executable).parents[1]
+        return [
+            "make",
+            "-o",
+            f"{venv}/.installed",
+            *words[1:],
+            f"VENV={venv}",
+            f"ARGS={' '.join(SHORT)}",
+        ], True
+    argv = [VLP, *words[1:]]
+    lightning = words[1] in ("fit", "validate", "test", "predict")
+    if command.needs is None:
+        return [*argv, *SHORT] if lightning else argv, True
+    if lightning:
+        return [*argv, "--print_config"], False
+    if words[1:3] == ["slurm", "submit"]:
+        separator = argv.index("--") if "--" in argv else len(argv)
+        return [*argv[:separator], "--dry-run", *argv[separator:]], False
+    return [], False
+
+
+def run(argv: list[str], folder: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("SLURM_JOB_ID", None)
+    return subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_command_is_run_or_says_what_it_needs():
+    commands = documented_commands()
+    assert len(commands) >= 30, [str(c) for c in commands]
+    for command in commands:
+        assert "..." not in command.text and "[" not in command.text, f"not typeable: {command}"
+        if command.needs is None and command.text not in NOT_RUN:
+            assert short_form(command)[1], command
+
+
+@pytest.mark.slow
+def test_documented_commands_run_in_order(tmp_path):
+    lay_out_user_files(tmp_path)
+    ran = []
+    for command in documented_commands():
+        if command.text in NOT_RUN:
+            continue
+        argv, real = short_form(command)
+        if not argv:
+            continue
+        result = run(argv, tmp_path)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{command}\n{output[-4000:]}"
+        trains = command.words[0] == "vlp" and command.words[1] in ("fit", "validate", "test")
+        if real and trains and "--print_config" not in command.words:
+            written = re.findall(r"metrics\.json: (\S+)", result.stdout)
+            assert written and json.loads(Path(written[-1]).read_text()), (
+                f"{command}: no scores\n{output[-2000:]}"
+            )
+        ran.append((command, real))
+    assert sum(real for _, real in ran) >= 25
+    # every strategy config ran with the default TensorBoard logger, and the pictures reached its event files
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for version in sorted((tmp_path / "runs" / "shapes-tiny").glob("version_*")):
+        config = (version / "config.yaml").read_text()
+        if "strategies.DeepSpeedStrategy" in config or "strategies.FSDP2Strategy" in config:
+            events = EventAccumulator(str(version), size_guidance={"images": 0}).Reload()
+            assert any(tag.startswith("val/") for tag in events.Tags()["images"]), version
