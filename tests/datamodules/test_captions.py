@@ -130,7 +130,7 @@ def test_configuration_errors_name_the_file_before_training(coco_folder: Path):
     with pytest.raises(ValueError, match=r"broken.json: malformed JSON at line 2, column 12"):
         CocoCaptionsSource(str(coco_folder / "broken.json"), str(coco_folder / "images"))
     (coco_folder / "fields.json").write_text('{"images": [{"id": 1}], "annotations": []}')
-    with pytest.raises(ValueError, match=r"fields.json: images\[0\] has no field 'file_name'"):
+    with pytest.raises(ValueError, match=r"fields.json: images\[0\] \(id 1\) has no field 'file_name'"):
         CocoCaptionsSource(str(coco_folder / "fields.json"), str(coco_folder / "images"))
     with pytest.raises(ValueError, match="no val annotations"):
         CocoCaptionsSource(str(coco_folder / "captions_train.json"), str(coco_folder / "images")).dataset(
