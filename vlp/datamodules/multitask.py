@@ -32,7 +32,8 @@ from vlp.platform.distributed.collectives import all_gather_objects
 from vlp.platform.sampler import MultiTaskSampler, SamplingStrategy
 
 FEEDBACK_LAG = 2
-# a run's bad fraction is judged once this many samples were read, so one early bad file cannot stop it
+# a run's bad fraction is judged once this many samples were read (annotation entries, usable or not, and
+# samples the loaders read, over all ranks), so one early bad entry or file cannot stop a run
 MIN_SAMPLES_FOR_BAD_FRACTION = 100
 
 
@@ -267,7 +268,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.loader_skipped: Counter[str] = Counter()  # this rank's
         self.samples_loaded = 0  # this rank's, usable or not
         self.skipped, self.samples_read = Counter(self.annotation_skipped), self.annotation_total
-        self.check_bad_fraction(minimum=0)
+        self.check_bad_fraction()
 
     def sync_skipped(self) -> None:
         """The whole run's counts into `skipped` / `samples_read`: annotation skips once, loader skips and
