@@ -2,13 +2,15 @@
 across the experiment's versions, and the step progress bar."""
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlp.cli import run
-from vlp.platform.run.checkpoints import AtomicCheckpointIO
+from vlp.platform.run.checkpoints import AtomicCheckpointIO, partial_path
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
@@ -74,3 +76,33 @@ def test_progress_bar_counts_steps_of_max_steps_with_objective_losses(in_tmp, ca
     for name in ("itc=", "itm=", "mlm="):
         assert name in out, final
     assert "train/" not in out and "v_num" not in out
+
+
+# until `vlp.cli` lists StalePartialsCleanup among its default callbacks (a second one is harmless)
+CLEANUP = "--trainer.callbacks+=vlp.platform.run.checkpoints.StalePartialsCleanup"
+
+
+@pytest.mark.parametrize("max_steps", [6, 7])
+def test_a_run_killed_after_its_last_checkpoint_writes_its_scores_when_resumed(in_tmp, capsys, max_steps):
+    """Killed after `step=N.ckpt` (while writing `last.ckpt`) and before metrics.json: the resumed fit
+    removes the killed save's partial file, trains nothing, validates once and writes the scores the killed
+    run would have written (same weights, same validation data)."""
+    args = ["fit", "--config", CONFIG, "--trainer.max_steps", str(max_steps)]
+    first = run(args)
+    folder = Path(first.trainer.log_dir)
+    written = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").unlink()
+    ended = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True)
+    partial = partial_path(folder / "checkpoints" / "last.ckpt")
+    partial = partial.with_name(partial.name.replace(f"-{os.getpid()}-", f"-{int(ended.stdout)}-"))
+    partial.write_bytes(b"PK" + bytes(1000))
+    capsys.readouterr()
+    resumed = run([*args, "--ckpt_path", "last", CLEANUP])
+    assert not partial.exists()
+    assert resumed.trainer.global_step == max_steps
+    out = capsys.readouterr().out
+    metrics = json.loads((Path(resumed.trainer.log_dir) / "metrics.json").read_text())
+    scores = {key: value for key, value in written.items() if key.startswith("val/")}
+    assert len(scores) >= 10 and {key: metrics[key] for key in scores} == pytest.approx(scores, abs=1e-6)
+    assert "val/retrieval/t2i_r1" in out.split("Scores:")[1]
+    assert scalar_steps(Path(resumed.trainer.log_dir), "val/itc/loss") == [max_steps - 1]
