@@ -106,3 +106,45 @@ def test_a_run_killed_after_its_last_checkpoint_writes_its_scores_when_resumed(i
     assert len(scores) >= 10 and {key: metrics[key] for key in scores} == pytest.approx(scores, abs=1e-6)
     assert "val/retrieval/t2i_r1" in out.split("Scores:")[1]
     assert scalar_steps(Path(resumed.trainer.log_dir), "val/itc/loss") == [max_steps - 1]
+
+
+@pytest.fixture
+def trained_ids(monkeypatch) -> list[list[int]]:
+    """The image ids of every training batch the data module hands over, per batch."""
+    from vlp.datamodules.multitask import MultiTaskDataModule
+
+    seen: list[list[int]] = []
+    original = MultiTaskDataModule.on_before_batch_transfer
+
+    def record(self, batch: dict, dataloader_idx: int) -> dict:
+        if "objective" in batch:
+            seen.append(batch["image_id"].tolist())
+        return original(self, batch, dataloader_idx)
+
+    monkeypatch.setattr(MultiTaskDataModule, "on_before_batch_transfer", record)
+    return seen
+
+
+@pytest.mark.parametrize(("before", "after"), [(8, 4), (4, 8), (8, 6), (6, 8), (8, 8)])
+def test_a_resume_with_another_batch_size_continues_at_the_next_sample(in_tmp, trained_ids, before, after):
+    """3 steps of `before` samples, then steps of `after`: the resumed run reads the epoch's order on from
+    sample 3 x `before`, in whole batches, so no sample of the epoch is trained twice or left out
+    (up to the tail shorter than a batch, which every epoch drops)."""
+    from vlp.datamodules.source import shard_order
+
+    batch_size = "--data.sources.shapes.init_args.batch_size"
+    run(["fit", "--config", CONFIG, "--trainer.max_steps", "3", batch_size, str(before)])
+    first = [i for batch in trained_ids for i in batch]
+    trained_ids.clear()
+    steps = (96 - 3 * before) // after  # the rest of the epoch, then one batch of the next
+    resumed = run(
+        ["fit", "--config", CONFIG, "--trainer.max_steps", str(3 + steps + 1), batch_size, str(after)]
+        + ["--ckpt_path", "last"]
+    )
+    assert resumed.trainer.global_step == 3 + steps + 1
+    assert [len(batch) for batch in trained_ids] == [after] * (steps + 1)
+    second = [i for batch in trained_ids for i in batch]
+    order = shard_order(96, seed=0, epoch=0)
+    assert first == order[: 3 * before]
+    assert second[: steps * after] == order[3 * before : 3 * before + steps * after]
+    assert second[steps * after :] == shard_order(96, seed=0, epoch=1)[:after]
