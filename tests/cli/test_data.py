@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,143 @@ def test_data_commands_report_bad_input_in_one_line(coco_run: Path, capsys):
     Path("broken.json").write_text('{"images": [}')
     assert data_main(["optimize", "--input", "broken.json", "--image-root", "images", "--output", "out"]) == 2
     assert "broken.json: malformed JSON at line 1, column 13" in capsys.readouterr().err
+
+
+def bomb(path: Path) -> None:
+    from ..datamodules.conftest import huge_png_header
+
+    path.write_bytes(huge_png_header(100_000, 100_000))  # past Pillow's DecompressionBombError threshold
+
+
+INSPECT_SURVIVES = [
+    # (what is wrong, how to make it, skips by reason that `inspect` and `fit`'s reader both count)
+    ("bomb header", lambda root, data: bomb(root / "b.jpg"), {}),
+    ("bomb header twice", lambda root, data: (bomb(root / "a.jpg"), bomb(root / "b.jpg")), {}),
+    ("zero bytes", lambda root, data: (root / "b.jpg").write_bytes(b""), {}),
+    ("text as jpg", lambda root, data: (root / "b.jpg").write_text("hello"), {}),
+    ("truncated", lambda root, data: (root / "b.jpg").write_bytes((root / "a.jpg").read_bytes()[:200]), {}),
+    (
+        "folder named .jpg",
+        lambda root, data: (root / "b.jpg").unlink() or (root / "b.jpg").mkdir(),
+        {"missing_file": 1},
+    ),
+    (
+        "lone surrogate",
+        lambda root, data: data["annotations"].append({"image_id": 1, "caption": "\ud800"}),
+        {"bad_encoding": 1},
+    ),
+    (
+        "control only",
+        lambda root, data: data["annotations"].append({"image_id": 1, "caption": "\x00\x1b"}),
+        {"empty_caption": 1},
+    ),
+    (
+        "outside root",
+        lambda root, data: (
+            data["images"].append({"id": 9, "file_name": "../x.jpg"})
+            or data["annotations"].append({"image_id": 9, "caption": "x"})
+        ),
+        {"outside_root": 1},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("problem", "make", "counted"), INSPECT_SURVIVES, ids=[c[0] for c in INSPECT_SURVIVES]
+)
+def test_inspect_survives_what_fit_survives_and_counts_by_the_same_rule(
+    tmp_path, monkeypatch, problem, make, counted
+):
+    from vlp.datamodules.captions import read_coco
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "images"
+    for index, name in enumerate("abc"):
+        write_jpeg(root / f"{name}.jpg", seed=index, width=24, height=18)
+    data = {
+        "images": [{"id": i, "file_name": f"{n}.jpg"} for i, n in enumerate("abc")],
+        "annotations": [{"image_id": i, "caption": f"photo {n}"} for i, n in enumerate("abc")],
+    }
+    make(root, data)
+    Path("data.json").write_text(json.dumps(data))
+    args = ["inspect", "data.json", "--image-root", "images", "--samples", "4", "--json", "summary.json"]
+    assert data_main(args) == 0
+    summary = json.loads(Path("summary.json").read_text())
+    reader_counts: Counter = Counter()
+    read_coco(Path("data.json"), root, reader_counts)
+    assert summary["skipped"] == dict(reader_counts) == counted
+    assert Path("data-sheet.png").is_file()
+
+
+INSPECT_REFUSES = [
+    (
+        "images as an object",
+        {"images": {"0": {"id": 0, "file_name": "a.jpg"}}, "annotations": []},
+        "the top level: field 'images' must be a list, got an object",
+    ),
+    (
+        "id a word",
+        {"images": [{"id": "one", "file_name": "a.jpg"}], "annotations": []},
+        "images[0]: field 'id' must be an integer, got a string 'one'",
+    ),
+    (
+        "id a list",
+        {"images": [{"id": [1], "file_name": "a.jpg"}], "annotations": []},
+        "images[0]: field 'id' must be an integer, got a list [1]",
+    ),
+    (
+        "file_name null",
+        {"images": [{"id": 1, "file_name": None}], "annotations": []},
+        "images[0] (id 1): field 'file_name' must be a non-empty string, got null None",
+    ),
+    (
+        "file_name a number",
+        {"images": [{"id": 1, "file_name": 5}], "annotations": []},
+        "images[0] (id 1): field 'file_name' must be a non-empty string, got a number 5",
+    ),
+    (
+        "duplicate id",
+        {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], "annotations": []},
+        "images[1]: id 1 repeats the id of images[0]",
+    ),
+    (
+        "images an empty object",
+        {"images": {}, "annotations": []},
+        "the top level: field 'images' must be a list, got an object",
+    ),
+]
+
+
+@pytest.mark.parametrize(("problem", "data", "message"), INSPECT_REFUSES, ids=[c[0] for c in INSPECT_REFUSES])
+@pytest.mark.parametrize("command", ["inspect", "optimize"])
+def test_data_commands_name_file_record_and_field_of_a_malformed_annotation(
+    tmp_path, monkeypatch, capsys, problem, data, message, command
+):
+    monkeypatch.chdir(tmp_path)
+    write_jpeg(tmp_path / "images" / "a.jpg")
+    Path("data.json").write_text(json.dumps(data))
+    args = ["data.json"] if command == "inspect" else ["--input", "data.json", "--output", "out"]
+    assert data_main([command, *args, "--image-root", "images"]) == 2
+    assert capsys.readouterr().err == f"vlp data {command}: error: data.json: {message}\n"
+
+
+def test_optimize_never_copies_an_image_outside_the_root(coco_run: Path):
+    secret = coco_run / "secret.jpg"
+    write_jpeg(secret, seed=99)
+    data = json.loads(Path("val.json").read_text())
+    data["images"] += [{"id": 7001, "file_name": "../secret.jpg"}, {"id": 7002, "file_name": str(secret)}]
+    data["annotations"] += [{"image_id": 7001, "caption": "x"}, {"image_id": 7002, "caption": "y"}]
+    Path("leaky.json").write_text(json.dumps(data))
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from vlp.cli import main; main(sys.argv[1:])",
+        "data",
+        "optimize",
+    ]
+    args = ["--input", "leaky.json", "--image-root", "images", "--output", "chunks/leaky"]
+    done = subprocess.run(command + args, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "samples written: 8" in done.stdout and "  outside_root: 2" in done.stdout
+    secret_bytes = secret.read_bytes()[-64:]
+    assert not any(secret_bytes in chunk.read_bytes() for chunk in Path("chunks/leaky").glob("*.bin"))

@@ -2,13 +2,15 @@
 across the experiment's versions, and the step progress bar."""
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlp.cli import run
-from vlp.platform.run.checkpoints import AtomicCheckpointIO
+from vlp.platform.run.checkpoints import AtomicCheckpointIO, partial_path
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 
@@ -74,3 +76,75 @@ def test_progress_bar_counts_steps_of_max_steps_with_objective_losses(in_tmp, ca
     for name in ("itc=", "itm=", "mlm="):
         assert name in out, final
     assert "train/" not in out and "v_num" not in out
+
+
+# until `vlp.cli` lists StalePartialsCleanup among its default callbacks (a second one is harmless)
+CLEANUP = "--trainer.callbacks+=vlp.platform.run.checkpoints.StalePartialsCleanup"
+
+
+@pytest.mark.parametrize("max_steps", [6, 7])
+def test_a_run_killed_after_its_last_checkpoint_writes_its_scores_when_resumed(in_tmp, capsys, max_steps):
+    """Killed after `step=N.ckpt` (while writing `last.ckpt`) and before metrics.json: the resumed fit
+    removes the killed save's partial file, trains nothing, validates once and writes the scores the killed
+    run would have written (same weights, same validation data)."""
+    args = ["fit", "--config", CONFIG, "--trainer.max_steps", str(max_steps)]
+    first = run(args)
+    folder = Path(first.trainer.log_dir)
+    written = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").unlink()
+    ended = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True)
+    partial = partial_path(folder / "checkpoints" / "last.ckpt")
+    partial = partial.with_name(partial.name.replace(f"-{os.getpid()}-", f"-{int(ended.stdout)}-"))
+    partial.write_bytes(b"PK" + bytes(1000))
+    capsys.readouterr()
+    resumed = run([*args, "--ckpt_path", "last", CLEANUP])
+    assert not partial.exists()
+    assert resumed.trainer.global_step == max_steps
+    out = capsys.readouterr().out
+    metrics = json.loads((Path(resumed.trainer.log_dir) / "metrics.json").read_text())
+    scores = {key: value for key, value in written.items() if key.startswith("val/")}
+    assert len(scores) >= 10 and {key: metrics[key] for key in scores} == pytest.approx(scores, abs=1e-6)
+    assert "val/retrieval/t2i_r1" in out.split("Scores:")[1]
+    assert scalar_steps(Path(resumed.trainer.log_dir), "val/itc/loss") == [max_steps - 1]
+
+
+@pytest.fixture
+def trained_ids(monkeypatch) -> list[list[int]]:
+    """The image ids of every training batch the data module hands over, per batch."""
+    from vlp.datamodules.multitask import MultiTaskDataModule
+
+    seen: list[list[int]] = []
+    original = MultiTaskDataModule.on_before_batch_transfer
+
+    def record(self, batch: dict, dataloader_idx: int) -> dict:
+        if "objective" in batch:
+            seen.append(batch["image_id"].tolist())
+        return original(self, batch, dataloader_idx)
+
+    monkeypatch.setattr(MultiTaskDataModule, "on_before_batch_transfer", record)
+    return seen
+
+
+@pytest.mark.parametrize(("before", "after"), [(8, 4), (4, 8), (8, 6), (6, 8), (8, 8)])
+def test_a_resume_with_another_batch_size_continues_at_the_next_sample(in_tmp, trained_ids, before, after):
+    """3 steps of `before` samples, then steps of `after`: the resumed run reads the epoch's order on from
+    sample 3 x `before`, in whole batches, so no sample of the epoch is trained twice or left out
+    (up to the tail shorter than a batch, which every epoch drops)."""
+    from vlp.datamodules.source import shard_order
+
+    batch_size = "--data.sources.shapes.init_args.batch_size"
+    run(["fit", "--config", CONFIG, "--trainer.max_steps", "3", batch_size, str(before)])
+    first = [i for batch in trained_ids for i in batch]
+    trained_ids.clear()
+    steps = (96 - 3 * before) // after  # the rest of the epoch, then one batch of the next
+    resumed = run(
+        ["fit", "--config", CONFIG, "--trainer.max_steps", str(3 + steps + 1), batch_size, str(after)]
+        + ["--ckpt_path", "last"]
+    )
+    assert resumed.trainer.global_step == 3 + steps + 1
+    assert [len(batch) for batch in trained_ids] == [after] * (steps + 1)
+    second = [i for batch in trained_ids for i in batch]
+    order = shard_order(96, seed=0, epoch=0)
+    assert first == order[: 3 * before]
+    assert second[: steps * after] == order[3 * before : 3 * before + steps * after]
+    assert second[steps * after :] == shard_order(96, seed=0, epoch=1)[:after]

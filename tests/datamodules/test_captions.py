@@ -98,11 +98,13 @@ def test_a_data_module_stops_past_max_bad_fraction_with_the_counts(coco_folder: 
     write_coco(coco_folder / "captions_train.json", images, [(i, "ok" if i else " ") for i in range(24)])
     source = coco(coco_folder)
     assert source.total == 23 + 8 + 1  # image 0 had only the empty caption
-    MultiTaskDataModule({"coco": source}, max_bad_fraction=0.05)
+    # 1 of 32 is bad, but the fraction is judged once 100 samples were read
+    module = MultiTaskDataModule({"coco": source}, max_bad_fraction=0.005)
+    module.samples_read = 100  # as after 68 loaded samples without another bad one
     with pytest.raises(
-        RuntimeError, match=r"max_bad_fraction=0.01.*skipped 1 of 32 samples read \(empty_caption: 1\)"
+        RuntimeError, match=r"max_bad_fraction=0.005.*skipped 1 of 100 samples read \(empty_caption: 1\)"
     ):
-        MultiTaskDataModule({"coco": source})
+        module.check_bad_fraction()
 
 
 def test_the_data_module_counts_what_the_loader_stepped_over(coco_folder: Path):
@@ -130,7 +132,7 @@ def test_configuration_errors_name_the_file_before_training(coco_folder: Path):
     with pytest.raises(ValueError, match=r"broken.json: malformed JSON at line 2, column 12"):
         CocoCaptionsSource(str(coco_folder / "broken.json"), str(coco_folder / "images"))
     (coco_folder / "fields.json").write_text('{"images": [{"id": 1}], "annotations": []}')
-    with pytest.raises(ValueError, match=r"fields.json: images\[0\] has no field 'file_name'"):
+    with pytest.raises(ValueError, match=r"fields.json: images\[0\] \(id 1\) has no field 'file_name'"):
         CocoCaptionsSource(str(coco_folder / "fields.json"), str(coco_folder / "images"))
     with pytest.raises(ValueError, match="no val annotations"):
         CocoCaptionsSource(str(coco_folder / "captions_train.json"), str(coco_folder / "images")).dataset(

@@ -94,10 +94,13 @@ def test_ranks_get_disjoint_equal_shards():
     assert len(set(sum(shards, []))) == 9
 
 
-def test_endless_sampler_starts_part_way_and_runs_on_in_whole_batches():
-    pairs = list(islice(EndlessSampler(20, seed=5, batch_size=6, epoch=2, start=7), 11 + 18))
+@pytest.mark.parametrize(("start", "kept"), [(0, 18), (6, 12), (7, 6), (12, 6), (13, 0), (17, 0), (18, 0)])
+def test_endless_sampler_starts_part_way_and_runs_on_in_whole_batches(start, kept):
+    """20 items in batches of 6: an epoch is 18; from `start` on, the first epoch keeps the whole batches
+    that fit (a start off the batch grid is a run resumed with another batch size), so none mixes epochs."""
+    pairs = list(islice(EndlessSampler(20, seed=5, batch_size=6, epoch=2, start=start), kept + 18))
     epoch2, epoch3 = shard_order(20, seed=5, epoch=2), shard_order(20, seed=5, epoch=3)
-    assert pairs == [(2, i) for i in epoch2[7:18]] + [(3, i) for i in epoch3[:18]]  # 2 of 20 dropped
+    assert pairs == [(2, i) for i in epoch2[start : start + kept]] + [(3, i) for i in epoch3[:18]]
 
 
 def test_loader_workers_live_across_epochs_and_follow_them():

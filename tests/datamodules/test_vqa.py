@@ -132,7 +132,9 @@ def test_bad_configuration_is_a_clear_error(vqa_folder, tmp_path):
         VQASource(**{**vqa_folder, "train_questions": str(broken)})
     missing_field = tmp_path / "fields.json"
     missing_field.write_text(json.dumps({"questions": [{"question_id": 1, "question": "q ?"}]}))
-    with pytest.raises(ValueError, match=r"fields.json: questions\[0\] has no field 'image_id'"):
+    with pytest.raises(
+        ValueError, match=r"fields.json: questions\[0\] \(question_id 1\) has no field 'image_id'"
+    ):
         VQASource(**{**vqa_folder, "train_questions": str(missing_field)})
 
 

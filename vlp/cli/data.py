@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlp.datamodules.captions import read_coco, read_json, read_karpathy
+from vlp.datamodules.annotations import read_json
+from vlp.datamodules.captions import read_coco, read_karpathy
 from vlp.datamodules.csv import read_table
 from vlp.datamodules.images import SkipSample, decode_image
 from vlp.datamodules.refcoco import GroundingRecord, read_grounding
@@ -42,8 +43,9 @@ def detect_format(path: Path) -> str:
     data = read_json(path)
     if isinstance(data, list) or isinstance(data, dict) and "images" not in data:
         return "refcoco"
-    images = data["images"]
-    return "karpathy" if images and isinstance(images[0], dict) and "sentences" in images[0] else "coco"
+    images = data["images"] if isinstance(data, dict) else None
+    first = images[0] if isinstance(images, list) and images else None
+    return "karpathy" if isinstance(first, dict) and "sentences" in first else "coco"
 
 
 def read_records(args: argparse.Namespace, skipped: Counter) -> list:
@@ -54,16 +56,16 @@ def read_records(args: argparse.Namespace, skipped: Counter) -> list:
             raise FileNotFoundError(f"--input: no such file: {path}")
         if args.image_root is None or not Path(args.image_root).is_dir():
             raise FileNotFoundError(f"--image-root: not a directory: {args.image_root} (needed for {fmt})")
-    root = Path(args.image_root or ".")
+    root, absolute = Path(args.image_root or "."), args.allow_absolute_paths
     if fmt == "coco":
-        return read_coco(path, root, skipped)
+        return read_coco(path, root, skipped, absolute)
     if fmt == "karpathy":
-        return read_karpathy(read_json(path), path, root, args.split, skipped)
+        return read_karpathy(read_json(path), path, root, args.split, skipped, absolute)
     if fmt == "csv":
         separator = args.separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
-        return read_table(path, root, args.image_key, args.caption_key, separator, skipped)
+        return read_table(path, root, args.image_key, args.caption_key, separator, skipped, absolute)
     if fmt == "refcoco":
-        return read_grounding(path, root, skipped)
+        return read_grounding(path, root, skipped, absolute)
     if fmt == "webdataset":
         return read_shards(path, skipped)
     records = ChunkRecords(str(path))
@@ -135,7 +137,7 @@ def header_size(record) -> tuple[int, int] | None:
         data = record.path if isinstance(record.path, bytes) else record_image_bytes(record)
         with Image.open(io.BytesIO(data)) as image:
             return image.size
-    except (SkipSample, OSError):
+    except (SkipSample, OSError, Image.DecompressionBombError):
         return None
 
 
@@ -188,6 +190,11 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--image-key", default="filepath", help="csv: image path column")
         command.add_argument("--caption-key", default="title", help="csv: caption column")
         command.add_argument("--separator", help="csv: column separator (default: tab for .tsv, else comma)")
+        command.add_argument(
+            "--allow-absolute-paths",
+            action="store_true",
+            help="accept absolute image paths in the annotations (default: only paths under --image-root)",
+        )
     optimize_command, inspect_command = commands.choices["optimize"], commands.choices["inspect"]
     optimize_command.add_argument("--output", required=True, help="chunk folder to write (replaced)")
     optimize_command.add_argument("--num-workers", type=int, default=1)
@@ -210,6 +217,6 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     try:
         return run_optimize(args) if args.command == "optimize" else run_inspect(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
         print(f"vlp data {args.command}: error: {error}", file=sys.stderr)
         return 2

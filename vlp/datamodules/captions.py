@@ -7,9 +7,8 @@ references BLEU/CIDEr score against, and the first as the image's caption for th
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,15 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from vlp.datamodules.annotations import (
+    UniqueIds,
+    as_text,
+    field,
+    integer_field,
+    list_field,
+    read_json,
+    text_field,
+)
 from vlp.datamodules.images import (
     MAX_IMAGE_PIXELS,
     ImageTransform,
@@ -25,6 +33,7 @@ from vlp.datamodules.images import (
     collate_skips,
     decode_image,
     first_usable,
+    image_path,
     swap_left_right,
 )
 from vlp.datamodules.source import DataSource
@@ -43,94 +52,102 @@ class CaptionRecord:
     captions: tuple[str, ...]
 
 
-def read_json(path: str | Path) -> object:
-    """Parse a JSON file; malformed JSON is a ValueError naming the file, line and column."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        ) from error
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 at byte {error.start}") from error
-
-
-def field(entry: object, key: str, path: str | Path, where: str) -> object:
-    """`entry[key]`, or a ValueError naming the file, the entry and the missing field."""
-    if not isinstance(entry, dict) or key not in entry:
-        raise ValueError(f"{path}: {where} has no field {key!r}")
-    return entry[key]
-
-
 def group_captions(
-    pairs: Sequence[tuple[str, object]], image_root: Path, skipped: Counter, ids: Sequence[int] | None = None
+    entries: Sequence[tuple[Hashable, object, object]],
+    image_root: Path,
+    skipped: Counter,
+    ids: Mapping[Hashable, int] | None = None,
+    allow_absolute: bool = False,
 ) -> list[CaptionRecord]:
-    """(relative image path, caption) pairs -> one record per image, in first-seen order.
+    """(image key, image path as written, caption) triples -> one record per key, in first-seen order.
 
-    Empty captions and images missing on disk are counted in `skipped` (per caption and per image).
+    The key is the image id where the format has one, else the path. `ids` maps keys to image ids (default:
+    the first-seen order). Unusable captions are counted in `skipped` per caption, unusable images
+    (missing, outside the image root, an unencodable path) per image: see `vlp.datamodules.images`.
     """
-    captions: dict[str, list[str]] = {}
-    image_ids: dict[str, int] = {}
-    for number, (relative, caption) in enumerate(pairs):
+    captions: dict[Hashable, list[str]] = {}
+    names: dict[Hashable, object] = {}
+    for key, name, caption in entries:
         try:
             text = check_caption(caption)
         except SkipSample as skip:
             skipped[skip.reason] += 1
             continue
-        captions.setdefault(relative, []).append(text)
-        image_ids.setdefault(relative, len(image_ids) if ids is None else ids[number])
+        captions.setdefault(key, []).append(text)
+        names.setdefault(key, name)
     records = []
-    for relative, texts in captions.items():
-        path = image_root / relative
-        if not path.is_file():
-            skipped["missing_file"] += 1
+    for number, (key, texts) in enumerate(captions.items()):
+        try:
+            path = image_path(image_root, str(names[key]), allow_absolute)
+            if not path.is_file():
+                raise SkipSample("missing_file", str(path))
+        except SkipSample as skip:
+            skipped[skip.reason] += 1
             continue
-        records.append(CaptionRecord(str(path), image_ids[relative], tuple(texts)))
+        records.append(CaptionRecord(str(path), number if ids is None else ids[key], tuple(texts)))
     return records
 
 
-def read_coco(path: str | Path, image_root: Path, skipped: Counter) -> list[CaptionRecord]:
-    """COCO captions JSON: `images` [{id, file_name}], `annotations` [{image_id, caption}]."""
+def read_coco(
+    path: str | Path, image_root: Path, skipped: Counter, allow_absolute: bool = False
+) -> list[CaptionRecord]:
+    """COCO captions JSON: `images` [{id, file_name}], `annotations` [{image_id, caption}].
+
+    Ids must be integers and unique, file names non-empty strings (else a ValueError naming file, record
+    and field); a caption of an unknown image is counted (`unknown_image`)."""
     data = read_json(path)
-    images = field(data, "images", path, "the top level")
-    annotations = field(data, "annotations", path, "the top level")
-    files = {}
+    images = list_field(data, "images", path, "the top level")
+    annotations = list_field(data, "annotations", path, "the top level")
+    files: dict[int, str] = {}
+    unique = UniqueIds(path, "id")
     for number, image in enumerate(images):
-        files[field(image, "id", path, f"images[{number}]")] = field(
-            image, "file_name", path, f"images[{number}]"
-        )
-    pairs, ids = [], []
+        where = f"images[{number}]"
+        image_id = integer_field(image, "id", path, where)
+        files[image_id] = text_field(image, "file_name", path, f"{where} (id {image_id})")
+        unique.add(image_id, where)
+    entries = []
     for number, annotation in enumerate(annotations):
-        image_id = field(annotation, "image_id", path, f"annotations[{number}]")
-        caption = field(annotation, "caption", path, f"annotations[{number}]")
+        where = f"annotations[{number}]"
+        image_id = integer_field(annotation, "image_id", path, where)
+        caption = field(annotation, "caption", path, where)
         if image_id not in files:
             skipped["unknown_image"] += 1
             continue
-        pairs.append((files[image_id], caption))
-        ids.append(int(image_id))
-    return group_captions(pairs, image_root, skipped, ids)
+        entries.append((image_id, files[image_id], caption))
+    return group_captions(entries, image_root, skipped, {i: i for i in files}, allow_absolute)
 
 
 def read_karpathy(
-    data: object, path: str | Path, image_root: Path, split: str, skipped: Counter
+    data: object,
+    path: str | Path,
+    image_root: Path,
+    split: str,
+    skipped: Counter,
+    allow_absolute: bool = False,
 ) -> list[CaptionRecord]:
     """One split of a parsed Karpathy JSON (`images` [{filepath?, filename, split, sentences [{raw}]}]);
-    `restval` counts as train. Image ids are the entry's `cocoid`/`imgid` when present, else its index."""
-    pairs, ids = [], []
-    for number, image in enumerate(field(data, "images", path, "the top level")):
+    `restval` counts as train. Image ids are the entry's `cocoid`/`imgid` when present, else its index;
+    they must be integers, unique within the split."""
+    entries, ids = [], {}
+    unique = UniqueIds(path, "image id")
+    for number, image in enumerate(list_field(data, "images", path, "the top level")):
         where = f"images[{number}]"
-        image_split = field(image, "split", path, where)
+        image_split = text_field(image, "split", path, where)
         if (image_split if image_split != "restval" else "train") != split:
             continue
-        relative = str(Path(image.get("filepath") or "") / field(image, "filename", path, where))
-        image_id = int(image.get("cocoid", image.get("imgid", number)))
-        for sentence in field(image, "sentences", path, where):
-            pairs.append((relative, field(sentence, "raw", path, f"{where}.sentences")))
-            ids.append(image_id)
-    return group_captions(pairs, image_root, skipped, ids)
+        id_key = "cocoid" if "cocoid" in image else "imgid" if "imgid" in image else None
+        image_id = number if id_key is None else integer_field(image, id_key, path, where)
+        where = f"{where} (id {image_id})"
+        unique.add(image_id, where)
+        folder = image.get("filepath")
+        if folder is not None and not isinstance(folder, str):
+            as_text(folder, path, where, "filepath")
+        name = text_field(image, "filename", path, where)
+        relative = str(Path(folder or "") / name)
+        ids[number] = image_id
+        for index, sentence in enumerate(list_field(image, "sentences", path, where)):
+            entries.append((number, relative, field(sentence, "raw", path, f"{where}.sentences[{index}]")))
+    return group_captions(entries, image_root, skipped, ids, allow_absolute)
 
 
 class CaptionDataset(Dataset):
@@ -190,6 +207,8 @@ class CaptionSource(DataSource):
     `tokenizer` is a local tokenizer folder (e.g. a BERT `vocab.txt`); None builds a whole-word vocabulary
     from the training captions (words seen at least `min_word_count` times; offline, for small models).
     `mean`/`std`/`image_size` must match the vision tower (timm's `pretrained_cfg` for named models).
+    Image paths must lie under `image_root` (else counted as `outside_root`); `allow_absolute_paths`
+    accepts absolute paths in the annotations as they are.
     """
 
     dataset_class: type[CaptionDataset] = CaptionDataset
@@ -210,12 +229,14 @@ class CaptionSource(DataSource):
         seed: int = 0,
         max_pixels: int = MAX_IMAGE_PIXELS,
         background: tuple[int, int, int] = (255, 255, 255),
+        allow_absolute_paths: bool = False,
     ) -> None:
         if image_root is None:
             raise ValueError("image_root is required (e.g. --data.image_root DIR)")
         self.image_root = Path(image_root)
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image_root is not a directory: {image_root}")
+        self.allow_absolute_paths = allow_absolute_paths
         self.configure_loading(
             image_size,
             mean,
@@ -368,7 +389,9 @@ class CocoCaptionsSource(CaptionSource):
 
     def read(self, split: str) -> list[CaptionRecord] | None:
         path = self.files[split]
-        return None if path is None else read_coco(path, self.image_root, self.skipped)
+        if path is None:
+            return None
+        return read_coco(path, self.image_root, self.skipped, self.allow_absolute_paths)
 
 
 class KarpathySource(CaptionSource):
@@ -382,4 +405,9 @@ class KarpathySource(CaptionSource):
         super().__init__(image_root, **kwargs)
 
     def read(self, split: str) -> list[CaptionRecord] | None:
-        return read_karpathy(self.data, self.annotations, self.image_root, split, self.skipped) or None
+        return (
+            read_karpathy(
+                self.data, self.annotations, self.image_root, split, self.skipped, self.allow_absolute_paths
+            )
+            or None
+        )

@@ -32,7 +32,8 @@ def read_class_folders(root: Path, skipped: Counter) -> list[CaptionRecord]:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 if path.suffix.lower() in IMAGE_SUFFIXES:
-                    pairs.append((str(path.relative_to(root)), name))
+                    relative = str(path.relative_to(root))
+                    pairs.append((relative, relative, name))
                 else:
                     skipped["not_an_image_file"] += 1
     return group_captions(pairs, root, skipped)

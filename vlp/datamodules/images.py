@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ class SkipSample(Exception):
 def open_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Open and fully decode an image file or encoded bytes; every failure is a `SkipSample`.
 
-    Reasons: missing_file, empty_file, not_an_image, image_too_large (width x height > max_pixels, read
+    Reasons: missing_file, unreadable_file, empty_file, not_an_image, image_too_large (width x height > max_pixels, read
     from the header, so a decompression bomb is never decoded), truncated_image (or otherwise undecodable).
     """
     if isinstance(source, bytes):
@@ -47,10 +49,7 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -
         name = "<bytes>"
     else:
         name = str(source)
-        try:
-            data = Path(source).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
-            raise SkipSample("missing_file", name) from error
+        data = read_image_file(source)
     if not data:
         raise SkipSample("empty_file", name)
     try:
@@ -69,6 +68,17 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -
     except (OSError, SyntaxError, ValueError) as error:
         raise SkipSample("truncated_image", f"{name}: {error}") from error
     return image
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """A file's bytes; a missing file (or a folder) is `missing_file`, one that cannot be read
+    (permissions, an I/O error) `unreadable_file`."""
+    try:
+        return Path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as error:
+        raise SkipSample("missing_file", str(path)) from error
+    except OSError as error:
+        raise SkipSample("unreadable_file", f"{path}: {error}") from error
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -111,10 +121,50 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def check_caption(text: object) -> str:
-    """The caption stripped; empty, whitespace-only or non-text captions are a `SkipSample`."""
+    """The caption stripped; the one text rule of every reader (training and `vlp data inspect` alike).
+
+    Reasons: empty_caption (not text, or nothing but whitespace, control and format characters: it would
+    tokenize to [CLS] [SEP]); bad_encoding (a lone surrogate such as `\\ud800`, which no UTF-8 codec,
+    tokenizer or log writer accepts, or undecodable bytes kept by a CSV reader).
+    """
     if not isinstance(text, str) or not text.strip():
         raise SkipSample("empty_caption", repr(text))
+    if not is_encodable(text):
+        raise SkipSample("bad_encoding", repr(text[:80]))
+    if all(char.isspace() or unicodedata.category(char) in ("Cc", "Cf") for char in text):
+        raise SkipSample("empty_caption", repr(text[:80]))
     return text.strip()
+
+
+def is_encodable(text: str) -> bool:
+    """Whether `text` is valid Unicode (no lone surrogates): what UTF-8 can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def image_path(image_root: Path, name: str, allow_absolute: bool = False) -> Path:
+    """The image file an annotation names, confined to `image_root`; else a `SkipSample`.
+
+    The path is judged as written (normalised, symlinks not followed, so links the root's owner placed
+    inside it still work): a relative path whose `..` leave the root, or an absolute path, is
+    `outside_root`; `allow_absolute` accepts absolute paths as they are (annotations that hold them).
+    A name that is no valid path (a lone surrogate, a NUL byte) is `bad_encoding`.
+    """
+    if not is_encodable(name) or "\x00" in name:
+        raise SkipSample("bad_encoding", repr(name[:200]))
+    path = Path(name)
+    if path.is_absolute():
+        if allow_absolute:
+            return path
+        raise SkipSample("outside_root", f"{name} is absolute (allow_absolute_paths to accept it)")
+    root = os.path.abspath(image_root)
+    resolved = os.path.normpath(os.path.join(root, name))
+    if os.path.commonpath([root, resolved]) != root:
+        raise SkipSample("outside_root", f"{name} leaves {image_root}")
+    return image_root / name
 
 
 def check_box(box: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:

@@ -32,7 +32,8 @@ from vlp.platform.distributed.collectives import all_gather_objects
 from vlp.platform.sampler import MultiTaskSampler, SamplingStrategy
 
 FEEDBACK_LAG = 2
-# a run's bad fraction is judged once this many samples were read, so one early bad file cannot stop it
+# a run's bad fraction is judged once this many samples were read (annotation entries, usable or not, and
+# samples the loaders read, over all ranks), so one early bad entry or file cannot stop a run
 MIN_SAMPLES_FOR_BAD_FRACTION = 100
 
 
@@ -40,7 +41,9 @@ class SourceStream:
     """Endless batches of one source's train split: reshuffles each epoch, resumes mid-epoch.
 
     One DataLoader serves every epoch (`EndlessSampler`), so its workers start once and keep prefetching
-    across epoch boundaries; it is rebuilt only when a checkpoint's position is loaded.
+    across epoch boundaries; it is rebuilt only when a checkpoint's position is loaded. The position is
+    kept in samples (this rank's, into the epoch's order), so a run resumed with another batch size
+    continues at the first sample it has not trained on: the order depends on (seed, epoch) only.
     """
 
     def __init__(self, name: str, source: DataSource, seed: int, rank: int = 0, world_size: int = 1) -> None:
@@ -53,7 +56,8 @@ class SourceStream:
                 f"({source.batch_size}) per rank"
             )
         self.batches_per_epoch = len(self.dataset) // world_size // source.batch_size
-        self.epoch, self.position = 0, 0
+        self.epoch_samples = self.batches_per_epoch * source.batch_size  # whole batches per rank
+        self.epoch, self.sample = 0, 0
         self._iterator: Iterator[dict] | None = None
 
     def _open(self) -> Iterator[dict]:
@@ -63,7 +67,7 @@ class SourceStream:
             self.seed,
             batch_size,
             self.epoch,
-            self.position * batch_size,
+            self.sample,
             self.rank,
             self.world_size,
         )
@@ -81,19 +85,23 @@ class SourceStream:
         if self._iterator is None:
             self._iterator = self._open()
         batch = next(self._iterator)
-        self.position += 1
-        if self.position == self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
+        self.sample += self.source.batch_size
+        if self.sample + self.source.batch_size > self.epoch_samples:
+            self.epoch, self.sample = self.epoch + 1, 0
         return batch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "sample": self.sample, "batch_size": self.source.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if position >= self.batches_per_epoch:  # saved as (epoch, its last batch) by earlier versions
-            epoch, position = epoch + 1, 0
-        self.epoch, self.position = epoch, position
+        epoch = int(state["epoch"])
+        if "sample" in state:
+            sample = int(state["sample"])
+        else:  # earlier versions kept the position in batches (of this run's batch size)
+            sample = int(state["position"]) * self.source.batch_size
+        if sample + self.source.batch_size > self.epoch_samples:  # not one more whole batch this epoch
+            epoch, sample = epoch + 1, 0
+        self.epoch, self.sample = epoch, sample
         self._iterator = None
 
 
@@ -267,7 +275,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.loader_skipped: Counter[str] = Counter()  # this rank's
         self.samples_loaded = 0  # this rank's, usable or not
         self.skipped, self.samples_read = Counter(self.annotation_skipped), self.annotation_total
-        self.check_bad_fraction(minimum=0)
+        self.check_bad_fraction()
 
     def sync_skipped(self) -> None:
         """The whole run's counts into `skipped` / `samples_read`: annotation skips once, loader skips and

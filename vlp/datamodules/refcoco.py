@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
-from vlp.datamodules.captions import CaptionDataset, CaptionSource, field, read_json, split_files
+from vlp.datamodules.annotations import as_integer, as_number, field, read_json, text_field
+from vlp.datamodules.captions import CaptionDataset, CaptionSource, split_files
 from vlp.datamodules.images import (
     SkipSample,
     check_box,
     check_caption,
     decode_image,
+    image_path,
     image_size,
     swap_left_right,
 )
@@ -38,22 +40,36 @@ class GroundingRecord:
         return self.phrases
 
 
-def read_grounding(path: Path, image_root: Path, skipped: Counter) -> list[GroundingRecord]:
-    """Parse and check every entry; unusable ones are counted in `skipped` by reason."""
+def read_grounding(
+    path: Path, image_root: Path, skipped: Counter, allow_absolute: bool = False
+) -> list[GroundingRecord]:
+    """Parse and check every entry; unusable ones are counted in `skipped` by reason, a field of the wrong
+    type (an entry that is no object, a file name that is no text, a non-integer `image_id`, a width that is
+    no number) is a ValueError naming file, entry and field."""
     data = read_json(path)
     entries = data.get("annotations") if isinstance(data, dict) else data
     if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a list of entries or an object with 'annotations'")
+        raise ValueError(f"{path}: expected a list of entries or an object with 'annotations' (a list)")
     records, image_ids = [], {}
     for number, entry in enumerate(entries):
         where = f"entry {number}"
-        relative = entry.get("image", entry.get("file_name")) if isinstance(entry, dict) else None
-        if relative is None:
+        key = "image" if isinstance(entry, dict) and "image" in entry else "file_name"
+        if isinstance(entry, dict) and key not in entry:
             raise ValueError(f"{path}: {where} has no field 'image' (or 'file_name')")
+        relative = text_field(entry, key, path, where)
+        given_id = entry.get("image_id")
+        if given_id is not None:
+            given_id = as_integer(given_id, path, where, "image_id")
         raw_phrases = field(entry, "phrases", path, where)
         raw_phrases = [raw_phrases] if isinstance(raw_phrases, str) else raw_phrases
+        if not isinstance(raw_phrases, list):
+            raise ValueError(
+                f"{path}: {where}: field 'phrases' must be a list or a string, got {raw_phrases!r}"
+            )
         box = field(entry, "bbox", path, where)
-        image_path = image_root / relative
+        size = None
+        if "width" in entry and "height" in entry:
+            size = tuple(as_number(entry[side], path, where, side) for side in ("width", "height"))
         try:
             phrases = []
             for phrase in raw_phrases:
@@ -63,18 +79,19 @@ def read_grounding(path: Path, image_root: Path, skipped: Counter) -> list[Groun
                     skipped[skip.reason] += 1
             if not phrases:
                 continue
-            if "width" in entry and "height" in entry:
-                if not image_path.is_file():
-                    raise SkipSample("missing_file", str(image_path))
-                width, height = int(entry["width"]), int(entry["height"])
+            file = image_path(image_root, relative, allow_absolute)
+            if size is not None:
+                if not file.is_file():
+                    raise SkipSample("missing_file", str(file))
+                width, height = size
             else:
-                width, height = image_size(image_path)
+                width, height = image_size(file)
             checked = check_box(box if isinstance(box, list | tuple) else [box], width, height)
         except SkipSample as skip:
             skipped[skip.reason] += 1
             continue
-        image_id = int(entry.get("image_id", image_ids.setdefault(str(relative), len(image_ids))))
-        records.append(GroundingRecord(str(image_path), image_id, tuple(phrases), checked))
+        image_id = given_id if given_id is not None else image_ids.setdefault(relative, len(image_ids))
+        records.append(GroundingRecord(str(file), image_id, tuple(phrases), checked))
     return records
 
 
@@ -128,4 +145,6 @@ class RefCocoSource(CaptionSource):
 
     def read(self, split: str) -> list[GroundingRecord] | None:
         path = self.files[split]
-        return None if path is None else read_grounding(path, self.image_root, self.skipped)
+        if path is None:
+            return None
+        return read_grounding(path, self.image_root, self.skipped, self.allow_absolute_paths)

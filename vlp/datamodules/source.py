@@ -47,9 +47,11 @@ def shard_order(size: int, seed: int, epoch: int, rank: int = 0, world_size: int
 
 
 class EndlessSampler(Sampler[tuple[int, int]]):
-    """(epoch, index) pairs without end, from `start` into `epoch` on: each epoch is `shard_order` cut to whole
-    batches of `batch_size`, so one long-lived DataLoader over it (its workers kept across
-    epochs) yields exactly the batches that a fresh drop-last loader per epoch would."""
+    """(epoch, index) pairs without end, from sample `start` into `epoch` on: each epoch is `shard_order` cut
+    to whole batches of `batch_size`, so one long-lived DataLoader over it (its workers kept across
+    epochs) yields exactly the batches that a fresh drop-last loader per epoch would. A `start` that is no
+    multiple of `batch_size` (a run resumed with another batch size) cuts that first epoch to whole
+    batches from `start` on, so no batch mixes two epochs."""
 
     def __init__(
         self,
@@ -69,7 +71,8 @@ class EndlessSampler(Sampler[tuple[int, int]]):
         epoch, start = self.epoch, self.start
         while True:
             order = shard_order(self.size, self.seed, epoch, self.rank, self.world_size)
-            for index in order[start : self.batches_per_epoch * self.batch_size]:
+            end = self.batches_per_epoch * self.batch_size
+            for index in order[start : start + (end - start) // self.batch_size * self.batch_size]:
                 yield epoch, index
             epoch, start = epoch + 1, 0
 

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from vlp.datamodules.captions import SPLITS, CaptionDataset, CaptionRecord, CaptionSource
-from vlp.datamodules.images import MAX_IMAGE_PIXELS, SkipSample, decode_image, open_image
+from vlp.datamodules.images import (
+    MAX_IMAGE_PIXELS,
+    SkipSample,
+    decode_image,
+    open_image,
+    read_image_file,
+)
 from vlp.datamodules.refcoco import GroundingDataset, GroundingRecord
 from vlp.datamodules.tokenizer import load_tokenizer
 from vlp.datamodules.webdataset import ShardRecord
@@ -37,10 +43,7 @@ TOKENIZER_FOLDER = "tokenizer"  # optimize saves the training captions' vocabula
 def record_image_bytes(record: CaptionRecord | GroundingRecord | ShardRecord) -> bytes:
     if isinstance(record, ShardRecord):
         return record.member.read()
-    try:
-        return Path(record.path).read_bytes()
-    except FileNotFoundError as error:
-        raise SkipSample("missing_file", str(record.path)) from error
+    return read_image_file(record.path)
 
 
 def encode_sample(

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from vlp.datamodules.captions import CaptionDataset, CaptionSource, annotation_path, field, read_json
-from vlp.datamodules.images import SkipSample, check_caption, decode_image
+from vlp.datamodules.annotations import UniqueIds, as_text, field, integer_field, list_field, read_json
+from vlp.datamodules.captions import CaptionDataset, CaptionSource, annotation_path
+from vlp.datamodules.images import SkipSample, check_caption, decode_image, image_path
 from vlp.platform.metrics import normalize_answer, vqa_score_matrix
 
 DEFAULT_IMAGE_PATTERN = "{data_subtype}/COCO_{data_subtype}_{image_id:012d}.jpg"
@@ -41,25 +42,37 @@ class VQARecord:
 
 
 def read_vqa(
-    questions_path: Path, annotations_path: Path | None, image_root: Path, pattern: str, skipped: Counter
+    questions_path: Path,
+    annotations_path: Path | None,
+    image_root: Path,
+    pattern: str,
+    skipped: Counter,
+    allow_absolute: bool = False,
 ) -> list[VQARecord]:
     """One split's records; questions without annotations (when the split has them), annotations of
-    unknown questions, empty questions and missing images are counted in `skipped`."""
+    unknown questions, empty questions and missing images are counted in `skipped`. Ids must be integers,
+    question ids unique in each file, answers text (else a ValueError naming file, record and field)."""
     data = read_json(questions_path)
     subtype = data.get("data_subtype", "") if isinstance(data, dict) else ""
-    annotations: dict[int, dict] | None = None
+    if not isinstance(subtype, str):
+        as_text(subtype, questions_path, "the top level", "data_subtype")
+    annotations: dict[int, tuple[dict, str]] | None = None
     if annotations_path is not None:
         annotations = {}
-        entries = field(read_json(annotations_path), "annotations", annotations_path, "the top level")
+        unique = UniqueIds(annotations_path, "question_id")
+        entries = list_field(read_json(annotations_path), "annotations", annotations_path, "the top level")
         for number, entry in enumerate(entries):
-            question_id = field(entry, "question_id", annotations_path, f"annotations[{number}]")
-            annotations[int(question_id)] = entry
-    records, known = [], set()
-    for number, entry in enumerate(field(data, "questions", questions_path, "the top level")):
+            where = f"annotations[{number}]"
+            question_id = integer_field(entry, "question_id", annotations_path, where)
+            unique.add(question_id, where)
+            annotations[question_id] = (entry, f"{where} (question_id {question_id})")
+    records, known = [], UniqueIds(questions_path, "question_id")
+    for number, entry in enumerate(list_field(data, "questions", questions_path, "the top level")):
         where = f"questions[{number}]"
-        question_id = int(field(entry, "question_id", questions_path, where))
-        image_id = int(field(entry, "image_id", questions_path, where))
-        known.add(question_id)
+        question_id = integer_field(entry, "question_id", questions_path, where)
+        known.add(question_id, where)
+        where = f"{where} (question_id {question_id})"
+        image_id = integer_field(entry, "image_id", questions_path, where)
         try:
             question = check_caption(field(entry, "question", questions_path, where))
         except SkipSample as skip:
@@ -68,27 +81,37 @@ def read_vqa(
         answers: tuple[str, ...] = ()
         answer_type = "other"
         if annotations is not None:
-            annotation = annotations.get(question_id)
-            if annotation is None:
+            if question_id not in annotations:
                 skipped["unannotated_question"] += 1
                 continue
-            place = f"the annotation of question {question_id}"
+            annotation, place = annotations[question_id]
             answers = tuple(
-                str(field(a, "answer", annotations_path, place))
-                for a in field(annotation, "answers", annotations_path, place)
+                as_text(
+                    field(answer, "answer", annotations_path, f"{place}.answers[{index}]"),
+                    annotations_path,
+                    f"{place}.answers[{index}]",
+                    "answer",
+                    allow_empty=True,
+                )
+                for index, answer in enumerate(list_field(annotation, "answers", annotations_path, place))
             )
             if not answers:
                 skipped["no_answers"] += 1
                 continue
             answer_type = annotation.get("answer_type", "other")
             answer_type = answer_type if answer_type in ANSWER_TYPES else "other"
-        path = image_root / pattern.format(data_subtype=subtype, image_id=image_id)
-        if not path.is_file():
-            skipped["missing_file"] += 1
+        try:
+            path = image_path(
+                image_root, pattern.format(data_subtype=subtype, image_id=image_id), allow_absolute
+            )
+            if not path.is_file():
+                raise SkipSample("missing_file", str(path))
+        except SkipSample as skip:
+            skipped[skip.reason] += 1
             continue
         records.append(VQARecord(str(path), image_id, question_id, question, answers, answer_type))
     if annotations is not None:
-        skipped["unknown_question"] += len(set(annotations) - known)
+        skipped["unknown_question"] += len(set(annotations) - set(known.first))
     return records
 
 
@@ -171,7 +194,14 @@ class VQASource(CaptionSource):
         questions, annotations = self.files[split]
         if questions is None:
             return None
-        return read_vqa(questions, annotations, self.image_root, self.image_pattern, self.skipped)
+        return read_vqa(
+            questions,
+            annotations,
+            self.image_root,
+            self.image_pattern,
+            self.skipped,
+            self.allow_absolute_paths,
+        )
 
     def collate(self, items: list[dict]) -> dict:
         batch = super().collate(items)

@@ -66,7 +66,7 @@ def read_shards(path: str | Path, skipped: Counter) -> list[ShardRecord]:
                 elif extension == ".json":
                     try:
                         captions.setdefault(key, json.loads(archive.extractfile(info).read()).get("caption"))
-                    except (ValueError, AttributeError):
+                    except (ValueError, AttributeError, RecursionError):
                         captions.setdefault(key, None)
         for key in sorted(set(images) | set(captions)):
             if key not in images:

@@ -223,6 +223,9 @@ class MetricsSummary(Callback):
         print("\n".join(["Scores:", *lines, f"metrics.json: {path}"]), flush=True)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for callback in trainer.callbacks:
+            if isinstance(callback, FinalValidation):
+                callback.validate_if_resumed_at_end(trainer)
         self._write(trainer)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -237,13 +240,41 @@ class FinalValidation(Callback):
     """Ends every fit with a validation: when the last step is not a validation step (`max_steps` not a
     multiple of `val_check_interval`), Lightning would stop without one and metrics.json would hold no
     final scores. Asking the trainer to stop on the last step makes its own loop validate once more
-    (never twice: a validation step already due runs once)."""
+    (never twice: a validation step already due runs once).
+
+    A fit resumed from a checkpoint of its last step (a run killed after that checkpoint, before its
+    metrics.json) trains nothing, and Lightning's loop then ends without validating: `validate_if_resumed
+    _at_end` runs the validation loop once at the end of such a fit, so its scores are written after all.
+    `MetricsSummary` calls it before writing metrics.json (it runs first among the fit-end hooks).
+    """
+
+    def __init__(self) -> None:
+        self._trained_or_validated = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trained_or_validated = True
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if trainer.enable_validation and is_last_training_step(trainer):
             trainer.should_stop = True
+
+    def validate_if_resumed_at_end(self, trainer: Trainer) -> None:
+        if self._trained_or_validated or trainer.global_step == 0 or not trainer.enable_validation:
+            return
+        self._trained_or_validated = True
+        stage = trainer.state.stage
+        trainer.validating = True  # so the logger connector and the hooks see a validation
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        val_loop.restarting = False  # the checkpoint may have been saved inside the last validation
+        val_loop.batch_progress.reset()
+        with torch.no_grad():
+            val_loop.run()
+        trainer.state.stage = stage
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.validate_if_resumed_at_end(trainer)
 
 
 def is_last_training_step(trainer: Trainer) -> bool:
