@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/pretrain/shapes-tiny.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test lint format tensorboard bench gpu-wheels gpu-check clean
+.PHONY: install train test test-fast lint format tensorboard bench gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ train: install
 # Tiny models: one intra-op thread per test is fastest and never oversubscribes a shared CPU.
 test: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q tests
+
+# the edit loop: everything but the tests marked slow (end-to-end training, multi-process strategy runs)
+test-fast: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check vlp tests benchmarks

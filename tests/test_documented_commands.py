@@ -34,6 +34,7 @@ SHORT = [
     "--trainer.limit_test_batches", "2", "--trainer.limit_predict_batches", "2",
     "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
+COUNT = 48  # samples of each data file: more than one batch of the configs that read them
 NOT_RUN = {
     "make test": "the suite itself (CI runs it)",
     "make tensorboard": "a server (tests/cli/test_tensorboard.py)",
@@ -95,7 +96,7 @@ def lay_out_user_files(folder: Path) -> None:
         (folder / name).symlink_to(ROOT / name)
     words = ["red", "blue", "green", "small", "large", "circle", "square", "left", "right", "top"]
     images, captions = [], []
-    for index in range(16):
+    for index in range(COUNT):
         (folder / "coco").mkdir(exist_ok=True)
         (folder / "coco" / f"{index:06d}.jpg").write_bytes(jpeg(index))
         images.append({"id": index, "file_name": f"{index:06d}.jpg"})
@@ -104,16 +105,16 @@ def lay_out_user_files(folder: Path) -> None:
     (folder / "shards").mkdir()
     for shard in range(2):
         with tarfile.open(folder / "shards" / f"shard-{shard:03d}.tar", "w") as archive:
-            for index in range(16):
+            for index in range(COUNT):
                 key = f"{shard}{index:04d}"
-                for name, data in ((f"{key}.jpg", jpeg(index + 16 * shard, (64, 48))),
+                for name, data in ((f"{key}.jpg", jpeg(index + COUNT * shard, (64, 48))),
                                    (f"{key}.txt", f"the {words[index % 10]} shard image {index}".encode())):  # fmt: skip
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     archive.addfile(info, io.BytesIO(data))
     (folder / "images").mkdir()
     rows = ["filepath\ttitle"]
-    for index in range(16):
+    for index in range(COUNT):
         (folder / "images" / f"{index}.jpg").write_bytes(jpeg(100 + index))
         rows.append(f"{index}.jpg\ta {words[index % 10]} table image {index}")
     (folder / "train.tsv").write_text("\n".join(rows) + "\n")

@@ -13,6 +13,8 @@ from vlp.datamodules.shapes import CLASS_NAMES, ShapeClassesSource, ShapesSource
 from vlp.platform.model.backbone import FeatureCache
 from vlp.tasks.zeroshot import ZeroShotObjective
 
+pytestmark = pytest.mark.slow  # minutes of training or many processes: `make test-fast` skips it
+
 CONFIG = str(Path(__file__).parent / "configs" / "learning.yaml")
 VQA_CONFIG = str(Path(__file__).parent / "configs" / "vqa-learning.yaml")
 NUM_VAL = 100  # data.sources.shapes.init_args.num_val in the config

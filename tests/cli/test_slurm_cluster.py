@@ -22,6 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vlp.cli.slurm import main
 
+pytestmark = pytest.mark.slow  # minutes of training or many processes: `make test-fast` skips it
+
 REPO = Path(__file__).parents[2]
 CONFIGS = REPO / "tests" / "configs"
 PROFILE = REPO / "configs" / "slurm" / "local.yaml"

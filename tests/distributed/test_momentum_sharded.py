@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # minutes of training or many processes: `make test-fast` skips it
+
 REPO = Path(__file__).parents[2]
 CONFIGS = REPO / "tests" / "configs"
 VLP = Path(sys.executable).parent / "vlp"

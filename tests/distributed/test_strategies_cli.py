@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 from vlp.cli import run
 from vlp.cli.export import main as export_main
 
+pytestmark = pytest.mark.slow  # minutes of training or many processes: `make test-fast` skips it
+
 REPO = Path(__file__).parents[2]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 VLP = Path(sys.executable).parent / "vlp"

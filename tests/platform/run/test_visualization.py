@@ -144,3 +144,19 @@ def test_callback_is_a_no_op_without_a_tensorboard_logger(tmp_path, backbone, mo
     monkeypatch.setattr(GroundingObjective, "pictures", lambda self, batch: calls.append(1) or {})
     run_fit(tmp_path, backbone, CSVLogger(tmp_path), ValidationImages(), steps=2)
     assert calls == []
+
+
+def test_pictures_draw_accented_letters_not_boxes():
+    """The text font has glyphs for accented letters: 'ô' is drawn, not the missing-glyph box a CJK
+    character (absent from it) is drawn as."""
+    from PIL import Image, ImageDraw
+
+    from vlp.platform.run.fonts import text_font
+
+    def drawn(text: str) -> bytes:
+        image = Image.new("L", (40, 24))
+        ImageDraw.Draw(image).text((2, 2), text, font=text_font(14), fill=255)
+        return image.tobytes()
+
+    assert drawn("ô") != drawn("\u4e00") and drawn("ô") != drawn("o")
+    assert drawn("\u4e00") == drawn("\u4e01")  # both missing: the same box

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from vlp.platform.boxes import box_cxcywh_to_xyxy
+from vlp.platform.run.fonts import text_font
 
 GREEN = (0, 255, 0)
 RED = (255, 0, 0)
@@ -99,7 +100,7 @@ def draw_text(image: Image.Image, text: str, lines: int = 2, colour: Colour = TE
     """
     if lines < 1:
         raise ValueError(f"lines must be >= 1, got {lines}")
-    font = ImageFont.load_default()
+    font = text_font()
     line_height = font.getbbox("Ag")[3] + 2
     w, h = image.size
     out = Image.new("RGB", (w, h + lines * line_height + 4), BAND_COLOUR)
