@@ -117,7 +117,8 @@ def lay_out_user_files(folder: Path) -> None:
     for index in range(COUNT):
         (folder / "images" / f"{index}.jpg").write_bytes(jpeg(100 + index))
         rows.append(f"{index}.jpg\ta {words[index % 10]} table image {index}")
-    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+    (folder / "train.tsv").write_text("\n".join(rows[: COUNT - 15]) + "\n")
+    (folder / "val.tsv").write_text("\n".join(rows[:1] + rows[COUNT - 15 :]) + "\n")
 
 
 def short_form(command: Command) -> tuple[list[str], bool]:
