@@ -2,6 +2,7 @@
 across the experiment's versions, and the step progress bar."""
 
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -148,3 +149,36 @@ def test_a_resume_with_another_batch_size_continues_at_the_next_sample(in_tmp, t
     assert first == order[: 3 * before]
     assert second[: steps * after] == order[3 * before : 3 * before + steps * after]
     assert second[steps * after :] == shard_order(96, seed=0, epoch=1)[:after]
+
+
+# until `vlp.cli` lists ResumeWithConfiguredOptimizer among its default callbacks (a second one is harmless)
+CONFIGURED_OPTIMIZER = "--trainer.callbacks+=vlp.platform.run.callbacks.ResumeWithConfiguredOptimizer"
+OPTIM = "--model.init_args.optim."
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        [f"{OPTIM}lr=1e-3"],
+        [f"{OPTIM}lr=5e-5"],
+        [f"{OPTIM}weight_decay=0.2"],
+        [f"{OPTIM}lr=2e-3", f"{OPTIM}beta2=0.95", f"{OPTIM}weight_decay=0.0"],
+        [],
+    ],
+)
+def test_a_resume_trains_with_the_configs_optimizer_settings(in_tmp, caplog, changed):
+    """3 steps with the defaults, resumed to 5 with `changed`: the optimizer ends exactly as a run that had
+    `changed` from the start (learning rate at the same point of the schedule, weight decay, betas)."""
+    base = ["fit", "--config", CONFIG, "--trainer.val_check_interval=100", "--trainer.limit_val_batches=0"]
+    run([*base, "--trainer.max_steps=3", "--trainer.default_root_dir=a"])
+    with caplog.at_level(logging.INFO):
+        resumed = run([*base, "--trainer.max_steps=5", *changed, "--ckpt_path", "last", CONFIGURED_OPTIMIZER])
+    straight = run([*base, "--trainer.max_steps=5", *changed, "--trainer.logger=false"])
+    groups = [
+        optimizer.param_groups
+        for optimizer in (resumed.trainer.optimizers[0], straight.trainer.optimizers[0])
+    ]
+    for got, want in zip(*groups, strict=True):
+        for key in ("lr", "initial_lr", "weight_decay", "betas"):
+            assert got[key] == want[key], key
+    assert ("the config's optimizer settings replace the checkpoint's" in caplog.text) == bool(changed)

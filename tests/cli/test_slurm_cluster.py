@@ -215,3 +215,37 @@ def test_status_logs_and_cancel(straight_job, tmp_path, capsys):
         assert wait_for(sleeper, timeout_s=60)["JobState"] == "CANCELLED"
     finally:
         subprocess.run(["scancel", sleeper])  # never leave it holding the node's CPUs
+
+
+@pytest.mark.parametrize("experiment", ["exp %x %j %% 'q' \"d\"", "50% of %u"])
+def test_a_percent_in_the_experiment_name_keeps_the_logs_in_the_run_folder(
+    slurm, tmp_path, capsys, experiment
+):
+    """Slurm expands `%x`, `%j`, `%%` in --output / --error: escaped, the job's log lands in its run folder
+    (whose name holds them as written), and `vlp slurm status` / `logs` find it."""
+    args = ["--profile", str(PROFILE), "--config", str(CONFIGS / "tiny.yaml"), "--"]
+    args += [
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.logger.init_args.name",
+        experiment,
+    ]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["submit", *args]) == 0
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    job = re.search(r"job:\s+(\d+)", out).group(1)
+    run_dir = tmp_path / "runs" / experiment / "version_0"
+    state = wait_for(job)
+    assert state["JobState"] == "COMPLETED", sorted(p.name for p in run_dir.iterdir())
+    assert sorted(p.name for p in run_dir.glob("slurm-*")) == [f"slurm-{job}.err", f"slurm-{job}.out"]
+    assert (run_dir / "metrics.json").is_file()
+    assert main(["status", job]) == 0
+    assert f"StdOut:    {run_dir / f'slurm-{job}.out'}\n" in capsys.readouterr().out
+    assert main(["logs", job]) == 0
+    assert f"vlp: job {job}, restart 0" in capsys.readouterr().out

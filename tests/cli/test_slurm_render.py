@@ -215,3 +215,58 @@ def test_profile_numbers_are_read_as_slurm_text(in_tmp, capsys):
     profile.write_text("mem: 0\ntime: 30\n")
     found = directives(dry_run(capsys, "--profile", str(profile)))
     assert (found["mem"], found["time"]) == ("0", "30")
+
+
+PERCENT_NAMES = ["exp-%x", "run %j", "100%% done", "50%", "%", "a 'quoted' \"name\" %x%j%%", "%n-%N-%u-%A_%a"]
+
+
+@pytest.mark.parametrize("name", PERCENT_NAMES)
+def test_a_percent_in_the_experiment_name_is_escaped_in_the_log_paths(in_tmp, capsys, name):
+    """Slurm expands `%x`, `%j`, ... in --output / --error: the run folder's `%` are written `%%`, so the
+    job's logs land in its run folder, under the name `vlp slurm logs` looks for."""
+    script = dry_run(capsys, "--", "--trainer.logger.init_args.name", name)
+    run_dir = in_tmp / "runs" / name / "version_0"
+    found = directives(script)
+    escaped = str(run_dir).replace("%", "%%")
+    assert found["output"] == f"{escaped}/slurm-%j.out" and found["error"] == f"{escaped}/slurm-%j.err"
+    assert found["chdir"] == str(in_tmp)
+    argv = srun_argv(script, in_tmp)
+    assert argv[argv.index("--trainer.logger.init_args.name") + 1] == name
+
+
+PROFILE_FIELDS = [
+    # (profile line, the field, what is wrong)
+    *[
+        (f"cpus_per_task: {bad}", "cpus_per_task", "must be a whole number")
+        for bad in ("four", 2.5, "[1]", "true", "{a: 1}", "'-1'", "''")
+    ],
+    *[(f"nodes: {bad}", "nodes", "must be a whole number") for bad in ("two", 1.5, "[2]")],
+    *[(f"gpus_per_node: {bad}", "gpus_per_node", "must be a whole number") for bad in ("eight", "no")],
+    ("mem: [64G]", "mem", "must be text"),
+    ("mem: 64 GB", "mem", "is not a Slurm mem"),
+    ("time: soon", "time", "is not a Slurm time"),
+    ("time: 1.5", "time", "must be text"),
+    ("partition: 'a;b'", "partition", "is not a Slurm partition"),
+    ("qos: {x: 1}", "qos", "must be text"),
+    ("account: true", "account", "must be text"),
+    ("python: [python3]", "python", "must be text"),
+]
+
+
+@pytest.mark.parametrize(("line", "key", "problem"), PROFILE_FIELDS)
+def test_a_malformed_profile_field_is_a_submit_error_naming_profile_and_field(
+    in_tmp, capsys, line, key, problem
+):
+    profile = in_tmp / "cluster.yaml"
+    profile.write_text(line + "\n")
+    code = main(["submit", "--config", TINY, "--config", DDP, "--dry-run", "--profile", str(profile)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"vlp slurm submit: profile {profile}: {key} ") and problem in err
+    assert "Traceback" not in err
+
+
+def test_profile_whole_numbers_may_be_quoted(in_tmp, capsys):
+    profile = in_tmp / "cluster.yaml"
+    profile.write_text("cpus_per_task: '4'\nnodes: 1\n")
+    assert directives(dry_run(capsys, "--profile", str(profile)))["cpus-per-task"] == "4"

@@ -253,8 +253,19 @@ def coco_with(*annotations: dict, images: list | None = None) -> str:
     )
 
 
+def coco_with_image(file_name: str) -> str:
+    images = [{"id": i, "file_name": f} for i, f in GOOD.items()] + [{"id": 4, "file_name": file_name}]
+    return coco_with({"image_id": 4, "caption": "x"}, images=images)
+
+
 GOOD_CAPTIONS = {"a.jpg": ("cap 1",), "b.jpg": ("cap 2",), "c.jpg": ("cap 3",)}
 SKIPS = [
+    *[
+        ("coco", coco_with_image(name), {"bad_encoding": 1}, {})
+        for name in ("\ud800.jpg", "a\x00.jpg", "x/\udcff")
+    ],
+    ("coco", coco_with_image("nope.jpg"), {"missing_file": 1}, {}),
+    ("coco", coco_with_image("../a.jpg"), {"outside_root": 1}, {}),
     # (format, file text, reason -> count, per image: a caption kept besides its GOOD_CAPTIONS (a string)
     # or every caption it keeps (a tuple))
     *[
@@ -300,3 +311,54 @@ def test_bad_content_is_a_counted_skip_and_the_good_records_are_kept_exactly(roo
     assert {Path(r.path).name: r.captions for r in records} == expected
     if fmt == "coco":
         assert [r.image_id for r in records] == [1, 2, 3]
+
+
+def jpeg_bytes() -> bytes:
+    import io
+
+    from tests.datamodules.conftest import photo
+
+    buffer = io.BytesIO()
+    photo(width=8, height=8).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+SHARD_CASES = [
+    # (members besides the good keys a, b, reason -> count)
+    ({"c.jpg": None, "c.txt": b"\xff\xfe caption"}, {"bad_encoding": 1}),
+    ({"c.jpg": None, "c.txt": "\ud800".encode("utf-8", "surrogatepass")}, {"bad_encoding": 1}),
+    ({"c.jpg": None, "c.txt": b"\x00\x01"}, {"empty_caption": 1}),
+    ({"c.jpg": None, "c.json": b'{"caption": '}, {"malformed_json": 1}),
+    ({"c.jpg": None, "c.json": b"[" * 100_000 + b"]" * 100_000}, {"malformed_json": 1}),
+    ({"c.jpg": None, "c.json": b'["a caption"]'}, {"empty_caption": 1}),
+    ({"c.jpg": None, "c.json": b'{"caption": null}'}, {"empty_caption": 1}),
+    ({"c.jpg": None, "c.json": b'{"caption": "\\ud800"}'}, {"bad_encoding": 1}),
+    ({"c.jpg": None}, {"empty_caption": 1}),
+    ({"c.txt": b"no image"}, {"missing_file": 1}),
+    ({"c.jpg": None, "c.json": b'{"caption": "from json"}', "c.txt": b"from text"}, {}),
+]
+
+
+@pytest.mark.parametrize(("members", "counted"), SHARD_CASES)
+def test_webdataset_members_with_bad_captions_are_counted_and_the_rest_kept(tmp_path, members, counted):
+    import io
+    import tarfile
+
+    from vlp.datamodules.webdataset import read_shards
+
+    image = jpeg_bytes()
+    good = {"a.jpg": image, "a.txt": b"caption a", "b.jpg": image, "b.json": b'{"caption": "caption b"}'}
+    with tarfile.open(tmp_path / "shard.tar", "w") as archive:
+        for name, data in {**good, **members}.items():
+            data = image if data is None else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    skipped: Counter = Counter()
+    records = read_shards(tmp_path / "shard.tar", skipped)
+    assert dict(skipped) == counted
+    kept = {record.key: record.captions for record in records}
+    expected = {"shard.tar/a": ("caption a",), "shard.tar/b": ("caption b",)}
+    if not counted:
+        expected["shard.tar/c"] = ("from text",)
+    assert kept == expected

@@ -82,6 +82,12 @@ def check_text(what: str, value: str) -> None:
         raise SubmitError(f"{what} {value!r} contains {bad[0]!r}; use printable characters without '\\'")
 
 
+def slurm_filename(folder: Path, pattern: str) -> str:
+    """`folder/pattern` for `--output` / `--error`, where Slurm expands `%x`, `%j`, ... : a `%` of the
+    folder (an experiment named `50%` or `run-%j`) is written `%%`, so only `pattern`'s are expanded."""
+    return f"{str(folder).replace('%', '%%')}/{pattern}"
+
+
 def render_sbatch(
     options: SbatchOptions, run_dir: Path, workdir: Path, command: list[str], setup: list[str]
 ) -> str:
@@ -105,8 +111,8 @@ def render_sbatch(
         "requeue": True,
         "open-mode": "append",
         "chdir": str(workdir),
-        "output": str(run_dir / LOG_PATTERN),
-        "error": str(run_dir / ERR_PATTERN),
+        "output": slurm_filename(run_dir, LOG_PATTERN),
+        "error": slurm_filename(run_dir, ERR_PATTERN),
     }
     lines = ["#!/bin/bash", f"# vlp slurm submit: run folder {shlex.quote(str(run_dir))}"]
     for key, value in directives.items():
@@ -125,6 +131,29 @@ def render_sbatch(
 PROFILE_KEYS = {f.name for f in dataclasses.fields(SbatchOptions)} - {"tasks_per_node"} | {"setup", "python"}
 
 
+INTEGER_KEYS = {"nodes", "gpus_per_node", "cpus_per_task"}
+TEXT_KEYS = {"mem", "time", "partition", "account", "qos", "job_name", "python"}
+TEXT_PATTERNS = {
+    "mem": SLURM_MEM,
+    "time": SLURM_TIME,
+    "partition": SLURM_NAME,
+    "account": SLURM_NAME,
+    "qos": SLURM_NAME,
+}
+
+
+def profile_integer(path: Path, key: str, value: object) -> int | None:
+    """A whole-number profile field (YAML may give `4` or `"4"`); anything else is a SubmitError naming
+    the profile and the field."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise SubmitError(f"profile {path}: {key} must be a whole number, got {value!r}")
+
+
 def load_profile(path: Path | None) -> dict[str, Any]:
     """A `configs/slurm/*.yaml` profile: defaults for the sbatch options, `setup` (shell lines run before
     training: modules, environment) and `python` (the interpreter on the nodes; default: this one)."""
@@ -138,6 +167,17 @@ def load_profile(path: Path | None) -> dict[str, Any]:
     unknown = set(profile) - PROFILE_KEYS
     if unknown:
         raise SubmitError(f"profile {path}: unknown key(s) {sorted(unknown)}; known: {sorted(PROFILE_KEYS)}")
+    for key in INTEGER_KEYS & set(profile):
+        profile[key] = profile_integer(path, key, profile[key])
+    for key in TEXT_KEYS & set(profile):
+        value = profile[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            raise SubmitError(f"profile {path}: {key} must be text, got {value!r}")
+        pattern = TEXT_PATTERNS.get(key)
+        if value is not None and pattern is not None and not pattern.fullmatch(str(value)):
+            raise SubmitError(
+                f"profile {path}: {key} {value!r} is not a Slurm {key} (expected {pattern.pattern})"
+            )
     setup = profile.get("setup") or []
     if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
         raise SubmitError(f"profile {path}: setup must be a list of shell lines")
@@ -314,12 +354,22 @@ def job_id(value: str) -> str:
     return value
 
 
+# `scontrol show job` fields that end their line and may hold spaces (paths, the job name)
+LINE_END_FIELDS = ("JobName", "Command", "WorkDir", "StdErr", "StdIn", "StdOut")
+
+
 def job_fields(job: str) -> dict[str, str]:
-    """`scontrol show job` as key -> value (empty once Slurm has forgotten the job)."""
+    """`scontrol show job` as key -> value (empty once Slurm has forgotten the job); paths and the job
+    name are read to the end of their line, so spaces in them survive."""
     result = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
     if result.returncode != 0:
         return {}
-    return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+    fields = dict(re.findall(r"(\w+)=(\S*)", result.stdout))
+    for key in LINE_END_FIELDS:
+        found = re.search(rf"(?:^|\s){key}=(.*)$", result.stdout, re.MULTILINE)
+        if found:
+            fields[key] = found.group(1).rstrip()
+    return fields
 
 
 def status(args: argparse.Namespace) -> int:
@@ -332,6 +382,7 @@ def status(args: argparse.Namespace) -> int:
     if not fields:
         print(f"job {args.job}: unknown to Slurm (finished long ago, or never existed)", file=sys.stderr)
         return 1
+    fields["StdOut"] = str(log_path(args.job, Path("runs"), fields) or fields.get("StdOut", ""))
     keys = ("JobId", "JobName", "JobState", "Reason", "Restarts", "RunTime", "TimeLimit", "StdOut")
     for key in keys:
         print(f"{key + ':':<11}{fields.get(key, '')}")
@@ -342,12 +393,19 @@ def cancel(args: argparse.Namespace) -> int:
     return subprocess.run(["scancel", args.job]).returncode
 
 
-def log_path(job: str, search_root: Path) -> Path | None:
-    """The job's output file: from Slurm while it knows the job, else found under `search_root`."""
-    stdout = job_fields(job).get("StdOut")
-    if stdout:
+def log_path(job: str, search_root: Path, fields: dict[str, str] | None = None) -> Path | None:
+    """The job's output file: beside its script (`<run folder>/job.sbatch`, from Slurm while it knows the
+    job), else Slurm's StdOut (another script), else found under `search_root`. Slurm's own display of
+    StdOut garbles a path holding `%` (it expands the escaped `%%`), so the script's folder comes first."""
+    fields = job_fields(job) if fields is None else fields
+    name = LOG_PATTERN.replace("%j", job)
+    command = fields.get("Command")
+    if command and Path(command).name == JOB_SCRIPT:
+        return Path(command).parent / name
+    stdout = fields.get("StdOut")
+    if stdout and "%" not in stdout.replace("%j", ""):
         return Path(stdout.replace("%j", job))
-    found = sorted(search_root.rglob(LOG_PATTERN.replace("%j", job)))
+    found = sorted(search_root.rglob(name))
     return found[0] if found else None
 
 

@@ -46,9 +46,25 @@ def shard_paths(path: str | Path) -> list[Path]:
     return shards
 
 
+def member_caption(data: bytes, extension: str) -> object:
+    """A `.txt` member's text, or a `.json` member's `caption`; bytes that are not UTF-8 are kept as
+    surrogates (`check_caption` counts them as `bad_encoding`), JSON that does not parse is a
+    `SkipSample("malformed_json")`, returned to be raised when the key is checked."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    if extension == ".txt":
+        return text
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        return SkipSample("malformed_json")
+    return parsed.get("caption") if isinstance(parsed, dict) else None
+
+
 def read_shards(path: str | Path, skipped: Counter) -> list[ShardRecord]:
     """One record per key that has an image and a usable caption; others are counted in `skipped`
-    (missing_file: a caption without image, empty_caption: an image without usable caption)."""
+    (missing_file: a caption without image; empty_caption: an image without usable caption; bad_encoding:
+    a caption that is not UTF-8; malformed_json: a `.json` member that does not parse). A `.txt` caption
+    wins over a `.json` one."""
     records = []
     for shard in shard_paths(path):
         images: dict[str, TarMember] = {}
@@ -62,18 +78,18 @@ def read_shards(path: str | Path, skipped: Counter) -> list[ShardRecord]:
                 if extension in IMAGE_EXTENSIONS:
                     images[key] = TarMember(str(shard), info.offset_data, info.size)
                 elif extension == ".txt":
-                    captions[key] = archive.extractfile(info).read().decode("utf-8", errors="replace")
+                    captions[key] = member_caption(archive.extractfile(info).read(), extension)
                 elif extension == ".json":
-                    try:
-                        captions.setdefault(key, json.loads(archive.extractfile(info).read()).get("caption"))
-                    except (ValueError, AttributeError, RecursionError):
-                        captions.setdefault(key, None)
+                    captions.setdefault(key, member_caption(archive.extractfile(info).read(), extension))
         for key in sorted(set(images) | set(captions)):
             if key not in images:
                 skipped["missing_file"] += 1
                 continue
             try:
-                caption = check_caption(captions.get(key))
+                caption = captions.get(key)
+                if isinstance(caption, SkipSample):
+                    raise caption
+                caption = check_caption(caption)
             except SkipSample as skip:
                 skipped[skip.reason] += 1
                 continue

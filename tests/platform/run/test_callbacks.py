@@ -11,6 +11,7 @@ from vlp.platform.run.callbacks import (
     NonFiniteLossError,
     NonFiniteLossGuard,
     RandomStateCheckpoint,
+    ResumeWithConfiguredOptimizer,
     ThroughputMonitor,
 )
 
@@ -160,3 +161,59 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     got = (torch.rand(3), np.random.rand(3), random.random())
     torch.testing.assert_close(got[0], expected[0])
     assert (got[1] == expected[1]).all() and got[2] == expected[2]
+
+
+def restored_trainer(scheduler_class, checkpoint_lr: float, configured_lr: float):
+    """A trainer as `ResumeWithConfiguredOptimizer` sees it: optimizer and scheduler built with
+    `configured_lr`, then (between its two hooks) restored from a checkpoint trained with `checkpoint_lr`."""
+    from types import SimpleNamespace
+
+    def build(lr: float):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr, weight_decay=0.05)
+        if scheduler_class is torch.optim.lr_scheduler.LambdaLR:
+            scheduler = scheduler_class(optimizer, lambda step: 1.0 / (1 + step))
+        else:
+            scheduler = scheduler_class(optimizer, step_size=2)
+        return optimizer, scheduler
+
+    old_optimizer, old_scheduler = build(checkpoint_lr)
+    for _ in range(3):
+        old_optimizer.step()
+        old_scheduler.step()
+    optimizer, scheduler = build(configured_lr)
+    trainer = SimpleNamespace(
+        optimizers=[optimizer],
+        lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)],
+        ckpt_path="x.ckpt",
+    )
+    callback = ResumeWithConfiguredOptimizer()
+    callback.on_fit_start(trainer, None)
+    optimizer.load_state_dict(old_optimizer.state_dict())
+    scheduler.load_state_dict(old_scheduler.state_dict())
+    return callback, trainer
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_lr", "configured_lr"), [(1e-3, 1e-3), (1e-3, 2e-3), (1e-3, 1e-4), (0.5, 0.25)]
+)
+def test_a_resumed_lambda_schedule_takes_the_new_base_rate_at_its_restored_step(checkpoint_lr, configured_lr):
+    callback, trainer = restored_trainer(torch.optim.lr_scheduler.LambdaLR, checkpoint_lr, configured_lr)
+    callback.on_train_start(trainer, None)
+    group = trainer.optimizers[0].param_groups[0]
+    assert group["initial_lr"] == configured_lr and group["lr"] == pytest.approx(configured_lr / 4)
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [group["lr"]]
+
+
+@pytest.mark.parametrize("configured_lr", [2e-3, 1e-4])
+def test_a_schedule_that_cannot_take_a_new_rate_is_refused_naming_the_key(configured_lr):
+    callback, trainer = restored_trainer(torch.optim.lr_scheduler.StepLR, 1e-3, configured_lr)
+    with pytest.raises(
+        ValueError, match=r"resume: the learning rate changed \(optim.lr: \[0.001\] in the checkpoint"
+    ):
+        callback.on_train_start(trainer, None)
+
+
+def test_an_unchanged_rate_passes_any_schedule():
+    callback, trainer = restored_trainer(torch.optim.lr_scheduler.StepLR, 1e-3, 1e-3)
+    callback.on_train_start(trainer, None)
+    assert trainer.optimizers[0].param_groups[0]["initial_lr"] == 1e-3

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 
@@ -275,6 +275,77 @@ class FinalValidation(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.validate_if_resumed_at_end(trainer)
+
+
+# optimizer settings a resumed run takes from its config, and where the config sets them
+CONFIGURED_GROUP_KEYS = {
+    "initial_lr": "optim.lr (with optim.lr_scales)",
+    "weight_decay": "optim.weight_decay",
+    "betas": "optim.beta1 / optim.beta2",
+    "eps": "the optimizer's eps",
+}
+
+
+class ResumeWithConfiguredOptimizer(Callback):
+    """A resumed fit trains with its config's optimizer settings, not the checkpoint's.
+
+    Lightning restores the optimizer's parameter groups and the scheduler's base learning rates from the
+    checkpoint, so a new `optim.lr` or `optim.weight_decay` given on resume would be silently ignored.
+    This callback keeps the settings the model configured (read before the restore) and puts them back
+    after it: the moments and the step count stay the checkpoint's, the learning rate becomes the new base
+    rate times the schedule's factor at the restored step (the schedule's shape, `warmup`, `min_lr_ratio`
+    and the total steps, already comes from the config). A scheduler that cannot be re-based (not a
+    `LambdaLR`) with a changed learning rate is refused, naming the key. What changed is printed.
+    """
+
+    def __init__(self) -> None:
+        self._configured: list[list[dict]] | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._configured = [
+            [
+                {key: value for key, value in group.items() if key != "params"}
+                for group in optimizer.param_groups
+            ]
+            for optimizer in trainer.optimizers
+        ]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        configured, self._configured = self._configured, None
+        if not trainer.ckpt_path or configured is None:
+            return
+        changes: list[str] = []
+        for optimizer, groups in zip(trainer.optimizers, configured, strict=True):
+            for number, (group, wanted) in enumerate(zip(optimizer.param_groups, groups, strict=True)):
+                for key, value in wanted.items():
+                    if key == "lr" or group.get(key) == value:
+                        continue
+                    if key in CONFIGURED_GROUP_KEYS:
+                        changes.append(
+                            f"{CONFIGURED_GROUP_KEYS[key]} of group {number}: {group.get(key)} -> {value}"
+                        )
+                    group[key] = value
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            bases = [group.get("initial_lr", group["lr"]) for group in scheduler.optimizer.param_groups]
+            if list(scheduler.base_lrs) == bases:
+                continue
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                raise ValueError(
+                    f"resume: the learning rate changed (optim.lr: {scheduler.base_lrs} in the checkpoint, "
+                    f"{bases} now) and a {type(scheduler).__name__} cannot take a new one mid-schedule; "
+                    "resume with the checkpoint's optim.lr or start a new run from its weights"
+                )
+            scheduler.base_lrs = bases
+            step = scheduler.last_epoch
+            rates = [base * factor(step) for base, factor in zip(bases, scheduler.lr_lambdas, strict=True)]
+            for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
+            scheduler._last_lr = rates
+        if changes:
+            rank_zero_info(
+                "resume: the config's optimizer settings replace the checkpoint's: " + "; ".join(changes)
+            )
 
 
 def is_last_training_step(trainer: Trainer) -> bool:
