@@ -80,7 +80,6 @@ def test_progress_bar_counts_steps_of_max_steps_with_objective_losses(in_tmp, ca
 
 
 # until `vlp.cli` lists StalePartialsCleanup among its default callbacks (a second one is harmless)
-CLEANUP = "--trainer.callbacks+=vlp.platform.run.checkpoints.StalePartialsCleanup"
 
 
 @pytest.mark.parametrize("max_steps", [6, 7])
@@ -98,7 +97,7 @@ def test_a_run_killed_after_its_last_checkpoint_writes_its_scores_when_resumed(i
     partial = partial.with_name(partial.name.replace(f"-{os.getpid()}-", f"-{int(ended.stdout)}-"))
     partial.write_bytes(b"PK" + bytes(1000))
     capsys.readouterr()
-    resumed = run([*args, "--ckpt_path", "last", CLEANUP])
+    resumed = run([*args, "--ckpt_path", "last"])
     assert not partial.exists()
     assert resumed.trainer.global_step == max_steps
     out = capsys.readouterr().out
@@ -152,7 +151,6 @@ def test_a_resume_with_another_batch_size_continues_at_the_next_sample(in_tmp, t
 
 
 # until `vlp.cli` lists ResumeWithConfiguredOptimizer among its default callbacks (a second one is harmless)
-CONFIGURED_OPTIMIZER = "--trainer.callbacks+=vlp.platform.run.callbacks.ResumeWithConfiguredOptimizer"
 OPTIM = "--model.init_args.optim."
 
 
@@ -172,7 +170,7 @@ def test_a_resume_trains_with_the_configs_optimizer_settings(in_tmp, caplog, cha
     base = ["fit", "--config", CONFIG, "--trainer.val_check_interval=100", "--trainer.limit_val_batches=0"]
     run([*base, "--trainer.max_steps=3", "--trainer.default_root_dir=a"])
     with caplog.at_level(logging.INFO):
-        resumed = run([*base, "--trainer.max_steps=5", *changed, "--ckpt_path", "last", CONFIGURED_OPTIMIZER])
+        resumed = run([*base, "--trainer.max_steps=5", *changed, "--ckpt_path", "last"])
     straight = run([*base, "--trainer.max_steps=5", *changed, "--trainer.logger=false"])
     groups = [
         optimizer.param_groups

@@ -24,11 +24,12 @@ from vlp.platform.run.callbacks import (
     MetricsSummary,
     NonFiniteLossGuard,
     RandomStateCheckpoint,
+    ResumeWithConfiguredOptimizer,
     SamplerMonitor,
     StepProgressBar,
     ThroughputMonitor,
 )
-from vlp.platform.run.checkpoints import AtomicCheckpointIO, newest_complete_checkpoint
+from vlp.platform.run.checkpoints import AtomicCheckpointIO, StalePartialsCleanup, newest_complete_checkpoint
 from vlp.platform.run.perf import FlopsMonitor
 from vlp.platform.run.prediction_writer import PredictionWriter
 from vlp.platform.run.requeue import RequeueAtStepBoundary
@@ -131,6 +132,8 @@ def run(args: list[str] | None = None) -> VLPCLI:
                 FinalValidation(),
                 RequeueAtStepBoundary(),
                 SkippedSamplesMonitor(),
+                StalePartialsCleanup(),
+                ResumeWithConfiguredOptimizer(),
             ],
         },
         save_config_kwargs={"overwrite": True},
