@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from vlp.platform.kernels import sigmoid_contrastive_loss_reference
+from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.itm import positive_pairs
+from vlp.tasks.itm_rerank import rerank_scores
 
 
 def test_sigmoid_itc_equals_the_naive_loss_with_duplicates_as_positives(backbone, batch):
@@ -72,3 +74,20 @@ def test_sigmoid_validation_loss_and_match_probabilities(backbone, batch):
 def test_bad_arguments_raise(backbone, kwargs, match):
     with pytest.raises(ValueError, match=match):
         ITCObjective(backbone, **kwargs)
+
+
+def test_retrieval_and_itm_candidates_are_the_same_under_sigmoid_scores():
+    """Recall and the ITM re-ranking's top-k candidates read the order of the scores only: the cosine order
+    is the order of sigmoid(t cos + b), so ranking by cosine is right for a sigmoid-trained model."""
+    gen = torch.Generator().manual_seed(0)
+    cosine = torch.rand(6, 12, generator=gen) * 2 - 1
+    probabilities = torch.sigmoid(10.0 * cosine - 10.0)
+    text_ids, image_ids = torch.arange(12) // 2, torch.arange(6)
+    assert retrieval_recall(cosine, text_ids, image_ids) == retrieval_recall(
+        probabilities, text_ids, image_ids
+    )
+    pair_scorer = lambda i, t: (i * 31 + t * 7 % 5).float()  # noqa: E731 - any ITM head
+    for got, want in zip(
+        rerank_scores(probabilities, 3, pair_scorer), rerank_scores(cosine, 3, pair_scorer), strict=True
+    ):
+        torch.testing.assert_close(got, want)
