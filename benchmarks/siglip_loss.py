@@ -11,12 +11,13 @@ benchmarks/results/siglip_loss.json.
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from harness import median_seconds, peak_rss_growth_mib, report, run_isolated
 from open_clip.loss import SigLipLoss
@@ -30,6 +31,7 @@ from vlp.platform.losses import sigmoid_loss
 
 METHODS = ("sigmoid_tiled", "sigmoid_untiled", "open_clip_siglip", "infonce_tiled", "infonce_untiled")
 EMBED_DIM, CHUNK = 256, 1024
+SCRIPT = Path(__file__).resolve()  # runpy.run_path sets __file__ too
 
 
 def _loss_fn(method: str, rank: int, world: int):
@@ -88,14 +90,23 @@ def _rank_main(rank: int, world: int, folder: str, method: str, local_batch: int
 
 
 def measure(method: str, batch: int, world: int, repeat: int) -> dict:
-    """Peak memory (the largest rank's) and median time of one loss + backward, run in fresh processes."""
+    """Peak memory (the largest rank's) and median time of one loss + backward, run in fresh processes: one
+    per rank, each this script with `--rank`."""
     if _loss_fn(method, 0, world) is None:
         return {}
     if world == 1:
         torch.set_num_threads(1)
         return _measure(method, batch, 0, 1, repeat)
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_rank_main, args=(world, folder, method, batch // world, repeat), nprocs=world, join=True)
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), "--rank", str(r), "--world", str(world), "--folder", folder]
+                + ["--method", method, "--batches", str(batch // world), "--repeat", str(repeat)]
+            )
+            for r in range(world)
+        ]
+        if any(p.wait(timeout=600) != 0 for p in ranks):
+            raise RuntimeError(f"a rank of {method} at batch {batch} failed")
         results = [json.loads(Path(folder, f"{r}.json").read_text()) for r in range(world)]
     return {key: max(r[key] for r in results) for key in ("peak_mib", "seconds")}
 
@@ -105,7 +116,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096, 8192])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)  # one rank of a multi-rank measurement
+    parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rank is not None:
+        _rank_main(args.rank, args.world, args.folder, args.method, args.batches[0], args.repeat)
     script = Path(__file__).resolve()
     rows = []
     for world in args.ranks:
@@ -116,6 +133,7 @@ def main() -> None:
                 )
                 if result:
                     rows.append({"ranks": world, "batch": batch, "method": method, **result})
+                    print(rows[-1], flush=True)
     report("siglip_loss", rows)
 
 
