@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from vlp.platform.distributed.collectives import pad_to
+from vlp.platform.distributed.collectives import is_distributed, pad_to
 from vlp.platform.kernels import sigmoid_contrastive_loss
 from vlp.platform.losses import distilled_infonce_loss, infonce_loss, positive_pairs, sigmoid_loss
 from vlp.platform.losses.infonce import ScoreAgainst
@@ -119,10 +119,11 @@ class ITCObjective(Objective):
             )
             return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale, "logit_bias": self.logit_bias})
         alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
-        gathered = self.shared_columns(features)
         if self.queue is None and alpha == 0 and self.score_against == "online":
+            gathered = self.shared_columns(features) if is_distributed() else None
             loss = infonce_loss(image, text, scale, gathered=gathered, chunk_size=self.chunk_size)
             return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale})
+        gathered = self.shared_columns(features) if self.score_against == "online" else None
         momentum = None
         if self.backbone.momentum is not None:
             momentum = (features.momentum_image.embedding, features.momentum_text.embedding)
