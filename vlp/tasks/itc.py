@@ -1,31 +1,44 @@
-"""Image-text contrastive learning (CLIP / ALBEF ITC).
+"""Image-text contrastive learning (CLIP / ALBEF ITC, SigLIP).
 
-Loss: symmetric InfoNCE over the batch with the backbone's learnable temperature,
+Two losses (`loss`), both from `vlp.platform.losses`, where their distributed behaviour is written down:
+  "infonce" (CLIP): symmetric InfoNCE over the batch with the backbone's learnable temperature,
     L = 1/2 [CE(s * I T^T, diag) + CE(s * T I^T, diag)],  I, T L2-normalised [B, E],
-through `vlp.platform.kernels.contrastive_loss`, which in distributed runs scores the local rows against
-columns gathered from every rank with gradients (open_clip's local loss) and never builds the full
-B x B matrix when chunked. Validation: retrieval R@1/5/10 both ways over the whole val split, every caption
-of an image a text of its own (`vlp.tasks.retrieval_split`): image -> text is right when any of the image's
-captions is in the top K, text -> image when the caption's one image is.
+    each rank's rows scored against every rank's columns (gathered with gradients), tiled when chunked.
+  "sigmoid" (SigLIP): every image-text pair a binary problem,
+    L = 1/B sum_i sum_j -log sigmoid(z_ij (t <x_i, y_j> + b)),
+    z = +1 for a pair of the same image id or an identical caption (duplicates are positives, as in ITM), -1
+    otherwise; t the backbone's logit scale (SigLIP initialises it at 10: `init_temperature: 0.1`), b this
+    objective's learnable bias (init -10). Other ranks' texts arrive by neighbour exchange (`exchange`).
+Validation: retrieval R@1/5/10 both ways over the whole val split, every caption of an image a text of its
+own (`vlp.tasks.retrieval_split`): image -> text is right when any of the image's captions is in the top K,
+text -> image when the caption's one image is. Ranked by cosine similarity, whose order is that of either
+loss's logits and of the sigmoid probabilities (monotone maps, t > 0); what the sigmoid loss adds is the
+meaning of a score: `match_probability` (and `predict`'s) is a pair's own probability of matching.
 
-With the backbone's momentum model (ALBEF), two switches: `queue_size` keeps the momentum embeddings of past
-batches (gathered over ranks) as extra negative columns, and `alpha` mixes the one-hot targets with the
-momentum model's softmaxed similarities over the same columns,
+With the backbone's momentum model (ALBEF, InfoNCE only), two switches: `queue_size` keeps the momentum
+embeddings of past batches (gathered over ranks) as extra negative columns, and `alpha` mixes the one-hot
+targets with the momentum model's softmaxed similarities over the same columns,
     targets = alpha * softmax(s * I_m [T_m; Q_t]^T) + (1 - alpha) * onehot,
 ramped up over `alpha_warmup_steps`. Queue rows of an image in the batch are masked out (they are neither
-its negatives nor counted as positives). alpha = 0 and no queue is exactly the loss above.
+its negatives nor counted as positives). alpha = 0 and no queue is exactly the loss above. `score_against`
+picks the columns: the global online batch (vlp) or this rank's momentum embeddings (ALBEF's pretraining).
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import Literal
 
-from vlp.platform.distributed.collectives import all_gather_many, is_distributed, rank
-from vlp.platform.kernels import contrastive_loss
+import torch
+from torch import Tensor, nn
+
+from vlp.platform.distributed.collectives import is_distributed, pad_to
+from vlp.platform.kernels import sigmoid_contrastive_loss
+from vlp.platform.losses import distilled_infonce_loss, infonce_loss, positive_pairs, sigmoid_loss
+from vlp.platform.losses.infonce import ScoreAgainst
+from vlp.platform.losses.sigmoid import Exchange
 from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
-from vlp.platform.model.momentum import FeatureQueue, ramped_alpha, soft_cross_entropy
+from vlp.platform.model.momentum import FeatureQueue, ramped_alpha
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation, real_rows
 from vlp.tasks.global_rows import global_rows
@@ -46,9 +59,17 @@ class ITCObjective(Objective):
         alpha: float = 0.0,
         alpha_warmup_steps: int = 0,
         queue_size: int = 0,
+        loss: Literal["infonce", "sigmoid"] = "infonce",
+        init_bias: float = -10.0,
+        exchange: Exchange = "bidirectional",
+        score_against: ScoreAgainst = "online",
     ):
         """`alpha`: weight of the momentum model's soft targets (ALBEF: 0.4), reached after
-        `alpha_warmup_steps`; `queue_size`: momentum embeddings kept as extra negatives (ALBEF: 65536)."""
+        `alpha_warmup_steps`; `queue_size`: momentum embeddings kept as extra negatives (ALBEF: 65536);
+        `loss`: "infonce" (CLIP, ALBEF) or "sigmoid" (SigLIP); `init_bias`: the sigmoid loss's learnable bias
+        at the start (SigLIP: -10); `exchange`: how the sigmoid loss visits other ranks' texts, "ring" or
+        "bidirectional"; `score_against`: "online" (vlp: the global online batch plus the queue) or
+        "momentum" (ALBEF: the momentum embeddings plus the queue)."""
         super().__init__(backbone, optim)
         check_distillation("itc", backbone, alpha, alpha_warmup_steps)
         if queue_size < 0:
@@ -58,93 +79,121 @@ class ITCObjective(Objective):
                 "itc: queue_size > 0 fills the queue from the backbone's momentum model; "
                 "set backbone.init_args.momentum: {decay: 0.995}"
             )
+        if loss not in ("infonce", "sigmoid"):
+            raise ValueError(f"itc: loss must be 'infonce' or 'sigmoid', got {loss!r}")
+        if loss == "sigmoid" and (alpha > 0 or queue_size > 0):
+            raise ValueError(
+                "itc: the sigmoid loss has no momentum distillation; set alpha: 0 and queue_size: 0"
+            )
+        if exchange not in ("ring", "bidirectional"):
+            raise ValueError(f"itc: exchange must be 'ring' or 'bidirectional', got {exchange!r}")
+        if score_against not in ("online", "momentum"):
+            raise ValueError(f"itc: score_against must be 'online' or 'momentum', got {score_against!r}")
+        if score_against == "momentum" and (backbone.momentum is None or loss != "infonce"):
+            raise ValueError(
+                "itc: score_against: momentum scores against the momentum model's embeddings (InfoNCE); "
+                "set backbone.init_args.momentum: {decay: 0.995} and loss: infonce"
+            )
         self.chunk_size = chunk_size
         self.alpha, self.alpha_warmup_steps = alpha, alpha_warmup_steps
+        self.loss, self.exchange, self.score_against = loss, exchange, score_against
+        # the sigmoid loss scores each rank's texts by exchange, not from the step's shared gather
+        self.reads_global_rows = loss == "infonce"
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if loss == "sigmoid" else None
         self.queue = FeatureQueue(queue_size, backbone.vision_proj.out_features) if queue_size else None
         self.val_images, self.val_texts = SplitRows(("embedding",)), SplitRows(("embedding",))
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         scale = self.backbone.logit_scale()
-        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
-        if self.queue is None and alpha == 0:
-            shared = features.share_global_rows and is_distributed()
-            gathered = self.global_columns(features) if shared else None
-            loss = contrastive_loss(
-                features.image.embedding,
-                features.text.embedding,
+        image, text = features.image.embedding, features.text.embedding
+        if self.logit_bias is not None:
+            loss = sigmoid_loss(
+                image,
+                text,
                 scale,
+                self.logit_bias,
+                image_ids=batch["image_id"],
+                captions=self.caption_keys(batch),
+                exchange=self.exchange,
                 chunk_size=self.chunk_size,
-                gathered=gathered,
             )
+            return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale, "logit_bias": self.logit_bias})
+        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
+        if self.queue is None and alpha == 0 and self.score_against == "online":
+            gathered = self.shared_columns(features) if is_distributed() else None
+            loss = infonce_loss(image, text, scale, gathered=gathered, chunk_size=self.chunk_size)
             return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale})
-        loss = self.distilled_loss(batch, features, scale, alpha)
+        gathered = self.shared_columns(features) if self.score_against == "online" else None
+        momentum = None
+        if self.backbone.momentum is not None:
+            momentum = (features.momentum_image.embedding, features.momentum_text.embedding)
+        loss = distilled_infonce_loss(
+            image,
+            text,
+            scale,
+            batch["image_id"],
+            alpha=alpha,
+            momentum=momentum,
+            queue=None if self.queue is None else self.queue.contents(),
+            gathered=gathered,
+            score_against=self.score_against,
+        )
+        if self.queue is not None and self.training and torch.is_grad_enabled():
+            self.queue.enqueue(*momentum, batch["image_id"])
         return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale, "alpha": torch.tensor(alpha)})
 
-    def global_columns(self, features: FeatureCache) -> tuple[Tensor, Tensor]:
-        """Every rank's (image, text) embeddings [W * B, E] with gradients: from the step's one gather when
-        ITM gathers too (`features.share_global_rows`), else a gather of their own."""
-        if features.share_global_rows:
-            rows = global_rows(features)
-            return rows.image.embedding, rows.text_embedding
-        image, text = all_gather_many([features.image.embedding, features.text.embedding], with_grad=True)
-        return image, text
+    def shared_columns(self, features: FeatureCache) -> tuple[Tensor, Tensor] | None:
+        """Every rank's (image, text) embeddings [W * B, E] from the step's one gather when ITM gathers too
+        (`features.share_global_rows`); None lets the loss gather its own."""
+        if not features.share_global_rows:
+            return None
+        rows = global_rows(features)
+        return rows.image.embedding, rows.text_embedding
 
-    def distilled_loss(self, batch: dict, features: FeatureCache, scale: Tensor, alpha: float) -> Tensor:
-        """Local rows against the global batch's columns and the queue, soft targets by `alpha` (ALBEF)."""
-        image, text = features.image.embedding, features.text.embedding
-        b = image.shape[0]
-        image_all, text_all = self.global_columns(features)
-        ids = batch["image_id"]
-        queued_image, queued_text, queued_ids = (
-            (image.new_zeros(0, image.shape[1]),) * 2 + (ids.new_zeros(0),)
-            if self.queue is None
-            else self.queue.contents()
-        )
-        # queue rows of this batch's images are neither negatives nor positives: masked out of both directions
-        hidden = torch.cat([torch.zeros(b, len(text_all), dtype=torch.bool, device=image.device),
-                            queued_ids[None, :] == ids[:, None]], dim=1)  # fmt: skip
-        positives = torch.zeros_like(hidden)
-        positives[torch.arange(b), rank() * b + torch.arange(b)] = True
-        i2t = (scale * image @ torch.cat([text_all, queued_text.to(text.dtype)]).T).masked_fill(
-            hidden, -torch.inf
-        )
-        t2i = (scale * text @ torch.cat([image_all, queued_image.to(image.dtype)]).T).masked_fill(
-            hidden, -torch.inf
-        )
-        targets_i2t = targets_t2i = positives.float()
-        image_m = text_m = None
-        if self.backbone.momentum is not None:
-            image_m, text_m = features.momentum_image.embedding, features.momentum_text.embedding
-        if alpha > 0:
-            with torch.no_grad():
-                text_m_all, image_m_all = all_gather_many([text_m, image_m])
-                text_m_all = torch.cat([text_m_all, queued_text.to(text_m.dtype)])
-                image_m_all = torch.cat([image_m_all, queued_image.to(image_m.dtype)])
-                soft_i2t = (scale * image_m @ text_m_all.T).masked_fill(hidden, -torch.inf).softmax(dim=1)
-                soft_t2i = (scale * text_m @ image_m_all.T).masked_fill(hidden, -torch.inf).softmax(dim=1)
-                targets_i2t = alpha * soft_i2t + (1 - alpha) * targets_i2t
-                targets_t2i = alpha * soft_t2i + (1 - alpha) * targets_t2i
-        loss = 0.5 * (soft_cross_entropy(i2t, targets_i2t) + soft_cross_entropy(t2i, targets_t2i))
-        if self.queue is not None and self.training and torch.is_grad_enabled():
-            self.queue.enqueue(image_m, text_m, ids)
-        return loss
+    def caption_keys(self, batch: dict) -> Tensor:
+        """[B, 1 + max_len]: each caption's length, then its token ids zero-padded to the text tower's limit
+        (a width every rank knows): equal rows are identical captions, whatever the batch's padding."""
+        mask = batch["attention_mask"]
+        tokens = pad_to(batch["input_ids"] * mask, 1, self.backbone.text.max_len)
+        return torch.cat([mask.sum(dim=1, keepdim=True), tokens], dim=1)
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         image_emb, text_emb = features.image.embedding, features.text.embedding
         self.val_images.update(batch["image_id"], real_rows(batch), embedding=image_emb)
         texts = retrieval_texts(batch, features)
         self.val_texts.update(texts.image_id, texts.real, embedding=texts.features.embedding)
-        loss = contrastive_loss(image_emb, text_emb, self.backbone.logit_scale(), gather=False)
-        return {"loss": loss}
+        scale = self.backbone.logit_scale()
+        if self.logit_bias is None:
+            return {"loss": infonce_loss(image_emb, text_emb, scale, gather=False)}
+        keys = torch.cat([batch["image_id"][:, None], self.caption_keys(batch)], dim=1)
+        positives = positive_pairs(keys, keys)
+        return {
+            "loss": sigmoid_contrastive_loss(image_emb, text_emb, scale, self.logit_bias, positives=positives)
+        }
+
+    def match_probability(self, image: Tensor, text: Tensor) -> Tensor:
+        """[N] sigmoid(t <x, y> + b) of the pairs (image [N, E], text [N, E]) of a model trained with the
+        sigmoid loss: each pair's own probability of matching, with no reference to other candidates."""
+        if self.logit_bias is None:
+            raise ValueError(
+                "itc: match probabilities need the sigmoid loss; InfoNCE scores only rank candidates"
+            )
+        logits = self.backbone.logit_scale() * (image.float() * text.float()).sum(dim=-1) + self.logit_bias
+        return logits.sigmoid()
 
     def validation_scores(self) -> dict[str, float]:
         if not self.val_images.update_called:
             return {}
         images, texts = unique_images(self.val_images.pop()), self.val_texts.pop()
+        # cosine order: the order of the InfoNCE logits s cos and of the sigmoid scores sigmoid(t cos + b),
+        # monotone in it (t > 0), without their rounding ties
         similarity = images["embedding"].float() @ texts["embedding"].float().T
         scores = retrieval_recall(similarity, text_image_ids=texts["image_id"], image_ids=images["image_id"])
         return {f"val/retrieval/{key}": value for key, value in scores.items()}
 
     @torch.no_grad()
     def predict(self, batch: dict, features: FeatureCache) -> dict:
-        return {"image_embedding": features.image.embedding, "text_embedding": features.text.embedding}
+        out = {"image_embedding": features.image.embedding, "text_embedding": features.text.embedding}
+        if self.logit_bias is not None:
+            out["match_probability"] = self.match_probability(out["image_embedding"], out["text_embedding"])
+        return out

@@ -6,6 +6,11 @@ templates and normalised again [C, E]. Logits: image embedding [B, E] @ weights.
 over the labelled split, logged as `val/zeroshot/{top1,top5}`. An evaluation protocol, not a training
 objective: run it with `vlp validate` / `vlp test` on a labelled source (batches with `label` and, unless the
 config lists `classes`, `class_names`).
+
+Class probabilities (`vlp predict`) follow the loss the model was trained with: CLIP's InfoNCE makes the
+classes compete, softmax(s * logits) over C; SigLIP's sigmoid loss scores each class on its own,
+sigmoid(t * logits + b), which need not sum to one (none may fit, or several). Both are monotone in the
+cosine logits, so the ranking, top-1 and top-5 are the same either way.
 """
 
 from __future__ import annotations
@@ -32,9 +37,14 @@ class ZeroShotObjective(Objective):
         optim: OptimConfig | None = None,
         classes: list[str] | None = None,
         templates: list[str] | None = None,
+        logit_bias: float | None = None,
     ) -> None:
-        """`classes`: class names (default: the batches' `class_names`); `templates`: prompts with one `{}`."""
+        """`classes`: class names (default: the batches' `class_names`); `templates`: prompts with one `{}`;
+        `logit_bias`: None for a model trained with InfoNCE (softmax probabilities), else the sigmoid loss's
+        trained bias b (the ITC objective's `logit_bias`, logged as `train/itc/logit_bias`): sigmoid
+        probabilities."""
         super().__init__(backbone, optim)
+        self.logit_bias = logit_bias
         self.classes = classes
         self.templates = list(templates or TEMPLATES)
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
@@ -67,15 +77,37 @@ class ZeroShotObjective(Objective):
             "`vlp test` (configs/finetune/zeroshot-shapes.yaml), not in `vlp fit`"
         )
 
-    def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
+    def class_logits(self, batch: dict, features: FeatureCache) -> Tensor:
+        """[B, C] cosine similarity of each image to each class's prompt embedding."""
         classes = tuple(self.classes or batch.get("class_names") or ())
-        if not classes or "label" not in batch:
+        if not classes:
+            raise KeyError("zeroshot needs class names (config `classes` or the batches' `class_names`)")
+        if self._weights is None or self._weights[0] != classes:
+            self._weights = (classes, self.classifier(list(classes)))
+        return features.image.embedding @ self._weights[1].T
+
+    def class_probabilities(self, logits: Tensor) -> Tensor:
+        """[B, C] from the cosine logits [B, C]: softmax over classes (InfoNCE) or one sigmoid per class."""
+        scaled = self.backbone.logit_scale() * logits.float()
+        if self.logit_bias is None:
+            return scaled.softmax(dim=-1)
+        return (scaled + self.logit_bias).sigmoid()
+
+    @torch.no_grad()
+    def predict(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
+        logits = self.class_logits(batch, features)
+        return {
+            "class_probabilities": self.class_probabilities(logits),
+            "predicted_class": logits.argmax(dim=1),
+        }
+
+    def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
+        if "label" not in batch or not (self.classes or batch.get("class_names")):
             raise KeyError(
                 "zeroshot needs labelled batches (`label`) and class names (config `classes` or `class_names`)"
             )
-        if self._weights is None or self._weights[0] != classes:
-            self._weights = (classes, self.classifier(list(classes)))
-        logits = features.image.embedding @ self._weights[1].T
+        logits = self.class_logits(batch, features)
+        classes = self._weights[0]
         top = logits.topk(min(5, len(classes)), dim=1).indices
         hits = top == batch["label"][:, None]
         self.val_top1.update(hits[:, 0].float().mean(), weight=len(hits))

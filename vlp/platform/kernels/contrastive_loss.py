@@ -9,9 +9,10 @@ column log-sum-exps [B] survive between the passes.
 Routes: Triton kernels on CUDA tensors (block gradients added atomically, so gradient bits are not
 run-to-run deterministic on GPU); tiled PyTorch elsewhere. Similarities and gradients accumulate in fp32.
 
-Distributed (open_clip's local loss): with `gather=True` in a run with world size > 1 each rank scores its
-local images against all texts and its local texts against all images (gathered with gradient), positives
-at `rank * B_local + i`. The mean over ranks of these per-rank losses equals the single-process loss on the
+Distributed (open_clip's local loss, defined with the other contrastive losses in `vlp.platform.losses`):
+with `gather=True` in a run with world size > 1 each rank scores its local images against all texts and its
+local texts against all images (`vlp.platform.losses.gather_features`, with gradient), positives at
+`rank * B_local + i`. The mean over ranks of these per-rank losses equals the single-process loss on the
 concatenated batch, and because the gather's backward sums gradients over ranks, DDP's gradient average
 yields the single-process gradients. All ranks must hold the same local batch size.
 """
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlp.platform.distributed.collectives import all_gather_many, is_distributed, rank
+from vlp.platform.distributed.collectives import is_distributed, rank
 from vlp.platform.kernels._triton import Backend, dot_precision, tl, triton, use_triton
 
 _BLOCK_M, _BLOCK_K, _BLOCK_D = 64, 64, 64
@@ -270,10 +271,12 @@ def contrastive_loss(
     with torch.autocast(device_type, enabled=False):
         if not (gather and is_distributed()):
             return _InfoNCE.apply(image_emb, text_emb, scale, 0, True, tile, on_triton)
-        if gathered is None:
-            all_text, all_image = all_gather_many([text_emb, image_emb], with_grad=True)
-        else:
-            all_image, all_text = (t.to(image_emb.dtype).contiguous() for t in gathered)
+        from vlp.platform.losses.gather import gather_features  # the losses' one gather (imports kernels)
+
+        all_image, all_text = (
+            t.to(image_emb.dtype).contiguous()
+            for t in gather_features(image_emb, text_emb, gathered=gathered)
+        )
         offset = rank() * image_emb.shape[0]
         image_to_text = _InfoNCE.apply(image_emb, all_text, scale, offset, False, tile, on_triton)
         text_to_image = _InfoNCE.apply(text_emb, all_image, scale, offset, False, tile, on_triton)
