@@ -306,3 +306,22 @@ def test_optimize_never_copies_an_image_outside_the_root(coco_run: Path):
     assert "samples written: 8" in done.stdout and "  outside_root: 2" in done.stdout
     secret_bytes = secret.read_bytes()[-64:]
     assert not any(secret_bytes in chunk.read_bytes() for chunk in Path("chunks/leaky").glob("*.bin"))
+
+
+def test_contact_sheet_draws_accented_captions_with_their_letters():
+    """'Côte d'Ivoire' is drawn with its 'ô' (DejaVu Sans), not the box a character the font lacks gets."""
+    import io as _io
+
+    from PIL import Image as _Image
+
+    from vlp.cli.data import contact_sheet
+    from vlp.datamodules.captions import CaptionRecord
+
+    buffer = _io.BytesIO()
+    _Image.new("RGB", (32, 32), (90, 120, 200)).save(buffer, "PNG")
+
+    def sheet(caption: str) -> bytes:
+        return contact_sheet([CaptionRecord(buffer.getvalue(), 0, (caption,))], 1).tobytes()
+
+    assert sheet("Côte d'Ivoire") != sheet("C\u4e00te d'Ivoire")  # ô is a glyph of its own
+    assert sheet("C\u4e00te d'Ivoire") == sheet("C\u4e01te d'Ivoire")  # missing characters: one box

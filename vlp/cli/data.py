@@ -27,6 +27,7 @@ from vlp.datamodules.streaming import (
 )
 from vlp.datamodules.tokenizer import build_corpus_tokenizer
 from vlp.datamodules.webdataset import read_shards
+from vlp.platform.run.fonts import text_font
 
 FORMATS = ("coco", "karpathy", "csv", "refcoco", "webdataset", "chunks")
 
@@ -112,12 +113,13 @@ def contact_sheet(records: list, count: int, cell: int = 192, columns: int = 4) 
     rows = (len(chosen) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell, rows * (cell + text_height)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
+    font = text_font(11)  # DejaVu Sans: accented captions draw their letters
     for n, record in enumerate(chosen):
         x0, y0 = (n % columns) * cell, (n // columns) * (cell + text_height)
         try:
             image = image_of(record)
         except SkipSample as skip:
-            draw.text((x0 + 4, y0 + cell // 2), f"unusable: {skip.reason}", fill=(200, 0, 0))
+            draw.text((x0 + 4, y0 + cell // 2), f"unusable: {skip.reason}", fill=(200, 0, 0), font=font)
             continue
         scale = (cell - 4) / max(image.size)
         thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
@@ -128,7 +130,7 @@ def contact_sheet(records: list, count: int, cell: int = 192, columns: int = 4) 
                 (x0 + 2 + x, y0 + 2 + y, x0 + 2 + x + w, y0 + 2 + y + h), outline=(0, 220, 0), width=2
             )
         caption = textwrap.wrap(record.captions[0], width=cell // 6)[:3]
-        draw.multiline_text((x0 + 4, y0 + cell), "\n".join(caption), fill=(0, 0, 0), spacing=2)
+        draw.multiline_text((x0 + 4, y0 + cell), "\n".join(caption), fill=(0, 0, 0), spacing=2, font=font)
     return sheet
 
 
