@@ -64,9 +64,12 @@ def selected_positions(selected: Tensor) -> tuple[Tensor, Tensor]:
 class MLMHead(nn.Module):
     """BERT's transform (dense, GELU, LayerNorm); the decoder weight is the tied word embedding."""
 
-    def __init__(self, width: int, vocab_size: int) -> None:
+    def __init__(self, width: int, vocab_size: int, layer_norm_eps: float = 1e-5) -> None:
+        """`layer_norm_eps`: the fusion stack's (`FusionConfig.layer_norm_eps`; BERT / ALBEF: 1e-12)."""
         super().__init__()
-        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
+        self.transform = nn.Sequential(
+            nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=layer_norm_eps)
+        )
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -96,7 +99,7 @@ class MLMObjective(Objective):
         self.alpha, self.alpha_warmup_steps = alpha, alpha_warmup_steps
         self.mask_probability = mask_probability
         self.chunk_size = chunk_size
-        self.head = MLMHead(backbone.width, backbone.vocab_size)
+        self.head = MLMHead(backbone.width, backbone.vocab_size, backbone.fusion.config.layer_norm_eps)
         self.momentum_head = backbone.momentum.track("mlm", self.head) if alpha > 0 else None
         vocab = torch.arange(len(backbone.tokenizer))
         self.register_buffer(
