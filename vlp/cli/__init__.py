@@ -141,7 +141,13 @@ def run(args: list[str] | None = None) -> VLPCLI:
 
 
 # subcommand -> module of this package with `main(argv: list[str]) -> int | None`; imported on use only
-GROUPS: dict[str, str] = {"data": "data", "slurm": "slurm", "export": "export", "tensorboard": "tensorboard"}
+GROUPS: dict[str, str] = {
+    "data": "data",
+    "slurm": "slurm",
+    "export": "export",
+    "tensorboard": "tensorboard",
+    "convert": "convert",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -116,8 +116,18 @@ class FusionBackbone(nn.Module):
         caption_decoder: bool = False,
         merging: TokenMergingConfig | None = None,
         momentum: MomentumConfig | None = None,
+        temperature: Literal["log_scale", "clamped"] = "log_scale",
+        temperature_range: tuple[float, float] = (0.001, 0.5),
     ) -> None:
-        """`momentum` keeps an EMA copy of this backbone (`self.momentum`) for distillation and queues."""
+        """`momentum` keeps an EMA copy of this backbone (`self.momentum`) for distillation and queues.
+
+        `temperature` parametrises the contrastive temperature T (logits = cos / T), starting at
+        `init_temperature`: "log_scale" (CLIP, the default) learns log(1 / T) (`log_logit_scale`), 1 / T
+        capped at `max_logit_scale`: steps are relative, so T moves alike at 0.07 and 0.01; "clamped"
+        (ALBEF) learns T itself (`temp`), read clamped to `temperature_range` ([0.001, 0.5] in ALBEF). ALBEF
+        clamps the stored value in place before each forward; here the read value is clamped and the
+        gradient passes straight through to `temp`, which gives ALBEF's logits and gradients whenever the
+        stored value is in range (always, for a checkpoint of ALBEF's)."""
         super().__init__()
         if tokenizer is None:
             raise ValueError("FusionBackbone needs a tokenizer (the CLI links it from data.tokenizer)")
@@ -129,7 +139,19 @@ class FusionBackbone(nn.Module):
         self.fusion = FusionEncoder(fusion or FusionConfig(), self.text.width, self.vision.width)
         self.vision_proj = nn.Linear(self.vision.width, embed_dim)
         self.text_proj = nn.Linear(self.text.width, embed_dim)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        if temperature not in ("log_scale", "clamped"):
+            raise ValueError(f"temperature must be 'log_scale' or 'clamped', got {temperature!r}")
+        low, high = self.temperature_range = tuple(temperature_range)
+        if temperature == "clamped" and not 0 < low <= init_temperature <= high:
+            raise ValueError(
+                f"init_temperature={init_temperature} must lie in temperature_range={list(temperature_range)} "
+                "(and the range above 0)"
+            )
+        self.temperature = temperature
+        if temperature == "clamped":
+            self.temp = nn.Parameter(torch.tensor(float(init_temperature)))
+        else:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_logit_scale = math.log(max_logit_scale)
         self.register_buffer(
             "special_token_ids", torch.tensor(sorted(set(tokenizer.all_special_ids))), persistent=False
@@ -153,7 +175,12 @@ class FusionBackbone(nn.Module):
         return self.text.word_embeddings.num_embeddings
 
     def logit_scale(self) -> Tensor:
-        """exp of the learnable log scale, clamped at `max_logit_scale` as CLIP does."""
+        """1 / T: exp of the learnable log scale, clamped at `max_logit_scale` as CLIP does; or (`temperature:
+        clamped`) 1 / `temp` with `temp` read clamped to `temperature_range`, gradient straight through."""
+        if self.temperature == "clamped":
+            low, high = self.temperature_range
+            temp = self.temp + (self.temp.clamp(low, high) - self.temp).detach()
+            return 1.0 / temp
         return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
 
     def set_merging(
