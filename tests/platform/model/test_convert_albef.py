@@ -278,3 +278,64 @@ def test_vlp_convert_albef_writes_what_init_from_loads(pair, tmp_path, capsys):
     for key, value in fresh.state_dict().items():
         if ".momentum." not in f".{key}" and "momentum_head" not in key:  # init_from syncs those
             torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_vit_b16_bert_base_albef_converts_exactly(monkeypatch):
+    """ALBEF's real sizes (ViT-B/16 at 224 + BERT-base 6 + 6, embed 256), two images: embeddings, ITC,
+    ITM and MLM logits and the momentum features, through the packed shortcut passes."""
+    monkeypatch.setattr(packing_module, "MIN_PADDING", 0.0)
+    torch.set_num_threads(1)
+    sizes = dict(image_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12)
+    sizes |= dict(text_width=768, text_layers=6, fusion_layers=6, text_heads=12, embed_dim=256)
+    reference = albef_pretrain(**sizes, queue_size=32, max_position=512)
+    tokenizer = bert_tokenizer()
+    module = vlp_albef(
+        tokenizer, queue_size=32, image=224, patch=16, vision_width=768, vision_depth=12, vision_heads=12,
+        width=768, text_depth=6, fusion_depth=6, heads=12, embed=256, max_len=40,
+    )  # fmt: skip
+    load_converted(module, convert_albef(reference.state_dict(), max_len=40, vocab_size=len(tokenizer)))
+    backbone, tol = module.backbone, TOL
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    text = tokenizer(CAPTIONS[1:3], padding="longest", return_tensors="pt")
+    ids, mask = text.input_ids, text.attention_mask
+    masked, selected = masked_ids(ids, mask, tokenizer)
+    ones = torch.ones(2, 197, dtype=torch.long)
+    with torch.no_grad():
+        image_tokens = reference.visual_encoder.forward_features(images)
+        image_feat = F.normalize(reference.vision_proj(image_tokens[:, 0]), dim=-1)
+        text_tokens = reference.text_encoder.bert(ids, attention_mask=mask, mode="text").last_hidden_state
+        text_feat = F.normalize(reference.text_proj(text_tokens[:, 0]), dim=-1)
+        pairs = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0])  # (image, text): two positives, one negative
+        fused = reference.text_encoder.bert(
+            encoder_embeds=text_tokens[pairs[1]],
+            attention_mask=mask[pairs[1]],
+            encoder_hidden_states=image_tokens[pairs[0]],
+            encoder_attention_mask=torch.ones(3, 197, dtype=torch.long),
+            mode="fusion",
+        ).last_hidden_state
+        itm = reference.itm_head(fused[:, 0])
+        mlm = reference.text_encoder(
+            masked, attention_mask=mask, encoder_hidden_states=image_tokens, encoder_attention_mask=ones,
+            return_logits=True,
+        )  # fmt: skip
+        image_feat_m = F.normalize(reference.vision_proj_m(reference.visual_encoder_m(images)[:, 0]), dim=-1)
+
+        image = backbone.with_fusion_keys(backbone.encode_image(images))
+        text_features = backbone.encode_text(ids, mask)
+        torch.testing.assert_close(image.embedding, image_feat, **tol)
+        torch.testing.assert_close(text_features.embedding, text_feat, **tol)
+        sims = backbone.logit_scale() * image.embedding @ text_features.embedding.T
+        torch.testing.assert_close(sims, image_feat @ text_feat.T / reference.temp, **tol)
+        attended = backbone.first_self_attention(text_features.tokens, mask)
+        cls = first_token(3, mask.device)
+        out = backbone.fuse(
+            image.take(pairs[0]), attended[pairs[1]], mask[pairs[1]], positions=cls, self_attended=True
+        )
+        torch.testing.assert_close(module.objectives["itm"].head(out[:, 0]), itm, **tol)
+        head = module.objectives["mlm"].head
+        fused_masked = backbone.fuse(image, backbone.text_tokens(masked, mask), mask, merge_text=False)
+        logits = head(fused_masked[selected]) @ backbone.text.word_embeddings.weight.T + head.bias
+        torch.testing.assert_close(logits, mlm[selected], **tol)
+        momentum = backbone.momentum.backbone.encode_image(images).embedding
+        torch.testing.assert_close(momentum, image_feat_m, **tol)
