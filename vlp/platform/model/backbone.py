@@ -20,7 +20,13 @@ from transformers import PreTrainedTokenizerBase
 
 from vlp.platform.model.decoder import CaptionDecoder, DecoderCache
 from vlp.platform.model.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
-from vlp.platform.model.fusion import FusionConfig, FusionEncoder, KeyValues, gather_tokens
+from vlp.platform.model.fusion import (
+    FusionConfig,
+    FusionEncoder,
+    KeyValues,
+    gather_tokens,
+    init_from_bert_layers,
+)
 from vlp.platform.model.length_buckets import by_length, trim
 from vlp.platform.model.momentum import MomentumConfig, MomentumModel
 from vlp.platform.model.token_merging import (
@@ -137,6 +143,8 @@ class FusionBackbone(nn.Module):
         self.vision = VisionEncoder(vision or VisionConfig())
         self.text = TextEncoder(text or TextConfig(), len(tokenizer), tokenizer.pad_token_id)
         self.fusion = FusionEncoder(fusion or FusionConfig(), self.text.width, self.vision.width)
+        if self.fusion.config.init_from_text_layers is not None:
+            self.split_text_tower(*self.fusion.config.init_from_text_layers)
         self.vision_proj = nn.Linear(self.vision.width, embed_dim)
         self.text_proj = nn.Linear(self.text.width, embed_dim)
         if temperature not in ("log_scale", "clamped"):
@@ -164,6 +172,26 @@ class FusionBackbone(nn.Module):
         self.momentum: MomentumModel | None = None
         if momentum is not None:  # last: the copy is taken of everything above
             self.momentum = MomentumModel(self, momentum, shared=(tokenizer,))
+
+    def split_text_tower(self, start: int, stop: int) -> None:
+        """ALBEF's layout from one pretrained BERT: layers 0..start-1 stay the text tower, the fusion layers
+        start as copies of layers start..stop-1 (new cross-attention), and the text tower drops the rest."""
+        if not self.text.config.pretrained:
+            raise ValueError("fusion.init_from_text_layers copies layers of text.pretrained: set it")
+        bert = self.text.bert
+        layers, config = bert.encoder.layer, bert.config
+        if stop > len(layers):
+            raise ValueError(
+                f"fusion.init_from_text_layers stops at {stop}, text.pretrained has {len(layers)} layers"
+            )
+        if config.num_attention_heads != self.fusion.config.heads:
+            raise ValueError(
+                f"fusion.heads={self.fusion.config.heads} differs from text.pretrained's "
+                f"{config.num_attention_heads} heads, whose layers the fusion layers start from"
+            )
+        init_from_bert_layers(self.fusion, list(layers[start:stop]))
+        bert.encoder.layer = layers[:start]
+        config.num_hidden_layers = start
 
     @property
     def width(self) -> int:

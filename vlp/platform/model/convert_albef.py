@@ -35,18 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FUSION_NAMES = {
-    "attention.self.query": "self_attn.query",
-    "attention.output.dense": "self_attn.out",
-    "attention.output.LayerNorm": "self_norm",
-    "crossattention.self.query": "cross_attn.query",
-    "crossattention.output.dense": "cross_attn.out",
-    "crossattention.output.LayerNorm": "cross_norm",
-    "intermediate.dense": "mlp.0",
-    "output.dense": "mlp.3",
-    "output.LayerNorm": "mlp_norm",
-}
-KEY_VALUE = {"attention.self": "self_attn.key_value", "crossattention.self": "cross_attn.key_value"}
+from vlp.platform.model.fusion import fusion_state_of_bert_layer
+
 # the parameters of a ViT (timm's and ALBEF's names) and of a BERT text layer: anything else fits nothing
 VIT_KEY = re.compile(
     r"(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)"
@@ -55,6 +45,10 @@ VIT_KEY = re.compile(
 TEXT_LAYER_KEY = re.compile(
     r"(attention\.self\.(query|key|value)|attention\.output\.(dense|LayerNorm)|intermediate\.dense"
     r"|output\.(dense|LayerNorm))\.(weight|bias)"
+)
+FUSION_LAYER_KEY = re.compile(
+    r"crossattention\.(self\.(query|key|value)|output\.(dense|LayerNorm))\.(weight|bias)|"
+    + TEXT_LAYER_KEY.pattern
 )
 MLM_NAMES = {"transform.dense": "transform.0", "transform.LayerNorm": "transform.2"}
 
@@ -161,13 +155,13 @@ def _towers(
                 mapped[f"{bert}encoder.layer.{i}.{key[len(source) :]}"] = reader(key)
             continue
         target = f"{out}fusion.layers.{i - fusion_start}."
-        for name, new in FUSION_NAMES.items():
-            for kind in ("weight", "bias"):
-                mapped[f"{target}{new}.{kind}"] = reader(f"{source}{name}.{kind}")
-        for name, new in KEY_VALUE.items():
-            for kind in ("weight", "bias"):
-                keys, values = reader(f"{source}{name}.key.{kind}"), reader(f"{source}{name}.value.{kind}")
-                mapped[f"{target}{new}.{kind}"] = torch.cat([keys, values])
+        names = [k[len(source) :] for k in reader.with_prefix(source)]
+        bert_layer = {name: reader(source + name) for name in names if FUSION_LAYER_KEY.fullmatch(name)}
+        fusion_layer = fusion_state_of_bert_layer(bert_layer)
+        if len(fusion_layer) != 22:  # 9 weight + bias pairs, 2 stacked key-value pairs
+            raise ValueError(f"ALBEF checkpoint: fusion layer {source} is incomplete ({sorted(bert_layer)})")
+        for name, value in fusion_layer.items():
+            mapped[target + name] = value
     for proj in ("vision_proj", "text_proj"):
         for kind in ("weight", "bias"):
             mapped[f"{out}{proj}.{kind}"] = reader(f"{proj}{suffix}.{kind}")

@@ -15,6 +15,7 @@ declared on the layer (`FusionLayer.entry_points`), and a sharding plan reads th
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -300,6 +301,62 @@ class FusionLayer(nn.Module):
             return self.residual(self.cross_norm, text, self.cross_attn(source, image, mask=cross_mask)), None
         out, weights = self.cross_attn(source, image, mask=cross_mask, return_weights=True)
         return self.residual(self.cross_norm, text, out), weights
+
+
+# a BERT layer's parameters (transformers' / ALBEF's names) -> a post-norm fusion layer's, both without prefix
+BERT_LAYER_NAMES = {
+    "attention.self.query": "self_attn.query",
+    "attention.output.dense": "self_attn.out",
+    "attention.output.LayerNorm": "self_norm",
+    "crossattention.self.query": "cross_attn.query",
+    "crossattention.output.dense": "cross_attn.out",
+    "crossattention.output.LayerNorm": "cross_norm",
+    "intermediate.dense": "mlp.0",
+    "output.dense": "mlp.3",
+    "output.LayerNorm": "mlp_norm",
+}
+BERT_KEY_VALUE = {"attention.self": "self_attn.key_value", "crossattention.self": "cross_attn.key_value"}
+
+
+def fusion_state_of_bert_layer(bert: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A BERT layer's state (`attention.self.query.weight`, ...; with `crossattention.*` when it has
+    cross-attention, as ALBEF's fusion layers do) as a post-norm `FusionLayer`'s: the same math, with the
+    separate key and value projections stacked into one `key_value` projection ([keys; values] rows).
+    Names it lacks (cross-attention of a text-only layer) are left out; other names are a KeyError."""
+    state = {}
+    for name, new in BERT_LAYER_NAMES.items():
+        for kind in ("weight", "bias"):
+            if f"{name}.{kind}" in bert:
+                state[f"{new}.{kind}"] = bert[f"{name}.{kind}"]
+    for name, new in BERT_KEY_VALUE.items():
+        for kind in ("weight", "bias"):
+            if f"{name}.key.{kind}" in bert:
+                state[f"{new}.{kind}"] = torch.cat([bert[f"{name}.key.{kind}"], bert[f"{name}.value.{kind}"]])
+    return state
+
+
+@torch.no_grad()
+def init_from_bert_layers(fusion: FusionEncoder, bert_layers: Sequence[nn.Module]) -> None:
+    """ALBEF's initialisation: each fusion layer starts as a copy of a pretrained BERT layer (self-attention,
+    its LayerNorm, the feed-forward and its LayerNorm); cross-attention starts new with BERT's own init
+    (weights N(0, 0.02), biases 0, LayerNorm 1 and 0), as ALBEF's `from_pretrained` gives it."""
+    if len(bert_layers) != len(fusion.layers):
+        raise ValueError(f"{len(bert_layers)} BERT layers for {len(fusion.layers)} fusion layers")
+    for layer, bert in zip(fusion.layers, bert_layers, strict=True):
+        state = fusion_state_of_bert_layer(bert.state_dict())
+        own = layer.state_dict()
+        unfit = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if v.shape != own[k].shape
+        ]
+        if unfit:
+            raise ValueError(f"fusion layers do not fit the BERT layers they start from: {unfit}")
+        layer.load_state_dict(state, strict=False)
+        for module in (layer.cross_attn.query, layer.cross_attn.key_value, layer.cross_attn.out):
+            module.weight.normal_(0.0, 0.02)
+            module.bias.zero_()
+        layer.cross_norm.reset_parameters()
 
 
 def self_attention_mask(attention_mask: Tensor, causal: bool = False) -> Tensor:
