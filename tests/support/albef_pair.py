@@ -38,7 +38,7 @@ def albef_pair():
     tokenizer = bert_tokenizer()
     backbone = FusionBackbone(
         vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
-        text=TextConfig(width=32, depth=2, heads=2, max_len=40),
+        text=TextConfig(width=32, depth=2, heads=2, max_len=40, token_types=False),
         fusion=FusionConfig(depth=2, heads=2, norm="post", layer_norm_eps=1e-12),
         embed_dim=16,
         tokenizer=tokenizer,

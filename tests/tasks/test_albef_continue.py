@@ -17,8 +17,7 @@ def test_converted_checkpoint_continues_pretraining_like_lavis(monkeypatch, one_
     reference, module, tokenizer = albef_pair()
     reference.momentum = 0.995
     backbone = module.backbone
-    # ALBEF has no token-type row; vlp's BERT adds a zero one, kept out of training here as ALBEF has none
-    backbone.text.bert.embeddings.token_type_embeddings.weight.requires_grad_(False)
+    assert not backbone.text.bert.embeddings.token_type_embeddings.weight.requires_grad  # token_types=False
     backbone.momentum.update()  # what LAVIS's first forward does to its momentum model before reading it
     monkeypatch.setattr(torch, "multinomial", lambda weights, n, **kw: weights.argmax(-1, keepdim=True))
     lavis_params = [p for p in reference.parameters() if p.requires_grad and p is not reference.temp]

@@ -27,8 +27,8 @@ A key that fits none of these, or a vocabulary other than `vocab_size`, is an er
 To continue pre-training exactly, load the whole converted state (momentum copies and queue included) and
 call `backbone.momentum.update()` once: ALBEF moves its momentum model at the start of each forward, vlp
 after each optimizer step, so a checkpoint saved between two ALBEF steps still owes that one update. vlp's
-BERT has a token-type table ALBEF has not (its row 0, zero here, is added to every token): keep it frozen
-at zero for ALBEF's exact numbers.
+BERT has a token-type table ALBEF has not (its row 0, zero here, is added to every token): build the text
+tower with `token_types: false` to keep it zero and frozen.
 """
 
 from __future__ import annotations
