@@ -153,28 +153,22 @@ def make_nontrivial(module: nn.Module, seed: int = 0) -> None:
             sub.bias.copy_(0.1 * torch.randn(sub.bias.shape, generator=generator))
 
 
-def albef_pretrain(
-    image_size: int = 32,
-    patch_size: int = 8,
-    vision_width: int = 32,
-    vision_depth: int = 2,
-    vision_heads: int = 2,
-    text_width: int = 32,
-    text_layers: int = 2,
-    fusion_layers: int = 2,
-    text_heads: int = 2,
-    embed_dim: int = 16,
-    queue_size: int = 24,
-    max_position: int = 40,
-    seed: int = 0,
+def _towers(
+    image_size: int,
+    patch_size: int,
+    vision_width: int,
+    vision_depth: int,
+    vision_heads: int,
+    text_width: int,
+    text_layers: int,
+    fusion_layers: int,
+    text_heads: int,
+    max_position: int,
 ):
-    """LAVIS's `AlbefPretrain` with random weights (MiniLM's BERT vocabulary), momentum copies equal to the
-    online model, dropout off. The sizes default to a small model; ViT-B/16 + BERT-base: 224 / 16 / 768 / 12
-    / 12, 768 / 6 / 6 / 12, embed 256."""
+    """LAVIS's ViT and the BERT config of ALBEF's text + fusion layers (dropout off)."""
     modules = import_lavis_albef()
     from transformers import BertConfig
 
-    torch.manual_seed(seed)
     vision = modules["vit"].VisionTransformerEncoder(
         img_size=image_size,
         patch_size=patch_size,
@@ -202,10 +196,51 @@ def albef_pretrain(
     config.add_type_embeddings = False
     config.encoder_width = vision_width
     config.fusion_layer = text_layers
+    return modules, vision, config
+
+
+SMALL = dict(
+    image_size=32,
+    patch_size=8,
+    vision_width=32,
+    vision_depth=2,
+    vision_heads=2,
+    text_width=32,
+    text_layers=2,
+    fusion_layers=2,
+    text_heads=2,
+    max_position=40,
+)
+
+
+def albef_pretrain(embed_dim: int = 16, queue_size: int = 24, seed: int = 0, **sizes):
+    """LAVIS's `AlbefPretrain` with random weights (MiniLM's BERT vocabulary), momentum copies equal to the
+    online model, dropout off. `sizes` default to a small model (`SMALL`); ViT-B/16 + BERT-base: 224 / 16 /
+    768 / 12 / 12, 768 / 6 / 6 / 12, max_position 512, embed 256."""
+    torch.manual_seed(seed)
+    modules, vision, config = _towers(**(SMALL | sizes))
     text = modules["med"].BertForMaskedLM(config)
     model = modules["pretrain"].AlbefPretrain(
         vision, text, queue_size=queue_size, embed_dim=embed_dim, temp=0.07, momentum=0.995, alpha=0.4
     )
+    return _randomised(model, seed)
+
+
+def albef_retrieval(embed_dim: int = 16, queue_size: int = 24, seed: int = 0, **sizes):
+    """LAVIS's `AlbefRetrieval` (the fine-tuned checkpoints' model: a `BertModel` text encoder, so keys
+    `text_encoder.*` without `bert.`, no MLM head, an `idx_queue`) with random weights, as `albef_pretrain`."""
+    torch.manual_seed(seed)
+    modules, vision, config = _towers(**(SMALL | sizes))
+    text = modules["med"].XBertEncoder(config, add_pooling_layer=False)
+    model = modules["retrieval"].AlbefRetrieval(
+        vision, text, queue_size=queue_size, embed_dim=embed_dim, temp=0.07, momentum=0.995, alpha=0.4
+    )
+    with torch.no_grad():
+        model.idx_queue.copy_(torch.randint(0, 1000, model.idx_queue.shape))
+    return _randomised(model, seed)
+
+
+def _randomised(model: nn.Module, seed: int) -> nn.Module:
     make_nontrivial(model, seed)
     with torch.no_grad():
         model.temp.fill_(0.11)

@@ -12,7 +12,13 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from lavis_reference import albef_pretrain, bert_tokenizer, import_lavis_albef, official_checkpoint
+from lavis_reference import (
+    albef_pretrain,
+    albef_retrieval,
+    bert_tokenizer,
+    import_lavis_albef,
+    official_checkpoint,
+)
 
 import vlp.platform.model.packing as packing_module
 from vlp.platform.model.backbone import FusionBackbone, ImageFeatures, first_token
@@ -77,7 +83,6 @@ def load_converted(module: MultiTaskModule, converted: dict) -> None:
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(LAVIS AlbefPretrain, vlp module loaded from its converted release-format file, tokenizer)."""
-    torch.set_num_threads(1)
     reference = albef_pretrain()
     with torch.no_grad():  # momentum copies apart from the online model, so a swap would show
         generator = torch.Generator().manual_seed(5)
@@ -94,7 +99,10 @@ def pair(tmp_path_factory):
     stored = torch.load(path, map_location="cpu", weights_only=True)
     module = vlp_albef(tokenizer)
     load_converted(module, convert_albef(stored, max_len=40, vocab_size=len(tokenizer)))
-    return reference, module, tokenizer
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend (conftest's one_thread)
+    yield reference, module, tokenizer
+    torch.set_num_threads(threads)
 
 
 def batch(tokenizer, n: int = 4, seed: int = 0):
@@ -280,14 +288,13 @@ def test_vlp_convert_albef_writes_what_init_from_loads(pair, tmp_path, capsys):
             torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 
 
-def test_vit_b16_bert_base_albef_converts_exactly(monkeypatch):
+def test_vit_b16_bert_base_albef_converts_exactly(monkeypatch, one_thread):
     """ALBEF's real sizes (ViT-B/16 at 224 + BERT-base 6 + 6, embed 256), two images: embeddings, ITC,
     ITM and MLM logits and the momentum features, through the packed shortcut passes."""
     monkeypatch.setattr(packing_module, "MIN_PADDING", 0.0)
-    torch.set_num_threads(1)
     sizes = dict(image_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12)
-    sizes |= dict(text_width=768, text_layers=6, fusion_layers=6, text_heads=12, embed_dim=256)
-    reference = albef_pretrain(**sizes, queue_size=32, max_position=512)
+    sizes |= dict(text_width=768, text_layers=6, fusion_layers=6, text_heads=12, max_position=512)
+    reference = albef_pretrain(embed_dim=256, queue_size=32, **sizes)
     tokenizer = bert_tokenizer()
     module = vlp_albef(
         tokenizer, queue_size=32, image=224, patch=16, vision_width=768, vision_depth=12, vision_heads=12,
@@ -339,3 +346,41 @@ def test_vit_b16_bert_base_albef_converts_exactly(monkeypatch):
         torch.testing.assert_close(logits, mlm[selected], **tol)
         momentum = backbone.momentum.backbone.encode_image(images).embedding
         torch.testing.assert_close(momentum, image_feat_m, **tol)
+
+
+def test_lavis_fine_tuned_retrieval_checkpoint_converts_exactly(packing):
+    """LAVIS's fine-tuned retrieval format: `text_encoder.*` (a BertModel), no MLM head, `idx_queue`."""
+    reference = albef_retrieval()
+    tokenizer = bert_tokenizer()
+    module = vlp_albef(tokenizer)
+    converted = convert_albef(reference.state_dict(), max_len=40, vocab_size=len(tokenizer))
+    assert not any(k.startswith("objectives.mlm.") for k in converted)
+    module.load_state_dict(converted, strict=False)
+    module.eval()
+    backbone, head = module.backbone, module.objectives["itm"].head
+    images, ids, mask = batch(tokenizer, seed=6)
+    with torch.no_grad():
+        image_tokens = reference.visual_encoder.forward_features(images)
+        text_tokens = reference.text_encoder(ids, attention_mask=mask, mode="text").last_hidden_state
+        fused = reference.text_encoder(
+            encoder_embeds=text_tokens,
+            attention_mask=mask,
+            encoder_hidden_states=image_tokens,
+            encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long),
+            mode="fusion",
+        ).last_hidden_state
+        image, text = backbone.encode_image(images), backbone.encode_text(ids, mask)
+        out = backbone.fuse(
+            backbone.with_fusion_keys(image), text.tokens, mask, positions=first_token(4, mask.device)
+        )
+        torch.testing.assert_close(head(out[:, 0]), reference.itm_head(fused[:, 0]), **TOL)
+        text_feat = F.normalize(
+            reference.text_proj_m(
+                reference.text_encoder_m(ids, attention_mask=mask, mode="text").last_hidden_state[:, 0]
+            ),
+            dim=-1,
+        )
+        torch.testing.assert_close(
+            backbone.momentum.backbone.encode_text(ids, mask).embedding, text_feat, **TOL
+        )
+    assert torch.equal(module.objectives["itc"].queue.ids, reference.idx_queue.reshape(-1))
