@@ -322,7 +322,7 @@ def fusion_state_of_bert_layer(bert: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A BERT layer's state (`attention.self.query.weight`, ...; with `crossattention.*` when it has
     cross-attention, as ALBEF's fusion layers do) as a post-norm `FusionLayer`'s: the same math, with the
     separate key and value projections stacked into one `key_value` projection ([keys; values] rows).
-    Names it lacks (cross-attention of a text-only layer) are left out; other names are a KeyError."""
+    Names it lacks (cross-attention of a text-only layer) are left out, as are names of other kinds."""
     state = {}
     for name, new in BERT_LAYER_NAMES.items():
         for kind in ("weight", "bias"):
@@ -350,8 +350,13 @@ def init_from_bert_layers(fusion: FusionEncoder, bert_layers: Sequence[nn.Module
             for k, v in state.items()
             if v.shape != own[k].shape
         ]
-        if unfit:
-            raise ValueError(f"fusion layers do not fit the BERT layers they start from: {unfit}")
+        if (
+            unfit or len(state) != 14
+        ):  # self-attention (query, key-value, out, norm) + feed-forward (2 + norm)
+            raise ValueError(
+                f"fusion layers do not fit the BERT layers they start from: shapes {unfit}, "
+                f"copied {sorted(state)} of {type(bert).__name__}"
+            )
         layer.load_state_dict(state, strict=False)
         for module in (layer.cross_attn.query, layer.cross_attn.key_value, layer.cross_attn.out):
             module.weight.normal_(0.0, 0.02)
