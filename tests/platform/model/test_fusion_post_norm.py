@@ -132,3 +132,17 @@ def test_fusion_config_refuses_bad_styles():
         FusionConfig(depth=3, norm="post", init_from_text_layers=(6, 12))
     with pytest.raises(ValueError, match="needs fusion.norm=post"):
         FusionConfig(depth=6, init_from_text_layers=(6, 12))
+
+
+def test_post_norm_merging_path_without_merges_equals_the_forward():
+    """Token merging inside fusion calls each layer's `attend` then `feed_forward`: with nothing to merge,
+    the post-norm stack gives its forward's output."""
+    from vlp.platform.model.token_merging import TokenMergingConfig
+
+    fusion = post_norm_stack(5)
+    text, mask, image, _ = inputs(5)
+    merged = fusion.merged_forward(text, mask, image, None, TokenMergingConfig(fusion_r=0, text_r=0))
+    real = mask.bool()
+    torch.testing.assert_close(merged[real], fusion(text, mask, image)[real], atol=1e-5, rtol=1e-5)
+    with_merges = fusion.merged_forward(text, mask, image, None, TokenMergingConfig(fusion_r=2, text_r=1))
+    assert with_merges.shape == text.shape and with_merges.isfinite().all()
