@@ -16,6 +16,15 @@ unpacked with `git archive`), interleaved round by round; times are the best of 
     python benchmarks/step.py --quick    # the default model only, one round
     python benchmarks/step.py --models vit-b16+bert-base --rounds 1   # writes results/step-<models>.json
     python benchmarks/step.py --profile  # torch.profiler's top ops of the default joint step, old and new
+    python benchmarks/step.py --albef    # one ALBEF training step: LAVIS 1.0.2 against vlp (~6 min)
+
+`--albef` compares one training step (forward + backward) at ViT-B/16 224 px + BERT-base 6 + 6, random
+weights, one thread, `--albef-batch` captions of COCO-like length, each variant in a fresh process per
+round, interleaved: LAVIS's `AlbefPretrain.forward` as shipped (momentum model, queue 65,536, captions
+padded to 30 tokens) and with the momentum model removed (its passes return zeros), against vlp's joint
+ITC + ITM + MLM with its defaults (pre-norm, no momentum) and with ALBEF's options on (post-norm, eps 1e-12,
+clamped temperature, momentum distillation alpha 0.4, a full 65,536 queue, ITM negatives and MLM masking
+as ALBEF's). GFLOPs counted by torch's FLOP counter on the same step.
 """
 
 import argparse
@@ -176,6 +185,174 @@ def measure(source_root: str, model: str, rounds: int) -> dict:
     }
 
 
+ALBEF_CAPTIONS = [
+    "a man riding a wave on top of a surfboard",
+    "two dogs play with a frisbee in the green grass of a park",
+    "a plate of food with broccoli and rice",
+    "a red double decker bus driving down a city street next to tall buildings",
+    "a cat sleeping on a laptop keyboard",
+    "people standing around a kitchen preparing a meal together on a sunny afternoon",
+    "a giraffe eating leaves from a tall tree",
+    "an old clock tower in the middle of a town square",
+]
+ALBEF_VARIANTS = ("lavis", "lavis-no-momentum", "vlp", "vlp-albef-options")
+
+
+def albef_step(variant: str, batch: int) -> dict:
+    """Best-effort single measurement of one training step of `variant` (see `--albef`): seconds of the
+    second step (the first allocates) and GFLOPs; runs in its own process."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
+    torch.set_num_threads(1)
+    from lavis_reference import albef_pretrain, bert_tokenizer
+
+    from vlp.platform.run.flops import count_flops
+
+    tokenizer = bert_tokenizer()
+    captions = (ALBEF_CAPTIONS * batch)[:batch]
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, 224, 224)
+    if variant.startswith("lavis"):
+        model = albef_pretrain(
+            image_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
+            text_width=768, text_layers=6, fusion_layers=6, text_heads=12, embed_dim=256,
+            queue_size=65536, max_position=512,
+        ).train()  # fmt: skip
+        if variant == "lavis-no-momentum":
+            remove_momentum(model)
+        samples = {"image": images, "text_input": captions, "epoch": 2, "iters": 0, "num_iters_per_epoch": 1}
+
+        def run() -> torch.Tensor:
+            return model(samples).loss
+
+    else:
+        run = vlp_albef_step(variant, tokenizer, images, captions)
+        model = None
+
+    def step() -> None:
+        torch.manual_seed(0)
+        run().backward()
+
+    step()
+    seconds_ = seconds(step)
+    flops = count_flops(run, backward=True)
+    return {"seconds": seconds_, "gflops": flops / 1e9}
+
+
+def remove_momentum(model) -> None:
+    """LAVIS's AlbefPretrain without its momentum model's work: the momentum passes return zeros of their
+    shapes and the EMA update does nothing (the queue stays)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    model.model_pairs = []
+    width = model.text_encoder.config.hidden_size
+
+    class Zeros(torch.nn.Module):
+        def __init__(self, kind: str) -> None:
+            super().__init__()
+            self.kind = kind
+
+        def forward(self, x=None, attention_mask=None, **kwargs):
+            if self.kind == "vision":
+                return torch.zeros(x.shape[0], 197, model.visual_encoder.vision_width)
+            if self.kind == "text":
+                return SimpleNamespace(last_hidden_state=torch.zeros(*x.shape, width))
+            return torch.zeros(*x.shape, model.text_encoder.config.vocab_size)
+
+    model.visual_encoder_m = Zeros("vision")
+    model.text_encoder_m = Zeros("mlm")
+    model.text_encoder_m.bert = Zeros("text")
+
+
+def vlp_albef_step(variant: str, tokenizer, images, captions):
+    """vlp's joint ITC + ITM + MLM step at ALBEF's size: its defaults, or ALBEF's options."""
+    from functools import partial
+
+    import torch
+
+    from vlp.platform.model.backbone import FeatureCache, FusionBackbone
+    from vlp.platform.model.encoders import TextConfig, VisionConfig
+    from vlp.platform.model.fusion import FusionConfig
+    from vlp.platform.model.momentum import MomentumConfig
+    from vlp.tasks.itc import ITCObjective
+    from vlp.tasks.itm import ITMObjective
+    from vlp.tasks.mlm import MLMObjective
+    from vlp.tasks.multitask import MultiTaskModule
+
+    albef = variant == "vlp-albef-options"
+    backbone = FusionBackbone(
+        vision=VisionConfig(model="vit_base_patch16_224", image_size=224),
+        text=TextConfig(width=768, depth=6, heads=12, max_len=40, token_types=not albef),
+        fusion=FusionConfig(
+            depth=6, heads=12, **({"norm": "post", "layer_norm_eps": 1e-12} if albef else {})
+        ),
+        embed_dim=256,
+        tokenizer=tokenizer,
+        **({"temperature": "clamped", "momentum": MomentumConfig(0.995)} if albef else {}),
+    )
+    if albef:
+        objectives = {
+            "itc": partial(ITCObjective, alpha=0.4, queue_size=65536),
+            "itm": partial(ITMObjective, negatives="albef"),
+            "mlm": partial(MLMObjective, alpha=0.4, masking="albef"),
+        }
+    else:
+        objectives = {"itc": ITCObjective, "itm": ITMObjective, "mlm": MLMObjective}
+    module = MultiTaskModule(backbone, objectives, mode="joint").train()
+    if albef:  # a full queue, as ALBEF's always is
+        queue = module.objectives["itc"].queue
+        rows = torch.nn.functional.normalize(torch.randn(65536, 256), dim=-1)
+        queue.enqueue(rows, rows, torch.full((65536,), -1))
+    text = tokenizer(captions, padding="longest", return_tensors="pt")
+    batch = {
+        "image": images,
+        "input_ids": text.input_ids,
+        "attention_mask": text.attention_mask,
+        "image_id": torch.arange(len(captions)),
+        "global_step": 10**6,
+    }
+
+    def run() -> torch.Tensor:
+        features = FeatureCache(backbone, batch, share_global_rows=True)
+        return sum(module.objectives[name].forward_loss(batch, features).loss for name in objectives)
+
+    return run
+
+
+def albef_compare(batch: int, rounds: int) -> list[dict]:
+    """Each variant in a fresh process per round, the order rotating; best time of the rounds."""
+    runs: dict[str, list[dict]] = {variant: [] for variant in ALBEF_VARIANTS}
+    for round_index in range(rounds):
+        order = ALBEF_VARIANTS[round_index % 4 :] + ALBEF_VARIANTS[: round_index % 4]
+        for variant in order:
+            runs[variant].append(
+                run_isolated(__file__, "albef_step", timeout=3600, variant=variant, batch=batch)
+            )
+    best = {
+        v: {"seconds": min(r["seconds"] for r in rs), "gflops": rs[0]["gflops"]} for v, rs in runs.items()
+    }
+    rows = []
+    for variant, reference in (("vlp", "lavis-no-momentum"), ("vlp-albef-options", "lavis")):
+        ours, theirs = best[variant], best[reference]
+        rows.append(
+            {
+                "vlp": variant,
+                "lavis": reference,
+                "vlp_s": ours["seconds"],
+                "lavis_s": theirs["seconds"],
+                "time_ratio": ours["seconds"] / theirs["seconds"],
+                "vlp_gflops": ours["gflops"],
+                "lavis_gflops": theirs["gflops"],
+                "flop_ratio": ours["gflops"] / theirs["gflops"],
+            }
+        )
+    return rows
+
+
 def baseline_tree(revision: str, folder: Path) -> Path:
     """The `vlp` package of `revision`, unpacked under `folder`."""
     archive = subprocess.run(
@@ -249,7 +426,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="default model only, one round")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="measure only these models")
     parser.add_argument("--profile", action="store_true", help="print the top ops of old and new, then stop")
+    parser.add_argument("--albef", action="store_true", help="one ALBEF training step: LAVIS against vlp")
+    parser.add_argument("--albef-batch", type=int, default=4)
     args = parser.parse_args()
+    if args.albef:
+        rows = albef_compare(args.albef_batch, args.rounds)
+        report(f"step-albef-b{args.albef_batch}", rows, {"rounds": args.rounds})
+        return
     if args.profile:
         with tempfile.TemporaryDirectory() as folder:
             baseline = baseline_tree(args.baseline, Path(folder))

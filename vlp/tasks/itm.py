@@ -10,6 +10,11 @@ B positives and 2B negatives per rank, so with DDP's gradient averaging W ranks 
 one process with batch W * B. The 3B fused passes share what does not depend on the pair: each caption's
 first fusion self-attention and each image's fusion keys and values are computed once (before the gather)
 and gathered, and only [CLS] runs through the last fusion layer (exact: the same loss and gradients).
+`negatives: albef` draws them as ALBEF's pre-training does instead: from this rank's batch only, each row's
+softmaxed similarities with its own pair at -inf (nothing else excluded), scored online against the
+momentum model's features when the backbone has one (ALBEF's `sim_i2t[:, :bs]`), else online against
+online. vlp's default sees W times more candidates and never draws a duplicate caption or another caption
+of the same image as a "negative" (which ALBEF's would teach the head to reject).
 Validation: accuracy on balanced pairs (every positive plus its hardest global-batch negative text);
 the repeats a DistributedSampler pads with (`is_padding`) are mined from but never scored; with
 `rerank_k`, retrieval over the whole split (every caption of an image a text of its own,
@@ -140,6 +145,42 @@ def global_match_pairs(
     )
 
 
+def albef_match_pairs(batch: dict, features: FeatureCache, backbone: FusionBackbone) -> MatchPairs:
+    """ALBEF's pre-training pairs from this rank's B rows: B positives, for each image one negative text
+    and for each text one negative image, drawn from softmax(sim) with the diagonal at -inf, sim = online
+    image (text) embeddings against the momentum model's text (image) embeddings over the temperature
+    (online against online without a momentum model). Indices into the local batch."""
+    image, text = features.fused_image, features.text
+    b = image.embedding.shape[0]
+    if b < 2:
+        raise ValueError("itm: negatives=albef draws from the local batch, which needs at least 2 rows")
+    with torch.no_grad():
+        columns = (text.embedding, image.embedding)
+        if backbone.momentum is not None:
+            columns = (features.momentum_text.embedding, features.momentum_image.embedding)
+        scale = backbone.logit_scale()
+        own = torch.eye(b, dtype=torch.bool, device=image.embedding.device)
+        i2t = (scale * image.embedding @ columns[0].T).float().masked_fill(own, -torch.inf)
+        t2i = (scale * text.embedding @ columns[1].T).float().masked_fill(own, -torch.inf)
+        neg_text = torch.multinomial(i2t.softmax(dim=1), 1).squeeze(1)
+        neg_image = torch.multinomial(t2i.softmax(dim=1), 1).squeeze(1)
+    attended = backbone.first_self_attention(text.tokens, text.attention_mask)
+    local = torch.arange(b, device=neg_text.device)
+    labels = torch.zeros(3 * b, dtype=torch.long, device=local.device)
+    labels[:b] = 1
+    real = real_rows(batch)
+    return MatchPairs(
+        image._replace(embedding=image.embedding.detach()),
+        text.tokens if attended is None else attended,
+        attended is not None,
+        text.attention_mask,
+        torch.cat([local, local, neg_image]),
+        torch.cat([local, neg_text, local]),
+        labels,
+        torch.cat([real, real, real]),
+    )
+
+
 class ITMObjective(Objective):
     """Image-text matching head on the fused [CLS] with ITC-weighted hard negatives."""
 
@@ -154,6 +195,7 @@ class ITMObjective(Objective):
         rerank_chunk: int = 256,
         rerank_score: Literal["itm", "itm+itc"] = "itm",
         hard_negative_warmup: int = 0,
+        negatives: Literal["global", "albef"] = "global",
     ) -> None:
         """`hard_negative_warmup` > 0: the first that many steps draw each negative uniformly among the
         non-positives, later ones ALBEF's way (ITC-weighted). ITC ranks well long before fusion can tell
@@ -161,9 +203,11 @@ class ITMObjective(Objective):
         (always "no match") for a third of the run, also with half of them drawn uniformly; on uniform ones
         it learns to match within 250 steps, and the hard ones then refine it (benchmarks/make-train.md).
         `rerank_k` > 0: validation also ranks the whole split by ITC and re-scores each query's top
-        `rerank_k` with this head (`val/retrieval_itm/*`; ALBEF uses 128 on COCO); `rerank_chunk` pairs go
+        `rerank_k` with this head (`val/retrieval_itm/*`; ALBEF's `k_test`: 256 on COCO, 128 on Flickr30k);
+        `rerank_chunk` pairs go
         through fusion at a time. `rerank_score`: the match logit alone (ALBEF) or plus the ITC logit
-        s * cos (BLIP)."""
+        s * cos (BLIP). `negatives`: "global" (vlp's, see the module doc) or "albef" (ALBEF's pre-training
+        draw from the local batch, `albef_match_pairs`)."""
         super().__init__(backbone, optim)
         if rerank_k < 0 or rerank_chunk < 1:
             raise ValueError(f"rerank_k must be >= 0 and rerank_chunk >= 1, got {rerank_k}, {rerank_chunk}")
@@ -173,6 +217,11 @@ class ITMObjective(Objective):
             raise ValueError(f"hard_negative_warmup must be >= 0, got {hard_negative_warmup}")
         self.rerank_k, self.rerank_chunk, self.rerank_score = rerank_k, rerank_chunk, rerank_score
         self.hard_negative_warmup = hard_negative_warmup
+        if negatives not in ("global", "albef"):
+            raise ValueError(f"itm: negatives must be 'global' or 'albef', got {negatives!r}")
+        if negatives == "albef" and hard_negative_warmup:
+            raise ValueError("itm: hard_negative_warmup applies to negatives=global only")
+        self.negatives = negatives
         self.head = nn.Linear(backbone.width, 2)
         self.val_accuracy = BinaryAccuracy()
         # the split's unimodal features, kept for re-ranking (synced over ranks by torchmetrics)
@@ -199,7 +248,10 @@ class ITMObjective(Objective):
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         hardness = self.hardness(self.current_step(batch))
-        pairs = global_match_pairs(batch, features, self.backbone, hardness=hardness)
+        if self.negatives == "albef":
+            pairs = albef_match_pairs(batch, features, self.backbone)
+        else:
+            pairs = global_match_pairs(batch, features, self.backbone, hardness=hardness)
         logits = self.match_logits(pairs)
         loss = F.cross_entropy(logits, pairs.labels)
         accuracy = (logits.argmax(-1) == pairs.labels).float().mean()

@@ -4,9 +4,19 @@
 non-special token, 10 % stay unchanged. The masked caption is encoded, fused with the image tokens (the last
 fusion layer computes the selected positions' queries only) and only the selected positions are scored, by a BERT prediction head tied to the word embeddings through
 the fused linear + cross-entropy kernel (the [M, V] logits are never materialised in training).
+
+`masking: albef` masks as ALBEF does instead: 15 % of every token but [PAD] and [CLS] ([SEP] can be
+masked, and other special tokens), random replacements drawn from the whole vocabulary (special and unused
+ids included). ALBEF computes the logits at every position and scores the masked ones; the loss, its
+gradients and the logits at the masked positions are the same whichever positions the last layer
+computes (fusion is bidirectional and the loss reads only masked positions), so vlp computes those alone.
+vlp's default keeps special tokens as they are, since predicting [SEP] at the end of a caption
+teaches nothing.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -64,9 +74,12 @@ def selected_positions(selected: Tensor) -> tuple[Tensor, Tensor]:
 class MLMHead(nn.Module):
     """BERT's transform (dense, GELU, LayerNorm); the decoder weight is the tied word embedding."""
 
-    def __init__(self, width: int, vocab_size: int) -> None:
+    def __init__(self, width: int, vocab_size: int, layer_norm_eps: float = 1e-5) -> None:
+        """`layer_norm_eps`: the fusion stack's (`FusionConfig.layer_norm_eps`; BERT / ALBEF: 1e-12)."""
         super().__init__()
-        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
+        self.transform = nn.Sequential(
+            nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=layer_norm_eps)
+        )
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -86,9 +99,11 @@ class MLMObjective(Objective):
         chunk_size: int | None = None,
         alpha: float = 0.0,
         alpha_warmup_steps: int = 0,
+        masking: Literal["bert", "albef"] = "bert",
     ) -> None:
         """`alpha`: weight of the momentum model's token distributions in the loss (ALBEF: 0.4), reached
-        after `alpha_warmup_steps`; needs the backbone's momentum model."""
+        after `alpha_warmup_steps`; needs the backbone's momentum model. `masking`: "bert" (real,
+        non-special tokens; random replacements among non-special ids) or "albef" (see the module doc)."""
         super().__init__(backbone, optim)
         if not 0.0 < mask_probability < 1.0:
             raise ValueError(f"mask_probability must be in (0, 1), got {mask_probability}")
@@ -96,12 +111,17 @@ class MLMObjective(Objective):
         self.alpha, self.alpha_warmup_steps = alpha, alpha_warmup_steps
         self.mask_probability = mask_probability
         self.chunk_size = chunk_size
-        self.head = MLMHead(backbone.width, backbone.vocab_size)
+        self.head = MLMHead(backbone.width, backbone.vocab_size, backbone.fusion.config.layer_norm_eps)
         self.momentum_head = backbone.momentum.track("mlm", self.head) if alpha > 0 else None
-        vocab = torch.arange(len(backbone.tokenizer))
-        self.register_buffer(
-            "random_token_ids", vocab[~torch.isin(vocab, backbone.special_token_ids)], persistent=False
-        )
+        if masking not in ("bert", "albef"):
+            raise ValueError(f"mlm: masking must be 'bert' or 'albef', got {masking!r}")
+        self.masking = masking
+        if masking == "albef":  # ALBEF draws from the word-embedding rows (its config's vocab_size)
+            random_ids = torch.arange(backbone.vocab_size)
+        else:
+            vocab = torch.arange(len(backbone.tokenizer))
+            random_ids = vocab[~torch.isin(vocab, backbone.special_token_ids)]
+        self.register_buffer("random_token_ids", random_ids, persistent=False)
         self.val_accuracy = MeanMetric()
 
     def masked_hidden(self, batch: dict, features: FeatureCache, seeded: bool = False):
@@ -118,7 +138,10 @@ class MLMObjective(Objective):
         batch, padding or number of ranks it lands in, and counts once.
         """
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-        maskable = attention_mask.bool() & ~self.backbone.special_tokens_mask(input_ids)
+        if self.masking == "albef":  # every real token but [CLS]
+            maskable = attention_mask.bool() & (input_ids != self.backbone.tokenizer.cls_token_id)
+        else:
+            maskable = attention_mask.bool() & ~self.backbone.special_tokens_mask(input_ids)
         if not seeded:
             return self._mask(input_ids, maskable)
         masked_ids, labels = input_ids.clone(), torch.full_like(input_ids, IGNORE_INDEX)

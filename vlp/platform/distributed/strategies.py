@@ -38,10 +38,6 @@ from vlp.platform.model.token_merging import token_merging_state
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 
 
-# fusion-layer methods that the shared passes call instead of `forward` (see FusionBackbone.with_fusion_keys)
-FUSION_LAYER_METHODS = ("image_key_values", "self_attention", "decode_step")
-
-
 def backbones(module: nn.Module) -> list[FusionBackbone]:
     """Every distinct FusionBackbone inside `module` (one for a multi-task module: it is shared)."""
     found: dict[int, FusionBackbone] = {}
@@ -96,10 +92,11 @@ def apply_fsdp(
     The root holds the rest (embeddings, projections, the temperature, the objectives' heads); it is
     gathered around each step method and kept for the whole step, so weights read outside their
     module's forward (the tied word embeddings of the MLM and caption heads) are whole there.
-    With token merging in the fusion, which calls each fusion layer's `attend` and then its MLP in place
-    of `forward`, fusion layers gather around `attend` and stay gathered until the step ends. The passes
-    that share work call fusion layers' `image_key_values`, `self_attention` and `decode_step` besides
-    `forward`: those gather the layer too.
+    Blocks that are called through methods besides `forward` declare them (`entry_points`, e.g. the
+    fusion layers' `image_key_values`, `self_attention`, `decode_step` of the passes that share work):
+    those gather the block too. With token merging in the fusion, which calls each fusion layer's
+    `merging_entry_points` (`attend`, then `feed_forward`) in place of `forward`, fusion layers gather
+    around them and stay gathered until the step ends.
     """
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
@@ -117,11 +114,11 @@ def apply_fsdp(
             merging_fusion_layer = merges_fusion and any(block is layer for layer in backbone.fusion.layers)
             reshard = reshard_after_forward and not merging_fusion_layer
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=offload)
+            entry_points = getattr(block, "entry_points", ())
             if merging_fusion_layer:
-                register_fsdp_forward_method(block, "attend")
-            if any(block is layer for layer in backbone.fusion.layers):
-                for name in FUSION_LAYER_METHODS:
-                    register_fsdp_forward_method(block, name)
+                entry_points = (*entry_points, *block.merging_entry_points)
+            for name in entry_points:
+                register_fsdp_forward_method(block, name)
     fully_shard(module, mesh=mesh, reshard_after_forward=False, offload_policy=offload)
     for name in STEP_METHODS:
         register_fsdp_forward_method(module, name)

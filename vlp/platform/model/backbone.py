@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,13 @@ from transformers import PreTrainedTokenizerBase
 from vlp.platform.model.architecture import as_plain_data
 from vlp.platform.model.decoder import CaptionDecoder, DecoderCache
 from vlp.platform.model.encoders import TextConfig, TextEncoder, VisionConfig, VisionEncoder
-from vlp.platform.model.fusion import FusionConfig, FusionEncoder, KeyValues, gather_tokens
+from vlp.platform.model.fusion import (
+    FusionConfig,
+    FusionEncoder,
+    KeyValues,
+    gather_tokens,
+    init_from_bert_layers,
+)
 from vlp.platform.model.length_buckets import by_length, trim
 from vlp.platform.model.momentum import MomentumConfig, MomentumModel
 from vlp.platform.model.token_merging import (
@@ -117,8 +123,18 @@ class FusionBackbone(nn.Module):
         caption_decoder: bool = False,
         merging: TokenMergingConfig | None = None,
         momentum: MomentumConfig | None = None,
+        temperature: Literal["log_scale", "clamped"] = "log_scale",
+        temperature_range: tuple[float, float] = (0.001, 0.5),
     ) -> None:
-        """`momentum` keeps an EMA copy of this backbone (`self.momentum`) for distillation and queues."""
+        """`momentum` keeps an EMA copy of this backbone (`self.momentum`) for distillation and queues.
+
+        `temperature` parametrises the contrastive temperature T (logits = cos / T), starting at
+        `init_temperature`: "log_scale" (CLIP, the default) learns log(1 / T) (`log_logit_scale`), 1 / T
+        capped at `max_logit_scale`: steps are relative, so T moves alike at 0.07 and 0.01; "clamped"
+        (ALBEF) learns T itself (`temp`), read clamped to `temperature_range` ([0.001, 0.5] in ALBEF). ALBEF
+        clamps the stored value in place before each forward; here the read value is clamped and the
+        gradient passes straight through to `temp`, which gives ALBEF's logits and gradients whenever the
+        stored value is in range (always, for a checkpoint of ALBEF's)."""
         super().__init__()
         if tokenizer is None:
             raise ValueError("FusionBackbone needs a tokenizer (the CLI links it from data.tokenizer)")
@@ -142,9 +158,23 @@ class FusionBackbone(nn.Module):
         self.vision = VisionEncoder(vision or VisionConfig())
         self.text = TextEncoder(text or TextConfig(), len(tokenizer), tokenizer.pad_token_id)
         self.fusion = FusionEncoder(fusion or FusionConfig(), self.text.width, self.vision.width)
+        if self.fusion.config.init_from_text_layers is not None:
+            self.split_text_tower(*self.fusion.config.init_from_text_layers)
         self.vision_proj = nn.Linear(self.vision.width, embed_dim)
         self.text_proj = nn.Linear(self.text.width, embed_dim)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        if temperature not in ("log_scale", "clamped"):
+            raise ValueError(f"temperature must be 'log_scale' or 'clamped', got {temperature!r}")
+        low, high = self.temperature_range = tuple(temperature_range)
+        if temperature == "clamped" and not 0 < low <= init_temperature <= high:
+            raise ValueError(
+                f"init_temperature={init_temperature} must lie in temperature_range={list(temperature_range)} "
+                "(and the range above 0)"
+            )
+        self.temperature = temperature
+        if temperature == "clamped":
+            self.temp = nn.Parameter(torch.tensor(float(init_temperature)))
+        else:
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_logit_scale = math.log(max_logit_scale)
         self.register_buffer(
             "special_token_ids", torch.tensor(sorted(set(tokenizer.all_special_ids))), persistent=False
@@ -158,6 +188,26 @@ class FusionBackbone(nn.Module):
         if momentum is not None:  # last: the copy is taken of everything above
             self.momentum = MomentumModel(self, momentum, shared=(tokenizer,))
 
+    def split_text_tower(self, start: int, stop: int) -> None:
+        """ALBEF's layout from one pretrained BERT: layers 0..start-1 stay the text tower, the fusion layers
+        start as copies of layers start..stop-1 (new cross-attention), and the text tower drops the rest."""
+        if not self.text.config.pretrained:
+            raise ValueError("fusion.init_from_text_layers copies layers of text.pretrained: set it")
+        bert = self.text.bert
+        layers, config = bert.encoder.layer, bert.config
+        if stop > len(layers):
+            raise ValueError(
+                f"fusion.init_from_text_layers stops at {stop}, text.pretrained has {len(layers)} layers"
+            )
+        if config.num_attention_heads != self.fusion.config.heads:
+            raise ValueError(
+                f"fusion.heads={self.fusion.config.heads} differs from text.pretrained's "
+                f"{config.num_attention_heads} heads, whose layers the fusion layers start from"
+            )
+        init_from_bert_layers(self.fusion, list(layers[start:stop]))
+        bert.encoder.layer = layers[:start]
+        config.num_hidden_layers = start
+
     @property
     def width(self) -> int:
         """Width of the text and fused tokens."""
@@ -168,7 +218,12 @@ class FusionBackbone(nn.Module):
         return self.text.word_embeddings.num_embeddings
 
     def logit_scale(self) -> Tensor:
-        """exp of the learnable log scale, clamped at `max_logit_scale` as CLIP does."""
+        """1 / T: exp of the learnable log scale, clamped at `max_logit_scale` as CLIP does; or (`temperature:
+        clamped`) 1 / `temp` with `temp` read clamped to `temperature_range`, gradient straight through."""
+        if self.temperature == "clamped":
+            low, high = self.temperature_range
+            temp = self.temp + (self.temp.clamp(low, high) - self.temp).detach()
+            return 1.0 / temp
         return self.log_logit_scale.clamp(max=self.max_log_logit_scale).exp()
 
     def set_merging(

@@ -62,6 +62,10 @@ class TextConfig:
     `pool` picks the text embedding for ITC: [CLS] ("cls") or the mean over real tokens ("mean"). From
     scratch, BERT's [CLS] output barely depends on the words (cosine ~0.99999 between captions at init),
     which stalls contrastive learning for hundreds of steps; the mean does not.
+
+    `token_types: false` drops BERT's token-type embedding as ALBEF's and BLIP's BERT do (transformers'
+    BERT always adds row 0 of its table to every token): the table is zeroed and frozen, so a pretrained
+    BERT starts, and a converted ALBEF checkpoint continues, with their exact numbers.
     """
 
     width: int = 192
@@ -72,6 +76,7 @@ class TextConfig:
     dropout: float = 0.0
     pool: Literal["cls", "mean"] = "cls"
     pretrained: str | None = None
+    token_types: bool = True
 
 
 class VisionEncoder(nn.Module):
@@ -209,6 +214,11 @@ class TextEncoder(nn.Module):
             )
             bert_config._attn_implementation = "sdpa"
             self.bert = BertModel(bert_config, add_pooling_layer=False)
+        if not config.token_types:
+            token_types = self.bert.embeddings.token_type_embeddings
+            with torch.no_grad():
+                token_types.weight.zero_()
+            token_types.weight.requires_grad_(False)
         self.packs = switch_to_packed_layers(self.bert)  # whether forward skips padding (`packing`)
 
     @property

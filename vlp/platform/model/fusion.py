@@ -3,12 +3,21 @@
 Written here rather than taken from transformers because `BertConfig(add_cross_attention=True)` forces
 `is_decoder=True` (causal self-attention) in transformers 5.x, while fusion needs bidirectional
 self-attention and the caption decoder needs causal self-attention over the same cross-attention and
-feed-forward weights. Pre-norm residual blocks on `scaled_dot_product_attention`.
+feed-forward weights. Residual blocks on `scaled_dot_product_attention`, in two styles (`FusionConfig.norm`):
+pre-norm (`h + f(LN(h))`, a final LayerNorm after the stack; vlp's default, steadier from scratch) or
+post-norm (`LN(h + dropout(f(h)))` after self-attention, cross-attention and feed-forward, no final norm:
+BERT's layer, as ALBEF's fusion layers are, so its checkpoints load exactly).
+
+A layer is called with one `LayerCall` value that says what the call asks for (masks, reused keys and
+values, the rows to compute, packing); the methods the backbone's passes call besides `forward` are
+declared on the layer (`FusionLayer.entry_points`), and a sharding plan reads them there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +36,39 @@ from vlp.platform.model.token_merging import (
 
 @dataclass
 class FusionConfig:
-    """Depth and heads of the fusion stack; its width is the text tower's width."""
+    """Depth, heads and block style of the fusion stack; its width is the text tower's width.
+
+    `norm`: "pre" (vlp's default: LayerNorm before each sub-block, a final LayerNorm) or "post" (BERT /
+    ALBEF: LayerNorm after each residual sum, none at the end). `layer_norm_eps`: every fusion LayerNorm's
+    and the MLM head's (BERT / ALBEF: 1e-12). `dropout`: on attention probabilities and the feed-forward's
+    hidden units (pre), or where BERT has it (post: attention probabilities, after each output projection).
+    `init_from_text_layers` [start, stop): ALBEF's initialisation, the fusion layers start as copies of
+    layers start..stop-1 of the pretrained text model (`text.pretrained`, which then keeps layers
+    0..start-1 as the text tower); their cross-attention starts new. Needs `norm: post`.
+    """
 
     depth: int = 2
     heads: int = 3
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    norm: Literal["pre", "post"] = "pre"
+    layer_norm_eps: float = 1e-5
+    init_from_text_layers: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("pre", "post"):
+            raise ValueError(f"fusion.norm must be 'pre' or 'post', got {self.norm!r}")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"fusion.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+        if self.init_from_text_layers is not None:
+            start, stop = self.init_from_text_layers = tuple(self.init_from_text_layers)
+            if not 0 <= start < stop or stop - start != self.depth:
+                raise ValueError(
+                    f"fusion.init_from_text_layers={list(self.init_from_text_layers)} must be [start, stop) "
+                    f"with stop - start = fusion.depth={self.depth}"
+                )
+            if self.norm != "post":
+                raise ValueError("fusion.init_from_text_layers copies BERT layers: it needs fusion.norm=post")
 
 
 KeyValues = tuple[Tensor, Tensor]  # keys and values [B, heads, N, D / heads] of an attention's context
@@ -109,59 +145,104 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
 
 
+@dataclass(frozen=True)
+class LayerCall:
+    """What one call of a fusion layer asks for.
+
+    `self_mask`: bool (True = attend) or additive, broadcastable to [B, heads, L, L] (or [B, 1, 1, L]);
+    `cross_mask`: additive key bias on the image tokens [B, 1, 1, N] or None; `self_attn`: replaces the
+    layer's own self-attention (the caption decoder's causal one); `image_kv`: the precomputed
+    cross-attention keys and values of the image (then `image` may be None); `queries` [B, Q]: only those
+    positions' outputs are computed -> [B, Q, D] (ITM and grounding read [CLS], MLM its masked tokens);
+    `self_attended`: the text is this layer's self-attention output already; `packing`: the text holds that
+    batch's packed real tokens [T, D] (so does the output, unless `queries` picks rows).
+    """
+
+    self_mask: Tensor
+    cross_mask: Tensor | None = None
+    self_attn: MultiHeadAttention | None = None
+    image_kv: KeyValues | None = None
+    queries: Tensor | None = None
+    self_attended: bool = False
+    packing: Packing | None = None
+
+
 class FusionLayer(nn.Module):
-    """Self-attention over text, cross-attention text -> image, feed-forward; each pre-norm and residual."""
+    """Self-attention over text, cross-attention text -> image, feed-forward; each residual, with the
+    LayerNorm before (`norm="pre"`) or after the sum (`norm="post"`, BERT's layer)."""
 
-    def __init__(self, dim: int, image_dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
-        super().__init__()
-        self.self_norm = nn.LayerNorm(dim)
-        self.self_attn = MultiHeadAttention(dim, heads, dropout=dropout)
-        self.cross_norm = nn.LayerNorm(dim)
-        self.cross_attn = MultiHeadAttention(dim, heads, context_dim=image_dim, dropout=dropout)
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = FeedForward(dim, mlp_ratio, dropout)
+    # the methods the backbone's passes call besides `forward`; a sharding plan gathers the layer around each
+    entry_points = ("image_key_values", "self_attention", "decode_step")
+    # those token merging inside fusion calls instead of `forward` (the layer then stays gathered)
+    merging_entry_points = ("attend", "feed_forward")
 
-    def forward(
+    def __init__(
         self,
-        text: Tensor,
-        image: Tensor | None,
-        self_mask: Tensor,
-        cross_mask: Tensor | None = None,
-        self_attn: MultiHeadAttention | None = None,
-        image_kv: KeyValues | None = None,
-        queries: Tensor | None = None,
-        self_attended: bool = False,
-        packing: Packing | None = None,
-    ) -> Tensor:
-        """`self_attn` replaces this layer's own self-attention (the caption decoder's causal one);
-        `image_kv` the projection of `image` (precomputed cross-attention keys and values); `queries`
-        [B, Q] positions: only their outputs are computed -> [B, Q, D] (ITM and grounding read [CLS] only,
-        MLM its masked tokens); `self_attended`: `text` already is this layer's self-attention output;
-        `packing`: `text` holds that batch's packed real tokens [T, D] (so does the output, unless
-        `queries` picks rows)."""
+        dim: int,
+        image_dim: int,
+        heads: int,
+        mlp_ratio: float,
+        dropout: float,
+        norm: Literal["pre", "post"] = "pre",
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.pre_norm = norm == "pre"
+        # post-norm: BERT's dropout after each output projection, none inside the feed-forward
+        self.output_dropout = 0.0 if self.pre_norm else dropout
+        self.self_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.self_attn = MultiHeadAttention(dim, heads, dropout=dropout)
+        self.cross_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.cross_attn = MultiHeadAttention(dim, heads, context_dim=image_dim, dropout=dropout)
+        self.mlp_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.mlp = FeedForward(dim, mlp_ratio, dropout if self.pre_norm else 0.0)
+
+    def block_input(self, norm: nn.LayerNorm, x: Tensor) -> Tensor:
+        """What a sub-block reads of its residual stream x: LN(x) (pre-norm) or x (post-norm)."""
+        return norm(x) if self.pre_norm else x
+
+    def residual(self, norm: nn.LayerNorm, x: Tensor, out: Tensor) -> Tensor:
+        """The residual stream after a sub-block's output `out`: x + out, or LN(x + dropout(out))."""
+        if self.pre_norm:
+            return x + out
+        return norm(x + F.dropout(out, self.output_dropout, self.training))
+
+    def forward(self, text: Tensor, image: Tensor | None, call: LayerCall) -> Tensor:
+        """text [B, L, D] (packed [T, D] with `call.packing`) + image [B, N, Dv] -> [B, L, D] or [B, Q, D]."""
+        queries, packing = call.queries, call.packing
 
         def take(x: Tensor) -> Tensor:
             return gather_tokens(x, queries) if packing is None else packing.take(x, queries)
 
-        if self_attended:
+        if call.self_attended:
             if queries is not None:
                 text = take(text)
         else:
-            attn = self.self_attn if self_attn is None else self_attn
-            normed = self.self_norm(text)
+            attn = self.self_attn if call.self_attn is None else call.self_attn
+            source = self.block_input(self.self_norm, text)
             if queries is None:
-                text = text + attn(normed, mask=self_mask, packing=packing)
+                text = self.residual(self.self_norm, text, attn(source, mask=call.self_mask, packing=packing))
             else:
+                self_mask = call.self_mask
                 if self_mask.shape[-2] > 1:  # per-query (causal) mask: keep the queries' rows
                     self_mask = self_mask.gather(
                         2, queries[:, None, :, None].expand(-1, 1, -1, self_mask.shape[-1])
                     )
-                text = take(text)
-                text = text + attn(take(normed), normed, mask=self_mask, context_packing=packing)
+                out = attn(take(source), source, mask=self_mask, context_packing=packing)
+                text = self.residual(self.self_norm, take(text), out)
         packing = packing if queries is None else None  # the picked rows [B, Q, D] are all read
-        normed = self.cross_norm(text)
-        text = text + self.cross_attn(normed, image, mask=cross_mask, key_values=image_kv, packing=packing)
-        return text + self.mlp(self.mlp_norm(text))
+        out = self.cross_attn(
+            self.block_input(self.cross_norm, text),
+            image,
+            mask=call.cross_mask,
+            key_values=call.image_kv,
+            packing=packing,
+        )
+        return self.feed_forward(self.residual(self.cross_norm, text, out))
+
+    def feed_forward(self, text: Tensor) -> Tensor:
+        """The feed-forward sub-block with its residual: [..., D] -> [..., D]."""
+        return self.residual(self.mlp_norm, text, self.mlp(self.block_input(self.mlp_norm, text)))
 
     def decode_step(
         self,
@@ -177,13 +258,15 @@ class FusionLayer(nn.Module):
         Returns (the token's output [B, 1, D], past extended to T + 1). Equals row T of `forward` over the
         whole prefix with a causal mask, at the cost of one token.
         """
-        normed = self.self_norm(token)
-        k, v = self_attn.key_values(normed)
+        source = self.block_input(self.self_norm, token)
+        k, v = self_attn.key_values(source)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        token = token + self_attn(normed, key_values=(k, v))
-        token = token + self.cross_attn(self.cross_norm(token), None, mask=cross_mask, key_values=image_kv)
-        return token + self.mlp(self.mlp_norm(token)), (k, v)
+        token = self.residual(self.self_norm, token, self_attn(source, key_values=(k, v)))
+        out = self.cross_attn(
+            self.block_input(self.cross_norm, token), None, mask=cross_mask, key_values=image_kv
+        )
+        return self.feed_forward(self.residual(self.cross_norm, token, out)), (k, v)
 
     def image_key_values(self, image: Tensor) -> KeyValues:
         """This layer's cross-attention keys and values of image tokens [B, N, Dv], to share between passes."""
@@ -192,7 +275,8 @@ class FusionLayer(nn.Module):
     def self_attention(self, text: Tensor, self_mask: Tensor, packing: Packing | None = None) -> Tensor:
         """The self-attention sub-block alone: text [B, L, D] -> [B, L, D] (packed [T, D] with `packing`);
         it does not read the image."""
-        return text + self.self_attn(self.self_norm(text), mask=self_mask, packing=packing)
+        out = self.self_attn(self.block_input(self.self_norm, text), mask=self_mask, packing=packing)
+        return self.residual(self.self_norm, text, out)
 
     def attend(
         self,
@@ -203,16 +287,81 @@ class FusionLayer(nn.Module):
         self_attn: MultiHeadAttention | None = None,
         return_cross_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """The two attention sub-blocks without the feed-forward, so tokens can be merged before it.
+        """The two attention sub-blocks without the feed-forward (`feed_forward`), so tokens can be merged
+        before it.
 
         Returns (text [B, L, D], text -> image attention [B, heads, L, N] when `return_cross_weights`).
         """
         attn = self.self_attn if self_attn is None else self_attn
-        text = text + attn(self.self_norm(text), mask=self_mask)
+        text = self.residual(
+            self.self_norm, text, attn(self.block_input(self.self_norm, text), mask=self_mask)
+        )
+        source = self.block_input(self.cross_norm, text)
         if not return_cross_weights:
-            return text + self.cross_attn(self.cross_norm(text), image, mask=cross_mask), None
-        out, weights = self.cross_attn(self.cross_norm(text), image, mask=cross_mask, return_weights=True)
-        return text + out, weights
+            return self.residual(self.cross_norm, text, self.cross_attn(source, image, mask=cross_mask)), None
+        out, weights = self.cross_attn(source, image, mask=cross_mask, return_weights=True)
+        return self.residual(self.cross_norm, text, out), weights
+
+
+# a BERT layer's parameters (transformers' / ALBEF's names) -> a post-norm fusion layer's, both without prefix
+BERT_LAYER_NAMES = {
+    "attention.self.query": "self_attn.query",
+    "attention.output.dense": "self_attn.out",
+    "attention.output.LayerNorm": "self_norm",
+    "crossattention.self.query": "cross_attn.query",
+    "crossattention.output.dense": "cross_attn.out",
+    "crossattention.output.LayerNorm": "cross_norm",
+    "intermediate.dense": "mlp.0",
+    "output.dense": "mlp.3",
+    "output.LayerNorm": "mlp_norm",
+}
+BERT_KEY_VALUE = {"attention.self": "self_attn.key_value", "crossattention.self": "cross_attn.key_value"}
+
+
+def fusion_state_of_bert_layer(bert: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A BERT layer's state (`attention.self.query.weight`, ...; with `crossattention.*` when it has
+    cross-attention, as ALBEF's fusion layers do) as a post-norm `FusionLayer`'s: the same math, with the
+    separate key and value projections stacked into one `key_value` projection ([keys; values] rows).
+    Names it lacks (cross-attention of a text-only layer) are left out, as are names of other kinds."""
+    state = {}
+    for name, new in BERT_LAYER_NAMES.items():
+        for kind in ("weight", "bias"):
+            if f"{name}.{kind}" in bert:
+                state[f"{new}.{kind}"] = bert[f"{name}.{kind}"]
+    for name, new in BERT_KEY_VALUE.items():
+        for kind in ("weight", "bias"):
+            if f"{name}.key.{kind}" in bert:
+                state[f"{new}.{kind}"] = torch.cat([bert[f"{name}.key.{kind}"], bert[f"{name}.value.{kind}"]])
+    return state
+
+
+@torch.no_grad()
+def init_from_bert_layers(fusion: FusionEncoder, bert_layers: Sequence[nn.Module]) -> None:
+    """ALBEF's initialisation: each fusion layer starts as a copy of a pretrained BERT layer (self-attention,
+    its LayerNorm, the feed-forward and its LayerNorm); cross-attention starts new with BERT's own init
+    (weights N(0, 0.02), biases 0, LayerNorm 1 and 0), as ALBEF's `from_pretrained` gives it."""
+    if len(bert_layers) != len(fusion.layers):
+        raise ValueError(f"{len(bert_layers)} BERT layers for {len(fusion.layers)} fusion layers")
+    for layer, bert in zip(fusion.layers, bert_layers, strict=True):
+        state = fusion_state_of_bert_layer(bert.state_dict())
+        own = layer.state_dict()
+        unfit = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if v.shape != own[k].shape
+        ]
+        if (
+            unfit or len(state) != 14
+        ):  # self-attention (query, key-value, out, norm) + feed-forward (2 + norm)
+            raise ValueError(
+                f"fusion layers do not fit the BERT layers they start from: shapes {unfit}, "
+                f"copied {sorted(state)} of {type(bert).__name__}"
+            )
+        layer.load_state_dict(state, strict=False)
+        for module in (layer.cross_attn.query, layer.cross_attn.key_value, layer.cross_attn.out):
+            module.weight.normal_(0.0, 0.02)
+            module.bias.zero_()
+        layer.cross_norm.reset_parameters()
 
 
 def self_attention_mask(attention_mask: Tensor, causal: bool = False) -> Tensor:
@@ -232,10 +381,19 @@ class FusionEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(
-            FusionLayer(dim, image_dim, config.heads, config.mlp_ratio, config.dropout)
+            FusionLayer(
+                dim,
+                image_dim,
+                config.heads,
+                config.mlp_ratio,
+                config.dropout,
+                config.norm,
+                config.layer_norm_eps,
+            )
             for _ in range(config.depth)
         )
-        self.norm = nn.LayerNorm(dim)
+        # pre-norm ends with a LayerNorm; post-norm's last layer ends normalised already (BERT, ALBEF)
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps) if config.norm == "pre" else nn.Identity()
 
     def image_key_values(self, image: Tensor) -> tuple[KeyValues, ...]:
         """Each layer's cross-attention keys and values of image tokens [B, N, Dv]: what fusion reads of an
@@ -272,24 +430,24 @@ class FusionEncoder(nn.Module):
         `first_self_attention(text)` already. A batch with enough padding runs packed (`packing`): the
         per-token work on its real tokens alone, zeros at the padded positions of the output.
         """
-        self_mask = self_attention_mask(attention_mask, causal)
-        cross_mask = None if image_bias is None else image_bias[:, None, None, :].to(text.dtype)
         packing = packing_for(attention_mask)
+        call = LayerCall(
+            self_mask=self_attention_mask(attention_mask, causal),
+            cross_mask=None if image_bias is None else image_bias[:, None, None, :].to(text.dtype),
+            packing=packing,
+        )
         if packing is not None:  # per-token work on the real tokens alone (`packing`)
             text = packing.pack(text)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            text = layer(
-                text,
-                image,
-                self_mask,
-                cross_mask,
-                None if self_attns is None else self_attns[i],
+            layer_call = replace(
+                call,
+                self_attn=None if self_attns is None else self_attns[i],
                 image_kv=None if image_kv is None else image_kv[i],
                 queries=positions if i == last else None,
                 self_attended=self_attended and i == 0,
-                packing=packing,
             )
+            text = layer(text, image, layer_call)
         text = self.norm(text)
         return text if packing is None or positions is not None else packing.unpack(text)
 
@@ -343,7 +501,7 @@ class FusionEncoder(nn.Module):
                     real.gather(1, order),
                 )
                 unmerges.append((unmerge, order.argsort(dim=1)))
-            text = text + layer.mlp(layer.mlp_norm(text))
+            text = layer.feed_forward(text)
         text = self.norm(text)
         for unmerge, inverse in reversed(unmerges):
             text = unmerge(gather_tokens(text, inverse))

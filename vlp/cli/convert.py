@@ -1,0 +1,56 @@
+"""`vlp convert albef CKPT OUT`: a published ALBEF checkpoint as a vlp weights file, for `init_from`.
+
+CKPT is an official ALBEF release file (`ALBEF.pth`, `ALBEF_4M.pth`: {"model": state_dict}) or a LAVIS ALBEF
+checkpoint (pre-trained or fine-tuned retrieval); OUT is written as `vlp export` writes (`.safetensors`, else
+`torch.save` of a name -> tensor dict) under a `MultiTaskModule`'s names (`vlp.platform.model.convert_albef`):
+the backbone, the `itm` and `mlm` heads, and (unless `--no-momentum`) the momentum model and the `itc` queue.
+A run starts from it with `model.init_args.init_from: OUT` and a config whose backbone matches ALBEF's
+(`configs/pretrain/albef-4m.yaml`, `configs/finetune/albef-*.yaml`): `init_from` loads the backbone
+strictly and the heads by name, and syncs the momentum model to the loaded weights as ALBEF's fine-tuning
+does; the converted momentum copies and queue are there for code that continues pre-training from them
+(`load_state_dict`). Runs on the CPU; the file is read with `weights_only`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from vlp.platform.model.convert_albef import convert_albef
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vlp convert", description=__doc__.split("\n\n")[0])
+    formats = parser.add_subparsers(dest="format", required=True)
+    albef = formats.add_parser("albef", help="an ALBEF release or LAVIS ALBEF checkpoint")
+    albef.add_argument("checkpoint", type=Path, help="ALBEF.pth, ALBEF_4M.pth, or a LAVIS ALBEF checkpoint")
+    albef.add_argument("out", type=Path, help="output file: .safetensors, else torch.save format")
+    albef.add_argument("--image-size", type=int, default=None, help="resample positions to this size (384)")
+    albef.add_argument("--max-len", type=int, default=None, help="text positions to keep (text.max_len)")
+    albef.add_argument("--vocab-size", type=int, default=30522, help="the tokenizer's length, checked")
+    albef.add_argument("--temperature", choices=("clamped", "log_scale"), default="clamped")
+    albef.add_argument("--no-momentum", action="store_true", help="skip the momentum copies and queues")
+    args = parser.parse_args(argv)
+    if not args.checkpoint.is_file():
+        parser.error(f"no such checkpoint: {args.checkpoint}")
+    stored = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    state = convert_albef(
+        stored,
+        image_size=args.image_size,
+        max_len=args.max_len,
+        vocab_size=args.vocab_size,
+        temperature=args.temperature,
+        momentum=not args.no_momentum,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(args.out), metadata={"format": "pt"})
+    else:
+        torch.save(state, args.out)
+    numel = sum(t.numel() for t in state.values())
+    print(f"{args.out}: {len(state)} tensors, {numel / 1e6:.2f} M values from {args.checkpoint}")
+    return 0
