@@ -219,3 +219,14 @@ def test_another_image_size_resamples_the_position_embeddings(make_backbone, pre
         grid, size=(6, 6), mode="bicubic", antialias=True, align_corners=False
     )
     torch.testing.assert_close(loaded[0, 1:], expected.permute(0, 2, 3, 1).reshape(36, 32))
+
+
+def test_the_architecture_holds_every_backbone_setting(make_backbone):
+    """A new FusionBackbone argument must reach the stored architecture, or models built from checkpoints
+    would silently lose it."""
+    import inspect
+
+    from vlp.platform.model.backbone import FusionBackbone
+
+    settings = set(inspect.signature(FusionBackbone.__init__).parameters) - {"self", "tokenizer"}
+    assert set(make_backbone().architecture) == settings

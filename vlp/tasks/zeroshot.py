@@ -64,7 +64,7 @@ class ZeroShotObjective(Objective):
             max_length=self.backbone.text.max_len,
             return_tensors="pt",
         )
-        device = self.backbone.log_logit_scale.device
+        device = self.backbone.vision_proj.weight.device
         embeddings = self.backbone.encode_text(
             encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
         ).embedding

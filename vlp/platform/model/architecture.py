@@ -32,6 +32,7 @@ MAY_DIFFER = (
     "momentum",
     "init_temperature",
     "max_logit_scale",
+    "temperature_range",
 )
 
 

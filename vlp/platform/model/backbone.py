@@ -153,6 +153,8 @@ class FusionBackbone(nn.Module):
                 "caption_decoder": caption_decoder,
                 "merging": merging,
                 "momentum": momentum,
+                "temperature": temperature,
+                "temperature_range": temperature_range,
             }
         )
         self.vision = VisionEncoder(vision or VisionConfig())
