@@ -7,25 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from albef_pair import CAPTIONS, albef_pair
+from albef_pair import CAPTIONS, albef_pair, lavis_gradients
 
 from vlp.platform.model.backbone import FeatureCache
-from vlp.platform.model.convert_albef import convert_albef
 from vlp.tasks.itm import ITMObjective
 from vlp.tasks.mlm import IGNORE_INDEX, MLMObjective
-
-
-def lavis_gradients(reference) -> dict[str, torch.Tensor]:
-    """LAVIS's gradients under vlp's names: the converter applied to a state dict of gradients."""
-    state = {}
-    params = dict(reference.named_parameters())
-    for key, value in reference.state_dict(keep_vars=True).items():
-        if isinstance(value, torch.nn.Parameter):
-            param = params.get(key, value)
-            state[key] = param.grad if param.grad is not None else torch.zeros_like(param)
-        else:
-            state[key] = value
-    return convert_albef(state, max_len=40, momentum=False)
 
 
 def test_albef_itm_and_mlm_losses_and_gradients_equal_lavis(monkeypatch, one_thread):
