@@ -3,9 +3,11 @@
 CKPT is an official ALBEF release file (`ALBEF.pth`, `ALBEF_4M.pth`: {"model": state_dict}) or a LAVIS ALBEF
 checkpoint (pre-trained or fine-tuned retrieval); OUT is written as `vlp export` writes (`.safetensors`, else
 `torch.save` of a name -> tensor dict) under a `MultiTaskModule`'s names (`vlp.platform.model.convert_albef`):
-the backbone, the `itm` and `mlm` heads, and (unless `--no-momentum`) the momentum model and the `itc` queue.
-A run starts from it with `model.init_args.init_from: OUT` and a config whose backbone matches ALBEF's
-(`configs/pretrain/albef-4m.yaml`, `configs/finetune/albef-*.yaml`): `init_from` loads the backbone
+the backbone, the `itm` and `mlm` heads, and (unless `--no-momentum`) the momentum model and the `itc` queue,
+with the backbone's architecture (`albef_architecture`: in the safetensors metadata, else beside the weights
+as `vlp export` stores it). A run starts from it with `model.init_args.init_from: OUT` and a config that
+names only objectives and data (the backbone built from the stored architecture), or one whose backbone
+agrees with it (`configs/finetune/albef-*.yaml`): `init_from` loads the backbone
 strictly and the heads by name, and syncs the momentum model to the loaded weights as ALBEF's fine-tuning
 does; the converted momentum copies and queue are there for code that continues pre-training from them
 (`load_state_dict`). Runs on the CPU; the file is read with `weights_only`.
@@ -14,11 +16,13 @@ does; the converted momentum copies and queue are there for code that continues 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
-from vlp.platform.model.convert_albef import convert_albef
+from vlp.platform.model.architecture import ARCHITECTURE_KEY
+from vlp.platform.model.convert_albef import albef_architecture, convert_albef
 
 
 def main(argv: list[str]) -> int:
@@ -31,6 +35,8 @@ def main(argv: list[str]) -> int:
     albef.add_argument("--max-len", type=int, default=None, help="text positions to keep (text.max_len)")
     albef.add_argument("--vocab-size", type=int, default=30522, help="the tokenizer's length, checked")
     albef.add_argument("--temperature", choices=("clamped", "log_scale"), default="clamped")
+    albef.add_argument("--vision-heads", type=int, default=None, help="ViT heads (default: width / 64)")
+    albef.add_argument("--text-heads", type=int, default=None, help="BERT heads (default: width / 64)")
     albef.add_argument("--no-momentum", action="store_true", help="skip the momentum copies and queues")
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():
@@ -44,13 +50,15 @@ def main(argv: list[str]) -> int:
         temperature=args.temperature,
         momentum=not args.no_momentum,
     )
+    architecture = albef_architecture(state, args.vision_heads, args.text_heads, args.temperature)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in state.items()}, str(args.out), metadata={"format": "pt"})
+        metadata = {"format": "pt", ARCHITECTURE_KEY: json.dumps(architecture)}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(args.out), metadata=metadata)
     else:
-        torch.save(state, args.out)
+        torch.save({"state_dict": state, ARCHITECTURE_KEY: architecture}, args.out)
     numel = sum(t.numel() for t in state.values())
     print(f"{args.out}: {len(state)} tensors, {numel / 1e6:.2f} M values from {args.checkpoint}")
     return 0

@@ -8,11 +8,14 @@ the read queries through the last layer). The "checkpoint" is LAVIS's `AlbefPret
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from lavis_reference import (
+    MINILM,
     albef_pretrain,
     albef_retrieval,
     bert_tokenizer,
@@ -21,8 +24,10 @@ from lavis_reference import (
 )
 
 import vlp.platform.model.packing as packing_module
+from vlp.cli.architecture import default_architecture
+from vlp.platform.model.architecture import resolve_architecture
 from vlp.platform.model.backbone import FusionBackbone, ImageFeatures, first_token
-from vlp.platform.model.convert_albef import convert_albef, resample_positions
+from vlp.platform.model.convert_albef import albef_architecture, convert_albef, resample_positions
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 from vlp.platform.model.momentum import MomentumConfig
@@ -37,6 +42,7 @@ CAPTIONS = [
     "a small green triangle above a large yellow square on grey",
     "the cat sleeps",
 ]
+CONFIGS = Path(__file__).parents[3] / "configs"
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
@@ -276,7 +282,8 @@ def test_vlp_convert_albef_writes_what_init_from_loads(pair, tmp_path, capsys):
     reference, module, tokenizer = pair
     official = official_checkpoint(reference, tmp_path / "ALBEF_4M.pth")
     out = tmp_path / "albef-vlp.safetensors"
-    main(["convert", "albef", str(official), str(out), "--max-len", "40"])
+    main(["convert", "albef", str(official), str(out), "--max-len", "40", "--vision-heads", "2",
+          "--text-heads", "2"])  # fmt: skip
     assert str(out) in capsys.readouterr().out
     fresh = vlp_albef(tokenizer)
     report = load_pretrained(fresh, read_weights(out), out)
@@ -286,6 +293,72 @@ def test_vlp_convert_albef_writes_what_init_from_loads(pair, tmp_path, capsys):
     for key, value in fresh.state_dict().items():
         if ".momentum." not in f".{key}" and "momentum_head" not in key:  # init_from syncs those
             torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+ALBEF_CONFIG = """
+seed_everything: 0
+trainer: {accelerator: cpu, devices: 1, max_steps: 2, limit_val_batches: 1, num_sanity_val_steps: 0,
+          enable_progress_bar: false, enable_model_summary: false, logger: false}
+model:
+  class_path: vlp.tasks.multitask.MultiTaskModule
+  init_args:
+    objectives:
+      itc: {class_path: vlp.tasks.itc.ITCObjective,
+            init_args: {alpha: 0.4, queue_size: 24, score_against: momentum}}
+      itm: {class_path: vlp.tasks.itm.ITMObjective, init_args: {negatives: albef}}
+      mlm: {class_path: vlp.tasks.mlm.MLMObjective, init_args: {alpha: 0.4, masking: albef}}
+    mode: joint
+data:
+  sources:
+    shapes:
+      class_path: vlp.datamodules.shapes.ShapesSource
+      init_args: {image_size: 32, num_train: 16, num_val: 8, num_test: 8, batch_size: 8, tokenizer: TOKENIZER}
+  sampler:
+    strategy: {class_path: vlp.platform.sampler.RoundRobin}
+"""
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_the_converted_file_carries_the_architecture_init_from_builds(pair, tmp_path, suffix, capsys):
+    """`vlp convert albef` stores the backbone's settings (read off the tensors, ALBEF's where tensors do
+    not show them), so a config naming only objectives and data starts from the converted file."""
+    from vlp.cli import main, run
+    from vlp.platform.model.architecture import read_architecture
+
+    reference, _, tokenizer = pair
+    official = official_checkpoint(reference, tmp_path / "ALBEF.pth")
+    out = tmp_path / f"albef-vlp{suffix}"
+    main(["convert", "albef", str(official), str(out), "--max-len", "40", "--vision-heads", "2",
+          "--text-heads", "2"])  # fmt: skip
+    architecture = read_architecture(out)
+    vision, text, fusion = architecture["vision"], architecture["text"], architecture["fusion"]
+    assert (vision["image_size"], vision["patch_size"], vision["width"], vision["depth"]) == (32, 8, 32, 2)
+    assert (text["width"], text["depth"], text["heads"], text["max_len"], text["token_types"]) == (
+        32, 2, 2, 40, False
+    )  # fmt: skip
+    assert (fusion["depth"], fusion["heads"], fusion["norm"], fusion["layer_norm_eps"]) == (
+        2,
+        2,
+        "post",
+        1e-12,
+    )
+    assert architecture["embed_dim"] == 16 and architecture["momentum"] == {"decay": 0.995}
+    assert architecture["temperature"] == "clamped"
+    configs = dict(vision=VisionConfig(**vision), text=TextConfig(**text), fusion=FusionConfig(**fusion))
+    rebuilt = FusionBackbone(**(architecture | configs), tokenizer=tokenizer)
+    assert rebuilt.architecture == architecture  # every setting the backbone takes, and nothing else
+
+    config = tmp_path / "albef-objectives-only.yaml"
+    config.write_text(ALBEF_CONFIG.replace("TOKENIZER", str(MINILM)))
+    cli = run(["fit", "--config", str(config), "--model.init_args.init_from", str(out),
+               "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
+    assert cli.model.backbone.architecture == architecture
+    assert cli.trainer.global_step == 2
+    report = cli.model.init_report  # the backbone strictly, every head and the queue by name
+    assert not report.fresh and not report.unused
+    assert "objectives.itc.queue.image" in report.loaded and "objectives.itm.head.weight" in report.loaded
+    with pytest.raises(ValueError, match=r"width 32 is not a multiple of 64: give the attention heads"):
+        main(["convert", "albef", str(official), str(tmp_path / "x.pt"), "--max-len", "40"])
 
 
 def test_vit_b16_bert_base_albef_converts_exactly(monkeypatch, one_thread):
@@ -300,7 +373,19 @@ def test_vit_b16_bert_base_albef_converts_exactly(monkeypatch, one_thread):
         tokenizer, queue_size=32, image=224, patch=16, vision_width=768, vision_depth=12, vision_heads=12,
         width=768, text_depth=6, fusion_depth=6, heads=12, embed=256, max_len=40,
     )  # fmt: skip
-    load_converted(module, convert_albef(reference.state_dict(), max_len=40, vocab_size=len(tokenizer)))
+    converted = convert_albef(reference.state_dict(), max_len=40, vocab_size=len(tokenizer))
+    load_converted(module, converted)
+    stored = albef_architecture(converted)  # heads by default width / 64: 12 and 12
+    built = module.backbone.architecture
+    for tower, keys in {"vision": ("image_size", "patch_size", "width", "depth", "heads", "mlp_ratio"),
+                        "text": ("width", "depth", "heads", "max_len", "mlp_ratio"),
+                        "fusion": ("depth", "heads", "mlp_ratio", "norm", "layer_norm_eps")}.items():  # fmt: skip
+        assert {k: stored[tower][k] for k in keys} == {k: built[tower][k] for k in keys}, tower
+    assert stored["embed_dim"] == 256 and stored["vision"]["model"] == "vit_base_patch16_224"
+    for config in ("pretrain/albef-4m.yaml", "finetune/albef-retrieval-coco.yaml"):  # their documented
+        given = yaml.safe_load((CONFIGS / config).read_text())["model"]["init_args"]["backbone"]  # init_from
+        defaults = default_architecture()
+        resolve_architecture(stored, defaults | given["init_args"], defaults, config)  # agrees: no error
     backbone, tol = module.backbone, TOL
     torch.manual_seed(0)
     images = torch.randn(2, 3, 224, 224)

@@ -6,7 +6,8 @@ JSON-able dict. Checkpoints carry it under `ARCHITECTURE_KEY`: Lightning files a
 through `on_save_checkpoint`, `vlp export` files in their metadata. `resolve_architecture` merges a config's
 backbone over a checkpoint's: a value left at its default comes from the checkpoint; one set otherwise must
 agree with it, unless it is a setting that may change between runs (`MAY_DIFFER`: image size, whose position
-embeddings are resampled on load, dropout, drop path, merging, the momentum model, the temperature's start).
+embeddings are resampled on load, dropout, drop path, merging, the momentum model, the temperature's start,
+where the start weights come from: `pretrained`, `fusion.init_from_text_layers`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MAY_DIFFER = (
     "text.dropout",
     "text.pretrained",
     "fusion.dropout",
+    "fusion.init_from_text_layers",
     "merging",
     "momentum",
     "init_temperature",

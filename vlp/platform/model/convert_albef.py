@@ -29,6 +29,10 @@ call `backbone.momentum.update()` once: ALBEF moves its momentum model at the st
 after each optimizer step, so a checkpoint saved between two ALBEF steps still owes that one update. vlp's
 BERT has a token-type table ALBEF has not (its row 0, zero here, is added to every token): build the text
 tower with `token_types: false` to keep it zero and frozen.
+
+`albef_architecture` reads the backbone's settings off the converted tensors (sizes, depths, the 6 + 6
+split, image size, text positions), so the converted file carries them as every vlp checkpoint does
+(`vlp.platform.model.architecture`) and `init_from` builds the backbone without a config describing it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlp.platform.model.fusion import fusion_state_of_bert_layer
+from vlp.platform.model.architecture import as_plain_data
+from vlp.platform.model.encoders import TextConfig, VisionConfig
+from vlp.platform.model.fusion import FusionConfig, fusion_state_of_bert_layer
+from vlp.platform.model.momentum import MomentumConfig
 
 # the parameters of a ViT (timm's and ALBEF's names) and of a BERT text layer: anything else fits nothing
 VIT_KEY = re.compile(
@@ -251,3 +258,87 @@ def convert_albef(
     if left:
         raise ValueError(f"ALBEF checkpoint keys that fit nothing in vlp ({len(left)}): {left[:40]}")
     return mapped
+
+
+def _count(state: Mapping[str, Tensor], pattern: str) -> int:
+    """How many distinct indices `(\\d+)` in `pattern` the keys of `state` hold."""
+    return len({m.group(1) for k in state if (m := re.fullmatch(pattern, k))})
+
+
+def albef_architecture(
+    converted: Mapping[str, Tensor],
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    temperature: str = "clamped",
+) -> dict:
+    """The `FusionBackbone` settings (`vlp_architecture`) of a `convert_albef` state: widths, depths, MLP
+    ratios, image size (patch size x the position grid), text positions and embedding size read off the
+    tensors; what tensors do not show is ALBEF's: post-norm BERT fusion layers (eps 1e-12) without
+    token types, [CLS] pooling, BERT's dropout 0.1 (`config_bert.json`), momentum decay 0.995 when the
+    momentum copies are there, the temperature's start 0.07 and clamp range [0.001, 0.5]. Attention heads
+    are not in the weights: `vision_heads` / `text_heads` (the text tower's and the fusion layers'), by
+    default width / 64 as in ViT-B/16 and BERT-base. A ViT-B/16 is named as timm names it
+    (`vit_base_patch16_224`, at the checkpoint's image size), as ALBEF's configs do."""
+
+    def heads(given: int | None, width: int, flag: str) -> int:
+        if given is not None:
+            return given
+        if width % 64:
+            raise ValueError(f"width {width} is not a multiple of 64: give the attention heads ({flag})")
+        return width // 64
+
+    patch = converted["backbone.vision.vit.patch_embed.proj.weight"]  # [D, 3, P, P]
+    vision_width, patch_size = patch.shape[0], patch.shape[-1]
+    grid = math.isqrt(converted["backbone.vision.vit.pos_embed"].shape[1] - 1)
+    fc1 = converted["backbone.vision.vit.blocks.0.mlp.fc1.weight"]
+    word = converted["backbone.text.bert.embeddings.word_embeddings.weight"]  # [V, W]
+    width = word.shape[1]
+    text_heads = heads(text_heads, width, "--text-heads")
+    intermediate = converted["backbone.text.bert.encoder.layer.0.intermediate.dense.weight"].shape[0]
+    fusion_mlp = converted["backbone.fusion.layers.0.mlp.0.weight"].shape[0]
+    momentum = "backbone.momentum.backbone.vision_proj.weight" in converted
+    vision_depth = _count(converted, r"backbone\.vision\.vit\.blocks\.(\d+)\..*")
+    vision_heads = heads(vision_heads, vision_width, "--vision-heads")
+    vision_mlp = fc1.shape[0] / vision_width
+    # timm's name for exactly these sizes (ALBEF's ViT-B/16), as ALBEF's configs name it
+    vit_b16 = (patch_size, vision_width, vision_depth, vision_heads, vision_mlp) == (16, 768, 12, 12, 4.0)
+    return as_plain_data(
+        {
+            "vision": VisionConfig(
+                model="vit_base_patch16_224" if vit_b16 else None,
+                image_size=grid * patch_size,
+                patch_size=patch_size,
+                width=vision_width,
+                depth=vision_depth,
+                heads=vision_heads,
+                mlp_ratio=vision_mlp,
+                pool="cls",
+            ),
+            "text": TextConfig(
+                width=width,
+                depth=_count(converted, r"backbone\.text\.bert\.encoder\.layer\.(\d+)\..*"),
+                heads=text_heads,
+                max_len=converted["backbone.text.bert.embeddings.position_embeddings.weight"].shape[0],
+                mlp_ratio=intermediate / width,
+                dropout=0.1,
+                pool="cls",
+                token_types=False,
+            ),
+            "fusion": FusionConfig(
+                depth=_count(converted, r"backbone\.fusion\.layers\.(\d+)\..*"),
+                heads=text_heads,
+                mlp_ratio=fusion_mlp / width,
+                dropout=0.1,
+                norm="post",
+                layer_norm_eps=1e-12,
+            ),
+            "embed_dim": converted["backbone.vision_proj.weight"].shape[0],
+            "init_temperature": 0.07,
+            "max_logit_scale": 100.0,
+            "caption_decoder": False,
+            "merging": None,
+            "momentum": MomentumConfig(0.995) if momentum else None,
+            "temperature": temperature,
+            "temperature_range": (0.001, 0.5),
+        }
+    )
