@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tarfile
@@ -149,10 +150,22 @@ def short_form(command: Command) -> tuple[list[str], bool]:
     return [], False
 
 
-def run(argv: list[str], folder: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("SLURM_JOB_ID", None)
-    return subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run(argv: list[str], folder: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`argv` in `folder` as a user's shell runs it: no Slurm job around it (Lightning would wait for the
+    job's other ranks), a rendezvous port of its own for multi-rank runs; a hang fails with its output."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
+    try:
+        return subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as hung:
+        output = (hung.stdout or b"")[-3000:], (hung.stderr or b"")[-3000:]
+        pytest.fail(f"{shlex.join(argv)} ran past {timeout} s; its output ended:\n{output}")
 
 
 def test_every_command_is_run_or_says_what_it_needs():
