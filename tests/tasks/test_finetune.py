@@ -230,3 +230,21 @@ def test_the_architecture_holds_every_backbone_setting(make_backbone):
 
     settings = set(inspect.signature(FusionBackbone.__init__).parameters) - {"self", "tokenizer"}
     assert set(make_backbone().architecture) == settings
+
+
+def test_zero_shot_of_a_sigmoid_trained_checkpoint_reads_its_trained_pair_bias(tmp_path):
+    """SigLIP's bias lives in the backbone, so an evaluation built from the checkpoint scores with the
+    trained b (one sigmoid per class) without being told it."""
+    sigmoid = '{"itc": {"class_path": "vlp.tasks.itc.ITCObjective", "init_args": {"loss": "sigmoid"}}}'
+    cli = main(["fit", "--config", TINY, *in_folder(tmp_path / "pretrain"), "--trainer.max_steps", "3",
+                "--model.init_args.objectives", sigmoid,
+                "--model.init_args.backbone.init_args.init_logit_bias", "-10.0"])  # fmt: skip
+    trained = cli.model.backbone.logit_bias.detach().clone()
+    assert trained.item() != -10.0
+    checkpoint = cli.trainer.checkpoint_callback.last_model_path
+    zeroshot = '{"zeroshot": {"class_path": "vlp.tasks.zeroshot.ZeroShotObjective"}}'
+    classes = ["--data.sources", '{"classes": {"class_path": "vlp.datamodules.shapes.ShapeClassesSource", '
+               '"init_args": {"image_size": 32, "num_val": 24, "batch_size": 12}}}']  # fmt: skip
+    cli = main(["validate", *without_backbone(TINY, tmp_path), *in_folder(tmp_path / "zeroshot"),
+                "--model.init_args.objectives", zeroshot, *classes, "--model.init_args.init_from", checkpoint])  # fmt: skip
+    torch.testing.assert_close(cli.model.backbone.logit_bias.detach(), trained)

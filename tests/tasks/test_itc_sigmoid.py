@@ -1,5 +1,5 @@
-"""ITC with the sigmoid loss (SigLIP): the objective's loss and gradients (embeddings, logit scale, its own
-bias) against the naive loss with duplicates as positives, its checks, validation loss and match
+"""ITC with the sigmoid loss (SigLIP): the objective's loss and gradients (embeddings, logit scale, the
+backbone's bias) against the naive loss with duplicates as positives, its checks, validation loss and match
 probabilities."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from vlp.tasks.itm import positive_pairs
 from vlp.tasks.itm_rerank import rerank_scores
 
 
-def test_sigmoid_itc_equals_the_naive_loss_with_duplicates_as_positives(backbone, batch):
+def test_sigmoid_itc_equals_the_naive_loss_with_duplicates_as_positives(make_backbone, batch):
+    backbone = make_backbone(init_logit_bias=-10.0)
     objective = ITCObjective(backbone, loss="sigmoid").train()
-    assert objective.logit_bias.item() == -10.0
+    assert objective.pair_bias is backbone.logit_bias and backbone.logit_bias.item() == -10.0
     batch = {**batch, "image_id": batch["image_id"].clone()}
     batch["image_id"][1] = batch["image_id"][0]  # a duplicate image
     features = FeatureCache(backbone, batch)
@@ -25,12 +26,12 @@ def test_sigmoid_itc_equals_the_naive_loss_with_duplicates_as_positives(backbone
     mask = positive_pairs(batch["image_id"], batch["input_ids"], batch["attention_mask"])
     assert mask.sum() > len(mask)  # the batch has duplicates
     reference = sigmoid_contrastive_loss_reference(
-        features.image.embedding, features.text.embedding, backbone.logit_scale(), objective.logit_bias, mask
+        features.image.embedding, features.text.embedding, backbone.logit_scale(), backbone.logit_bias, mask
     )
     torch.testing.assert_close(out.loss, reference, atol=1e-5, rtol=1e-6)
     assert set(out.logs) == {"loss", "logit_scale", "logit_bias"}
     params = [
-        objective.logit_bias,
+        backbone.logit_bias,
         backbone.log_logit_scale,
         backbone.vision_proj.weight,
         backbone.text_proj.weight,
@@ -43,8 +44,9 @@ def test_sigmoid_itc_equals_the_naive_loss_with_duplicates_as_positives(backbone
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-def test_sigmoid_validation_loss_and_match_probabilities(backbone, batch):
-    objective = ITCObjective(backbone, loss="sigmoid", init_bias=-2.0).eval()
+def test_sigmoid_validation_loss_and_match_probabilities(make_backbone, batch):
+    backbone = make_backbone(init_logit_bias=-2.0)
+    objective = ITCObjective(backbone, loss="sigmoid").eval()
     with torch.no_grad():
         features = FeatureCache(backbone, batch)
         loss = objective.validation_update(batch, features)["loss"]
@@ -52,7 +54,7 @@ def test_sigmoid_validation_loss_and_match_probabilities(backbone, batch):
         image, text = features.image.embedding, features.text.embedding
         scale = backbone.logit_scale()
         torch.testing.assert_close(
-            loss, sigmoid_contrastive_loss_reference(image, text, scale, objective.logit_bias, mask)
+            loss, sigmoid_contrastive_loss_reference(image, text, scale, backbone.logit_bias, mask)
         )
         predicted = objective.predict(batch, features)["match_probability"]
         torch.testing.assert_close(predicted, torch.sigmoid(scale * (image * text).sum(-1) - 2.0))
@@ -69,6 +71,7 @@ def test_sigmoid_validation_loss_and_match_probabilities(backbone, batch):
         (dict(loss="sigmoid", exchange="gather"), "exchange"),
         (dict(score_against="target"), "score_against"),
         (dict(score_against="momentum"), "momentum"),
+        (dict(loss="sigmoid"), "init_logit_bias"),  # the backbone holds no pair bias
     ],
 )
 def test_bad_arguments_raise(backbone, kwargs, match):

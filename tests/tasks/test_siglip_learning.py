@@ -25,4 +25,4 @@ def test_sigmoid_itc_lifts_retrieval_far_above_chance(tmp_path, monkeypatch):
     print(f"t2i R@1 {metrics['val/retrieval/t2i_r1']:.2f}, i2t R@1 {metrics['val/retrieval/i2t_r1']:.2f}")
     for direction in ("t2i", "i2t"):
         assert metrics[f"val/retrieval/{direction}_r1"] >= 10 / NUM_VAL  # 10x chance
-    assert cli.model.logit_bias.item() != -10.0  # the bias is learned
+    assert cli.model.backbone.logit_bias.item() != -10.0  # the bias is learned

@@ -7,8 +7,9 @@ Two losses (`loss`), both from `vlp.platform.losses`, where their distributed be
   "sigmoid" (SigLIP): every image-text pair a binary problem,
     L = 1/B sum_i sum_j -log sigmoid(z_ij (t <x_i, y_j> + b)),
     z = +1 for a pair of the same image id or an identical caption (duplicates are positives, as in ITM), -1
-    otherwise; t the backbone's logit scale (SigLIP initialises it at 10: `init_temperature: 0.1`), b this
-    objective's learnable bias (init -10). Other ranks' texts arrive by neighbour exchange (`exchange`).
+    otherwise; t the backbone's logit scale (SigLIP initialises it at 10: `init_temperature: 0.1`), b the
+    backbone's learnable bias (SigLIP: `init_logit_bias: -10`). Other ranks' texts arrive by neighbour
+    exchange (`exchange`).
 Validation: retrieval R@1/5/10 both ways over the whole val split, every caption of an image a text of its
 own (`vlp.tasks.retrieval_split`): image -> text is right when any of the image's captions is in the top K,
 text -> image when the caption's one image is. Ranked by cosine similarity, whose order is that of either
@@ -29,7 +30,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vlp.platform.distributed.collectives import is_distributed, pad_to
 from vlp.platform.kernels import sigmoid_contrastive_loss
@@ -60,14 +61,13 @@ class ITCObjective(Objective):
         alpha_warmup_steps: int = 0,
         queue_size: int = 0,
         loss: Literal["infonce", "sigmoid"] = "infonce",
-        init_bias: float = -10.0,
         exchange: Exchange = "bidirectional",
         score_against: ScoreAgainst = "online",
     ):
         """`alpha`: weight of the momentum model's soft targets (ALBEF: 0.4), reached after
         `alpha_warmup_steps`; `queue_size`: momentum embeddings kept as extra negatives (ALBEF: 65536);
-        `loss`: "infonce" (CLIP, ALBEF) or "sigmoid" (SigLIP); `init_bias`: the sigmoid loss's learnable bias
-        at the start (SigLIP: -10); `exchange`: how the sigmoid loss visits other ranks' texts, "ring" or
+        `loss`: "infonce" (CLIP, ALBEF) or "sigmoid" (SigLIP, with the backbone's learnable bias:
+        `init_logit_bias`); `exchange`: how the sigmoid loss visits other ranks' texts, "ring" or
         "bidirectional"; `score_against`: "online" (vlp: the global online batch plus the queue) or
         "momentum" (ALBEF: the momentum embeddings plus the queue)."""
         super().__init__(backbone, optim)
@@ -94,30 +94,39 @@ class ITCObjective(Objective):
                 "itc: score_against: momentum scores against the momentum model's embeddings (InfoNCE); "
                 "set backbone.init_args.momentum: {decay: 0.995} and loss: infonce"
             )
+        if loss == "sigmoid" and backbone.logit_bias is None:
+            raise ValueError(
+                "itc: the sigmoid loss learns the backbone's pair bias b: set backbone.init_args.init_logit_bias "
+                "(SigLIP: -10)"
+            )
         self.chunk_size = chunk_size
         self.alpha, self.alpha_warmup_steps = alpha, alpha_warmup_steps
         self.loss, self.exchange, self.score_against = loss, exchange, score_against
         # the sigmoid loss scores each rank's texts by exchange, not from the step's shared gather
         self.reads_global_rows = loss == "infonce"
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if loss == "sigmoid" else None
         self.queue = FeatureQueue(queue_size, backbone.vision_proj.out_features) if queue_size else None
         self.val_images, self.val_texts = SplitRows(("embedding",)), SplitRows(("embedding",))
+
+    @property
+    def pair_bias(self) -> Tensor | None:
+        """The backbone's learnable pair bias b when this objective trains with the sigmoid loss, else None."""
+        return self.backbone.logit_bias if self.loss == "sigmoid" else None
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         scale = self.backbone.logit_scale()
         image, text = features.image.embedding, features.text.embedding
-        if self.logit_bias is not None:
+        if self.pair_bias is not None:
             loss = sigmoid_loss(
                 image,
                 text,
                 scale,
-                self.logit_bias,
+                self.pair_bias,
                 image_ids=batch["image_id"],
                 captions=self.caption_keys(batch),
                 exchange=self.exchange,
                 chunk_size=self.chunk_size,
             )
-            return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale, "logit_bias": self.logit_bias})
+            return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale, "logit_bias": self.pair_bias})
         alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
         if self.queue is None and alpha == 0 and self.score_against == "online":
             gathered = self.shared_columns(features) if is_distributed() else None
@@ -163,22 +172,22 @@ class ITCObjective(Objective):
         texts = retrieval_texts(batch, features)
         self.val_texts.update(texts.image_id, texts.real, embedding=texts.features.embedding)
         scale = self.backbone.logit_scale()
-        if self.logit_bias is None:
+        if self.pair_bias is None:
             return {"loss": infonce_loss(image_emb, text_emb, scale, gather=False)}
         keys = torch.cat([batch["image_id"][:, None], self.caption_keys(batch)], dim=1)
         positives = positive_pairs(keys, keys)
         return {
-            "loss": sigmoid_contrastive_loss(image_emb, text_emb, scale, self.logit_bias, positives=positives)
+            "loss": sigmoid_contrastive_loss(image_emb, text_emb, scale, self.pair_bias, positives=positives)
         }
 
     def match_probability(self, image: Tensor, text: Tensor) -> Tensor:
         """[N] sigmoid(t <x, y> + b) of the pairs (image [N, E], text [N, E]) of a model trained with the
         sigmoid loss: each pair's own probability of matching, with no reference to other candidates."""
-        if self.logit_bias is None:
+        if self.pair_bias is None:
             raise ValueError(
                 "itc: match probabilities need the sigmoid loss; InfoNCE scores only rank candidates"
             )
-        logits = self.backbone.logit_scale() * (image.float() * text.float()).sum(dim=-1) + self.logit_bias
+        logits = self.backbone.logit_scale() * (image.float() * text.float()).sum(dim=-1) + self.pair_bias
         return logits.sigmoid()
 
     def validation_scores(self) -> dict[str, float]:
@@ -194,6 +203,6 @@ class ITCObjective(Objective):
     @torch.no_grad()
     def predict(self, batch: dict, features: FeatureCache) -> dict:
         out = {"image_embedding": features.image.embedding, "text_embedding": features.text.embedding}
-        if self.logit_bias is not None:
+        if self.pair_bias is not None:
             out["match_probability"] = self.match_probability(out["image_embedding"], out["text_embedding"])
         return out

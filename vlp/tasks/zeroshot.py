@@ -37,14 +37,11 @@ class ZeroShotObjective(Objective):
         optim: OptimConfig | None = None,
         classes: list[str] | None = None,
         templates: list[str] | None = None,
-        logit_bias: float | None = None,
     ) -> None:
-        """`classes`: class names (default: the batches' `class_names`); `templates`: prompts with one `{}`;
-        `logit_bias`: None for a model trained with InfoNCE (softmax probabilities), else the sigmoid loss's
-        trained bias b (the ITC objective's `logit_bias`, logged as `train/itc/logit_bias`): sigmoid
-        probabilities."""
+        """`classes`: class names (default: the batches' `class_names`); `templates`: prompts with one `{}`.
+        Class probabilities follow how the backbone was trained: a softmax over classes (InfoNCE), or, when it
+        holds SigLIP's pair bias (`logit_bias`, loaded with the rest of it), one sigmoid per class."""
         super().__init__(backbone, optim)
-        self.logit_bias = logit_bias
         self.classes = classes
         self.templates = list(templates or TEMPLATES)
         if not self.templates or any(t.count("{}") != 1 for t in self.templates):
@@ -89,9 +86,9 @@ class ZeroShotObjective(Objective):
     def class_probabilities(self, logits: Tensor) -> Tensor:
         """[B, C] from the cosine logits [B, C]: softmax over classes (InfoNCE) or one sigmoid per class."""
         scaled = self.backbone.logit_scale() * logits.float()
-        if self.logit_bias is None:
+        if self.backbone.logit_bias is None:
             return scaled.softmax(dim=-1)
-        return (scaled + self.logit_bias).sigmoid()
+        return (scaled + self.backbone.logit_bias).sigmoid()
 
     @torch.no_grad()
     def predict(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:

@@ -125,6 +125,7 @@ class FusionBackbone(nn.Module):
         momentum: MomentumConfig | None = None,
         temperature: Literal["log_scale", "clamped"] = "log_scale",
         temperature_range: tuple[float, float] = (0.001, 0.5),
+        init_logit_bias: float | None = None,
     ) -> None:
         """`momentum` keeps an EMA copy of this backbone (`self.momentum`) for distillation and queues.
 
@@ -134,7 +135,11 @@ class FusionBackbone(nn.Module):
         (ALBEF) learns T itself (`temp`), read clamped to `temperature_range` ([0.001, 0.5] in ALBEF). ALBEF
         clamps the stored value in place before each forward; here the read value is clamped and the
         gradient passes straight through to `temp`, which gives ALBEF's logits and gradients whenever the
-        stored value is in range (always, for a checkpoint of ALBEF's)."""
+        stored value is in range (always, for a checkpoint of ALBEF's).
+
+        `init_logit_bias`: SigLIP's learnable bias b of the pair logits t <x, y> + b (`logit_bias`; SigLIP
+        starts it at -10), held beside the temperature so whatever scores pairs (ITC's sigmoid loss, zero-shot,
+        retrieval probabilities) reads the one trained value; None (CLIP, ALBEF): no bias."""
         super().__init__()
         if tokenizer is None:
             raise ValueError("FusionBackbone needs a tokenizer (the CLI links it from data.tokenizer)")
@@ -155,6 +160,7 @@ class FusionBackbone(nn.Module):
                 "momentum": momentum,
                 "temperature": temperature,
                 "temperature_range": temperature_range,
+                "init_logit_bias": init_logit_bias,
             }
         )
         self.vision = VisionEncoder(vision or VisionConfig())
@@ -178,6 +184,9 @@ class FusionBackbone(nn.Module):
         else:
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_logit_scale = math.log(max_logit_scale)
+        self.logit_bias = (
+            None if init_logit_bias is None else nn.Parameter(torch.tensor(float(init_logit_bias)))
+        )
         self.register_buffer(
             "special_token_ids", torch.tensor(sorted(set(tokenizer.all_special_ids))), persistent=False
         )
