@@ -1,4 +1,6 @@
-"""What both kernels share: the optional triton import and the choice of route."""
+"""What the kernels share: the optional triton import, the choice of route, and the tile helpers of the
+contrastive kernels (a similarity tile, and the products that carry a tile's logit gradient into both
+embeddings' gradients)."""
 
 import os
 from typing import Literal
@@ -47,3 +49,41 @@ if triton is not None:
         return tl.load(
             ptr + rows[:, None] * stride + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
         )
+
+    @triton.jit
+    def similarity_tile(
+        x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """The fp32 tile x[rows] @ y[cols].T [BLOCK_M, BLOCK_K], accumulated over D in BLOCK_D slices."""
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            x = load_tile(x_ptr, rows, ds, stride_x, row_mask, d_mask)
+            y = load_tile(y_ptr, cols, ds, stride_y, col_mask, d_mask)
+            acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def add_tile_gradients(
+        grad, a_ptr, b_ptr, grad_a_ptr, grad_b_ptr, rows, cols, row_mask, col_mask, D, stride_a, stride_b,
+        BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """grad_a[rows] += G b[cols] and grad_b[cols] += G^T a[rows] for the tile's logit gradient G
+        [BLOCK_M, BLOCK_K] (fp32), atomically: other programs add into the same rows and columns."""
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_mask = ds < D
+            b = load_tile(b_ptr, cols, ds, stride_b, col_mask, d_mask)
+            a = load_tile(a_ptr, rows, ds, stride_a, row_mask, d_mask)
+            tl.atomic_add(
+                grad_a_ptr + rows[:, None] * D + ds[None, :],
+                tl.dot(grad, b.to(tl.float32), input_precision=PRECISION),
+                mask=row_mask[:, None] & d_mask[None, :],
+            )
+            tl.atomic_add(
+                grad_b_ptr + cols[:, None] * D + ds[None, :],
+                tl.dot(tl.trans(grad), a.to(tl.float32), input_precision=PRECISION),
+                mask=col_mask[:, None] & d_mask[None, :],
+            )

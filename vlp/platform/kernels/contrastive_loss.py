@@ -28,21 +28,7 @@ _BLOCK_M, _BLOCK_K, _BLOCK_D = 64, 64, 64
 _DEFAULT_TILE = 2048
 
 if triton is not None:
-    from vlp.platform.kernels._triton import load_tile
-
-    @triton.jit
-    def _similarity_tile(
-        x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
-        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            x = load_tile(x_ptr, rows, ds, stride_x, row_mask, d_mask)
-            y = load_tile(y_ptr, cols, ds, stride_y, col_mask, d_mask)
-            acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
-        return acc
+    from vlp.platform.kernels._triton import add_tile_gradients, similarity_tile
 
     @triton.jit
     def _row_lse_kernel(
@@ -57,7 +43,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_mask = cols < K
-            raw = _similarity_tile(
+            raw = similarity_tile(
                 x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
                 BLOCK_M, BLOCK_K, BLOCK_D, PRECISION,
             )  # fmt: skip
@@ -81,7 +67,7 @@ if triton is not None:
         row_mask = rows < M
         col_mask = cols < K
         scale = tl.load(scale_ptr)
-        raw = _similarity_tile(
+        raw = similarity_tile(
             a_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_a, stride_b,
             BLOCK_M, BLOCK_K, BLOCK_D, PRECISION,
         )  # fmt: skip
@@ -94,21 +80,10 @@ if triton is not None:
         grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
         tl.store(grad_scale_ptr + pid_m * tl.num_programs(1) + pid_k, tl.sum(grad * raw))
         grad *= scale
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            b = load_tile(b_ptr, cols, ds, stride_b, col_mask, d_mask)
-            a = load_tile(a_ptr, rows, ds, stride_a, row_mask, d_mask)
-            tl.atomic_add(
-                grad_a_ptr + rows[:, None] * D + ds[None, :],
-                tl.dot(grad, b.to(tl.float32), input_precision=PRECISION),
-                mask=row_mask[:, None] & d_mask[None, :],
-            )
-            tl.atomic_add(
-                grad_b_ptr + cols[:, None] * D + ds[None, :],
-                tl.dot(tl.trans(grad), a.to(tl.float32), input_precision=PRECISION),
-                mask=col_mask[:, None] & d_mask[None, :],
-            )
+        add_tile_gradients(
+            grad, a_ptr, b_ptr, grad_a_ptr, grad_b_ptr, rows, cols, row_mask, col_mask, D, stride_a, stride_b,
+            BLOCK_D, PRECISION,
+        )  # fmt: skip
 
 
 def _triton_row_lse(x: Tensor, y: Tensor, scale: Tensor) -> Tensor:

@@ -28,8 +28,7 @@ _BLOCK_M, _BLOCK_K, _BLOCK_D = 64, 64, 64
 _DEFAULT_TILE = 2048
 
 if triton is not None:
-    from vlp.platform.kernels._triton import load_tile
-    from vlp.platform.kernels.contrastive_loss import _similarity_tile
+    from vlp.platform.kernels._triton import add_tile_gradients, similarity_tile
 
     @triton.jit
     def _softplus_rows_kernel(
@@ -44,7 +43,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             col_mask = cols < K
-            raw = _similarity_tile(
+            raw = similarity_tile(
                 x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
                 BLOCK_M, BLOCK_K, BLOCK_D, PRECISION,
             )  # fmt: skip
@@ -67,7 +66,7 @@ if triton is not None:
         col_mask = cols < K
         scale = tl.load(scale_ptr)
         bias = tl.load(bias_ptr)
-        raw = _similarity_tile(
+        raw = similarity_tile(
             a_ptr, b_ptr, rows, cols, row_mask, col_mask, D, stride_a, stride_b,
             BLOCK_M, BLOCK_K, BLOCK_D, PRECISION,
         )  # fmt: skip
@@ -77,21 +76,10 @@ if triton is not None:
         tl.store(grad_scale_ptr + block, tl.sum(grad * raw))
         tl.store(grad_bias_ptr + block, tl.sum(grad))
         grad *= scale
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_mask = ds < D
-            b = load_tile(b_ptr, cols, ds, stride_b, col_mask, d_mask)
-            a = load_tile(a_ptr, rows, ds, stride_a, row_mask, d_mask)
-            tl.atomic_add(
-                grad_a_ptr + rows[:, None] * D + ds[None, :],
-                tl.dot(grad, b.to(tl.float32), input_precision=PRECISION),
-                mask=row_mask[:, None] & d_mask[None, :],
-            )
-            tl.atomic_add(
-                grad_b_ptr + cols[:, None] * D + ds[None, :],
-                tl.dot(tl.trans(grad), a.to(tl.float32), input_precision=PRECISION),
-                mask=col_mask[:, None] & d_mask[None, :],
-            )
+        add_tile_gradients(
+            grad, a_ptr, b_ptr, grad_a_ptr, grad_b_ptr, rows, cols, row_mask, col_mask, D, stride_a, stride_b,
+            BLOCK_D, PRECISION,
+        )  # fmt: skip
 
 
 def _triton_softplus_sum(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
