@@ -123,6 +123,7 @@ STREAMING = str(Path(__file__).parents[2] / "configs" / "pretrain" / "streaming.
 STREAM_SMALL = [arg.replace("sources.captions.", "sources.stream.") for arg in SMALL]
 
 
+@pytest.mark.slow
 def test_optimize_inspect_and_fit_on_chunks(coco_run: Path):
     """`vlp data optimize` (own process: litdata switches to spawn), `inspect` on the chunks, then
     `vlp fit --config configs/pretrain/streaming.yaml --data.input_dir ...` with 2 loader workers, stopped

@@ -82,6 +82,7 @@ def test_progress_bar_counts_steps_of_max_steps_with_objective_losses(in_tmp, ca
 # until `vlp.cli` lists StalePartialsCleanup among its default callbacks (a second one is harmless)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_steps", [6, 7])
 def test_a_run_killed_after_its_last_checkpoint_writes_its_scores_when_resumed(in_tmp, capsys, max_steps):
     """Killed after `step=N.ckpt` (while writing `last.ckpt`) and before metrics.json: the resumed fit

@@ -120,6 +120,7 @@ def test_streamed_batches_carry_captions_and_the_saved_vocabulary(coco_chunks):
     assert decoded == [c.lower() for c in batch["captions"]]
 
 
+@pytest.mark.slow
 def test_webdataset_shards_and_grounding_boxes_survive_optimize(tmp_path: Path):
     shard = tmp_path / "shard-000.tar"
     originals = {}

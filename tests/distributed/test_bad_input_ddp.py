@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vlp.datamodules.source import shard_order
@@ -79,6 +80,7 @@ def fit(root: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_skip_counts_and_the_summary_are_summed_over_ranks(tmp_path: Path):
     rank0, rank1 = drawn(0), drawn(1)
     broken = isolated(rank0, 2) + isolated(rank1, 1)  # both ranks step over broken files: 2 + 1
@@ -98,6 +100,7 @@ def test_skip_counts_and_the_summary_are_summed_over_ranks(tmp_path: Path):
     assert "val/retrieval/t2i_r1" in json.loads((folder / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_max_bad_fraction_judges_the_whole_run_and_both_ranks_stop_together(tmp_path: Path):
     # every bad file on rank 1's shard; neither rank alone reads the 100 samples the check waits for
     coco_folder(tmp_path, isolated(drawn(1), 6))

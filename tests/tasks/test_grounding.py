@@ -129,6 +129,7 @@ def test_predict_and_validation_images(backbone, shapes):
     assert green.flatten(1).any(1).all()  # every picture shows its target box
 
 
+@pytest.mark.slow
 def test_short_run_grounds_phrases_far_above_chance(tmp_path, backbone, one_thread):
     steps, batch_size, num_val = 500, 32, 256
     source = ShapesSource(

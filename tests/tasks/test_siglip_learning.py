@@ -5,6 +5,7 @@ benchmarks/results/2026-12-04-epyc-2cpu-siglip.md)."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from vlp.cli import run as main
@@ -13,6 +14,7 @@ CONFIG = str(Path(__file__).parents[1] / "configs" / "siglip-learning.yaml")
 NUM_VAL = 100  # data.sources.shapes.init_args.num_val in the config
 
 
+@pytest.mark.slow
 def test_sigmoid_itc_lifts_retrieval_far_above_chance(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()

@@ -361,6 +361,7 @@ def test_the_converted_file_carries_the_architecture_init_from_builds(pair, tmp_
         main(["convert", "albef", str(official), str(tmp_path / "x.pt"), "--max-len", "40"])
 
 
+@pytest.mark.slow
 def test_vit_b16_bert_base_albef_converts_exactly(monkeypatch, one_thread):
     """ALBEF's real sizes (ViT-B/16 at 224 + BERT-base 6 + 6, embed 256), two images: embeddings, ITC,
     ITM and MLM logits and the momentum features, through the packed shortcut passes."""

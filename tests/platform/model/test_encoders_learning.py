@@ -137,6 +137,7 @@ def train_itc(folder: Path, pretrained_text: bool) -> tuple[list[float], float]:
     return curve, retrieval_recall(similarity, text_image_ids=ids, image_ids=ids)["t2i_r1"]
 
 
+@pytest.mark.slow
 def test_pretrained_text_tower_learns_real_photos_faster_than_scratch(photo_folder: Path, one_thread):
     chance = 1 / len(PHOTOS)
     pretrained_curve, pretrained_r1 = train_itc(photo_folder, pretrained_text=True)

@@ -340,5 +340,6 @@ def albef_architecture(
             "momentum": MomentumConfig(0.995) if momentum else None,
             "temperature": temperature,
             "temperature_range": (0.001, 0.5),
+            "init_logit_bias": None,  # ALBEF scores pairs by InfoNCE: no SigLIP bias
         }
     )
