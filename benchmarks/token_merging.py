@@ -1,6 +1,6 @@
 """Token merging: FLOPs, CPU time and retrieval quality with and without merging.
 
-Cost, for the merging config's model (configs/pretrain/shapes-tiny-merge.yaml: the default's objectives in
+Cost, for the merging config's model (the default with configs/overlays/merge.yaml: its objectives in
 one joint step, at 64 px / 8 px patches, since the default's 9 patch tokens leave nothing to merge) and the
 same config with a ViT-B/16 + BERT-base sized backbone (random weights; ALBEF's split of BERT-base: 6 text
 + 6 fusion layers; the shapes vocabulary), under each merging setting:
@@ -11,7 +11,7 @@ same config with a ViT-B/16 + BERT-base sized backbone (random weights; ALBEF's 
   by round, best of the rounds, so load from other processes on a shared machine distorts them least.
   One thread by default (--threads): on a busy 2-core machine OpenMP's spin-waiting made 2-thread step
   times swing 5x from one step to the next, while single-thread times held within ~15 %.
-Quality: `vlp fit` of configs/pretrain/shapes-tiny-merge.yaml with merging off and on (same objectives,
+Quality: `vlp fit` of the default with configs/overlays/merge.yaml, merging off and on (same objectives,
 data, seed and step budget; only the backbone's merging differs), then val retrieval R@1 and samples/s.
 The CPU budget is a short fraction of the configs' schedule: early-training numbers.
 
@@ -37,8 +37,9 @@ from vlp.platform.run.flops import count_flops
 from vlp.platform.run.perf import training_step_flops
 from vlp.tasks.base import TrainableModule
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "pretrain"
-CONFIG = "shapes-tiny-merge.yaml"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIG = CONFIGS / "pretrain" / "shapes-tiny.yaml"
+OVERLAY = CONFIGS / "overlays" / "merge.yaml"  # the default at 64 px with merging on
 SETTINGS = {
     "r0": TokenMergingConfig(),
     "r4": TokenMergingConfig(vision_r=4),
@@ -50,7 +51,7 @@ SETTINGS = {
 }
 BACKBONE = "--model.init_args.backbone.init_args"
 MERGING_OFF = [f"{BACKBONE}.merging={json.dumps(dict(vision_r=0, text_r=0, fusion_r=0))}"]
-MODELS = {  # overrides of configs/pretrain/shapes-tiny-merge.yaml (each setting replaces its merging)
+MODELS = {  # overrides of the default with configs/overlays/merge.yaml (each setting replaces its merging)
     "shapes-tiny-64px": [],
     "vit-b16+bert-base": [
         f"{BACKBONE}.vision={json.dumps(dict(image_size=224, patch_size=16, width=768, depth=12, heads=12))}",
@@ -62,9 +63,10 @@ MODELS = {  # overrides of configs/pretrain/shapes-tiny-merge.yaml (each setting
 }
 
 
-def build(config: str, overrides: list[str]) -> tuple[TrainableModule, dict]:
-    """The model of a config (with CLI-style overrides) and the shapes source's collate + dataset."""
-    module, data = build_from_config(CONFIGS / config, overrides, threads=None)
+def build(config: Path, overrides: list[str]) -> tuple[TrainableModule, dict]:
+    """The model of the config with the merging overlay (and CLI-style overrides), and the shapes source's
+    collate + dataset."""
+    module, data = build_from_config(config, [f"--config={OVERLAY}", *overrides], threads=None)
     return module, data.sources["shapes"]
 
 
@@ -135,7 +137,8 @@ def fit(
     cli = vlp_run(
         [
             "fit",
-            f"--config={CONFIGS / CONFIG}",
+            f"--config={CONFIG}",
+            f"--config={OVERLAY}",
             *overrides,
             f"--trainer.max_steps={steps}",
             f"--trainer.val_check_interval={steps}",
@@ -177,7 +180,7 @@ def main() -> None:
         plain, merged = (
             fit(overrides, steps, batch_size, val_batches, Path(root)) for overrides in (MERGING_OFF, [])
         )
-    merging = yaml.safe_load((CONFIGS / CONFIG).read_text())["model"]["init_args"]["backbone"]
+    merging = yaml.safe_load(OVERLAY.read_text())["model"]["init_args"]["backbone"]
     summary = {
         "quality_steps": steps,
         "quality_batch": batch_size,
