@@ -2,6 +2,7 @@
 exact resume, and clear errors for bad configs."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,21 @@ def test_a_failed_run_ends_with_the_one_line_that_says_why(in_tmp):
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("vlp fit failed: ValueError: loss_weights names unknown objectives ['nope']"), last
+
+
+@pytest.mark.slow
+def test_a_failed_two_rank_run_also_ends_with_the_line_that_says_why(in_tmp):
+    import subprocess
+    import sys
+
+    bad = ["fit", "--config", CONFIG, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--data.sources.shapes.init_args.num_train", "12"]  # fmt: skip
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "vlp"), *bad], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"vlp fit failed( \(rank 1\))?: ValueError: source 'shapes': 12 train items are fewer than one batch \(8\) per rank",
+        last,
+    ), last
