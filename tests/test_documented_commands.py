@@ -150,6 +150,11 @@ def short_form(command: Command) -> tuple[list[str], bool]:
     return [], False
 
 
+# what Lightning, torch.distributed, DeepSpeed and Slurm set in a process that ran (or is) a rank
+LEFT_BEHIND = ("SLURM_", "PL_", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "MASTER_",
+               "TORCHELASTIC_", "DS_ACCELERATOR")  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -157,9 +162,12 @@ def free_port() -> int:
 
 
 def run(argv: list[str], folder: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`argv` in `folder` as a user's shell runs it: no Slurm job around it (Lightning would wait for the
-    job's other ranks), a rendezvous port of its own for multi-rank runs; a hang fails with its output."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+    """`argv` in `folder` as a user's shell runs it: without the variables earlier in-process runs of this
+    suite leave behind (a Lightning DDP run sets LOCAL_RANK, NODE_RANK, MASTER_*, PL_* in its process; with
+    LOCAL_RANK set, a launched `vlp fit --trainer.devices 2` takes its ranks as started by someone else and
+    waits for a rank 1 that never comes) or a Slurm job's, with a rendezvous port of its own; a hang fails
+    with its output."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(LEFT_BEHIND)}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     try:
         return subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
