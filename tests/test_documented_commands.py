@@ -27,7 +27,13 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+# reading order, which is also the order the commands' inputs come to exist in: `make train` (README) makes
+# runs/shapes-tiny/version_0 that configs.md resumes, tests and predicts from, data.md writes the chunks it
+# trains on, evaluation.md exports version_0 and fine-tunes from it before testing the fine-tuned runs
+PAGE_ORDER = ["README.md", "docs/configs.md", "docs/data.md", "docs/scaling.md", "docs/token-reduction.md",
+              "docs/evaluation.md", "docs/checkpoints.md", "docs/slurm.md", "docs/kernels.md",
+              "docs/tensorboard.md", "docs/performance.md", "docs/troubleshooting.md", "docs/design.md"]  # fmt: skip
+PAGES = [ROOT / name for name in PAGE_ORDER]
 VLP = str(Path(sys.executable).parent / "vlp")
 # a few steps, two validation batches, no progress bar: what every fit / validate / test / predict adds
 SHORT = [
@@ -174,6 +180,13 @@ def run(argv: list[str], folder: Path, timeout: int = 300) -> subprocess.Complet
     except subprocess.TimeoutExpired as hung:
         output = (hung.stdout or b"")[-3000:], (hung.stderr or b"")[-3000:]
         pytest.fail(f"{shlex.join(argv)} ran past {timeout} s; its output ended:\n{output}")
+
+
+def test_every_page_is_in_the_reading_order():
+    pages = {str(page.relative_to(ROOT)) for page in [ROOT / "README.md", *(ROOT / "docs").glob("**/*.md")]}
+    assert pages == set(PAGE_ORDER), (
+        f"add new pages to PAGE_ORDER, drop removed ones: {pages ^ set(PAGE_ORDER)}"
+    )
 
 
 def test_every_command_is_run_or_says_what_it_needs():
