@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	touch $(STAMP)
 
 # Without a GPU, on 2 or more cores, the default trains as two CPU ranks of one thread each
-# (configs/pretrain/shapes-tiny-2cpu.yaml: the same global batch and objectives; benchmarks/make-train.md).
+# (configs/pretrain/shapes-tiny-2cpu.yaml: the same global batch and objectives; its runs are rows of
+# benchmarks/results/make-train.csv, appended by benchmarks/record_run.py).
 # RANKS=1 keeps one process of as many threads as cores; ARGS adds `vlp fit` arguments.
 RANKS ?= auto
 ARGS ?=
@@ -35,7 +36,9 @@ train: install
 	  && $(BIN)/python -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then \
 	  extra="--config configs/pretrain/shapes-tiny-2cpu.yaml"; fi; \
 	echo "$(BIN)/vlp fit --config $(CONFIG) $$extra $(ARGS)"; \
-	$(BIN)/vlp fit --config $(CONFIG) $$extra $(ARGS)
+	$(BIN)/vlp fit --config $(CONFIG) $$extra $(ARGS) && \
+	echo "To add this run to benchmarks/results/make-train.csv: $(BIN)/python benchmarks/record_run.py RUN_DIR" \
+	  "(RUN_DIR: the folder of the metrics.json above)"
 
 # Tiny models: one intra-op thread per test is fastest and never oversubscribes a shared CPU.
 test: install
@@ -58,7 +61,7 @@ tensorboard: install
 	mkdir -p runs && $(BIN)/vlp tensorboard --logdir runs
 
 bench: install
-	@for b in $(filter-out benchmarks/harness.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in $(filter-out benchmarks/harness.py benchmarks/record_run.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # Wheels for a GPU machine that reaches no package registry and has its own torch stack (see
 # scripts/gpu-check.sh): what that stack lacks, pure-python where possible, binary ones for CPython 3.10-3.13.
