@@ -166,12 +166,10 @@ class Objective(TrainableModule):
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         raise NotImplementedError
 
-    def current_step(self, batch: dict) -> int:
-        """The optimizer step: `batch["global_step"]` inside MultiTaskModule (nested objectives have no
-        trainer of their own), else the trainer's; 0 outside a trainer (e.g. a test calling forward_loss)."""
-        if "global_step" in batch:
-            return int(batch["global_step"])
-        return self.trainer.global_step if self._trainer is not None else 0
+    def current_step(self) -> int:
+        """The optimizer step, from the trainer of the module that runs this objective: its own when it runs
+        alone, the one `MultiTaskModule` shares with the objectives it holds; 0 outside a trainer."""
+        return self.global_step
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         """Per-batch validation values to log (averaged over the epoch); also updates whole-split metrics."""

@@ -90,7 +90,7 @@ class CaptionObjective(Objective):
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         hidden, targets = self.teacher_forced(batch, features)
-        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
+        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step())
         if alpha == 0:
             loss = self.decoder.loss(hidden, targets, self.label_smoothing, self.chunk_size)
             return ObjectiveOutput(loss, {"loss": loss})

@@ -247,7 +247,7 @@ class ITMObjective(Objective):
         return 0.0 if step < self.hard_negative_warmup else 1.0
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
-        hardness = self.hardness(self.current_step(batch))
+        hardness = self.hardness(self.current_step())
         if self.negatives == "albef":
             pairs = albef_match_pairs(batch, features, self.backbone)
         else:

@@ -158,7 +158,7 @@ class SamplerMonitor(Callback):
         if sampler is None or not isinstance(batch, dict) or not isinstance(outputs, dict):
             return
         if getattr(datamodule, "wants_losses", False):
-            losses = outputs.get("objective_losses") or {batch["objective"]: outputs["loss"]}
+            losses = outputs.get("objective_losses") or {datamodule.step_plan.objective: outputs["loss"]}
             stacked = torch.stack([loss.detach().float() for loss in losses.values()])
             reduced = trainer.strategy.reduce(stacked, reduce_op="mean").tolist()
             datamodule.observe(dict(zip(losses, reduced, strict=True)))
