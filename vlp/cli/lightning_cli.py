@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from vlp.cli.architecture import backbone_from_checkpoint
 from vlp.cli.source_overrides import add_source_overrides, apply_source_overrides
 from vlp.datamodules.multitask import MultiTaskDataModule
-from vlp.platform.distributed.strategies import allow_unused_parameters, fp16_mixed_on_cpu
+from vlp.platform.distributed.strategies import allow_unused_parameters
 from vlp.platform.run.callbacks import (
     FinalValidation,
     MetricsSummary,
@@ -31,6 +31,7 @@ from vlp.platform.run.callbacks import (
 )
 from vlp.platform.run.checkpoints import AtomicCheckpointIO, StalePartialsCleanup, newest_complete_checkpoint
 from vlp.platform.run.perf import FlopsMonitor
+from vlp.platform.run.precision import fp16_mixed_on_cpu
 from vlp.platform.run.prediction_writer import PredictionWriter
 from vlp.platform.run.requeue import RequeueAtStepBoundary
 from vlp.platform.run.skipped_samples import SkippedSamplesMonitor

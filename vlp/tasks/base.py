@@ -17,12 +17,14 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 from torch.optim import Optimizer
 
+from vlp.platform.distributed.deepspeed_zero import optimizer_stepped
 from vlp.platform.distributed.outside_step import outside_step
-from vlp.platform.distributed.strategies import fused_optimizer_fits, optimizer_stepped, parallelize
+from vlp.platform.distributed.parallelize import parallelize
 from vlp.platform.model.architecture import ARCHITECTURE_KEY
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, batch_size_of
 from vlp.platform.optim import OptimConfig, build_optimizer
 from vlp.platform.run.callbacks import logs_this_step
+from vlp.platform.run.fused_optimizer import fused_optimizer_fits
 from vlp.platform.run.visualization import first_samples
 
 
