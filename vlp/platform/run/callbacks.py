@@ -21,6 +21,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
+from vlp.platform.distributed.collectives import all_gather_objects
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -114,11 +116,7 @@ class RandomStateCheckpoint(Callback):
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
             "python": pickle_free_python_state(random.getstate()),
         }
-        ranks = [local]
-        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            ranks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(ranks, local)
-        return {"ranks": ranks}
+        return {"ranks": all_gather_objects(local) if self._world_size > 1 else [local]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._to_restore = state_dict["ranks"] if "ranks" in state_dict else [state_dict]
