@@ -13,6 +13,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 from torch.optim import Optimizer
@@ -135,6 +136,16 @@ class TrainableModule(LightningModule):
         for key, value in scores.items():
             self.log(key, torch.as_tensor(value, dtype=torch.float32), rank_zero_only=False, sync_dist=True)
 
+    def log_test_scores(self, scores: dict[str, float | Tensor]) -> None:
+        """Whole-split metrics of a test run: the validation metrics, computed on the test split, logged
+        under `test/` instead of `val/`."""
+        self.log_scores({key.replace("val/", "test/", 1): value for key, value in scores.items()})
+
+    @property
+    def attached_strategy(self) -> Strategy | None:
+        """The trainer's strategy; None outside a trainer (e.g. a test calling the scores directly)."""
+        return self._trainer.strategy if self._trainer is not None else None
+
 
 def check_distillation(name: str, backbone: FusionBackbone, alpha: float, warmup_steps: int) -> None:
     """Clear errors for an objective's momentum-distillation arguments."""
@@ -199,11 +210,11 @@ class Objective(TrainableModule):
         self.log_objective("test", self.name, logs, batch_size_of(batch))
 
     def on_test_epoch_end(self) -> None:
-        self.log_scores({key.replace("val/", "test/", 1): v for key, v in self.scores_of_split().items()})
+        self.log_test_scores(self.scores_of_split())
 
     def scores_of_split(self) -> dict[str, float]:
         """`validation_scores`, which may call the network (ITM re-ranking), outside the strategy's step."""
-        with outside_step(self, self._trainer.strategy if self._trainer is not None else None):
+        with outside_step(self, self.attached_strategy):
             return self.validation_scores()
 
     def predict_step(self, batch: dict, batch_idx: int) -> Any:

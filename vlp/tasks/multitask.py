@@ -167,8 +167,7 @@ class MultiTaskModule(TrainableModule):
 
     def _scores(self) -> dict[str, float]:
         scores: dict[str, float] = {}
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        with outside_step(self, strategy):  # re-ranking calls the network
+        with outside_step(self, self.attached_strategy):  # re-ranking calls the network
             for objective in self.objectives.values():
                 scores.update(objective.validation_scores())
         return scores
@@ -184,7 +183,7 @@ class MultiTaskModule(TrainableModule):
         self._evaluate("test", batch)
 
     def on_test_epoch_end(self) -> None:
-        self.log_scores({key.replace("val/", "test/", 1): v for key, v in self._scores().items()})
+        self.log_test_scores(self._scores())
 
     def predict_step(self, batch: dict, batch_idx: int) -> Any:
         features = FeatureCache(self.backbone, batch)
