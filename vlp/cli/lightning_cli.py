@@ -79,19 +79,7 @@ class VLPCLI(LightningCLI):
             config["precision"], config["plugins"] = None, [*plugins, cpu_fp16]
         return super()._instantiate_trainer(config, callbacks)
 
-    def before_fit(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def before_validate(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def before_test(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def before_predict(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def _resolve_last_checkpoint(self) -> None:
+    def resolve_last_checkpoint(self) -> None:
         """`--ckpt_path last`: the newest complete checkpoint of the whole experiment (every version
         folder under the logger's `<save_dir>/<name>/`), not only of this run's new, empty folder."""
         config = self.config_init[self.subcommand]
@@ -103,6 +91,9 @@ class VLPCLI(LightningCLI):
         if newest is not None:
             rank_zero_info(f"--ckpt_path last: resuming from {newest}")
             config["ckpt_path"] = str(newest)
+
+    # LightningCLI calls `before_<subcommand>`; every subcommand that takes --ckpt_path resolves `last` alike
+    before_fit = before_validate = before_test = before_predict = resolve_last_checkpoint
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
