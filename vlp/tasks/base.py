@@ -22,11 +22,10 @@ from vlp.platform.distributed.deepspeed_zero import optimizer_stepped
 from vlp.platform.distributed.outside_step import outside_step
 from vlp.platform.distributed.parallelize import parallelize
 from vlp.platform.model.architecture import ARCHITECTURE_KEY
-from vlp.platform.model.backbone import FeatureCache, FusionBackbone, batch_size_of
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, batch_size_of, first_rows
 from vlp.platform.optim import OptimConfig, build_optimizer
 from vlp.platform.run.callbacks import logs_this_step
 from vlp.platform.run.fused_optimizer import fused_optimizer_fits
-from vlp.platform.run.visualization import first_samples
 
 
 class ObjectiveOutput(NamedTuple):
@@ -58,8 +57,10 @@ class TrainableModule(LightningModule):
         samples): drawn inside the step, where a sharded strategy has gathered the parameters."""
         if not self.pictures_requested:
             return None
+        # pictures read no reference captions (`reference_*`, R rows), which `first_rows` cannot cut by rows
+        per_row = {key: value for key, value in batch.items() if not key.startswith("reference_")}
         with torch.no_grad():
-            return {"pictures": self.pictures(first_samples(batch, self.pictures_requested))}
+            return {"pictures": self.pictures(first_rows(per_row, self.pictures_requested))}
 
     def configure_model(self) -> None:
         """The trainer strategy's scaling plan (sharding, checkpointing, compile), applied once."""

@@ -15,22 +15,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 
-from vlp.platform.model.backbone import FusionBackbone
+from vlp.platform.model.backbone import FusionBackbone, first_rows
 from vlp.platform.run.callbacks import logs_this_step
 from vlp.platform.run.flops import flop_counter
-
-
-def head_of_batch(batch: dict, n: int) -> dict:
-    """The first `n` samples of a batch dict: every tensor or list whose first dimension is the batch's."""
-    size = int(batch["image"].shape[0])
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size:
-            value = value[:n]
-        elif isinstance(value, list | tuple) and len(value) == size:
-            value = value[:n]
-        out[key] = value
-    return out
 
 
 @contextmanager
@@ -108,7 +95,7 @@ class FlopsMonitor(Callback):
             # a replay outside DeepSpeed's engine sees ZeRO-3's partitioned (empty) parameters, and
             # autograd.grad trips ZeRO's gradient hooks: no count under DeepSpeed
             return
-        small = head_of_batch(batch, self.batch_size)
+        small = first_rows(batch, self.batch_size)
         samples = int(small["image"].shape[0])
         flops = training_step_flops(pl_module, small, batch_idx, self.backward)
         pl_module.log("perf/gflops_per_sample", flops / samples / 1e9, on_step=True, on_epoch=False)
