@@ -39,6 +39,9 @@ def clear_gradient_partitions_after_step(optimizer: Any) -> None:
     the gradient of the last step that used them; a resumed run starts from zero buffers, which is why it
     parted from the uninterrupted run at the second step after resume. The optimizer steps once per
     accumulation window, so clearing after it never drops gradients still being accumulated.
+
+    Private API (deepspeed 0.19.8, tests/test_private_apis.py): the buffers are the ZeRO optimizers' own
+    attributes; DeepSpeed offers no public call that zeroes them between steps.
     """
     step = optimizer.step
 

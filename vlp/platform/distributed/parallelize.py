@@ -40,6 +40,9 @@ def transformer_blocks(backbone: FusionBackbone) -> list[nn.Module]:
 
 def apply_activation_checkpointing(backbone: FusionBackbone) -> None:
     """Recompute each block's activations in backward (non-reentrant; parameter names unchanged)."""
+    # Private API (torch 2.14.1, tests/test_private_apis.py): the composable `checkpoint` recomputes a module
+    # in place, names kept, and composes with FSDP2's `fully_shard`; the public
+    # `torch.utils.checkpoint.checkpoint` would have to be called inside timm's and transformers' forwards
     from torch.distributed._composable import checkpoint
 
     if token_merging_state(backbone.vision.vit) is not None:

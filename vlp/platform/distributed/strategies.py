@@ -91,6 +91,8 @@ class FSDP2Strategy(OneCollectiveDecisions, ModelParallelStrategy):
         self.compile = compile
 
     def setup_environment(self) -> None:
+        # Private API (lightning 2.6.6, tests/test_private_apis.py): ModelParallelStrategy takes "auto" only
+        # as all devices of one node; no public setting makes every rank of every node data-parallel
         self._data_parallel_size = self.num_nodes * self.num_processes  # every rank shards the model
         super().setup_environment()
 
@@ -161,7 +163,10 @@ class DeepSpeedStrategy(OneCollectiveDecisions, LightningDeepSpeedStrategy):
     def setup_distributed(self) -> None:
         if not self._on_cpu:
             return super().setup_distributed()
-        # the parent's check that CUDA device indices match local ranks has nothing to check on CPU
+        # the parent's check that CUDA device indices match local ranks has nothing to check on CPU. Private
+        # API (lightning 2.6.6, tests/test_private_apis.py): `_init_deepspeed_distributed` and
+        # `_setup_model_and_optimizer` are the parent's own steps; Lightning offers no public route to
+        # DeepSpeed on CPU ranks
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
@@ -200,4 +205,6 @@ def allow_unused_parameters(strategy: Strategy) -> None:
     """Turn DDP's `find_unused_parameters` on for Lightning's plain `ddp` / `auto` multi-device strategy
     unless the user set it: without it, the first step that leaves a backbone part unused fails."""
     if isinstance(strategy, LightningDDPStrategy) and not isinstance(strategy, LightningDeepSpeedStrategy):
+        # Private API (lightning 2.6.6, tests/test_private_apis.py): the strategy is already built from the
+        # user's flags, and its DDP keyword arguments have no public setter
         strategy._ddp_kwargs.setdefault("find_unused_parameters", True)

@@ -18,6 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Private API (torch 2.14.1, tests/test_private_apis.py): torch has no public pytree for nested outputs of
+# tensors yet
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 MAX_BUCKETS = 4

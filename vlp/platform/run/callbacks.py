@@ -36,6 +36,8 @@ def logs_this_step(trainer: Trainer) -> bool:
     only here, as Lightning's own LearningRateMonitor and ThroughputMonitor do; so do the objectives' values
     other than their losses (`TrainableModule.log_objective`).
     """
+    # Private API (lightning 2.6.6, tests/test_private_apis.py): the loop's own rule for the steps it writes
+    # (log_every_n_steps, the last batch, a stop); no public property states it
     return trainer._logger_connector.should_update_logs
 
 
@@ -339,6 +341,8 @@ class ResumeWithConfiguredOptimizer(Callback):
             rates = [base * factor(step) for base, factor in zip(bases, scheduler.lr_lambdas, strict=True)]
             for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
                 group["lr"] = rate
+            # Private API (torch 2.14.1, tests/test_private_apis.py): `get_last_lr()` reads `_last_lr` and
+            # there is no setter; a step() would advance the schedule
             scheduler._last_lr = rates
         if changes:
             rank_zero_info(
