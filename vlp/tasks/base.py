@@ -107,7 +107,7 @@ class TrainableModule(LightningModule):
     def log_objective(self, stage: str, name: str, logs: dict[str, Tensor], batch_size: int) -> None:
         """Logs `<stage>/<name>/<key>`. In training the loss every step (the progress bar, and a checkpoint
         or early-stopping callback may watch it), the other values only on the steps the loggers write:
-        each `self.log` costs about half a millisecond of Lightning's bookkeeping."""
+        each `self.log` call costs Lightning bookkeeping that shows in a small model's step."""
         on_step = stage == "train"
         if on_step and not self._logs_every_value():
             logs = {"loss": logs["loss"]} if "loss" in logs else {}
@@ -190,7 +190,7 @@ class Objective(TrainableModule):
         return self.forward_loss(batch, features).logs
 
     def validation_scores(self) -> dict[str, float]:
-        """Whole-split metrics under their DESIGN.md names (e.g. `val/retrieval/t2i_r1`); resets them."""
+        """Whole-split metrics under their docs/design.md names (e.g. `val/retrieval/t2i_r1`); resets them."""
         return {}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

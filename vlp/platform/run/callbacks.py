@@ -31,10 +31,11 @@ class NonFiniteLossError(RuntimeError):
 def logs_this_step(trainer: Trainer) -> bool:
     """Whether the loggers write this training step (every `log_every_n_steps`, and when the run stops).
 
-    A monitor's per-step value logged on other steps reaches no logger, and each `self.log` call costs about
-    half a millisecond of Lightning's bookkeeping (the monitors made half of the default's calls), so they log
-    only here, as Lightning's own LearningRateMonitor and ThroughputMonitor do; so do the objectives' values
-    other than their losses (`TrainableModule.log_objective`).
+    A monitor's per-step value logged on other steps reaches no logger, and each `self.log` call costs
+    Lightning bookkeeping that shows in a small model's step
+    (benchmarks/results/2026-12-04-epyc-2cpu-make-train.md), so the monitors log only here, as Lightning's
+    own LearningRateMonitor and ThroughputMonitor do; so do the objectives' values other than their losses
+    (`TrainableModule.log_objective`).
     """
     # Private API (lightning 2.6.6, tests/test_private_apis.py): the loop's own rule for the steps it writes
     # (log_every_n_steps, the last batch, a stop); no public property states it

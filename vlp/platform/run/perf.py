@@ -1,7 +1,7 @@
 """Cost monitoring: FLOPs of a training step and the share of image tokens that token merging keeps.
 
-Here rather than in callbacks.py (DESIGN.md's place for callbacks) only because that file had another
-owner when token merging was wired in; it imports nothing from tasks or data modules either.
+The run machinery's callbacks (docs/design.md) that measure cost rather than steer the run; like the
+others it imports nothing from tasks or data modules.
 """
 
 from __future__ import annotations
