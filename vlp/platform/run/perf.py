@@ -69,7 +69,7 @@ class FlopsMonitor(Callback):
     (1.0 without merging). gflops_per_sample: forward (+ backward) FLOPs of a replay of the step on the
     batch's first `batch_size` samples, divided by them; counted with FlopCounterMode (CPU attention
     included), so it costs about one extra small step. Merging's gather/scatter/sort count as 0 FLOPs.
-    In a sampled multi-task run it measures the objective that the batch carries. Not counted under
+    In a sampled multi-task run it measures the objective the step serves. Not counted under
     DeepSpeed (the replay cannot run outside its engine).
     """
 
