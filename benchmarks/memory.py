@@ -83,7 +83,7 @@ def _step_torch(module, batch, strategy: str) -> dict[str, int]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
-    from vlp.platform.distributed.strategies import apply_fsdp
+    from vlp.platform.distributed.parallelize import apply_fsdp
 
     if strategy == "fsdp2":
         apply_fsdp(module, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("data_parallel",)))
@@ -109,7 +109,8 @@ def _step_deepspeed(module, batch, stage: int) -> dict[str, int]:
     import deepspeed
     from deepspeed.runtime.zero import register_external_parameter
 
-    from vlp.platform.distributed.strategies import read_outside_forward, store_scalars_as_vectors
+    from vlp.platform.distributed.deepspeed_zero import read_outside_forward
+    from vlp.platform.distributed.scalar_parameters import store_scalars_as_vectors
 
     config = {
         "train_micro_batch_size_per_gpu": 2,

@@ -52,7 +52,7 @@ class StepRecorder(Callback):
             {
                 "event": "step",
                 "step": trainer.global_step,
-                "objective": batch["objective"],
+                "objective": trainer.datamodule.step_plan.objective,
                 "loss": float(loss),
                 "lr": [float(group["lr"]) for group in trainer.optimizers[0].param_groups],
             },

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from step_only import at_step
 
 from vlp.platform.kernels import contrastive_loss_reference
 from vlp.platform.model.backbone import FeatureCache
@@ -95,7 +96,7 @@ def test_mlm_distils_from_the_momentum_models_token_distributions(
     nudge_momentum(backbone)
     torch.manual_seed(0)
     step = 10 if alpha else 0  # the ramp: alpha 0 at step 0, 0.4 from step 10 on
-    loss = objective.forward_loss({**batch, "global_step": step}, FeatureCache(backbone, batch)).loss
+    loss = at_step(objective, step).forward_loss(batch, FeatureCache(backbone, batch)).loss
     torch.manual_seed(0)
     masked, labels = objective.mask(batch)
     selected = labels != IGNORE_INDEX

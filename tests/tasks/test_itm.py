@@ -1,5 +1,6 @@
 import pytest
 import torch
+from step_only import at_step
 
 import vlp.tasks.itm as itm_module
 from vlp.platform.model.backbone import FeatureCache
@@ -85,7 +86,7 @@ def test_hard_negative_warmup_draws_uniformly_first_then_itc_weighted(backbone, 
     itc = (features.image.embedding @ features.text.embedding.T * backbone.logit_scale()).detach()
     for step, expected in ((0, torch.zeros_like(itc)), (3, torch.zeros_like(itc)), (4, itc)):
         seen.clear()
-        out = objective.forward_loss({**batch, "global_step": step}, features)
+        out = at_step(objective, step).forward_loss(batch, features)
         assert out.logs["hardness"].item() == objective.hardness(step)
         torch.testing.assert_close(seen[0], expected)  # negative texts: equal logits = a uniform draw
         torch.testing.assert_close(seen[1], expected.T)  # negative images

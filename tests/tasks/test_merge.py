@@ -1,10 +1,10 @@
 from functools import partial
-from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 from quiet_trainer import quiet_trainer
+from step_only import at_step
 
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
@@ -27,7 +27,7 @@ def backbone(shapes) -> FusionBackbone:
 
 
 def loss_at(objective: MergeObjective, batch: dict, step: int):
-    return objective.forward_loss({**batch, "global_step": step}, FeatureCache(objective.backbone, batch))
+    return at_step(objective, step).forward_loss(batch, FeatureCache(objective.backbone, batch))
 
 
 def test_loss_is_exactly_zero_without_merging(backbone, batch):
@@ -109,8 +109,7 @@ def test_runs_in_the_multitask_mix_with_the_runners_step(backbone, batch):
     )
     logged = {}
     module.log = lambda key, value, **kwargs: logged.__setitem__(key, value)
-    with mock.patch.object(MultiTaskModule, "global_step", new_callable=mock.PropertyMock, return_value=2):
-        loss = module.training_step(batch, 0)["loss"]
+    loss = at_step(module, 2).training_step(batch, 0)["loss"]
     assert logged["train/merge/r"].item() == 2.0
     torch.testing.assert_close(loss, logged["train/itc/loss"] + logged["train/merge/loss"])
     loss.backward()

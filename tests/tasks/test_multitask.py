@@ -1,8 +1,12 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from quiet_trainer import quiet_trainer
+from step_only import at_step
 
 from vlp.platform.model.backbone import FeatureCache, first_rows
+from vlp.platform.step_plan import StepPlan
 from vlp.tasks.caption import CaptionObjective
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.itm import ITMObjective
@@ -58,10 +62,10 @@ def test_sampled_step_serves_the_tagged_objective(backbone, batch):
     module = MultiTaskModule(backbone, ALL, mode="sampled")
     logged = {}
     module.log = lambda key, value, **k: logged.__setitem__(key, value)
-    module.training_step({**batch, "objective": "itm"}, 0)
+    module.train_on(batch, StepPlan("itm"))
     assert set(logged) == {"train/itm/loss", "train/itm/acc"}
     with pytest.raises(KeyError, match="caption"):
-        module.training_step({**batch, "objective": "caption"}, 0)
+        module.train_on(batch, StepPlan("caption"))
 
 
 def test_bad_configuration_is_a_clear_error(backbone, make_backbone):
@@ -81,7 +85,7 @@ def test_joint_loss_follows_the_sampler_probabilities(backbone, batch):
     logged = {}
     module.log = lambda key, value, **k: logged.__setitem__(key, value)
     torch.manual_seed(0)
-    out = module.training_step({**batch, "objective_probabilities": {"itc": 0.75, "itm": 0.25}}, 0)
+    out = module.train_on(batch, StepPlan("itc", {"itc": 0.75, "itm": 0.25}))
     expected = 2 * 0.75 * logged["train/itc/loss"] + 0.5 * 2 * 0.25 * logged["train/itm/loss"]
     torch.testing.assert_close(out["loss"], expected)
     assert set(out["objective_losses"]) == {"itc", "itm"}
@@ -105,11 +109,11 @@ def test_training_logs_losses_every_step_and_other_values_when_the_logger_writes
 
 
 def test_first_rows_cut_every_per_row_entry_and_keep_the_rest(batch):
-    part = first_rows({**batch, "global_step": 3, "class_names": ["a", "b"]}, 3)
+    part = first_rows({**batch, "class_names": ["a", "b"]}, 3)
     assert part["image"].shape[0] == part["input_ids"].shape[0] == part["boxes"].shape[0] == 3
     torch.testing.assert_close(part["phrase_input_ids"], batch["phrase_input_ids"][:3])
     assert part["captions"] == batch["captions"][:3]
-    assert part["global_step"] == 3 and part["class_names"] == ["a", "b"]  # not one entry per row
+    assert part["class_names"] == ["a", "b"]  # not one entry per row
     assert first_rows(batch, 8) is batch
     with pytest.raises(ValueError, match="reference_"):
         first_rows({**batch, "reference_input_ids": batch["input_ids"]}, 3)
@@ -131,8 +135,7 @@ def test_row_fractions_give_an_objective_the_first_rows_with_shared_passes(make_
     joint = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
     module.zero_grad()
-    objectives, whole, half = module.objectives, {**batch, "global_step": 0}, first_rows(batch, 4)
-    half = {**half, "global_step": 0}
+    objectives, whole, half = module.objectives, batch, first_rows(batch, 4)
     torch.manual_seed(0)  # the same draws in the same order: ITM's negatives, then MLM's masks
     itc = objectives["itc"].forward_loss(whole, features := FeatureCache(backbone, whole)).loss
     itm = objectives["itm"].forward_loss(whole, features).loss
@@ -159,3 +162,25 @@ def test_bad_row_fractions_are_clear_errors(backbone):
     with pytest.raises(ValueError, match="mode: joint"):
         MultiTaskModule(backbone, ALL, mode="sampled", row_fractions={"mlm": 0.5})
     assert MultiTaskModule(backbone, ALL, mode="joint", row_fractions={"itm": 1.0}).rows_of("itm", 5) == 5
+
+
+def test_objectives_read_the_step_from_the_runners_trainer(backbone):
+    """Nested objectives have no trainer of their own (they sit in a ModuleDict): the runner shares its, so
+    `current_step` is the one rule for the step, alone or in the mix; detaching clears it everywhere."""
+    module = at_step(MultiTaskModule(backbone, ALL), 7)
+    assert [objective.current_step() for objective in module.objectives.values()] == [7, 7, 7]
+    module.trainer = None
+    assert all(objective._trainer is None for objective in module.objectives.values())
+    assert module.objectives["itc"].current_step() == 0
+
+
+def test_sampled_steps_serve_the_data_modules_plan(backbone, batch):
+    """Under a trainer the plan comes from the data module's `step_plan`, never from a batch key."""
+    module = at_step(MultiTaskModule(backbone, ALL, mode="sampled"), 0)
+    module.trainer.datamodule = SimpleNamespace(
+        step_plan=StepPlan("itm", {"itc": 0.2, "itm": 0.4, "mlm": 0.4})
+    )
+    logged = {}
+    module.log = lambda key, value, **k: logged.__setitem__(key, value)
+    module.training_step(batch, 0)
+    assert set(logged) == {"train/itm/loss", "train/itm/acc"}

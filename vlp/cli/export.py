@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from vlp.platform.distributed.strategies import consolidated_state_dict
 from vlp.platform.model.architecture import ARCHITECTURE_KEY, read_architecture
 from vlp.platform.model.pretrained import checkpoint_state
+from vlp.platform.run.export_state import consolidated_state_dict
 
 
 def export(checkpoint: Path, out: Path) -> dict[str, Tensor]:

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from vlp.cli.architecture import backbone_from_checkpoint
 from vlp.cli.source_overrides import add_source_overrides, apply_source_overrides
 from vlp.datamodules.multitask import MultiTaskDataModule
-from vlp.platform.distributed.strategies import allow_unused_parameters, fp16_mixed_on_cpu
+from vlp.platform.distributed.strategies import allow_unused_parameters
 from vlp.platform.run.callbacks import (
     FinalValidation,
     MetricsSummary,
@@ -31,6 +31,7 @@ from vlp.platform.run.callbacks import (
 )
 from vlp.platform.run.checkpoints import AtomicCheckpointIO, StalePartialsCleanup, newest_complete_checkpoint
 from vlp.platform.run.perf import FlopsMonitor
+from vlp.platform.run.precision import fp16_mixed_on_cpu
 from vlp.platform.run.prediction_writer import PredictionWriter
 from vlp.platform.run.requeue import RequeueAtStepBoundary
 from vlp.platform.run.skipped_samples import SkippedSamplesMonitor
@@ -53,6 +54,9 @@ class VLPCLI(LightningCLI):
         apply_source_overrides(config)
         backbone_from_checkpoint(config, self.subcommand)
 
+    # Private API (lightning 2.6.6, tests/test_private_apis.py): the one LightningCLI hook that sees the
+    # trainer's parsed arguments and the default callbacks before the Trainer exists; `instantiate_trainer`
+    # (public) gets neither in the form the plugins and callbacks below must change
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Drops the learning-rate monitor when the logger is off (`--trainer.logger false`), adds the step
         progress bar unless the bar is off or the config brings its own, atomic
@@ -78,19 +82,7 @@ class VLPCLI(LightningCLI):
             config["precision"], config["plugins"] = None, [*plugins, cpu_fp16]
         return super()._instantiate_trainer(config, callbacks)
 
-    def before_fit(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def before_validate(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def before_test(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def before_predict(self) -> None:
-        self._resolve_last_checkpoint()
-
-    def _resolve_last_checkpoint(self) -> None:
+    def resolve_last_checkpoint(self) -> None:
         """`--ckpt_path last`: the newest complete checkpoint of the whole experiment (every version
         folder under the logger's `<save_dir>/<name>/`), not only of this run's new, empty folder."""
         config = self.config_init[self.subcommand]
@@ -102,6 +94,9 @@ class VLPCLI(LightningCLI):
         if newest is not None:
             rank_zero_info(f"--ckpt_path last: resuming from {newest}")
             config["ckpt_path"] = str(newest)
+
+    # LightningCLI calls `before_<subcommand>`; every subcommand that takes --ckpt_path resolves `last` alike
+    before_fit = before_validate = before_test = before_predict = resolve_last_checkpoint
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

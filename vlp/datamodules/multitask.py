@@ -30,8 +30,12 @@ from vlp.datamodules.shapes import ShapesSource
 from vlp.datamodules.source import DataSource, EndlessSampler, EpochIndexed
 from vlp.platform.distributed.collectives import all_gather_objects
 from vlp.platform.sampler import MultiTaskSampler, SamplingStrategy
+from vlp.platform.step_plan import StepPlan
 
 FEEDBACK_LAG = 2
+# the loader's keys in a training batch, from the loader to `MultiTaskDataModule.on_before_batch_transfer`
+# only: the objective drawn, the sampler's probabilities, the batch's index (for `consumed`)
+LOADER_KEYS = ("objective", "objective_probabilities", "loader_index")
 # a run's bad fraction is judged once this many samples were read (annotation entries, usable or not, and
 # samples the loaders read, over all ranks), so one early bad entry or file cannot stop a run
 MIN_SAMPLES_FOR_BAD_FRACTION = 100
@@ -106,7 +110,9 @@ class SourceStream:
 
 
 class MultiTaskLoader:
-    """The training iterable: `steps_per_epoch` batches, each tagged `objective` by the sampler."""
+    """The training iterable: `steps_per_epoch` batches. Each carries, under the loader's own keys
+    (`LOADER_KEYS`), what the sampler drew and its index; the data module takes them out into its
+    `step_plan` before the batch reaches the model."""
 
     def __init__(
         self,
@@ -235,7 +241,7 @@ class MultiTaskDataModule(LightningDataModule):
 
     Unusable samples (see `vlp.datamodules.images`) are counted per reason: those the sources dropped while
     reading their annotations (the same on every rank, counted once) and those each rank's loaders stepped
-    over (`batch["skipped"]`). `sync_skipped` sums the loaders' counts over ranks into `skipped` and
+    over (`batch["skipped"]`, which the data module takes out of the batch). `sync_skipped` sums the loaders' counts over ranks into `skipped` and
     `samples_read`, the whole run's; past `max_bad_fraction` of the samples read the run stops with the
     counts. `SkippedSamplesMonitor` calls it on every rank at its logging steps, after validation and at
     the end.
@@ -262,6 +268,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.eval_source = eval_source or next(iter(self.sources))
         self.seed = seed
         self.train_loader: MultiTaskLoader | None = None
+        self.step_plan: StepPlan | None = None  # what the training batch the model is about to run serves
         if self.eval_source not in self.sources:
             raise ValueError(
                 f"eval_source {self.eval_source!r} is not one of the sources {list(self.sources)}"
@@ -379,9 +386,11 @@ class MultiTaskDataModule(LightningDataModule):
         if skipped is not None:
             self.loader_skipped.update(skipped)
             self.samples_loaded += int(batch["image"].shape[0]) + sum(skipped.values())
-        index = batch.pop("loader_index", None)
-        if index is not None and self.train_loader is not None:
-            self.train_loader.consumed(index)
+        if "loader_index" in batch:
+            objective, probabilities, index = (batch.pop(key) for key in LOADER_KEYS)
+            self.step_plan = StepPlan(objective, probabilities)
+            if self.train_loader is not None:
+                self.train_loader.consumed(index)
         return batch
 
     @property

@@ -13,17 +13,19 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor
 from torch.optim import Optimizer
 
+from vlp.platform.distributed.deepspeed_zero import optimizer_stepped
 from vlp.platform.distributed.outside_step import outside_step
-from vlp.platform.distributed.strategies import fused_optimizer_fits, optimizer_stepped, parallelize
+from vlp.platform.distributed.parallelize import parallelize
 from vlp.platform.model.architecture import ARCHITECTURE_KEY
-from vlp.platform.model.backbone import FeatureCache, FusionBackbone, batch_size_of
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, batch_size_of, first_rows
 from vlp.platform.optim import OptimConfig, build_optimizer
 from vlp.platform.run.callbacks import logs_this_step
-from vlp.platform.run.visualization import first_samples
+from vlp.platform.run.fused_optimizer import fused_optimizer_fits
 
 
 class ObjectiveOutput(NamedTuple):
@@ -55,8 +57,10 @@ class TrainableModule(LightningModule):
         samples): drawn inside the step, where a sharded strategy has gathered the parameters."""
         if not self.pictures_requested:
             return None
+        # pictures read no reference captions (`reference_*`, R rows), which `first_rows` cannot cut by rows
+        per_row = {key: value for key, value in batch.items() if not key.startswith("reference_")}
         with torch.no_grad():
-            return {"pictures": self.pictures(first_samples(batch, self.pictures_requested))}
+            return {"pictures": self.pictures(first_rows(per_row, self.pictures_requested))}
 
     def configure_model(self) -> None:
         """The trainer strategy's scaling plan (sharding, checkpointing, compile), applied once."""
@@ -103,7 +107,7 @@ class TrainableModule(LightningModule):
     def log_objective(self, stage: str, name: str, logs: dict[str, Tensor], batch_size: int) -> None:
         """Logs `<stage>/<name>/<key>`. In training the loss every step (the progress bar, and a checkpoint
         or early-stopping callback may watch it), the other values only on the steps the loggers write:
-        each `self.log` costs about half a millisecond of Lightning's bookkeeping."""
+        each `self.log` call costs Lightning bookkeeping that shows in a small model's step."""
         on_step = stage == "train"
         if on_step and not self._logs_every_value():
             logs = {"loss": logs["loss"]} if "loss" in logs else {}
@@ -132,6 +136,16 @@ class TrainableModule(LightningModule):
         multi-rank validation that they were not synced."""
         for key, value in scores.items():
             self.log(key, torch.as_tensor(value, dtype=torch.float32), rank_zero_only=False, sync_dist=True)
+
+    def log_test_scores(self, scores: dict[str, float | Tensor]) -> None:
+        """Whole-split metrics of a test run: the validation metrics, computed on the test split, logged
+        under `test/` instead of `val/`."""
+        self.log_scores({key.replace("val/", "test/", 1): value for key, value in scores.items()})
+
+    @property
+    def attached_strategy(self) -> Strategy | None:
+        """The trainer's strategy; None outside a trainer (e.g. a test calling the scores directly)."""
+        return self._trainer.strategy if self._trainer is not None else None
 
 
 def check_distillation(name: str, backbone: FusionBackbone, alpha: float, warmup_steps: int) -> None:
@@ -166,19 +180,17 @@ class Objective(TrainableModule):
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         raise NotImplementedError
 
-    def current_step(self, batch: dict) -> int:
-        """The optimizer step: `batch["global_step"]` inside MultiTaskModule (nested objectives have no
-        trainer of their own), else the trainer's; 0 outside a trainer (e.g. a test calling forward_loss)."""
-        if "global_step" in batch:
-            return int(batch["global_step"])
-        return self.trainer.global_step if self._trainer is not None else 0
+    def current_step(self) -> int:
+        """The optimizer step, from the trainer of the module that runs this objective: its own when it runs
+        alone, the one `MultiTaskModule` shares with the objectives it holds; 0 outside a trainer."""
+        return self.global_step
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         """Per-batch validation values to log (averaged over the epoch); also updates whole-split metrics."""
         return self.forward_loss(batch, features).logs
 
     def validation_scores(self) -> dict[str, float]:
-        """Whole-split metrics under their DESIGN.md names (e.g. `val/retrieval/t2i_r1`); resets them."""
+        """Whole-split metrics under their docs/design.md names (e.g. `val/retrieval/t2i_r1`); resets them."""
         return {}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -199,11 +211,11 @@ class Objective(TrainableModule):
         self.log_objective("test", self.name, logs, batch_size_of(batch))
 
     def on_test_epoch_end(self) -> None:
-        self.log_scores({key.replace("val/", "test/", 1): v for key, v in self.scores_of_split().items()})
+        self.log_test_scores(self.scores_of_split())
 
     def scores_of_split(self) -> dict[str, float]:
         """`validation_scores`, which may call the network (ITM re-ranking), outside the strategy's step."""
-        with outside_step(self, self._trainer.strategy if self._trainer is not None else None):
+        with outside_step(self, self.attached_strategy):
             return self.validation_scores()
 
     def predict_step(self, batch: dict, batch_idx: int) -> Any:

@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
+from vlp.platform.distributed.collectives import all_gather_objects
 from vlp.platform.metrics import bleu4, cider_d, simple_tokenize
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures
 from vlp.platform.model.decoder import (
@@ -90,7 +90,7 @@ class CaptionObjective(Objective):
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         hidden, targets = self.teacher_forced(batch, features)
-        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
+        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step())
         if alpha == 0:
             loss = self.decoder.loss(hidden, targets, self.label_smoothing, self.chunk_size)
             return ObjectiveOutput(loss, {"loss": loss})
@@ -164,13 +164,9 @@ class CaptionObjective(Objective):
 
     def _gathered_captions(self) -> tuple[dict[int, str], dict[int, list[str]]]:
         """Every rank's captions; keyed by image id, so the repeats a DistributedSampler pads with vanish."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return dict(self._candidates), dict(self._references)
-        shards: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(shards, (self._candidates, self._references))
         candidates: dict[int, str] = {}
         references: dict[int, list[str]] = {}
-        for shard_candidates, shard_references in shards:
+        for shard_candidates, shard_references in all_gather_objects((self._candidates, self._references)):
             candidates.update(shard_candidates)
             references.update(shard_references)
         return candidates, references

@@ -6,7 +6,7 @@ image's fusion keys and values (or tokens), with gradients, plus the ITC embeddi
 negatives. ITC scores its local rows against every rank's embeddings, with gradients. In a joint step of
 both (`FeatureCache.share_global_rows`) the embeddings gather with gradients in ITM's feature collective and
 ITC reads them from there: one collective and one backward all-reduce fewer a step, and on two CPU ranks
-each collective is a point where a rank waits for the other (README: what a step shares).
+each collective is a point where a rank waits for the other (docs/design.md: what a step shares).
 Identity gathers in one process.
 """
 

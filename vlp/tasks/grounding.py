@@ -14,12 +14,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from vlp.platform.boxes import box_cxcywh_to_xyxy, generalized_box_iou_loss
 from vlp.platform.metrics import grounding_scores
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_token
+from vlp.platform.model.heads import MLPHead
 from vlp.platform.optim import OptimConfig
 from vlp.platform.run.visualization import MAX_IMAGES, annotate_boxes
 from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
@@ -27,17 +28,14 @@ from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
 BATCH_KEYS = ("phrase_input_ids", "phrase_attention_mask", "boxes")
 
 
-class BoxHead(nn.Module):
+class BoxHead(MLPHead):
     """Fused [CLS] [B, D] -> normalised cxcywh box [B, 4] that lies inside the image (X-VLM's MLP)."""
 
     def __init__(self, width: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(), nn.Linear(2 * width, 4)
-        )
+        super().__init__(width, 4)
 
     def forward(self, x: Tensor) -> Tensor:
-        position, size = self.mlp(x).float().sigmoid().split(2, dim=-1)
+        position, size = super().forward(x).float().sigmoid().split(2, dim=-1)
         return torch.cat([size / 2 + (1 - size) * position, size], dim=-1)
 
 

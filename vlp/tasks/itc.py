@@ -127,7 +127,7 @@ class ITCObjective(Objective):
                 chunk_size=self.chunk_size,
             )
             return ObjectiveOutput(loss, {"loss": loss, "logit_scale": scale, "logit_bias": self.pair_bias})
-        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
+        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step())
         if self.queue is None and alpha == 0 and self.score_against == "online":
             gathered = self.shared_columns(features) if is_distributed() else None
             loss = infonce_loss(image, text, scale, gathered=gathered, chunk_size=self.chunk_size)

@@ -199,9 +199,9 @@ class ITMObjective(Objective):
     ) -> None:
         """`hard_negative_warmup` > 0: the first that many steps draw each negative uniformly among the
         non-positives, later ones ALBEF's way (ITC-weighted). ITC ranks well long before fusion can tell
-        near-duplicates apart: against hard negatives from the first step the default's head sat at chance
-        (always "no match") for a third of the run, also with half of them drawn uniformly; on uniform ones
-        it learns to match within 250 steps, and the hard ones then refine it (benchmarks/make-train.md).
+        near-duplicates apart, so hard negatives from the first step can hold the head at chance (always "no
+        match"); uniform ones first let it learn to match, and the hard ones then refine it (runs:
+        benchmarks/results/2026-12-04-epyc-2cpu-make-train.md).
         `rerank_k` > 0: validation also ranks the whole split by ITC and re-scores each query's top
         `rerank_k` with this head (`val/retrieval_itm/*`; ALBEF's `k_test`: 256 on COCO, 128 on Flickr30k);
         `rerank_chunk` pairs go
@@ -247,7 +247,7 @@ class ITMObjective(Objective):
         return 0.0 if step < self.hard_negative_warmup else 1.0
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
-        hardness = self.hardness(self.current_step(batch))
+        hardness = self.hardness(self.current_step())
         if self.negatives == "albef":
             pairs = albef_match_pairs(batch, features, self.backbone)
         else:

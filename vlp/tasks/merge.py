@@ -10,8 +10,8 @@ embedding is the same on both sides. r rises linearly from `r_start` to `r_end` 
 `ramp_steps` training steps (ToMe trains with merging on; a ramp lets the weights follow it). At r = 0
 (and no fusion merging) both forwards are bitwise equal and the loss is exactly 0.
 
-The step: `trainer.global_step` when this objective runs alone; inside `MultiTaskModule`, which has the
-trainer while its objectives do not, the runner passes it as `batch["global_step"]`.
+The step: `global_step` of the runner's trainer (its own alone; `MultiTaskModule` shares its trainer with
+the objectives it holds).
 Validation scores the merged forward at `r_end`.
 """
 
@@ -70,15 +70,15 @@ class MergeObjective(Objective):
         progress = 1.0 if self.ramp_steps == 0 else min(max(step, 0) / self.ramp_steps, 1.0)
         return round(self.r_start + (self.r_end - self.r_start) * progress)
 
-    def current_step(self, batch: dict) -> int:
-        if self._trainer is not None:
-            return self.trainer.global_step
-        if "global_step" in batch:
-            return int(batch["global_step"])
-        raise ValueError(
-            "merge: no training step to schedule r with; run under a Trainer, or pass batch['global_step'] "
-            "(MultiTaskModule sets it)"
-        )
+    def current_step(self) -> int:
+        """The runner's step; unlike the others, this objective refuses to guess 0 outside a trainer (its r
+        schedule would silently stay at r_start)."""
+        if self._trainer is None:
+            raise ValueError(
+                "merge: no training step (global_step) to schedule r with; run under a Trainer, alone or "
+                "inside MultiTaskModule (which shares its trainer with its objectives)"
+            )
+        return self.global_step
 
     def distill(self, batch: dict, features: FeatureCache, r: int) -> ObjectiveOutput:
         text, backbone = features.text, self.backbone
@@ -95,7 +95,7 @@ class MergeObjective(Objective):
         return ObjectiveOutput(loss, logs)
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
-        return self.distill(batch, features, self.merge_r(self.current_step(batch)))
+        return self.distill(batch, features, self.merge_r(self.current_step()))
 
     def validation_update(self, batch: dict, features: FeatureCache) -> dict[str, Tensor]:
         return self.distill(batch, features, self.r_end).logs

@@ -194,7 +194,7 @@ class MLMObjective(Objective):
         )
         labels = all_labels[all_labels != IGNORE_INDEX]
         weight = self.backbone.text.word_embeddings.weight
-        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step(batch))
+        alpha = ramped_alpha(self.alpha, self.alpha_warmup_steps, self.current_step())
         logs = {"masked_tokens": torch.tensor(float(labels.numel()))}
         if alpha == 0:
             loss = linear_cross_entropy(

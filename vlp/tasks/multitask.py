@@ -3,9 +3,9 @@
 The YAML gives the backbone once and each objective as a callable that takes it (jsonargparse builds
 `Callable[[FusionBackbone], Objective]` from a class_path without `backbone`), so every objective holds
 the identical module and the parameters exist once. Two modes:
-- `sampled`: each batch carries the objective the MultiTaskSampler chose for it; one objective per step.
+- `sampled`: one objective per step, the one the MultiTaskSampler chose for it.
 - `joint`: every objective on every batch, the unimodal passes computed once and shared. The loss is
-  sum_i loss_weight_i * n * p_i with p the sampler's probabilities carried by the batch, so the sampler
+  sum_i loss_weight_i * n * p_i with p the sampler's probabilities for the step, so the sampler
   strategy weights objectives instead of choosing one (round-robin: every weight 1; adaptive: more
   weight to objectives whose loss falls slowest). `row_fractions` lets an objective learn from the first
   rows of each rank's batch only (its own passes cost that share; the shared ones are sliced, not redone).
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -25,6 +26,7 @@ from vlp.platform.distributed.outside_step import outside_step
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_rows
 from vlp.platform.model.pretrained import LoadReport, load_pretrained, read_weights
 from vlp.platform.optim import OptimConfig
+from vlp.platform.step_plan import StepPlan
 from vlp.tasks.base import Objective, TrainableModule, batch_size_of
 
 
@@ -99,6 +101,16 @@ class MultiTaskModule(TrainableModule):
     def objective_names(self) -> list[str]:
         return list(self.objectives)
 
+    def _attach_trainer(self, trainer: Trainer | None) -> None:
+        """Lightning hands its trainer to direct LightningModule children only; the objectives sit in a
+        ModuleDict, so the runner shares its own: an objective reads the step (`current_step`) from it.
+        Objectives still never log (see `vlp.tasks.base`): the runner does."""
+        LightningModule.trainer.fset(self, trainer)
+        for objective in self.objectives.values():
+            objective.trainer = trainer
+
+    trainer = property(LightningModule.trainer.fget, _attach_trainer)
+
     def setup(self, stage: str) -> None:
         """Loads `init_from` before the strategy shards the model and before a resumed checkpoint."""
         if self.init_from is not None and self.init_report is None:
@@ -108,21 +120,32 @@ class MultiTaskModule(TrainableModule):
             rank_zero_info(report.summary(self.init_from))
             self.init_report = report
 
+    def step_plan(self) -> StepPlan | None:
+        """What the sampler chose for this step: the `step_plan` of the trainer's data module (None without
+        one, e.g. a plain DataLoader: then joint mode weights every objective 1)."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        return getattr(datamodule, "step_plan", None)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | dict[str, Any]:
-        batch = {**batch, "global_step": self.global_step}  # nested objectives have no trainer of their own
+        return self.train_on(batch, self.step_plan())
+
+    def train_on(self, batch: dict, plan: StepPlan | None) -> Tensor | dict[str, Any]:
+        """One training step on `batch` (sample data only) as `plan` says: its objective in sampled mode,
+        the objectives' weights in joint mode."""
         readers = sum(objective.reads_global_rows for objective in self.objectives.values())
         features = FeatureCache(self.backbone, batch, share_global_rows=self.mode == "joint" and readers > 1)
         batch_size = batch_size_of(batch)
         if self.mode == "sampled":
-            name = batch.get("objective")
+            name = plan.objective if plan is not None else None
             if name not in self.objectives:
                 raise KeyError(
-                    f"batch is tagged with objective {name!r}; this module runs {self.objective_names}"
+                    f"the step serves objective {name!r} (from the data module's sampler); this module runs "
+                    f"{self.objective_names}"
                 )
             out = self.objectives[name].forward_loss(batch, features)
             self.log_objective("train", name, out.logs, batch_size)
             return out.loss
-        probabilities = batch.get("objective_probabilities") or {}
+        probabilities = plan.probabilities if plan is not None else {}
         total = torch.zeros((), device=batch["image"].device)
         losses = {}
         for name, objective in self.objectives.items():
@@ -144,8 +167,7 @@ class MultiTaskModule(TrainableModule):
 
     def _scores(self) -> dict[str, float]:
         scores: dict[str, float] = {}
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        with outside_step(self, strategy):  # re-ranking calls the network
+        with outside_step(self, self.attached_strategy):  # re-ranking calls the network
             for objective in self.objectives.values():
                 scores.update(objective.validation_scores())
         return scores
@@ -161,7 +183,7 @@ class MultiTaskModule(TrainableModule):
         self._evaluate("test", batch)
 
     def on_test_epoch_end(self) -> None:
-        self.log_scores({key.replace("val/", "test/", 1): v for key, v in self._scores().items()})
+        self.log_test_scores(self._scores())
 
     def predict_step(self, batch: dict, batch_idx: int) -> Any:
         features = FeatureCache(self.backbone, batch)

@@ -19,25 +19,13 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_token
+from vlp.platform.model.heads import MLPHead
 from vlp.platform.optim import OptimConfig
 from vlp.platform.run.visualization import MAX_IMAGES, annotate_captions
 from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
 
 BATCH_KEYS = ("question_input_ids", "question_attention_mask", "answer_scores")
 ANSWER_TYPES = ("yes/no", "number", "other")
-
-
-class AnswerHead(nn.Module):
-    """Fused [CLS] [B, D] -> answer logits [B, A] (ViLT's VQA classifier)."""
-
-    def __init__(self, width: int, num_answers: int) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 2 * width), nn.LayerNorm(2 * width), nn.GELU(), nn.Linear(2 * width, num_answers)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(x)
 
 
 def vqa_loss(logits: Tensor, answer_scores: Tensor) -> Tensor:
@@ -56,7 +44,7 @@ class VQAObjective(Objective):
         if num_answers < 2:
             raise ValueError(f"vqa: num_answers must be >= 2, got {num_answers}")
         self.num_answers = num_answers
-        self.head = AnswerHead(backbone.width, num_answers)
+        self.head = MLPHead(backbone.width, num_answers)  # fused [CLS] [B, D] -> answer logits [B, A]
         self.val_acc = MeanMetric()
         self.val_acc_by_type = nn.ModuleDict({kind: MeanMetric() for kind in ANSWER_TYPES})
 

@@ -14,20 +14,22 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy as LightningDDPStrategy
 
 from vlp.cli import run
+from vlp.platform.distributed.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    transformer_blocks,
+)
+from vlp.platform.distributed.scalar_parameters import store_scalars_as_vectors
 from vlp.platform.distributed.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
     FSDP2Strategy,
     allow_unused_parameters,
-    apply_activation_checkpointing,
-    apply_compile,
-    fp16_mixed_on_cpu,
-    store_scalars_as_vectors,
-    transformer_blocks,
 )
 from vlp.platform.model.backbone import FeatureCache
 from vlp.platform.model.token_merging import TokenMergingConfig
 from vlp.platform.optim import OptimConfig, build_optimizer
+from vlp.platform.run.precision import fp16_mixed_on_cpu
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.itm import ITMObjective
 

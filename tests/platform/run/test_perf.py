@@ -4,11 +4,11 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from vlp.platform.model.backbone import FusionBackbone
+from vlp.platform.model.backbone import FusionBackbone, first_rows
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 from vlp.platform.model.token_merging import TokenMergingConfig
-from vlp.platform.run.perf import FlopsMonitor, head_of_batch, training_step_flops
+from vlp.platform.run.perf import FlopsMonitor, training_step_flops
 
 TOKENS = 1 + (32 // 8) ** 2
 
@@ -60,7 +60,7 @@ def test_flops_monitor_logs_gflops_per_sample_and_tokens_kept(shapes):
     trainer.fit(module, train_dataloaders=shapes.dataloader("train"))
     metrics = trainer.callback_metrics
     assert metrics["perf/tokens_kept"].item() == pytest.approx((TOKENS - 6) / TOKENS)
-    third_batch = head_of_batch(list(islice(shapes.dataloader("train"), 3))[2], 2)  # measured at 0 and 2
+    third_batch = first_rows(list(islice(shapes.dataloader("train"), 3))[2], 2)  # measured at 0 and 2
     expected = training_step_flops(module, third_batch) / 2 / 1e9
     assert metrics["perf/gflops_per_sample"].item() == pytest.approx(expected, rel=1e-6)
     assert metrics["train/loss"].item() > 0
@@ -77,7 +77,7 @@ def test_counting_a_step_leaves_gradients_rng_and_logging_alone(shapes, batch):
     logged = []
     module.log = lambda *args, **kwargs: logged.append(args)
     state = torch.get_rng_state()
-    flops = training_step_flops(module, head_of_batch(batch, 2))
+    flops = training_step_flops(module, first_rows(batch, 2))
     assert flops > 0 and logged == []
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in module.parameters())
@@ -86,7 +86,7 @@ def test_counting_a_step_leaves_gradients_rng_and_logging_alone(shapes, batch):
 
 
 def test_backward_counts_on_top_of_forward_and_merging_lowers_both(shapes, batch):
-    small = head_of_batch(batch, 2)
+    small = first_rows(batch, 2)
     module = build(shapes.tokenizer)
     forward, train = training_step_flops(module, small, backward=False), training_step_flops(module, small)
     assert 2.5 * forward < train < 3.5 * forward  # backward ~ 2x forward
@@ -95,8 +95,8 @@ def test_backward_counts_on_top_of_forward_and_merging_lowers_both(shapes, batch
     assert training_step_flops(module, small) < train
 
 
-def test_head_of_batch_cuts_every_per_sample_field(batch):
-    small = head_of_batch({**batch, "objective": "itc"}, 3)
+def test_the_flops_sample_cuts_every_per_sample_field(batch):
+    small = first_rows({**batch, "objective": "itc"}, 3)
     assert small["image"].shape[0] == 3 and small["input_ids"].shape == (3, batch["input_ids"].shape[1])
     assert len(small["captions"]) == 3 and small["objective"] == "itc"
 

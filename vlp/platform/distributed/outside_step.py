@@ -18,7 +18,7 @@ from typing import Any
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
-from vlp.platform.distributed.strategies import read_outside_forward
+from vlp.platform.distributed.deepspeed_zero import read_outside_forward
 
 
 @contextmanager

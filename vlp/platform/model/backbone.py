@@ -80,18 +80,23 @@ class TextFeatures(NamedTuple):
 
 
 def first_rows(batch: dict, n: int) -> dict:
-    """The batch's first `n` rows: every tensor or list with one entry per row (leading size B) is cut;
-    other entries (class names, the step, sampler probabilities) are kept. Evaluation batches' several
-    references per image (`reference_*`, R rows) are not per-row and are refused."""
+    """The batch's first `n` rows: every tensor, list or tuple with one entry per row (leading size B) is cut;
+    other entries (class names, 0-d tensors) are kept. Evaluation batches' several references per image
+    (`reference_*`, R rows) are not per-row and are refused."""
     size = batch_size_of(batch)
     if n >= size:
         return batch
     if any(key.startswith("reference_") for key in batch):
         raise ValueError("first_rows: batches with reference captions (reference_*) cannot be cut by rows")
     return {
-        key: value[:n] if isinstance(value, Tensor | list) and len(value) == size else value
+        key: value[:n] if isinstance(value, Tensor | list | tuple) and _rows(value) == size else value
         for key, value in batch.items()
     }
+
+
+def _rows(value: Tensor | list | tuple) -> int | None:
+    """The leading size of a tensor (None for a 0-d one), list or tuple."""
+    return None if isinstance(value, Tensor) and value.dim() == 0 else len(value)
 
 
 def batch_size_of(batch: dict) -> int:

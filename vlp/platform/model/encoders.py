@@ -212,6 +212,8 @@ class TextEncoder(nn.Module):
                 attention_probs_dropout_prob=config.dropout,
                 pad_token_id=pad_token_id,
             )
+            # Private API (transformers 5.23.0, tests/test_private_apis.py): a config built in code (not
+            # from_pretrained) has no public argument that chooses the attention implementation
             bert_config._attn_implementation = "sdpa"
             self.bert = BertModel(bert_config, add_pooling_layer=False)
         if not config.token_types:
@@ -270,6 +272,9 @@ def switch_to_packed_layers(bert: nn.Module) -> bool:
     )
     if plain:
         for layer in layers:
+            # in-place class swap (transformers 5.23.0, tests/test_private_apis.py): PackedBertLayer reads
+            # BertLayer's and BertSelfAttention's attributes; swapping keeps the modules, their parameters and
+            # names, which a rebuilt layer would not
             layer.__class__ = PackedBertLayer
     return plain
 

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Private API (torch 2.14.1, tests/test_private_apis.py): torch has no public pytree for nested outputs of
+# tensors yet
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 MAX_BUCKETS = 4
-# Fewer rows per group and the per-op cost of the extra, smaller passes outweighs the padding saved. On the
-# default (one CPU thread, its joint step interleaved with each setting) groups of at least 16 rows cost
-# 1.05-1.22x the step of no groups at 32 rows a rank; at least 64 rows ran 0.89x of 16 at 64 rows and 0.96x
-# at 128 (README: step efficiency).
+# The fewest rows a group holds: with fewer, the per-op cost of more, smaller passes outweighs the padding
+# they save (timings: benchmarks/results/2026-12-04-epyc-2cpu-make-train.md).
 MIN_ROWS = 64
 
 

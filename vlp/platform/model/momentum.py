@@ -81,6 +81,8 @@ class MomentumModel(nn.Module):
     def sync(self) -> None:
         """Set every momentum copy equal to its online module (ALBEF's `copy_params`, e.g. after loading)."""
         online, momentum = self.held_pairs()
+        # Private API (torch 2.14.1, tests/test_private_apis.py): the multi-tensor ops (one kernel launch for
+        # all parameters, what torch's own optimizers and swa_utils use); the public route is a Python loop
         torch._foreach_copy_(momentum, online)
 
     @torch.no_grad()

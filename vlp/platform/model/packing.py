@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Pack only when at least this share of the positions is padding. The index copies around each attention
-# (about 0.15 ms forward + backward each at the default's 32 x 29 x 128, one thread) cost about what 8 % of a
-# layer's rows save in its projections and MLP, so packing pays from about there.
+# Pack only when at least this share of the positions is padding: below it, the index copies around each
+# attention cost more than the padded rows save in the projections and MLP
+# (timings: benchmarks/results/2026-12-04-epyc-2cpu-make-train.md).
 MIN_PADDING = 0.1
 
 

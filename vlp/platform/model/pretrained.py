@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vlp.platform.distributed.strategies import consolidated_state_dict
+from vlp.platform.run.export_state import consolidated_state_dict
 
 STRICT_PREFIX = "backbone."
 MOMENTUM_PREFIX = "backbone.momentum."

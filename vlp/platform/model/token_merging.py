@@ -339,6 +339,8 @@ def apply_token_merging(
     state = TokenMergingState(per_layer, proportional_attention, trace_source, vit.num_prefix_tokens == 1)
     vit._tome_state = state
     for i, block in enumerate(vit.blocks):
+        # in-place class swap (timm 1.0.31, tests/test_private_apis.py): the subclasses read timm Block's and
+        # Attention's attributes; timm has no hook between attention and MLP where merging could happen
         block.__class__ = MergingBlock
         block.attn.__class__ = MergingAttention
         block._tome_state = state

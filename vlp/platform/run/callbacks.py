@@ -21,6 +21,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 
+from vlp.platform.distributed.collectives import all_gather_objects
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -29,11 +31,14 @@ class NonFiniteLossError(RuntimeError):
 def logs_this_step(trainer: Trainer) -> bool:
     """Whether the loggers write this training step (every `log_every_n_steps`, and when the run stops).
 
-    A monitor's per-step value logged on other steps reaches no logger, and each `self.log` call costs about
-    half a millisecond of Lightning's bookkeeping (the monitors made half of the default's calls), so they log
-    only here, as Lightning's own LearningRateMonitor and ThroughputMonitor do; so do the objectives' values
-    other than their losses (`TrainableModule.log_objective`).
+    A monitor's per-step value logged on other steps reaches no logger, and each `self.log` call costs
+    Lightning bookkeeping that shows in a small model's step
+    (benchmarks/results/2026-12-04-epyc-2cpu-make-train.md), so the monitors log only here, as Lightning's
+    own LearningRateMonitor and ThroughputMonitor do; so do the objectives' values other than their losses
+    (`TrainableModule.log_objective`).
     """
+    # Private API (lightning 2.6.6, tests/test_private_apis.py): the loop's own rule for the steps it writes
+    # (log_every_n_steps, the last batch, a stop); no public property states it
     return trainer._logger_connector.should_update_logs
 
 
@@ -114,11 +119,7 @@ class RandomStateCheckpoint(Callback):
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
             "python": pickle_free_python_state(random.getstate()),
         }
-        ranks = [local]
-        if self._world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            ranks = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(ranks, local)
-        return {"ranks": ranks}
+        return {"ranks": all_gather_objects(local) if self._world_size > 1 else [local]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._to_restore = state_dict["ranks"] if "ranks" in state_dict else [state_dict]
@@ -158,7 +159,7 @@ class SamplerMonitor(Callback):
         if sampler is None or not isinstance(batch, dict) or not isinstance(outputs, dict):
             return
         if getattr(datamodule, "wants_losses", False):
-            losses = outputs.get("objective_losses") or {batch["objective"]: outputs["loss"]}
+            losses = outputs.get("objective_losses") or {datamodule.step_plan.objective: outputs["loss"]}
             stacked = torch.stack([loss.detach().float() for loss in losses.values()])
             reduced = trainer.strategy.reduce(stacked, reduce_op="mean").tolist()
             datamodule.observe(dict(zip(losses, reduced, strict=True)))
@@ -341,6 +342,8 @@ class ResumeWithConfiguredOptimizer(Callback):
             rates = [base * factor(step) for base, factor in zip(bases, scheduler.lr_lambdas, strict=True)]
             for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
                 group["lr"] = rate
+            # Private API (torch 2.14.1, tests/test_private_apis.py): `get_last_lr()` reads `_last_lr` and
+            # there is no setter; a step() would advance the schedule
             scheduler._last_lr = rates
         if changes:
             rank_zero_info(

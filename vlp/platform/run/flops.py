@@ -31,6 +31,8 @@ def _cpu_sdpa_backward_flop(
 
 
 CPU_SDPA_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
+    # private aten ops (torch 2.14.1, tests/test_private_apis.py): what CPU SDPA dispatches to, which
+    # FlopCounterMode counts as 0
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
 }

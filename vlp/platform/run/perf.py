@@ -1,7 +1,7 @@
 """Cost monitoring: FLOPs of a training step and the share of image tokens that token merging keeps.
 
-Here rather than in callbacks.py (DESIGN.md's place for callbacks) only because that file had another
-owner when token merging was wired in; it imports nothing from tasks or data modules either.
+The run machinery's callbacks (docs/design.md) that measure cost rather than steer the run; like the
+others it imports nothing from tasks or data modules.
 """
 
 from __future__ import annotations
@@ -15,22 +15,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 
-from vlp.platform.model.backbone import FusionBackbone
+from vlp.platform.model.backbone import FusionBackbone, first_rows
 from vlp.platform.run.callbacks import logs_this_step
 from vlp.platform.run.flops import flop_counter
-
-
-def head_of_batch(batch: dict, n: int) -> dict:
-    """The first `n` samples of a batch dict: every tensor or list whose first dimension is the batch's."""
-    size = int(batch["image"].shape[0])
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size:
-            value = value[:n]
-        elif isinstance(value, list | tuple) and len(value) == size:
-            value = value[:n]
-        out[key] = value
-    return out
 
 
 @contextmanager
@@ -82,7 +69,7 @@ class FlopsMonitor(Callback):
     (1.0 without merging). gflops_per_sample: forward (+ backward) FLOPs of a replay of the step on the
     batch's first `batch_size` samples, divided by them; counted with FlopCounterMode (CPU attention
     included), so it costs about one extra small step. Merging's gather/scatter/sort count as 0 FLOPs.
-    In a sampled multi-task run it measures the objective that the batch carries. Not counted under
+    In a sampled multi-task run it measures the objective the step serves. Not counted under
     DeepSpeed (the replay cannot run outside its engine).
     """
 
@@ -108,7 +95,7 @@ class FlopsMonitor(Callback):
             # a replay outside DeepSpeed's engine sees ZeRO-3's partitioned (empty) parameters, and
             # autograd.grad trips ZeRO's gradient hooks: no count under DeepSpeed
             return
-        small = head_of_batch(batch, self.batch_size)
+        small = first_rows(batch, self.batch_size)
         samples = int(small["image"].shape[0])
         flops = training_step_flops(pl_module, small, batch_idx, self.backward)
         pl_module.log("perf/gflops_per_sample", flops / samples / 1e9, on_step=True, on_epoch=False)

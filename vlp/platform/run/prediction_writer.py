@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
+
+from vlp.platform.distributed.collectives import all_gather_objects
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -58,11 +59,7 @@ class PredictionWriter(BasePredictionWriter):
         self._rows.update(zip(ids, values, strict=True))
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        rows = dict(self._rows)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            shards: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(shards, self._rows)
-            rows = {key: value for shard in shards for key, value in shard.items()}
+        rows = {key: value for shard in all_gather_objects(self._rows) for key, value in shard.items()}
         if not trainer.is_global_zero:
             return
         if not rows:

@@ -43,8 +43,9 @@ class RequeueAtStepBoundary(Callback):
         self._after_validation = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # the environment Lightning's signal connector reads (also for one process, which has no
-        # parallel strategy to ask)
+        # the environment Lightning's signal connector reads (also for one process, which has no parallel
+        # strategy to ask). Private API (lightning 2.6.6, tests/test_private_apis.py): Lightning exposes the
+        # cluster environment only through a parallel strategy, and a one-process Slurm job has none
         environment = trainer._accelerator_connector.cluster_environment
         if not (isinstance(environment, SLURMEnvironment) and environment.auto_requeue):
             return
@@ -66,6 +67,9 @@ class RequeueAtStepBoundary(Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             return
+        # Private API (lightning 2.6.6, tests/test_private_apis.py): whether the loop is inside an
+        # accumulation window and whether it validates after this batch are the loop's own decisions; no
+        # public property states them, and recomputing them here would drift from the loop's rules
         if trainer.fit_loop._should_accumulate():
             return  # inside an optimizer step of accumulated micro-batches, whose gradients no checkpoint holds
         self._signalled = True

@@ -158,17 +158,6 @@ def annotate_boxes(
     return torch.stack(pictures)
 
 
-def first_samples(batch: Any, n: int) -> Any:
-    """The first `n` samples of a dict batch (tensors and lists of batch length are cut, the rest kept)."""
-    if not isinstance(batch, dict) or not isinstance(batch.get("image"), Tensor):
-        return batch
-    size = batch["image"].shape[0]
-    return {
-        key: value[:n] if isinstance(value, Tensor | list) and len(value) == size else value
-        for key, value in batch.items()
-    }
-
-
 class ValidationImages(Callback):
     """Logs the module's pictures (tag -> uint8 [N, 3, H, W]) to every TensorBoard logger, from the first
     batch of the first val loader of every `every_n_validations`-th validation run.
