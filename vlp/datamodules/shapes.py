@@ -42,7 +42,7 @@ SINGLE_OBJECT_PROBABILITY = 0.02
 TOKEN_CACHE_SIZE = 200_000  # distinct texts whose ids a source keeps (a few tens of MB)
 # scenes (with their references and unambiguous phrases) a dataset keeps: a few KB each. An epoch after the
 # first then skips the layout sampling and the ambiguity checks, most of an item's time
-# (benchmarks/results/2026-12-04-epyc-2cpu-make-train.md).
+# (benchmarks/results/2026-12-02-epyc-2cpu-make-train.md).
 SCENE_CACHE_SIZE = 50_000
 # first object (earlier in reading order) relative to the second, keyed by (same row, column order)
 RELATIONS = {

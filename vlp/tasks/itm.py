@@ -201,7 +201,7 @@ class ITMObjective(Objective):
         non-positives, later ones ALBEF's way (ITC-weighted). ITC ranks well long before fusion can tell
         near-duplicates apart, so hard negatives from the first step can hold the head at chance (always "no
         match"); uniform ones first let it learn to match, and the hard ones then refine it (runs:
-        benchmarks/results/2026-12-04-epyc-2cpu-make-train.md).
+        benchmarks/results/2026-12-02-epyc-2cpu-make-train.md).
         `rerank_k` > 0: validation also ranks the whole split by ITC and re-scores each query's top
         `rerank_k` with this head (`val/retrieval_itm/*`; ALBEF's `k_test`: 256 on COCO, 128 on Flickr30k);
         `rerank_chunk` pairs go

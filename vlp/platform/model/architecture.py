@@ -121,6 +121,6 @@ def read_architecture(path: str | Path) -> dict[str, Any] | None:
             "checkpoint/mp_rank_00_model_states.pt",
         ):  # FSDP2, DeepSpeed (Lightning's tag)
             if (path / name).is_file():
-                stored = torch.load(path / name, map_location="cpu", weights_only=True)
+                stored = torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)
                 return stored.get(ARCHITECTURE_KEY) if isinstance(stored, dict) else None
     return None

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 MAX_BUCKETS = 4
 # The fewest rows a group holds: with fewer, the per-op cost of more, smaller passes outweighs the padding
-# they save (timings: benchmarks/results/2026-12-04-epyc-2cpu-make-train.md).
+# they save (timings: benchmarks/results/2026-12-02-epyc-2cpu-make-train.md).
 MIN_ROWS = 64
 
 

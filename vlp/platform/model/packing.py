@@ -15,7 +15,7 @@ from torch import Tensor
 
 # Pack only when at least this share of the positions is padding: below it, the index copies around each
 # attention cost more than the padded rows save in the projections and MLP
-# (timings: benchmarks/results/2026-12-04-epyc-2cpu-make-train.md).
+# (timings: benchmarks/results/2026-12-02-epyc-2cpu-make-train.md).
 MIN_PADDING = 0.1
 
 

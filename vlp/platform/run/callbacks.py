@@ -33,7 +33,7 @@ def logs_this_step(trainer: Trainer) -> bool:
 
     A monitor's per-step value logged on other steps reaches no logger, and each `self.log` call costs
     Lightning bookkeeping that shows in a small model's step
-    (benchmarks/results/2026-12-04-epyc-2cpu-make-train.md), so the monitors log only here, as Lightning's
+    (benchmarks/results/2026-12-02-epyc-2cpu-make-train.md), so the monitors log only here, as Lightning's
     own LearningRateMonitor and ThroughputMonitor do; so do the objectives' values other than their losses
     (`TrainableModule.log_objective`).
     """

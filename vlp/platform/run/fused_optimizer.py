@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 def fused_optimizer_fits(trainer: Any, module: nn.Module) -> bool:
     """Whether AdamW may run its fused kernel (one pass over all parameters instead of a loop of small ops;
-    timings in benchmarks/results/2026-12-04-epyc-2cpu-make-train.md): every parameter a plain tensor on the
+    timings in benchmarks/results/2026-12-02-epyc-2cpu-make-train.md): every parameter a plain tensor on the
     CPU or a CUDA device (not an FSDP2 DTensor), no DeepSpeed (it steps its own flat partitions) and no
     loss scaler (a fused step unscales by itself, so Lightning could not clip the gradients first)."""
     if isinstance(trainer.strategy, LightningDeepSpeedStrategy):
