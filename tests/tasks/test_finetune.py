@@ -196,6 +196,17 @@ def test_an_exported_file_carries_the_architecture(pretrained, tmp_path):
         assert cli.model.backbone.architecture["vision"]["width"] == 32
 
 
+def test_sharded_checkpoint_folders_give_their_architecture(tmp_path):
+    from vlp.platform.model.architecture import ARCHITECTURE_KEY, read_architecture
+
+    architecture = {"vision": {"width": 32}}
+    for name in ("meta.pt", "checkpoint/mp_rank_00_model_states.pt"):  # FSDP2, DeepSpeed
+        folder = tmp_path / name.replace("/", "_")
+        (folder / name).parent.mkdir(parents=True)
+        torch.save({ARCHITECTURE_KEY: architecture, "module": {"w": torch.ones(4)}}, folder / name)
+        assert read_architecture(folder) == architecture
+
+
 def test_without_a_backbone_or_checkpoint_the_error_says_what_to_give(tmp_path):
     with pytest.raises(ValueError, match=r"backbone is not set: give --model.init_args.init_from CKPT"):
         main(["validate", *without_backbone(TINY, tmp_path), *in_folder(tmp_path)])
