@@ -175,8 +175,11 @@ def shard_folder(output: Path, shard: int) -> Path:
     return output / SHARDS / f"shard-{shard:05d}"
 
 
-def write_shard(output: Path, shard: int, result: ShardResult, chunk_bytes: str) -> None:
-    """Write the shard into a temporary folder, then rename it into place: a shard folder is complete."""
+def write_shard(
+    output: Path, shard: int, result: ShardResult, chunk_bytes: str, rank: int = 0, world: int = 1
+) -> None:
+    """Write the shard into a temporary folder, then rename it into place: a shard folder is complete.
+    `written_by.json` records the rank that wrote it."""
     from litdata.streaming.writer import BinaryWriter
 
     final = shard_folder(output, shard)
@@ -188,9 +191,12 @@ def write_shard(output: Path, shard: int, result: ShardResult, chunk_bytes: str)
         for index, sample in enumerate(result.samples):
             writer.add_item(index, sample)
         writer.done()
-        writer.merge()
+        # the writer's own index (litdata's merge would wait for the other ranks of a process group)
+        (own,) = temporary.glob("*.index.json")
+        own.rename(temporary / "index.json")
     write_decisions(temporary / "decisions.csv", result.decisions)
     (temporary / "counts.json").write_text(json.dumps(dict(sorted(result.counts.items())), indent=1))
+    (temporary / "written_by.json").write_text(json.dumps({"rank": rank, "world": world}))
     os.replace(temporary, final)
 
 
@@ -316,9 +322,27 @@ def run_bootstrap(args: argparse.Namespace, records: list, skipped_input: Counte
     if not 0.0 <= args.threshold <= 1.0 or args.captions_per_image < 0 or args.shard_size < 1:
         raise ValueError("need 0 <= --threshold <= 1, --captions-per-image >= 0, --shard-size >= 1")
     rank, world = rank_and_world()
-    children = []
+    children: list[subprocess.Popen] = []
     if world == 1 and args.devices > 1:
         children, world = launch_local_ranks(argv, args.devices), args.devices
+    try:
+        return run_rank(args, records, skipped_input, rank, world, children)
+    finally:
+        for child in children:  # a failed rank 0 leaves no rank behind
+            if child.poll() is None:
+                child.terminate()
+                child.wait()
+
+
+def run_rank(
+    args: argparse.Namespace,
+    records: list,
+    skipped_input: Counter,
+    rank: int,
+    world: int,
+    children: list[subprocess.Popen],
+) -> int:
+    """This rank's shards; rank 0 then waits for the others, merges and prints the counts."""
     output = Path(args.output)
     (output / SHARDS).mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -339,7 +363,7 @@ def run_bootstrap(args: argparse.Namespace, records: list, skipped_input: Counte
     for number, shard in enumerate(mine, 1):
         part = records[shard * args.shard_size : (shard + 1) * args.shard_size]
         result = bootstrap_shard(model, part, shard, args, device)
-        write_shard(output, shard, result, args.chunk_bytes)
+        write_shard(output, shard, result, args.chunk_bytes, rank, world)
         images_done += len(part)
         elapsed = time.monotonic() - start
         rate = images_done / max(elapsed, 1e-9)
