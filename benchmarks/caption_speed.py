@@ -9,7 +9,7 @@ Random weights, so every caption is generated to full length: EOS is forbidden u
   original caption and every synthetic one with the ITM head. Captions/s counts the synthetic captions.
 - `predict-greedy`, `predict-beam3`: `CaptionObjective.generate` as `vlp predict` runs it, greedy and BLIP's
   3-beam search (repetition penalty 1.0, as BLIP's beam captioning).
-A reference implementation's `generate` (LAVIS's BLIP) can join as another entry of `METHODS`: a function
+A reference implementation's `generate` (LAVIS's BLIP) can join as one more entry of the dict `methods` returns: a function
 (size, batch of images) -> captions, measured in the same rounds.
 
     python benchmarks/caption_speed.py                 # both sizes
