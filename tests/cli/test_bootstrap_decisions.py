@@ -125,3 +125,13 @@ def test_bad_settings_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match="threshold"):
         run_bootstrap(arguments("--threshold=1.5"), records(tmp_path), None, [])
+
+
+def test_a_rerun_with_other_settings_is_refused_rather_than_mixing_shards(tmp_path):
+    from vlp.cli.bootstrap import check_settings
+
+    (tmp_path / "shards").mkdir()
+    check_settings(tmp_path, arguments("--threshold=0.5", "--devices=1"))
+    check_settings(tmp_path, arguments("--threshold=0.5", "--devices=2", "--num-workers=3"))  # same shards
+    with pytest.raises(ValueError, match=r"threshold: 0.5 -> 0.7.*another --output"):
+        check_settings(tmp_path, arguments("--threshold=0.7"))

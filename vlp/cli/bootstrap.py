@@ -263,6 +263,34 @@ def summary(counts: Counter, output: Path) -> str:
     return "\n".join(lines)
 
 
+# what a shard's content depends on; a rerun into the same output must agree on them to reuse its shards
+SHARD_SETTINGS = (
+    "model", "input", "format", "image_root", "split", "image_key", "caption_key", "captions_per_image",
+    "threshold", "keep_original_if_matching", "tokenizer", "image_size", "mean", "std", "batch_size",
+    "shard_size", "seed", "top_p", "top_k", "temperature", "repetition_penalty", "min_length", "max_length",
+)  # fmt: skip
+
+
+def check_settings(output: Path, args: argparse.Namespace) -> None:
+    """Record the settings the shards are made with; a rerun with other settings is an error (its complete
+    shards would otherwise be mixed with new ones)."""
+    settings = {key: getattr(args, key, None) for key in SHARD_SETTINGS}
+    settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
+    path = output / SHARDS / "settings.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        differ = [f"{k}: {stored.get(k)!r} -> {v!r}" for k, v in settings.items() if stored.get(k) != v]
+        if differ:
+            raise ValueError(
+                f"{output} holds shards made with other settings ({'; '.join(differ)}): rerun with the same "
+                "settings to resume, or choose another --output"
+            )
+        return
+    temporary = path.with_name(f"settings.json.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(settings, indent=1))
+    os.replace(temporary, path)
+
+
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of ranks: a process group, torchrun's or Slurm's variables."""
     import torch.distributed as dist
@@ -345,6 +373,7 @@ def run_rank(
     """This rank's shards; rank 0 then waits for the others, merges and prints the counts."""
     output = Path(args.output)
     (output / SHARDS).mkdir(parents=True, exist_ok=True)
+    check_settings(output, args)
     if rank == 0:
         stale_temporaries(output)
     checkpoint = Path(args.model)

@@ -203,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     from vlp.cli.bootstrap import add_arguments
 
     add_arguments(commands.choices["bootstrap"])
+    next(a for a in commands.choices["bootstrap"]._actions if a.dest == "input").required = True
     optimize_command.add_argument("--output", required=True, help="chunk folder to write (replaced)")
     optimize_command.add_argument("--num-workers", type=int, default=1)
     optimize_command.add_argument("--max-side", type=int, help="shrink images whose longer side exceeds this")
