@@ -135,3 +135,11 @@ def test_a_rerun_with_other_settings_is_refused_rather_than_mixing_shards(tmp_pa
     check_settings(tmp_path, arguments("--threshold=0.5", "--devices=2", "--num-workers=3"))  # same shards
     with pytest.raises(ValueError, match=r"threshold: 0.5 -> 0.7.*another --output"):
         check_settings(tmp_path, arguments("--threshold=0.7"))
+
+
+def test_no_synthetic_captions_filters_the_originals_alone(tmp_path):
+    result = bootstrap_shard(
+        MODEL, records(tmp_path), 0, arguments("--captions-per-image=0"), torch.device("cpu")
+    )
+    assert {d["source"] for d in result.decisions} == {"image", "original"}
+    assert [d["caption"] for d in result.decisions if d["kept"]] == ["original a @0.9", "original c @0.5"]

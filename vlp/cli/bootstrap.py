@@ -106,7 +106,9 @@ def bootstrap_shard(
         if not usable:
             continue
         image = model.encode_images(torch.stack([item["image"] for item in usable]).to(device))
-        synthetic = model.sample_captions(image, args.captions_per_image, settings, generator)
+        synthetic = []  # --captions-per-image 0: the filter alone, on the original captions
+        if args.captions_per_image:
+            synthetic = model.sample_captions(image, args.captions_per_image, settings, generator)
         pairs: list[tuple[int, str, str]] = []  # (row, caption, source)
         for row, item in enumerate(usable):
             record = records[item["index"]]
