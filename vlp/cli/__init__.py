@@ -22,7 +22,10 @@ LIGHTNING = {
 }
 # subcommand -> (module of this package with `main(argv: list[str]) -> int | None`, one line); imported on use
 GROUPS: dict[str, tuple[str, str]] = {
-    "data": ("data", "convert data to streamed chunks (optimize) or look at it first (inspect)"),
+    "data": (
+        "data",
+        "convert data to streamed chunks (optimize), look at it (inspect), clean it (bootstrap)",
+    ),
     "slurm": ("slurm", "submit, watch and cancel training jobs on a Slurm cluster"),
     "export": ("export", "one consolidated weights file (with its architecture) from any checkpoint"),
     "tensorboard": ("tensorboard", "serve the runs' TensorBoard logs on 127.0.0.1"),

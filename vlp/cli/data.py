@@ -1,5 +1,6 @@
-"""`vlp data optimize | inspect`: convert any supported annotation format (or WebDataset shards) to litdata
-chunks, and look at a data set (counts, percentiles and a contact sheet) before training on it."""
+"""`vlp data optimize | inspect | bootstrap`: convert any supported annotation format (or WebDataset shards) to
+litdata chunks, look at a data set (counts, percentiles and a contact sheet) before training on it, and clean
+it with a trained model (BLIP's CapFilt, `vlp.cli.bootstrap`)."""
 
 from __future__ import annotations
 
@@ -179,6 +180,7 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("optimize", "write litdata chunks of encoded images + captions"),
         ("inspect", "counts, percentiles and a contact sheet PNG"),
+        ("bootstrap", "caption every image with a model, keep the pairs its ITM head matches (CapFilt)"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument(
@@ -198,6 +200,10 @@ def parser() -> argparse.ArgumentParser:
             help="accept absolute image paths in the annotations (default: only paths under --image-root)",
         )
     optimize_command, inspect_command = commands.choices["optimize"], commands.choices["inspect"]
+    from vlp.cli.bootstrap import add_arguments
+
+    add_arguments(commands.choices["bootstrap"])
+    next(a for a in commands.choices["bootstrap"]._actions if a.dest == "input").required = True
     optimize_command.add_argument("--output", required=True, help="chunk folder to write (replaced)")
     optimize_command.add_argument("--num-workers", type=int, default=1)
     optimize_command.add_argument("--max-side", type=int, help="shrink images whose longer side exceeds this")
@@ -218,6 +224,11 @@ def main(argv: list[str]) -> int:
     """Run the subcommand; bad input (a missing file, malformed annotations) is one line on stderr, exit 2."""
     args = parser().parse_args(argv)
     try:
+        if args.command == "bootstrap":
+            from vlp.cli.bootstrap import run_bootstrap
+
+            skipped: Counter = Counter()
+            return run_bootstrap(args, read_records(args, skipped), skipped, argv[1:])
         return run_optimize(args) if args.command == "optimize" else run_inspect(args)
     except (OSError, ValueError) as error:
         print(f"vlp data {args.command}: error: {error}", file=sys.stderr)

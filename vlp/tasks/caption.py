@@ -38,7 +38,9 @@ class CaptionObjective(Objective):
     """Captioning with the backbone's decoder (`FusionBackbone(caption_decoder=True)`).
 
     `num_beams` 1 decodes greedily; `max_length` bounds the generated tokens ([SEP] included);
-    `length_penalty` divides a beam's log-probability by length ** length_penalty.
+    `length_penalty` divides a beam's log-probability by length ** length_penalty; `repetition_penalty`
+    and `min_length` (EOS allowed from the `min_length`-th token on) as transformers and BLIP define them
+    (BLIP's captioning: 3 beams, min_length 5).
     """
 
     name = "caption"
@@ -54,6 +56,8 @@ class CaptionObjective(Objective):
         max_length: int = 40,
         alpha: float = 0.0,
         alpha_warmup_steps: int = 0,
+        repetition_penalty: float = 1.0,
+        min_length: int = 0,
     ) -> None:
         """`alpha`: weight of the momentum decoder's next-token distributions in the loss (BLIP-style
         distillation), reached after `alpha_warmup_steps`; needs the backbone's momentum model."""
@@ -70,6 +74,12 @@ class CaptionObjective(Objective):
             raise ValueError(
                 f"max_length must be in [1, text.max_len={backbone.text.max_len}], got {max_length}"
             )
+        if not repetition_penalty > 0 or not 0 <= min_length <= max_length:
+            raise ValueError(
+                f"need repetition_penalty > 0 and 0 <= min_length <= max_length, got {repetition_penalty}, "
+                f"{min_length}"
+            )
+        self.repetition_penalty, self.min_length = repetition_penalty, min_length
         self.label_smoothing = label_smoothing
         self.chunk_size = chunk_size
         self.num_beams = num_beams
@@ -121,6 +131,8 @@ class CaptionObjective(Objective):
             "pad_id": tokenizer.pad_token_id,
             "max_length": self.max_length,
             "device": image.tokens.device,
+            "repetition_penalty": self.repetition_penalty,
+            "min_length": self.min_length,
         }
         if k == 1:
             return greedy_search(decode, b, **tokens)

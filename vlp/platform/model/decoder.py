@@ -22,6 +22,11 @@ from torch import Tensor, nn
 from vlp.platform.kernels import linear_cross_entropy
 from vlp.platform.model.encoders import TextEncoder
 from vlp.platform.model.fusion import FusionEncoder, KeyValues, MultiHeadAttention
+from vlp.platform.model.logits_processors import (
+    check_processor_args,
+    forbid_eos_before,
+    penalise_repetition,
+)
 
 IGNORE_INDEX = -100
 
@@ -180,16 +185,25 @@ def greedy_search(
     pad_id: int,
     max_length: int,
     device: torch.device | str = "cpu",
+    repetition_penalty: float = 1.0,
+    min_length: int = 0,
 ) -> Tensor:
     """Most likely token at each step; rows stop at `eos_id` and are padded with `pad_id` after it.
+    `repetition_penalty` and `min_length` (EOS allowed from the `min_length`-th generated token on) act
+    on the logits as transformers' processors do (`vlp.platform.model.logits_processors`).
 
     Returns generated ids [B, T] without the BOS, T <= max_length (shorter when every row stopped).
     """
     _check_generation_args(batch_size, max_length)
+    check_processor_args(repetition_penalty, min_length, max_length)
     ids = torch.full((batch_size, 1), bos_id, dtype=torch.long, device=device)
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
     for _ in range(max_length):
-        token = decode(ids[:, -1], None).argmax(-1)
+        logits = decode(ids[:, -1], None).float()
+        logits = forbid_eos_before(
+            ids, penalise_repetition(ids, logits, repetition_penalty), min_length, eos_id
+        )
+        token = logits.argmax(-1)
         token = token.masked_fill(finished, pad_id)
         ids = torch.cat([ids, token[:, None]], dim=1)
         finished |= token == eos_id
@@ -209,6 +223,8 @@ def beam_search(
     num_beams: int,
     length_penalty: float = 1.0,
     device: torch.device | str = "cpu",
+    repetition_penalty: float = 1.0,
+    min_length: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Beam search with `num_beams` beams per row, batched: `decode` sees [B * num_beams] tokens, batch-major
     (rows b * num_beams .. b * num_beams + num_beams - 1 belong to example b), with the rows they continue.
@@ -216,10 +232,12 @@ def beam_search(
     A hypothesis scores sum(log p) / length ** length_penalty, length counting the generated tokens with
     the final `eos_id`; beams that reach `max_length` without it are scored as they are. A row stops once
     its `num_beams` best finished hypotheses cannot be beaten by any live beam (an exact bound).
-    With num_beams=1 and length_penalty=0 this is greedy search.
+    With num_beams=1 and length_penalty=0 this is greedy search. `repetition_penalty` and `min_length` act
+    on the log-probabilities as transformers' processors do in its beam search (BLIP: 3 beams, min 5).
     Returns (ids [B, T] without the BOS, `pad_id` after `eos_id`, T <= max_length; scores [B]).
     """
     _check_generation_args(batch_size, max_length, num_beams)
+    check_processor_args(repetition_penalty, min_length, max_length)
     b, k = batch_size, num_beams
     ids = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)
     # all beams start identical: only the first may expand at step one, or the top k would be k copies
@@ -231,6 +249,8 @@ def beam_search(
     origin_rows = None  # the row of the previous step each beam continues
     for step in range(1, max_length + 1):
         log_probs = decode(ids[:, -1], origin_rows).float().log_softmax(-1)  # [B * k, V]
+        log_probs = penalise_repetition(ids, log_probs, repetition_penalty)
+        log_probs = forbid_eos_before(ids, log_probs, min_length, eos_id)
         vocab = log_probs.shape[-1]
         if vocab < 2 * k:
             raise ValueError(f"num_beams={k} needs a vocabulary of at least {2 * k} tokens, got {vocab}")
