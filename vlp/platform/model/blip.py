@@ -52,6 +52,8 @@ def add_blip_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
 class BlipBackbone(FusionBackbone):
     """`FusionBackbone` with BLIP's shared encoder-decoder layers (see the module doc); same settings."""
 
+    grows_vocabulary = True
+
     def __init__(
         self,
         vision: VisionConfig | None = None,
@@ -94,6 +96,8 @@ class BlipBackbone(FusionBackbone):
         self.architecture.update(caption_decoder=caption_decoder, layout=LAYOUT)
         self.architecture["momentum"] = as_plain_data(momentum)
         self.decoder = BlipDecoder(self.text, self.fusion, self.decoder_token_id) if caption_decoder else None
+        if self.decoder is not None and self.fusion.config.init_from_text_layers is not None:
+            self.decoder.copy_self_attention(self.fusion)  # BLIP's decoder starts from the same BERT
         if momentum is not None:  # last: the copy is taken of everything above
             self.momentum = MomentumModel(self, momentum, shared=(tokenizer,))
 

@@ -52,6 +52,14 @@ class BlipDecoder(nn.Module):
         )
         self.bias = nn.Parameter(torch.zeros(text.word_embeddings.num_embeddings))
 
+    @torch.no_grad()
+    def copy_self_attention(self, fusion: FusionEncoder) -> None:
+        """Start each layer's own self-attention and its LayerNorm as copies of the encoder layer's (BLIP
+        loads one pretrained BERT into both; only these stay untied)."""
+        for layer, attn, norm in zip(fusion.layers, self.self_attns, self.self_norms, strict=True):
+            attn.load_state_dict(layer.self_attn.state_dict())
+            norm.load_state_dict(layer.self_norm.state_dict())
+
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self._shared[0].word_embeddings
