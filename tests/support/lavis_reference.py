@@ -385,3 +385,23 @@ def blip_retrieval(embed_dim: int = 16, queue_size: int = 24, seed: int = 0, **s
     with torch.no_grad():
         model.idx_queue.copy_(torch.randint(0, 1000, model.idx_queue.shape))
     return _randomised(model, seed)
+
+
+def with_generate(model: nn.Module) -> nn.Module:
+    """Give a LAVIS BLIP model's `text_decoder` transformers' `generate` (transformers 5 no longer mixes
+    `GenerationMixin` into every model, nor sets its generation config), for `BlipCaption.generate`."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    def expand_text_only(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # LAVIS repeats the image tokens per beam itself, as the transformers it was written for expected
+        images = {k: model_kwargs.pop(k) for k in ("encoder_hidden_states", "encoder_attention_mask")}
+        input_ids, model_kwargs = GenerationMixin._expand_inputs_for_generation(
+            self, expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        return input_ids, model_kwargs | images
+
+    decoder = model.text_decoder
+    methods = {"_expand_inputs_for_generation": expand_text_only}
+    decoder.__class__ = type("GeneratingDecoder", (type(decoder), GenerationMixin), methods)
+    decoder.generation_config = GenerationConfig.from_model_config(decoder.config)
+    return model
