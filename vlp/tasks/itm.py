@@ -204,7 +204,7 @@ class ITMObjective(Objective):
         optim: OptimConfig | None = None,
         rerank_k: int = 0,
         rerank_chunk: int = 256,
-        rerank_score: Literal["itm", "itm+itc"] = "itm",
+        rerank_score: Literal["itm", "itm+itc", "itm+cos"] = "itm",
         hard_negative_warmup: int = 0,
         negatives: Literal["global", "albef", "blip"] = "global",
     ) -> None:
@@ -216,15 +216,15 @@ class ITMObjective(Objective):
         `rerank_k` > 0: validation also ranks the whole split by ITC and re-scores each query's top
         `rerank_k` with this head (`val/retrieval_itm/*`; ALBEF's `k_test`: 256 on COCO, 128 on Flickr30k);
         `rerank_chunk` pairs go
-        through fusion at a time. `rerank_score`: the match logit alone (ALBEF) or plus the ITC logit
-        s * cos (BLIP). `negatives`: "global" (vlp's, see the module doc) or "albef" (ALBEF's pre-training
+        through fusion at a time. `rerank_score`: the match logit alone (ALBEF), plus the ITC logit
+        s * cos ("itm+itc"), or plus the cosine itself ("itm+cos": BLIP's `score + topk_sim`). `negatives`: "global" (vlp's, see the module doc) or "albef" (ALBEF's pre-training
         draw from the local batch, `albef_match_pairs`) or "blip" (BLIP's: the same rows, weights
         softmax(sim) + 1e-4 with the own pair at zero)."""
         super().__init__(backbone, optim)
         if rerank_k < 0 or rerank_chunk < 1:
             raise ValueError(f"rerank_k must be >= 0 and rerank_chunk >= 1, got {rerank_k}, {rerank_chunk}")
-        if rerank_score not in ("itm", "itm+itc"):
-            raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
+        if rerank_score not in ("itm", "itm+itc", "itm+cos"):
+            raise ValueError(f"rerank_score must be 'itm', 'itm+itc' or 'itm+cos', got {rerank_score!r}")
         if hard_negative_warmup < 0:
             raise ValueError(f"hard_negative_warmup must be >= 0, got {hard_negative_warmup}")
         self.rerank_k, self.rerank_chunk, self.rerank_score = rerank_k, rerank_chunk, rerank_score
@@ -322,6 +322,8 @@ class ITMObjective(Objective):
             logit = self.head(self.backbone.fuse(image, text_tokens, text_mask, positions=cls)[:, 0])[:, 1]
             if self.rerank_score == "itm+itc":
                 logit = logit + self.backbone.logit_scale() * similarity[image_rows, text_rows]
+            elif self.rerank_score == "itm+cos":
+                logit = logit + similarity[image_rows, text_rows]
             return logit
 
         i2t, t2i = rerank_scores(similarity, self.rerank_k, match_logit, self.rerank_chunk)
