@@ -54,6 +54,7 @@ def main(argv: list[str]) -> int:
     blip.add_argument(
         "--embed-dim", type=int, default=256, help="a captioning file's fresh projections' size"
     )
+    blip.add_argument("--no-decoder", action="store_true", help="skip the caption decoder (retrieval)")
     args = parser.parse_args(argv)
     if not args.checkpoint.is_file():
         parser.error(f"no such checkpoint: {args.checkpoint}")
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> int:
     )
     fresh: list[str] = []
     if args.format == "blip":
-        state, fresh = convert_blip(stored, embed_dim=args.embed_dim, **options)
+        state, fresh = convert_blip(stored, embed_dim=args.embed_dim, decoder=not args.no_decoder, **options)
         architecture = blip_architecture(state, args.vision_heads, args.text_heads, args.temperature)
     else:
         state = convert_albef(stored, **options)

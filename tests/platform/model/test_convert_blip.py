@@ -129,6 +129,9 @@ def test_keys_that_fit_nothing_a_foreign_vocabulary_and_an_untied_decoder_are_er
     untied[key] = untied[key] + 1
     with pytest.raises(ValueError, match="text_decoder.bert differs from text_encoder"):
         convert_blip(untied, max_len=40)
+    without_decoder, _ = convert_blip(state, max_len=40, decoder=False)
+    assert not any(".decoder." in k for k in without_decoder)
+    assert without_decoder.keys() == {k for k in convert_blip(state, max_len=40)[0] if ".decoder." not in k}
     with pytest.raises(ValueError, match="neither text_encoder"):
         convert_blip({"visual_encoder.cls_token": torch.zeros(1, 1, 32)})
 

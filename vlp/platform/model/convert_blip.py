@@ -156,6 +156,7 @@ def convert_blip(
     temperature: str = "clamped",
     momentum: bool = True,
     embed_dim: int = 256,
+    decoder: bool = True,
 ) -> tuple[dict[str, Tensor], list[str]]:
     """A BLIP release / LAVIS state dict (or file dict with `model`) -> (`MultiTaskModule` names, the keys
     that started fresh because the file has none: a captioning file's projections and temperature).
@@ -163,7 +164,8 @@ def convert_blip(
     `image_size`: resample the positions to it (384 for COCO fine-tuning); `max_len`: text positions to
     keep; `vocab_size`: the tokenizer's length (BLIP's: 30,524), checked; `temperature`: the backbone's
     parametrisation; `momentum`: map the `*_m` copies and queues; `embed_dim`: a captioning file's fresh
-    projections' size (others carry theirs)."""
+    projections' size (others carry theirs); `decoder`: map the caption decoder (False: a backbone without
+    one, e.g. to fine-tune a pre-training file for retrieval; a captioning file needs it)."""
     reader = _Reader(official_state(official))
     has_encoder, has_decoder = (
         bool(reader.with_prefix("text_encoder.")),
@@ -185,7 +187,9 @@ def convert_blip(
             f"the checkpoint's vocabulary has {len(word)} rows, the tokenizer {vocab_size} tokens: use BLIP's "
             "tokenizer (bert-base-uncased + [DEC] + [ENC], 30524)"
         )
-    if has_decoder:
+    if has_decoder and not (decoder or has_encoder):
+        raise ValueError("a captioning checkpoint is its decoder: convert it with the decoder")
+    if has_decoder and decoder:
         mapped |= _decoder(reader, "backbone.", mapped if has_encoder else None)
     if has_encoder:
         for name in ("vision_proj", "text_proj"):
@@ -232,6 +236,8 @@ def convert_blip(
     if not momentum:
         queues = r"(\w+_m\.|image_queue|text_queue|queue_ptr|ptr_queue|idx_queue)"
         left = [k for k in left if not re.match(queues, k)]
+    if not decoder:
+        left = [k for k in left if not k.startswith("text_decoder.")]
     if left:
         raise ValueError(f"BLIP checkpoint keys that fit nothing in vlp ({len(left)}): {left[:40]}")
     return mapped, fresh
