@@ -124,7 +124,7 @@ class BlipBackbone(FusionBackbone):
             if packing is not None:
                 hidden = packing.pack(hidden)
             for layer in fusion.layers:
-                hidden = layer.feed_forward(layer.self_attention(hidden, self_mask, packing))
+                hidden = layer.text_only(hidden, self_mask, packing)
             hidden = fusion.norm(hidden)
             return hidden if packing is None else packing.unpack(hidden)
 

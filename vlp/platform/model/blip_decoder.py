@@ -19,13 +19,7 @@ from torch import Tensor, nn
 from vlp.platform.kernels import linear_cross_entropy
 from vlp.platform.model.decoder import IGNORE_INDEX
 from vlp.platform.model.encoders import TextEncoder
-from vlp.platform.model.fusion import (
-    FusionEncoder,
-    FusionLayer,
-    KeyValues,
-    MultiHeadAttention,
-    self_attention_mask,
-)
+from vlp.platform.model.fusion import FusionEncoder, KeyValues, MultiHeadAttention
 
 
 class BlipDecoder(nn.Module):
@@ -64,32 +58,6 @@ class BlipDecoder(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self._shared[0].word_embeddings
 
-    def self_attention(
-        self, i: int, layer: FusionLayer, hidden: Tensor, self_mask: Tensor | None, past: KeyValues | None
-    ) -> tuple[Tensor, KeyValues]:
-        """Layer i's causal self-attention sub-block with the decoder's own attention and LayerNorm;
-        `past`: cached keys and values of earlier tokens (generation). Returns (hidden, keys and values)."""
-        attn, norm = self.self_attns[i], self.self_norms[i]
-        source = layer.block_input(norm, hidden)
-        k, v = attn.key_values(source)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        return layer.residual(norm, hidden, attn(source, mask=self_mask, key_values=(k, v))), (k, v)
-
-    @staticmethod
-    def cross_and_feed_forward(
-        layer: FusionLayer,
-        hidden: Tensor,
-        image: Tensor | None,
-        image_kv: KeyValues | None,
-        cross_mask: Tensor | None,
-    ) -> Tensor:
-        """The shared cross-attention and feed-forward sub-blocks of `layer`: [B, L, D] -> [B, L, D]."""
-        out = layer.cross_attn(
-            layer.block_input(layer.cross_norm, hidden), image, mask=cross_mask, key_values=image_kv
-        )
-        return layer.feed_forward(layer.residual(layer.cross_norm, hidden, out))
-
     def embed(self, input_ids: Tensor, start: int = 0) -> Tensor:
         """Token + position embeddings, [DEC] at position 0."""
         if start == 0:
@@ -111,13 +79,16 @@ class BlipDecoder(nn.Module):
         if input_ids.shape[1] > text.max_len:
             raise ValueError(f"decoder input length {input_ids.shape[1]} exceeds text.max_len={text.max_len}")
         hidden = self.embed(input_ids)
-        self_mask = self_attention_mask(attention_mask, causal=True)
-        cross_mask = None if image_bias is None else image_bias[:, None, None, :].to(hidden.dtype)
-        for i, layer in enumerate(fusion.layers):
-            hidden, _ = self.self_attention(i, layer, hidden, self_mask, None)
-            kv = None if image_kv is None else image_kv[i]
-            hidden = self.cross_and_feed_forward(layer, hidden, image_tokens, kv, cross_mask)
-        return fusion.norm(hidden)
+        return fusion(
+            hidden,
+            attention_mask,
+            image_tokens,
+            image_bias=image_bias,
+            causal=True,
+            self_attns=self.self_attns,
+            self_norms=self.self_norms,
+            image_kv=image_kv,
+        )
 
     def start(
         self,
@@ -171,8 +142,15 @@ class BlipDecoderCache:
             self.past = [None if kv is None else (kv[0][origin], kv[1][origin]) for kv in self.past]
         hidden = self.decoder.embed(tokens[:, None], start=self.length)
         cross_mask = None if self.cross_mask is None else self.cross_mask.to(hidden.dtype)
+        decoder = self.decoder
         for i, layer in enumerate(fusion.layers):
-            hidden, self.past[i] = self.decoder.self_attention(i, layer, hidden, None, self.past[i])
-            hidden = self.decoder.cross_and_feed_forward(layer, hidden, None, self.image_kv[i], cross_mask)
+            hidden, self.past[i] = layer.decode_step(
+                hidden,
+                self.past[i],
+                decoder.self_attns[i],
+                self.image_kv[i],
+                cross_mask,
+                decoder.self_norms[i],
+            )
         self.length += 1
         return self.decoder.logits(fusion.norm(hidden)[:, 0])
