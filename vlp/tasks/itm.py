@@ -159,11 +159,12 @@ def albef_match_pairs(
     b = image.embedding.shape[0]
     if b < 2:
         raise ValueError("itm: negatives=albef draws from the local batch, which needs at least 2 rows")
+    # read outside no_grad: under FSDP2 the scale is a parametrized scalar whose read needs autograd
+    scale = backbone.logit_scale().detach()
     with torch.no_grad():
         columns = (text.embedding, image.embedding)
         if backbone.momentum is not None:
             columns = (features.momentum_text.embedding, features.momentum_image.embedding)
-        scale = backbone.logit_scale()
         own = torch.eye(b, dtype=torch.bool, device=image.embedding.device)
         i2t = (scale * image.embedding @ columns[0].T).float()
         t2i = (scale * text.embedding @ columns[1].T).float()

@@ -276,8 +276,10 @@ class FusionLayer(nn.Module):
 
     def text_only(self, text: Tensor, self_mask: Tensor, packing: Packing | None = None) -> Tensor:
         """Self-attention and feed-forward, the cross-attention skipped (BLIP's unimodal text encoder runs its
-        layers so): text [B, L, D] -> [B, L, D] (packed [T, D] with `packing`)."""
-        return self.feed_forward(self.self_attention(text, self_mask, packing))
+        layers so): text [B, L, D] -> [B, L, D] (packed [T, D] with `packing`). Calls no other entry point (a
+        sharding plan would release the layer's weights after that inner call)."""
+        out = self.self_attn(self.block_input(self.self_norm, text), mask=self_mask, packing=packing)
+        return self.feed_forward(self.residual(self.self_norm, text, out))
 
     def image_key_values(self, image: Tensor) -> KeyValues:
         """This layer's cross-attention keys and values of image tokens [B, N, Dv], to share between passes."""
