@@ -8,7 +8,7 @@ converted with `convert_blip`), one thread, the two runs interleaved batch by ba
 compared too. `--size base`: ViT-B/16 + BERT-base at `--image-size` (384, COCO captioning); `--size tiny`: the
 test size.
 
-    OMP_NUM_THREADS=1 python benchmarks/caption_speed.py --size base --batch 8 --batches 3
+    OMP_NUM_THREADS=1 python benchmarks/blip_generate_speed.py --size base --batch 8 --batches 3
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--beams", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "caption_speed.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "blip_generate_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
