@@ -233,3 +233,78 @@ def test_architecture_rebuilds_the_backbone(pair):
     rebuilt = BlipBackbone(**settings, tokenizer=tokenizer)
     backbone_keys = {k[len("backbone.") :] for k in converted if k.startswith("backbone.")}
     assert set(rebuilt.state_dict()) == backbone_keys
+
+
+@pytest.mark.slow
+def test_vit_b16_bert_base_blip_converts_exactly(monkeypatch, one_thread):
+    """BLIP's real sizes (ViT-B/16 at 224 + BERT-base, 12 layers with cross-attention, embed 256), two images:
+    ITC similarities, ITM logits through the shortcuts, LM logits and the momentum embedding, packed."""
+    monkeypatch.setattr(packing_module, "MIN_PADDING", 0.0)
+    sizes = dict(image_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12)
+    reference = blip_pretrain(embed_dim=256, queue_size=32, text_width=768, text_layers=12, text_heads=12,
+                              max_position=512, **sizes)  # fmt: skip
+    tokenizer = bert_tokenizer()
+    converted, _ = convert_blip(reference.state_dict(), max_len=40, vocab_size=30524)
+    architecture = blip_architecture(converted)  # heads by default width / 64: 12 and 12
+    assert architecture["vision"]["model"] == "vit_base_patch16_224" and architecture["fusion"]["depth"] == 12
+    backbone = BlipBackbone(
+        vision=VisionConfig(model="vit_base_patch16_224", image_size=224),
+        text=TextConfig(width=768, depth=0, heads=12, max_len=40, token_types=False),
+        fusion=FusionConfig(depth=12, heads=12, norm="post", layer_norm_eps=1e-12),
+        embed_dim=256,
+        tokenizer=tokenizer,
+        caption_decoder=True,
+        temperature="clamped",
+        momentum=MomentumConfig(0.995),
+    ).eval()
+    backbone.load_state_dict(
+        {k[len("backbone.") :]: v for k, v in converted.items() if k.startswith("backbone.")}
+    )
+    head = torch.nn.Linear(768, 2)
+    head.load_state_dict(
+        {k.split(".")[-1]: v for k, v in converted.items() if k.startswith("objectives.itm.head")}
+    )
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    text = tokenizer(CAPTIONS[1:3], padding="longest", return_tensors="pt")
+    ids, mask = text.input_ids, text.attention_mask
+    blip = blip_tokenizer()
+    with torch.no_grad():
+        image_tokens = reference.visual_encoder.forward_features(images)
+        image_feat = F.normalize(reference.vision_proj(image_tokens[:, 0]), dim=-1)
+        text_tokens = reference.text_encoder(ids, attention_mask=mask, mode="text").last_hidden_state
+        text_feat = F.normalize(reference.text_proj(text_tokens[:, 0]), dim=-1)
+        pairs = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0])  # (image, text): two positives, one negative
+        encoder_ids = ids.clone()
+        encoder_ids[:, 0] = blip.enc_token_id
+        ones = torch.ones(3, 197, dtype=torch.long)
+        fused = reference.text_encoder(
+            encoder_ids[pairs[1]], attention_mask=mask[pairs[1]], encoder_hidden_states=image_tokens[pairs[0]],
+            encoder_attention_mask=ones,
+        ).last_hidden_state  # fmt: skip
+        decoder_ids = ids.clone()
+        decoder_ids[:, 0] = blip.bos_token_id
+        lm = reference.text_decoder(
+            decoder_ids,
+            attention_mask=mask,
+            encoder_hidden_states=image_tokens,
+            encoder_attention_mask=ones[:2],
+        ).logits[:, :-1]
+        image_feat_m = F.normalize(reference.vision_proj_m(reference.visual_encoder_m(images)[:, 0]), dim=-1)
+
+        image = backbone.with_fusion_keys(backbone.encode_image(images))
+        features = backbone.encode_text(ids, mask)
+        sims = backbone.logit_scale() * image.embedding @ features.embedding.T
+        torch.testing.assert_close(sims, image_feat @ text_feat.T / reference.temp, **TOL)
+        attended = backbone.first_self_attention(features.tokens, mask)
+        out = backbone.fuse(
+            image.take(pairs[0]), attended[pairs[1]], mask[pairs[1]], positions=first_token(3, mask.device),
+            self_attended=True,
+        )  # fmt: skip
+        torch.testing.assert_close(head(out[:, 0]), reference.itm_head(fused[:, 0]), **TOL)
+        inputs, inputs_mask, _ = shift_for_teacher_forcing(ids, mask)
+        logits = backbone.decoder.logits(backbone.decode(image, inputs, inputs_mask))
+        real = inputs_mask.bool()
+        torch.testing.assert_close(logits[real], lm[real], **TOL)
+        momentum = backbone.momentum.backbone.encode_image(images).embedding
+        torch.testing.assert_close(momentum, image_feat_m, **TOL)
