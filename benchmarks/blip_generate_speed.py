@@ -81,7 +81,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--beams", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "blip_generate_speed.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "blip_generate_speed.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()

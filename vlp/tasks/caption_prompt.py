@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from vlp.platform.model.decoder import IGNORE_INDEX, DecodeStep
 
 
-def prompt_token_ids(tokenizer, prompt: str) -> list[int]:
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """The prompt's token ids without special tokens ([] for "")."""
     return list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
 
