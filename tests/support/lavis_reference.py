@@ -252,3 +252,156 @@ def official_checkpoint(model: nn.Module, path: str | Path) -> Path:
     """Save `model` as the ALBEF release files are: {"model": state_dict} (keys `text_encoder.bert.*`)."""
     torch.save({"model": model.state_dict()}, path)
     return Path(path)
+
+
+_BLIP: dict[str, types.ModuleType] = {}
+
+
+def blip_tokenizer():
+    """BLIP's tokenizer: BERT-uncased plus [DEC] (BOS) and [ENC], 30,524 tokens (LAVIS `init_tokenizer`,
+    whose `additional_special_tokens_ids` read transformers 5 removed)."""
+    tokenizer = bert_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
+    return tokenizer
+
+
+def import_lavis_blip() -> dict[str, types.ModuleType]:
+    """{"blip", "pretrain", "caption", "retrieval"}: LAVIS's BLIP modules, imported once with the shims."""
+    if _BLIP:
+        return _BLIP
+    med = import_lavis_albef()["med"]
+    med.BertLMHeadModel._tied_weights_keys = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"
+    }
+    blip = importlib.import_module("lavis.models.blip_models.blip")
+    blip.BlipBase.init_tokenizer = classmethod(lambda cls: blip_tokenizer())
+    _BLIP.update(
+        package=importlib.import_module("lavis.models.blip_models"),
+        blip=blip,
+        pretrain=importlib.import_module("lavis.models.blip_models.blip_pretrain"),
+        caption=importlib.import_module("lavis.models.blip_models.blip_caption"),
+        retrieval=importlib.import_module("lavis.models.blip_models.blip_retrieval"),
+    )
+    return _BLIP
+
+
+BLIP_SMALL = dict(
+    image_size=32,
+    patch_size=8,
+    vision_width=32,
+    vision_depth=2,
+    vision_heads=2,
+    text_width=32,
+    text_layers=3,
+    text_heads=2,
+    max_position=40,
+)
+
+
+def _blip_towers(image_size, patch_size, vision_width, vision_depth, vision_heads, text_width, text_layers,
+                 text_heads, max_position):  # fmt: skip
+    """LAVIS's ViT and BLIP's BERT config (`med_config.json` at a chosen size, dropout off)."""
+    from transformers import BertConfig
+
+    modules = import_lavis_albef()
+    vision = modules["vit"].VisionTransformerEncoder(
+        img_size=image_size,
+        patch_size=patch_size,
+        embed_dim=vision_width,
+        depth=vision_depth,
+        num_heads=vision_heads,
+        mlp_ratio=4,
+        qkv_bias=True,
+        norm_layer=None,
+    )
+    vision.vision_width = vision_width
+    config = BertConfig(
+        vocab_size=30524,
+        hidden_size=text_width,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        intermediate_size=4 * text_width,
+        max_position_embeddings=max_position,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+    )
+    config.add_cross_attention = True
+    config.add_type_embeddings = False
+    config.encoder_width = vision_width
+    return modules, vision, config
+
+
+def _quiet(build):
+    """Run `build()` without LAVIS's "... is tied" prints."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return build()
+
+
+def blip_pretrain(embed_dim: int = 16, queue_size: int = 24, seed: int = 0, **sizes):
+    """LAVIS's `BlipPretrain` (encoder and decoder tied as BLIP ties them) with random weights, every
+    LayerNorm and bias non-trivial, the decoder's LM-head transform non-trivial, momentum copies equal to
+    the online model, dropout off. `sizes` default to a small model (`BLIP_SMALL`)."""
+    torch.manual_seed(seed)
+    modules, vision, config = _blip_towers(**(BLIP_SMALL | sizes))
+    blip = import_lavis_blip()
+    med = modules["med"]
+    encoder = med.XBertEncoder(config, add_pooling_layer=False)
+    decoder = med.XBertLMHeadDecoder(config)
+    model = _quiet(
+        lambda: blip["pretrain"].BlipPretrain(
+            vision, encoder, decoder, queue_size=queue_size, alpha=0.4, embed_dim=embed_dim, momentum=0.995
+        )
+    )
+    return _randomised(model, seed)
+
+
+def blip_caption(seed: int = 0, prompt: str = "a picture of ", **sizes):
+    """LAVIS's `BlipCaption` (the COCO captioning checkpoints' model: `visual_encoder` + `text_decoder`)."""
+    torch.manual_seed(seed)
+    _, vision, config = _blip_towers(**(BLIP_SMALL | sizes))
+    blip = import_lavis_blip()
+    decoder = import_lavis_albef()["med"].XBertLMHeadDecoder(config)
+    model = blip["caption"].BlipCaption(vision, decoder, prompt=prompt, max_txt_len=40)
+    make_nontrivial(model, seed)
+    return model.eval()
+
+
+def blip_retrieval(embed_dim: int = 16, queue_size: int = 24, seed: int = 0, **sizes):
+    """LAVIS's `BlipRetrieval` (the retrieval checkpoints' model: no decoder, an `idx_queue`)."""
+    torch.manual_seed(seed)
+    modules, vision, config = _blip_towers(**(BLIP_SMALL | sizes))
+    blip = import_lavis_blip()
+    encoder = modules["med"].XBertEncoder(config, add_pooling_layer=False)
+    model = blip["retrieval"].BlipRetrieval(
+        vision, encoder, queue_size=queue_size, embed_dim=embed_dim, momentum=0.995, alpha=0.4
+    )
+    with torch.no_grad():
+        model.idx_queue.copy_(torch.randint(0, 1000, model.idx_queue.shape))
+    return _randomised(model, seed)
+
+
+def with_generate(model: nn.Module) -> nn.Module:
+    """Give a LAVIS BLIP model's `text_decoder` transformers' `generate` (transformers 5 no longer mixes
+    `GenerationMixin` into every model, nor sets its generation config), for `BlipCaption.generate`."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    def expand_text_only(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # LAVIS repeats the image tokens per beam itself, as the transformers it was written for expected
+        images = {k: model_kwargs.pop(k) for k in ("encoder_hidden_states", "encoder_attention_mask")}
+        input_ids, model_kwargs = GenerationMixin._expand_inputs_for_generation(
+            self, expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        return input_ids, model_kwargs | images
+
+    decoder = model.text_decoder
+    methods = {"_expand_inputs_for_generation": expand_text_only}
+    decoder.__class__ = type("GeneratingDecoder", (type(decoder), GenerationMixin), methods)
+    decoder.generation_config = GenerationConfig.from_model_config(decoder.config)
+    return model

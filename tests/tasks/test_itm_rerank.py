@@ -54,7 +54,7 @@ def test_rerank_scores_equal_brute_force_top_k():
     same_ranking(got[1], want[1], rows=False)
 
 
-@pytest.mark.parametrize("rerank_score", ["itm", "itm+itc"])
+@pytest.mark.parametrize("rerank_score", ["itm", "itm+itc", "itm+cos"])
 def test_itm_validation_reranks_the_split_like_a_plain_loop(make_backbone, shapes, one_thread, rerank_score):
     backbone = make_backbone()
     objective = ITMObjective(backbone, rerank_k=3, rerank_chunk=4, rerank_score=rerank_score).eval()
@@ -82,8 +82,10 @@ def test_itm_validation_reranks_the_split_like_a_plain_loop(make_backbone, shape
             image = backbone.encode_image(images[i : i + 1])
             tokens = backbone.text(texts[j][0][None, :n], texts[j][1][None, :n])
             logit = objective.head(backbone.fuse(image, tokens, texts[j][1][None, :n])[0, 0])[1]
-            if rerank_score == "itm+itc":  # BLIP adds the ITC logit of the pair
+            if rerank_score == "itm+itc":  # the ITC logit of the pair
                 logit = logit + backbone.logit_scale() * float(image_emb[i] @ text_emb[j])
+            if rerank_score == "itm+cos":  # BLIP adds the cosine (train_retrieval.py: score + topk_sim)
+                logit = logit + float(image_emb[i] @ text_emb[j])
             return logit
 
         i2t, t2i = brute_force(image_emb @ text_emb.T, 3, pair_score)

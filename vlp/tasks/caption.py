@@ -30,6 +30,7 @@ from vlp.platform.model.momentum import distilled_cross_entropy, ramped_alpha
 from vlp.platform.optim import OptimConfig
 from vlp.platform.run.visualization import annotate_captions
 from vlp.tasks.base import Objective, ObjectiveOutput, check_distillation, real_rows
+from vlp.tasks.caption_prompt import ignore_prompt, prompt_token_ids, prompted, with_prompt
 
 MAX_LOGGED_IMAGES = 8
 
@@ -58,9 +59,12 @@ class CaptionObjective(Objective):
         alpha_warmup_steps: int = 0,
         repetition_penalty: float = 1.0,
         min_length: int = 0,
+        prompt: str = "",
     ) -> None:
         """`alpha`: weight of the momentum decoder's next-token distributions in the loss (BLIP-style
-        distillation), reached after `alpha_warmup_steps`; needs the backbone's momentum model."""
+        distillation), reached after `alpha_warmup_steps`; needs the backbone's momentum model.
+        `prompt`: text every caption starts with, never scored and fed before generating (BLIP's captioner:
+        "a picture of "; `vlp.tasks.caption_prompt`); `max_length` counts the tokens after it."""
         super().__init__(backbone, optim)
         check_distillation("caption", backbone, alpha, alpha_warmup_steps)
         self.alpha, self.alpha_warmup_steps = alpha, alpha_warmup_steps
@@ -80,6 +84,8 @@ class CaptionObjective(Objective):
                 f"{min_length}"
             )
         self.repetition_penalty, self.min_length = repetition_penalty, min_length
+        self.prompt = prompt
+        self.prompt_ids = prompt_token_ids(backbone.tokenizer, prompt)
         self.label_smoothing = label_smoothing
         self.chunk_size = chunk_size
         self.num_beams = num_beams
@@ -95,8 +101,16 @@ class CaptionObjective(Objective):
 
     def teacher_forced(self, batch: dict, features: FeatureCache) -> tuple[Tensor, Tensor]:
         """Decoder hidden states [B, L-1, D] and next-token targets [B, L-1] (IGNORE_INDEX at padding)."""
-        inputs, mask, targets = shift_for_teacher_forcing(batch["input_ids"], batch["attention_mask"])
+        inputs, mask, targets = self.teacher_inputs(batch)
         return self.backbone.decode(features.fused_image, inputs, mask), targets
+
+    def teacher_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """(inputs [B, L'], their mask, next-token targets [B, L']) of the batch's captions, prompt first."""
+        ids, mask = with_prompt(
+            batch["input_ids"], batch["attention_mask"], self.prompt_ids, self.backbone.text.max_len
+        )
+        inputs, mask, targets = shift_for_teacher_forcing(ids, mask)
+        return inputs, mask, ignore_prompt(targets, self.prompt_ids)
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         hidden, targets = self.teacher_forced(batch, features)
@@ -107,7 +121,7 @@ class CaptionObjective(Objective):
         keep = targets != IGNORE_INDEX
         with torch.no_grad():  # the momentum decoder's next-token distributions on the same prefixes
             momentum = features.momentum_backbone
-            inputs, mask, _ = shift_for_teacher_forcing(batch["input_ids"], batch["attention_mask"])
+            inputs, mask, _ = self.teacher_inputs(batch)
             hidden_m = momentum.decode(momentum.with_fusion_keys(features.momentum_image), inputs, mask)
             logits_m = momentum.decoder.logits(hidden_m[keep])
         logits = self.decoder.logits(hidden[keep])
@@ -124,7 +138,7 @@ class CaptionObjective(Objective):
         expanded = (
             image if k == 1 else image.take(torch.arange(b, device=image.tokens.device).repeat_interleave(k))
         )
-        decode = self.backbone.start_decoding(expanded)
+        decode = prompted(self.backbone.start_decoding(expanded), self.prompt_ids)
         tokens = {
             "bos_id": tokenizer.cls_token_id,
             "eos_id": tokenizer.sep_token_id,

@@ -13,7 +13,8 @@ and gathered, and only [CLS] runs through the last fusion layer (exact: the same
 `negatives: albef` draws them as ALBEF's pre-training does instead: from this rank's batch only, each row's
 softmaxed similarities with its own pair at -inf (nothing else excluded), scored online against the
 momentum model's features when the backbone has one (ALBEF's `sim_i2t[:, :bs]`), else online against
-online. vlp's default sees W times more candidates and never draws a duplicate caption or another caption
+online; `negatives: blip` as BLIP's does (the same rows, weights softmax + 1e-4 with the own pair at zero).
+vlp's default sees W times more candidates and never draws a duplicate caption or another caption
 of the same image as a "negative" (which ALBEF's would teach the head to reject).
 Validation: accuracy on balanced pairs (every positive plus its hardest global-batch negative text);
 the repeats a DistributedSampler pads with (`is_padding`) are mined from but never scored; with
@@ -145,25 +146,36 @@ def global_match_pairs(
     )
 
 
-def albef_match_pairs(batch: dict, features: FeatureCache, backbone: FusionBackbone) -> MatchPairs:
+def albef_match_pairs(
+    batch: dict, features: FeatureCache, backbone: FusionBackbone, weights: Literal["albef", "blip"] = "albef"
+) -> MatchPairs:
     """ALBEF's pre-training pairs from this rank's B rows: B positives, for each image one negative text
     and for each text one negative image, drawn from softmax(sim) with the diagonal at -inf, sim = online
     image (text) embeddings against the momentum model's text (image) embeddings over the temperature
-    (online against online without a momentum model). Indices into the local batch."""
+    (online against online without a momentum model). Indices into the local batch.
+    `weights="blip"`: BLIP's draw instead, in proportion to softmax(sim) + 1e-4 over the whole row with the
+    own pair's weight then set to zero (`blip_pretrain.py`: every other row keeps a floor of 1e-4)."""
     image, text = features.fused_image, features.text
     b = image.embedding.shape[0]
     if b < 2:
         raise ValueError("itm: negatives=albef draws from the local batch, which needs at least 2 rows")
+    # read outside no_grad: under FSDP2 the scale is a parametrized scalar whose read needs autograd
+    scale = backbone.logit_scale().detach()
     with torch.no_grad():
         columns = (text.embedding, image.embedding)
         if backbone.momentum is not None:
             columns = (features.momentum_text.embedding, features.momentum_image.embedding)
-        scale = backbone.logit_scale()
         own = torch.eye(b, dtype=torch.bool, device=image.embedding.device)
-        i2t = (scale * image.embedding @ columns[0].T).float().masked_fill(own, -torch.inf)
-        t2i = (scale * text.embedding @ columns[1].T).float().masked_fill(own, -torch.inf)
-        neg_text = torch.multinomial(i2t.softmax(dim=1), 1).squeeze(1)
-        neg_image = torch.multinomial(t2i.softmax(dim=1), 1).squeeze(1)
+        i2t = (scale * image.embedding @ columns[0].T).float()
+        t2i = (scale * text.embedding @ columns[1].T).float()
+        if weights == "blip":
+            i2t = (i2t.softmax(dim=1) + 1e-4).masked_fill(own, 0.0)
+            t2i = (t2i.softmax(dim=1) + 1e-4).masked_fill(own, 0.0)
+        else:
+            i2t = i2t.masked_fill(own, -torch.inf).softmax(dim=1)
+            t2i = t2i.masked_fill(own, -torch.inf).softmax(dim=1)
+        neg_text = torch.multinomial(i2t, 1).squeeze(1)
+        neg_image = torch.multinomial(t2i, 1).squeeze(1)
     attended = backbone.first_self_attention(text.tokens, text.attention_mask)
     local = torch.arange(b, device=neg_text.device)
     labels = torch.zeros(3 * b, dtype=torch.long, device=local.device)
@@ -193,9 +205,9 @@ class ITMObjective(Objective):
         optim: OptimConfig | None = None,
         rerank_k: int = 0,
         rerank_chunk: int = 256,
-        rerank_score: Literal["itm", "itm+itc"] = "itm",
+        rerank_score: Literal["itm", "itm+itc", "itm+cos"] = "itm",
         hard_negative_warmup: int = 0,
-        negatives: Literal["global", "albef"] = "global",
+        negatives: Literal["global", "albef", "blip"] = "global",
     ) -> None:
         """`hard_negative_warmup` > 0: the first that many steps draw each negative uniformly among the
         non-positives, later ones ALBEF's way (ITC-weighted). ITC ranks well long before fusion can tell
@@ -205,21 +217,22 @@ class ITMObjective(Objective):
         `rerank_k` > 0: validation also ranks the whole split by ITC and re-scores each query's top
         `rerank_k` with this head (`val/retrieval_itm/*`; ALBEF's `k_test`: 256 on COCO, 128 on Flickr30k);
         `rerank_chunk` pairs go
-        through fusion at a time. `rerank_score`: the match logit alone (ALBEF) or plus the ITC logit
-        s * cos (BLIP). `negatives`: "global" (vlp's, see the module doc) or "albef" (ALBEF's pre-training
-        draw from the local batch, `albef_match_pairs`)."""
+        through fusion at a time. `rerank_score`: the match logit alone (ALBEF), plus the ITC logit
+        s * cos ("itm+itc"), or plus the cosine itself ("itm+cos": BLIP's `score + topk_sim`). `negatives`: "global" (vlp's, see the module doc) or "albef" (ALBEF's pre-training
+        draw from the local batch, `albef_match_pairs`) or "blip" (BLIP's: the same rows, weights
+        softmax(sim) + 1e-4 with the own pair at zero)."""
         super().__init__(backbone, optim)
         if rerank_k < 0 or rerank_chunk < 1:
             raise ValueError(f"rerank_k must be >= 0 and rerank_chunk >= 1, got {rerank_k}, {rerank_chunk}")
-        if rerank_score not in ("itm", "itm+itc"):
-            raise ValueError(f"rerank_score must be 'itm' or 'itm+itc', got {rerank_score!r}")
+        if rerank_score not in ("itm", "itm+itc", "itm+cos"):
+            raise ValueError(f"rerank_score must be 'itm', 'itm+itc' or 'itm+cos', got {rerank_score!r}")
         if hard_negative_warmup < 0:
             raise ValueError(f"hard_negative_warmup must be >= 0, got {hard_negative_warmup}")
         self.rerank_k, self.rerank_chunk, self.rerank_score = rerank_k, rerank_chunk, rerank_score
         self.hard_negative_warmup = hard_negative_warmup
-        if negatives not in ("global", "albef"):
-            raise ValueError(f"itm: negatives must be 'global' or 'albef', got {negatives!r}")
-        if negatives == "albef" and hard_negative_warmup:
+        if negatives not in ("global", "albef", "blip"):
+            raise ValueError(f"itm: negatives must be 'global', 'albef' or 'blip', got {negatives!r}")
+        if negatives != "global" and hard_negative_warmup:
             raise ValueError("itm: hard_negative_warmup applies to negatives=global only")
         self.negatives = negatives
         self.head = nn.Linear(backbone.width, 2)
@@ -248,8 +261,8 @@ class ITMObjective(Objective):
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
         hardness = self.hardness(self.current_step())
-        if self.negatives == "albef":
-            pairs = albef_match_pairs(batch, features, self.backbone)
+        if self.negatives != "global":
+            pairs = albef_match_pairs(batch, features, self.backbone, weights=self.negatives)
         else:
             pairs = global_match_pairs(batch, features, self.backbone, hardness=hardness)
         logits = self.match_logits(pairs)
@@ -310,6 +323,8 @@ class ITMObjective(Objective):
             logit = self.head(self.backbone.fuse(image, text_tokens, text_mask, positions=cls)[:, 0])[:, 1]
             if self.rerank_score == "itm+itc":
                 logit = logit + self.backbone.logit_scale() * similarity[image_rows, text_rows]
+            elif self.rerank_score == "itm+cos":
+                logit = logit + similarity[image_rows, text_rows]
             return logit
 
         i2t, t2i = rerank_scores(similarity, self.rerank_k, match_logit, self.rerank_chunk)

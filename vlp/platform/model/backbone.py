@@ -116,6 +116,9 @@ class FusionBackbone(nn.Module):
     text tower and the data always agree.
     """
 
+    # whether a pretrained text tower gains rows for tokens the tokenizer adds (BLIP's [DEC], [ENC])
+    grows_vocabulary = False
+
     def __init__(
         self,
         vision: VisionConfig | None = None,
@@ -169,7 +172,9 @@ class FusionBackbone(nn.Module):
             }
         )
         self.vision = VisionEncoder(vision or VisionConfig())
-        self.text = TextEncoder(text or TextConfig(), len(tokenizer), tokenizer.pad_token_id)
+        self.text = TextEncoder(
+            text or TextConfig(), len(tokenizer), tokenizer.pad_token_id, self.grows_vocabulary
+        )
         self.fusion = FusionEncoder(fusion or FusionConfig(), self.text.width, self.vision.width)
         if self.fusion.config.init_from_text_layers is not None:
             self.split_text_tower(*self.fusion.config.init_from_text_layers)

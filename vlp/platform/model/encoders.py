@@ -171,7 +171,11 @@ def build_vit(config: VisionConfig) -> VisionTransformer:
 class TextEncoder(nn.Module):
     """transformers BERT (no pooler): ids [B, L] + mask [B, L] -> tokens [B, L, D] ([CLS] first)."""
 
-    def __init__(self, config: TextConfig, vocab_size: int, pad_token_id: int) -> None:
+    def __init__(
+        self, config: TextConfig, vocab_size: int, pad_token_id: int, grow_vocabulary: bool = False
+    ) -> None:
+        """`grow_vocabulary`: a `pretrained` model with fewer token rows than `vocab_size` gains the missing
+        rows (transformers' `resize_token_embeddings`, as BLIP adds [DEC] and [ENC] to BERT's); else an error."""
         super().__init__()
         self.config = config
         if config.pretrained:
@@ -195,6 +199,8 @@ class TextEncoder(nn.Module):
                     + ", ".join(f"{kind} {keys}" for kind, keys in unfit.items())
                 )
             self.bert.train()  # from_pretrained returns eval mode (dropout off); Lightning keeps module modes
+            if self.bert.config.vocab_size < vocab_size and grow_vocabulary:
+                self.bert.resize_token_embeddings(vocab_size)
             if self.bert.config.vocab_size < vocab_size:
                 raise ValueError(
                     f"text.pretrained {config.pretrained} has vocab_size={self.bert.config.vocab_size}, "

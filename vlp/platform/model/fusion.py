@@ -150,7 +150,8 @@ class LayerCall:
     """What one call of a fusion layer asks for.
 
     `self_mask`: bool (True = attend) or additive, broadcastable to [B, heads, L, L] (or [B, 1, 1, L]);
-    `cross_mask`: additive key bias on the image tokens [B, 1, 1, N] or None; `self_attn`: replaces the
+    `cross_mask`: additive key bias on the image tokens [B, 1, 1, N] or None; `self_norm`: replaces the
+    self-attention's LayerNorm (BLIP's decoder has its own, beside its own self-attention); `self_attn`: replaces the
     layer's own self-attention (the caption decoder's causal one); `image_kv`: the precomputed
     cross-attention keys and values of the image (then `image` may be None); `queries` [B, Q]: only those
     positions' outputs are computed -> [B, Q, D] (ITM and grounding read [CLS], MLM its masked tokens);
@@ -161,6 +162,7 @@ class LayerCall:
     self_mask: Tensor
     cross_mask: Tensor | None = None
     self_attn: MultiHeadAttention | None = None
+    self_norm: nn.LayerNorm | None = None
     image_kv: KeyValues | None = None
     queries: Tensor | None = None
     self_attended: bool = False
@@ -172,7 +174,7 @@ class FusionLayer(nn.Module):
     LayerNorm before (`norm="pre"`) or after the sum (`norm="post"`, BERT's layer)."""
 
     # the methods the backbone's passes call besides `forward`; a sharding plan gathers the layer around each
-    entry_points = ("image_key_values", "self_attention", "decode_step")
+    entry_points = ("image_key_values", "self_attention", "decode_step", "text_only")
     # those token merging inside fusion calls instead of `forward` (the layer then stays gathered)
     merging_entry_points = ("attend", "feed_forward")
 
@@ -219,9 +221,10 @@ class FusionLayer(nn.Module):
                 text = take(text)
         else:
             attn = self.self_attn if call.self_attn is None else call.self_attn
-            source = self.block_input(self.self_norm, text)
+            norm = self.self_norm if call.self_norm is None else call.self_norm
+            source = self.block_input(norm, text)
             if queries is None:
-                text = self.residual(self.self_norm, text, attn(source, mask=call.self_mask, packing=packing))
+                text = self.residual(norm, text, attn(source, mask=call.self_mask, packing=packing))
             else:
                 self_mask = call.self_mask
                 if self_mask.shape[-2] > 1:  # per-query (causal) mask: keep the queries' rows
@@ -229,7 +232,7 @@ class FusionLayer(nn.Module):
                         2, queries[:, None, :, None].expand(-1, 1, -1, self_mask.shape[-1])
                     )
                 out = attn(take(source), source, mask=self_mask, context_packing=packing)
-                text = self.residual(self.self_norm, take(text), out)
+                text = self.residual(norm, take(text), out)
         packing = packing if queries is None else None  # the picked rows [B, Q, D] are all read
         out = self.cross_attn(
             self.block_input(self.cross_norm, text),
@@ -251,22 +254,32 @@ class FusionLayer(nn.Module):
         self_attn: MultiHeadAttention,
         image_kv: KeyValues,
         cross_mask: Tensor | None = None,
+        self_norm: nn.LayerNorm | None = None,
     ) -> tuple[Tensor, KeyValues]:
-        """One generated token [B, 1, D] through the layer with causal self-attention `self_attn` over the
+        """One generated token [B, 1, D] through the layer with causal self-attention `self_attn` (and
+        `self_norm` in place of the layer's self-attention LayerNorm, when given) over the
         cached `past` keys and values [B, heads, T, D / heads] of the earlier tokens plus its own.
 
         Returns (the token's output [B, 1, D], past extended to T + 1). Equals row T of `forward` over the
         whole prefix with a causal mask, at the cost of one token.
         """
-        source = self.block_input(self.self_norm, token)
+        norm = self.self_norm if self_norm is None else self_norm
+        source = self.block_input(norm, token)
         k, v = self_attn.key_values(source)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        token = self.residual(self.self_norm, token, self_attn(source, key_values=(k, v)))
+        token = self.residual(norm, token, self_attn(source, key_values=(k, v)))
         out = self.cross_attn(
             self.block_input(self.cross_norm, token), None, mask=cross_mask, key_values=image_kv
         )
         return self.feed_forward(self.residual(self.cross_norm, token, out)), (k, v)
+
+    def text_only(self, text: Tensor, self_mask: Tensor, packing: Packing | None = None) -> Tensor:
+        """Self-attention and feed-forward, the cross-attention skipped (BLIP's unimodal text encoder runs its
+        layers so): text [B, L, D] -> [B, L, D] (packed [T, D] with `packing`). Calls no other entry point (a
+        sharding plan would release the layer's weights after that inner call)."""
+        out = self.self_attn(self.block_input(self.self_norm, text), mask=self_mask, packing=packing)
+        return self.feed_forward(self.residual(self.self_norm, text, out))
 
     def image_key_values(self, image: Tensor) -> KeyValues:
         """This layer's cross-attention keys and values of image tokens [B, N, Dv], to share between passes."""
@@ -421,10 +434,12 @@ class FusionEncoder(nn.Module):
         image_kv: tuple[KeyValues, ...] | None = None,
         positions: Tensor | None = None,
         self_attended: bool = False,
+        self_norms: nn.ModuleList | None = None,
     ) -> Tensor:
         """`image_bias` [B, N]: additive key bias on the image tokens (log token sizes after merging).
 
-        `image_kv`: `image_key_values(image)` computed earlier (then `image` may be None).
+        `image_kv`: `image_key_values(image)` computed earlier (then `image` may be None). `self_attns` /
+        `self_norms`: per layer, a self-attention / its LayerNorm replacing the layer's (a caption decoder's).
         `positions` [B, Q]: the last layer computes these queries alone -> [B, Q, D], exactly those rows of
         the full output (nothing after the last layer mixes tokens). `self_attended`: `text` is
         `first_self_attention(text)` already. A batch with enough padding runs packed (`packing`): the
@@ -443,6 +458,7 @@ class FusionEncoder(nn.Module):
             layer_call = replace(
                 call,
                 self_attn=None if self_attns is None else self_attns[i],
+                self_norm=None if self_norms is None else self_norms[i],
                 image_kv=None if image_kv is None else image_kv[i],
                 queries=positions if i == last else None,
                 self_attended=self_attended and i == 0,
