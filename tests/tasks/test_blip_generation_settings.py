@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lavis_reference import with_generate, blip_caption, bert_tokenizer
+from lavis_reference import bert_tokenizer, blip_caption, with_generate
 
 from vlp.platform.model.blip import BlipBackbone
 from vlp.platform.model.convert_blip import convert_blip
