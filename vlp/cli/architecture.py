@@ -15,12 +15,13 @@ from typing import Any
 from jsonargparse import Namespace, dict_to_namespace
 from lightning.pytorch.utilities import rank_zero_info
 
-from vlp.platform.model.architecture import as_plain_data, read_architecture, resolve_architecture
+from vlp.platform.model.architecture import (
+    as_plain_data,
+    backbone_class_path,
+    read_architecture,
+    resolve_architecture,
+)
 from vlp.platform.model.backbone import FusionBackbone
-
-BACKBONE_CLASS = f"{FusionBackbone.__module__}.{FusionBackbone.__qualname__}"
-# architectures stored with a `layout` are built by that layout's class (BLIP's shared encoder-decoder)
-LAYOUT_CLASSES = {"blip": "vlp.platform.model.blip.BlipBackbone"}
 
 
 def default_architecture() -> dict[str, Any]:
@@ -73,9 +74,6 @@ def backbone_from_checkpoint(config: Namespace, subcommand: str | None) -> None:
     settings, changes = resolve_architecture(stored, given, defaults, str(source))
     if changes:
         rank_zero_info(f"backbone of {source}, with this config's changes: {'; '.join(changes)}")
-    layout = settings.pop("layout", None)
-    if layout is not None and layout not in LAYOUT_CLASSES:
-        raise ValueError(f"{source} stores an architecture of unknown layout {layout!r}")
+    class_path = backbone_class_path(settings.pop("layout", None), str(source))
     settings = dict_to_namespace({**settings, "tokenizer": None})  # the tokenizer: linked from the data
-    class_path = LAYOUT_CLASSES[layout] if layout is not None else BACKBONE_CLASS
     init_args.backbone = Namespace(class_path=class_path, init_args=settings)

@@ -10,6 +10,7 @@ above the checkpoint's `checkpoints/` folder.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import yaml
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from vlp.platform.model.architecture import read_architecture
+from vlp.platform.model.architecture import backbone_class_path, read_architecture
 from vlp.platform.model.backbone import FusionBackbone, ImageFeatures, first_token
 from vlp.platform.model.pretrained import read_weights
 from vlp.platform.model.sampling import nucleus_sampling
@@ -132,7 +133,9 @@ class CapFiltModel(nn.Module):
             raise ValueError(f"vlp data bootstrap needs {' and '.join(missing)}; {checkpoint} has neither"
                              if len(missing) == 2 else f"vlp data bootstrap needs {missing[0]}; {checkpoint} "
                              "lacks it")  # fmt: skip
-        backbone = FusionBackbone(**backbone_settings(architecture), tokenizer=tokenizer)
+        settings = backbone_settings(architecture)
+        module, _, name = backbone_class_path(settings.pop("layout", None), str(checkpoint)).rpartition(".")
+        backbone = getattr(importlib.import_module(module), name)(**settings, tokenizer=tokenizer)
         weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         expected = backbone.state_dict()
         differ = [k for k in weights if k in expected and weights[k].shape != expected[k].shape]

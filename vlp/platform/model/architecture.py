@@ -38,6 +38,20 @@ MAY_DIFFER = (
 )
 
 
+# the class that rebuilds an architecture stored with a `layout` (absent: FusionBackbone)
+LAYOUT_CLASSES = {"blip": "vlp.platform.model.blip.BlipBackbone"}
+BACKBONE_CLASS = "vlp.platform.model.backbone.FusionBackbone"
+
+
+def backbone_class_path(layout: str | None, source: str = "the architecture") -> str:
+    """The import path of the backbone class that builds a stored architecture of `layout`."""
+    if layout is None:
+        return BACKBONE_CLASS
+    if layout not in LAYOUT_CLASSES:
+        raise ValueError(f"{source} stores an architecture of unknown layout {layout!r}")
+    return LAYOUT_CLASSES[layout]
+
+
 def as_plain_data(value: Any) -> Any:
     """Dataclasses and jsonargparse namespaces -> dicts, tuples -> lists, recursively."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
