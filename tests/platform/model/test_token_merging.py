@@ -156,8 +156,10 @@ def test_forced_cross_merge_still_keeps_padding_out_of_real_values():
 
 def test_merge_text_tokens_keeps_mask_consistent_with_sizes():
     metric, x, mask = padded_batch()
-    tokens, size, new_mask = merge_text_tokens(x, 4, mask.long(), metric=metric)
+    tokens, size, new_mask, unmerge = merge_text_tokens(x, 4, mask.long(), metric=metric)
     assert tokens.shape == (2, 6, 3) and new_mask.dtype == torch.long
+    assert torch.equal(new_mask, new_mask.sort(dim=1, descending=True).values)  # real tokens first again
+    assert unmerge(tokens).shape == x.shape
     assert torch.equal((size[..., 0] * new_mask).sum(dim=1), mask.sum(dim=1).float())
     assert torch.all(tokens[new_mask.bool()][:, 1] == 0) and torch.all(tokens[~new_mask.bool()][:, 1] == 1000)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -416,6 +417,15 @@ def text_guided_merge(
     return merge_wavg(merge, image_tokens, size)
 
 
+class MergedText(NamedTuple):
+    """A caption batch after one text merge, real tokens first in each row (`merge_text_tokens`)."""
+
+    tokens: Tensor  # [B, Nt - r, D]
+    size: Tensor  # [B, Nt - r, 1] real tokens held by each token (padding ones by padding groups)
+    mask: Tensor  # [B, Nt - r], text_mask's dtype: real tokens first, then padding
+    unmerge: Callable[[Tensor], Tensor]  # [B, Nt - r, C] -> [B, Nt, C]: each position its group's row
+
+
 def merge_text_tokens(
     text_tokens: Tensor,
     r: int,
@@ -423,19 +433,39 @@ def merge_text_tokens(
     size: Tensor | None = None,
     metric: Tensor | None = None,
     protect_first: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge `r` tokens of a padded caption batch by bipartite matching without mixing padding into text.
+) -> MergedText:
+    """Merge `r` tokens of a right-padded caption batch by bipartite matching, padding never mixed into text.
 
-    text_tokens [B, Nt, D], text_mask [B, Nt] (bool or 0/1), metric [B, Nt, C] (defaults to the tokens).
-    Returns (tokens [B, Nt - r, D], size [B, Nt - r, 1], mask [B, Nt - r] in text_mask's dtype).
+    Real-real links go before padding-padding ones and the real tokens are moved back in front after the
+    merge (stable), so which tokens of a caption merge, and where they end up, does not depend on how much
+    padding its row has: the merged batch is right-padded again, fit for packing and length groups.
+    text_tokens [B, Nt, D], text_mask [B, Nt] (bool or 0/1), size [B, Nt, 1], metric [B, Nt, C] (defaults to
+    the tokens). [CLS] (position 0) never merges with `protect_first` and stays first.
     """
     if text_mask.shape != text_tokens.shape[:2]:
         raise ValueError(
             f"text_mask must have shape {tuple(text_tokens.shape[:2])}, got {tuple(text_mask.shape)}"
         )
     real = text_mask.bool()
-    merge, _ = bipartite_soft_matching(
-        text_tokens if metric is None else metric, r, protect_first=protect_first, mask=real
+    merge, unmerge = bipartite_soft_matching(
+        text_tokens if metric is None else metric, r, protect_first=protect_first, mask=real, real_first=True
     )
     tokens, size = merge_wavg(merge, text_tokens, size, mask=real)
-    return tokens, size, merge_mask(merge, real).to(text_mask.dtype)
+    real = merge_mask(merge, real)
+    order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices  # [B, Nt - r]: real first
+    inverse = order.argsort(dim=1)
+
+    def unmerge_text(x: Tensor) -> Tensor:
+        return unmerge(_gather_rows(x, inverse))
+
+    return MergedText(
+        _gather_rows(tokens, order),
+        _gather_rows(size, order),
+        real.gather(1, order).to(text_mask.dtype),
+        unmerge_text,
+    )
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, N, C] reordered along N by index [B, M] -> [B, M, C]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
