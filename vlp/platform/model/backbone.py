@@ -254,10 +254,15 @@ class FusionBackbone(nn.Module):
         state = token_merging_state(vit)
         if state is None:
             apply_token_merging(
-                vit, config.vision_r, config.proportional_attention, config.trace_source, config.schedule
+                vit,
+                config.vision_r,
+                config.proportional_attention,
+                config.trace_source,
+                config.schedule,
+                config.inflection,
             )
         else:
-            set_merge_r(vit, config.vision_r, config.schedule)
+            set_merge_r(vit, config.vision_r, config.schedule, config.inflection)
             state.proportional_attention = config.proportional_attention
             state.trace_source = config.trace_source
         self.merging = config
