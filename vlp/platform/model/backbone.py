@@ -283,9 +283,10 @@ class FusionBackbone(nn.Module):
         state = token_merging_state(self.vision.vit)
         return 1.0 if state is None else state.tokens_kept
 
-    def encode_image(self, images: Tensor) -> ImageFeatures:
-        """Image tokens [B, 1 + N', Dv] (N' < N when merging, `sizes` [B, 1 + N'] then set) and embedding."""
-        tokens = self.vision(images)
+    def encode_image(self, images: Tensor, all_patches: bool = False) -> ImageFeatures:
+        """Image tokens [B, 1 + N', Dv] (N' < N when merging, `sizes` [B, 1 + N'] then set, or under patch
+        dropout in training unless `all_patches`) and embedding."""
+        tokens = self.vision(images, all_patches=all_patches)
         state = token_merging_state(self.vision.vit)
         sizes = None if state is None or state.size is None else state.size[..., 0]
         if self.vision.config.pool == "cls":
@@ -450,6 +451,26 @@ class FeatureCache:
         if self._whole is not None:
             return self._whole.fused_image.rows(batch_size_of(self.batch))
         return self.backbone.with_fusion_keys(self.image)
+
+    @cached_property
+    def image_all_patches(self) -> ImageFeatures:
+        """`image` from every patch token: a second vision pass while patch dropout drops some (training
+        with `vision.patch_dropout`), else `image` itself. For objectives that opt out of patch dropout
+        (grounding reads boxes anywhere in the image)."""
+        if not self.backbone.vision.drops_patches:
+            return self.image
+        if self._whole is not None:
+            return self._whole.image_all_patches.rows(batch_size_of(self.batch))
+        return self.backbone.encode_image(self.batch["image"], all_patches=True)
+
+    @cached_property
+    def fused_image_all_patches(self) -> ImageFeatures:
+        """`image_all_patches` with the fusion layers' keys and values (`fused_image` without patch dropout)."""
+        if not self.backbone.vision.drops_patches:
+            return self.fused_image
+        if self._whole is not None:
+            return self._whole.fused_image_all_patches.rows(batch_size_of(self.batch))
+        return self.backbone.with_fusion_keys(self.image_all_patches)
 
     @cached_property
     def text(self) -> TextFeatures:
