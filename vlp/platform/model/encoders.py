@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -110,6 +110,12 @@ class VisionEncoder(nn.Module):
     @property
     def width(self) -> int:
         return self.vit.embed_dim
+
+    def set_patch_dropout(self, share: float) -> None:
+        """Switch patch dropout to `share` (0 = off: the tower without it); no parameters change."""
+        self.config = replace(self.config, patch_dropout=share)  # validates
+        vit = self.vit
+        vit.patch_drop = PatchDropout(share, vit.num_prefix_tokens) if share > 0 else nn.Identity()
 
     @property
     def drops_patches(self) -> bool:
