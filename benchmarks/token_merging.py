@@ -268,14 +268,11 @@ def main() -> None:
         else:
             rows += cost_rows("shapes-tiny-64px", 64, every, rounds=3)
             rows += cost_rows("vit-b16+bert-base", 2, SETTINGS, rounds=2)
-    if "goals" in parts:
+    if "goals" in parts:  # the merge config's settings of the goals (those of `costs` when it ran)
         if "costs" not in parts or args.quick:
-            rows += cost_rows(
-                "shapes-tiny-64px",
-                16 if args.quick else 64,
-                {"r0": SETTINGS["r0"], "overlay": overlay},
-                1 if args.quick else 3,
-            )
+            goal_settings = ("r0", "overlay", *(f"patch_dropout{p}" for p in PATCH_DROPOUT))
+            batch, rounds = (16, 1) if args.quick else (64, 3)
+            rows += cost_rows("shapes-tiny-64px", batch, {k: every[k] for k in goal_settings}, rounds)
         vit_b = {"r0": SETTINGS["r0"], "r16": SETTINGS["r16"]}
         rows += cost_rows(
             "vit-b16+bert-base", 2 if args.quick else 8, vit_b, 1 if args.quick else 2, ALBEF_STEP

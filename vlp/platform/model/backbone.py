@@ -193,6 +193,7 @@ class FusionBackbone(nn.Module):
         # captioning: causal decoder sharing the text embeddings and the fusion cross-attention + MLP
         self.decoder = CaptionDecoder(self.text, self.fusion) if caption_decoder else None
         self.merging: TokenMergingConfig | None = None
+        self._tokens_kept = 1.0  # of the last vision pass (`tokens_kept`)
         if merging is not None:
             self.set_merging(merging)
         self.momentum: MomentumModel | None = None
@@ -279,14 +280,17 @@ class FusionBackbone(nn.Module):
 
     @property
     def tokens_kept(self) -> float:
-        """Fraction of image tokens the vision tower kept in its last forward (1.0 without merging)."""
-        state = token_merging_state(self.vision.vit)
-        return 1.0 if state is None else state.tokens_kept
+        """Fraction of its input tokens ([CLS] + patches) the vision tower put out in its last forward that
+        could drop patches (all-patch passes aside): what token merging and patch dropout leave, 1.0 without
+        either."""
+        return self._tokens_kept
 
     def encode_image(self, images: Tensor, all_patches: bool = False) -> ImageFeatures:
         """Image tokens [B, 1 + N', Dv] (N' < N when merging, `sizes` [B, 1 + N'] then set, or under patch
         dropout in training unless `all_patches`) and embedding."""
         tokens = self.vision(images, all_patches=all_patches)
+        if not all_patches:
+            self._tokens_kept = tokens.shape[1] / self.vision.num_tokens
         state = token_merging_state(self.vision.vit)
         sizes = None if state is None or state.size is None else state.size[..., 0]
         if self.vision.config.pool == "cls":

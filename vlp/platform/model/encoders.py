@@ -111,6 +111,11 @@ class VisionEncoder(nn.Module):
     def width(self) -> int:
         return self.vit.embed_dim
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens entering the blocks without patch dropout: the prefix ([CLS]) and every patch."""
+        return self.vit.patch_embed.num_patches + self.vit.num_prefix_tokens
+
     def set_patch_dropout(self, share: float) -> None:
         """Switch patch dropout to `share` (0 = off: the tower without it); no parameters change."""
         self.config = replace(self.config, patch_dropout=share)  # validates
