@@ -1,22 +1,30 @@
-"""Token merging: FLOPs, CPU time and retrieval quality with and without merging.
+"""Token merging (and FLIP's patch dropout): FLOPs, CPU time and quality against the unmerged model.
 
-Cost, for the merging config's model (the default with configs/overlays/merge.yaml: its objectives in
-one joint step, at 64 px / 8 px patches, since the default's 9 patch tokens leave nothing to merge) and the
-same config with a ViT-B/16 + BERT-base sized backbone (random weights; ALBEF's split of BERT-base: 6 text
-+ 6 fusion layers; the shapes vocabulary), under each merging setting:
+Parts (--parts, all three by default, side by side in one run and one results file):
+- costs: the merging config's model (the default with configs/overlays/merge.yaml: its objectives in one
+  joint step, 64 px / 8 px patches, since the default's 9 patch tokens leave nothing to merge) and the same
+  config with a ViT-B/16 + BERT-base sized backbone (random weights; ALBEF's split of BERT-base: 6 text +
+  6 fusion layers; the shapes vocabulary), under each merging setting;
+- goals: the issue's cost goals. Merge config: the overlay's merging (and patch dropout 0.5 / 0.75 without
+  merging) against neither, batch 64; ViT-B/16 224 px + BERT-base 6 + 6: the joint ITC + ITM + MLM step
+  (ALBEF's objectives, all rows) at vision_r 16 against 0, batch 8;
+- quality: `vlp fit` of the merge config unmerged, merged (the overlay) and with patch dropout, the same
+  steps at seeds 0 and 1, then validation t2i R@1, ITM accuracy and grounding Acc@0.5 (early-training
+  numbers: the CPU budget is a fraction of the config's schedule); the summary gives each drop against
+  unmerged and whether it is within 0.03.
+Per cost row:
 - GFLOPs per training sample: one joint multi-task step, forward + backward, counted by FlopCounterMode
   with CPU attention (merging's gather/sort/scatter count 0, hence the times beside them);
-- GFLOPs per inference sample: image and text towers plus the fused pass of the pair (ITM scoring);
-- CPU time of that step and pass as a speed-up over r=0, measured in this run: settings interleaved round
-  by round, best of the rounds, so load from other processes on a shared machine distorts them least.
-  One thread by default (--threads): on a busy 2-core machine OpenMP's spin-waiting made 2-thread step
-  times swing 5x from one step to the next, while single-thread times held within ~15 %.
-Quality: `vlp fit` of the default with configs/overlays/merge.yaml, merging off and on (same objectives,
-data, seed and step budget; only the backbone's merging differs), then val retrieval R@1 and samples/s.
-The CPU budget is a short fraction of the configs' schedule: early-training numbers.
+- GFLOPs per inference sample: image and text towers plus the fused pass of the pair (ITM scoring), in
+  evaluation mode (no patch dropout);
+- CPU time of that step and pass as a ratio to the first setting, measured in this run: settings
+  interleaved round by round, best of the rounds, so load from other processes on a shared machine
+  distorts them least. One thread by default (--threads): on a busy 2-core machine OpenMP's spin-waiting
+  made 2-thread step times swing 5x from one step to the next, while single-thread times held within ~15 %.
 
-    python benchmarks/token_merging.py            # ~10 min on 2 CPU cores
-    python benchmarks/token_merging.py --quick    # ~1 min smoke version
+    python benchmarks/token_merging.py                                 # costs, goals, quality: hours on 2 cores
+    python benchmarks/token_merging.py --parts goals,quality --train-steps 300
+    python benchmarks/token_merging.py --quick                         # a few minutes' smoke version
 """
 
 import argparse
