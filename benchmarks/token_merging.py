@@ -59,7 +59,8 @@ SETTINGS = {
 }
 BACKBONE = "--model.init_args.backbone.init_args"
 PATCH_DROPOUT = (0.5, 0.75)  # FLIP's shares, without merging
-Setting = TokenMergingConfig | tuple[TokenMergingConfig, float]  # merging, or (merging, patch dropout share)
+# merging, or (merging, patch dropout share[, whether grounding opts out of patch dropout: default yes])
+Setting = TokenMergingConfig | tuple[TokenMergingConfig, float] | tuple[TokenMergingConfig, float, bool]
 ALBEF_STEP = ("itc", "itm", "mlm")  # the ViT-B goal's joint step (ALBEF's pre-training objectives)
 MERGING_OFF = [f"{BACKBONE}.merging={json.dumps(dict(vision_r=0, text_r=0, fusion_r=0))}"]
 MODELS = {  # overrides of the default with configs/overlays/merge.yaml (each setting replaces its merging)
@@ -125,9 +126,13 @@ def cost_rows(
         return fused
 
     def apply(setting: Setting) -> None:
-        merging, share = setting if isinstance(setting, tuple) else (setting, 0.0)
+        merging, share, grounding_all_patches = (
+            (*setting, True)[:3] if isinstance(setting, tuple) else (setting, 0.0, True)
+        )
         backbone.set_merging(merging)
         backbone.vision.set_patch_dropout(share)
+        if "grounding" in module.objectives:
+            module.objectives["grounding"].all_patches = grounding_all_patches
 
     rows = {}
     for name, setting in settings.items():  # counting FLOPs runs each setting once: it doubles as the warm-up
@@ -278,7 +283,8 @@ def main() -> None:
             rows += cost_rows("vit-b16+bert-base", 2, SETTINGS, rounds=2)
     if "goals" in parts:  # the merge config's settings of the goals (those of `costs` when it ran)
         if "costs" not in parts or args.quick:
-            goal_settings = ("r0", "overlay", *(f"patch_dropout{p}" for p in PATCH_DROPOUT))
+            dropout = [f"patch_dropout{p}{too}" for p in PATCH_DROPOUT for too in ("", "_grounding_too")]
+            goal_settings = ("r0", "overlay", *dropout)
             batch, rounds = (16, 1) if args.quick else (64, 3)
             rows += cost_rows("shapes-tiny-64px", batch, {k: every[k] for k in goal_settings}, rounds)
         vit_b = {"r0": SETTINGS["r0"], "r16": SETTINGS["r16"]}
