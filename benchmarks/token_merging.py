@@ -302,10 +302,14 @@ def main() -> None:
         quality = quality_rows(variants, seeds[:1] if args.quick else seeds, steps, 16 if args.quick else 64)
     summary = {"overlay_merging": merging_of_overlay(), **goals(rows, quality)}
     name = "token_merging_quick" if args.quick else "token_merging"
-    if args.parts != parser.get_default("parts") or args.seeds != parser.get_default("seeds"):
-        name += (
-            f"_{'_'.join(parts)}_seeds{'_'.join(map(str, seeds))}"  # a partial run keeps the full one's file
-        )
+    partial = [
+        args.parts != parser.get_default("parts"),
+        args.seeds != parser.get_default("seeds"),
+        args.variants,
+    ]
+    if any(partial):  # a partial run keeps the full one's file (and the other partial runs')
+        name += f"_{'_'.join(parts)}_seeds{'_'.join(map(str, seeds))}"
+        name += f"_{args.variants.replace(',', '_')}" if args.variants else ""
     report(name, rows + quality, summary)
 
 
