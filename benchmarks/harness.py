@@ -75,7 +75,7 @@ def build_from_config(config: str | Path, overrides: list[str], threads: int | N
         subclass_mode_model=True,
         auto_configure_optimizers=False,
         run=False,
-        args=[f"--config={config}", "--trainer.logger=false", *overrides],
+        args=[f"--config={config}", *overrides, "--trainer.logger=false"],  # last: overlays may name a logger
     )
     cli.model.log = lambda *args, **kwargs: None
     return cli.model, cli.datamodule

@@ -1,22 +1,30 @@
-"""Token merging: FLOPs, CPU time and retrieval quality with and without merging.
+"""Token merging (and FLIP's patch dropout): FLOPs, CPU time and quality against the unmerged model.
 
-Cost, for the merging config's model (the default with configs/overlays/merge.yaml: its objectives in
-one joint step, at 64 px / 8 px patches, since the default's 9 patch tokens leave nothing to merge) and the
-same config with a ViT-B/16 + BERT-base sized backbone (random weights; ALBEF's split of BERT-base: 6 text
-+ 6 fusion layers; the shapes vocabulary), under each merging setting:
+Parts (--parts, all three by default, side by side in one run and one results file):
+- costs: the merging config's model (the default with configs/overlays/merge.yaml: its objectives in one
+  joint step, 64 px / 8 px patches, since the default's 9 patch tokens leave nothing to merge) and the same
+  config with a ViT-B/16 + BERT-base sized backbone (random weights; ALBEF's split of BERT-base: 6 text +
+  6 fusion layers; the shapes vocabulary), under each merging setting;
+- goals: the issue's cost goals. Merge config: the overlay's merging (and patch dropout 0.5 / 0.75 without
+  merging) against neither, batch 64; ViT-B/16 224 px + BERT-base 6 + 6: the joint ITC + ITM + MLM step
+  (ALBEF's objectives, all rows) at vision_r 16 against 0, batch 8;
+- quality: `vlp fit` of the merge config unmerged, merged (the overlay) and with patch dropout, the same
+  steps at seeds 0 and 1, then validation t2i R@1, ITM accuracy and grounding Acc@0.5 (early-training
+  numbers: the CPU budget is a fraction of the config's schedule); the summary gives each drop against
+  unmerged and whether it is within 0.03.
+Per cost row:
 - GFLOPs per training sample: one joint multi-task step, forward + backward, counted by FlopCounterMode
   with CPU attention (merging's gather/sort/scatter count 0, hence the times beside them);
-- GFLOPs per inference sample: image and text towers plus the fused pass of the pair (ITM scoring);
-- CPU time of that step and pass as a speed-up over r=0, measured in this run: settings interleaved round
-  by round, best of the rounds, so load from other processes on a shared machine distorts them least.
-  One thread by default (--threads): on a busy 2-core machine OpenMP's spin-waiting made 2-thread step
-  times swing 5x from one step to the next, while single-thread times held within ~15 %.
-Quality: `vlp fit` of the default with configs/overlays/merge.yaml, merging off and on (same objectives,
-data, seed and step budget; only the backbone's merging differs), then val retrieval R@1 and samples/s.
-The CPU budget is a short fraction of the configs' schedule: early-training numbers.
+- GFLOPs per inference sample: image and text towers plus the fused pass of the pair (ITM scoring), in
+  evaluation mode (no patch dropout);
+- CPU time of that step and pass as a ratio to the first setting, measured in this run: settings
+  interleaved round by round, best of the rounds, so load from other processes on a shared machine
+  distorts them least. One thread by default (--threads): on a busy 2-core machine OpenMP's spin-waiting
+  made 2-thread step times swing 5x from one step to the next, while single-thread times held within ~15 %.
 
-    python benchmarks/token_merging.py            # ~10 min on 2 CPU cores
-    python benchmarks/token_merging.py --quick    # ~1 min smoke version
+    python benchmarks/token_merging.py                                 # costs, goals, quality: hours on 2 cores
+    python benchmarks/token_merging.py --parts goals,quality --train-steps 300
+    python benchmarks/token_merging.py --quick                         # a few minutes' smoke version
 """
 
 import argparse
@@ -50,6 +58,10 @@ SETTINGS = {
     "r16dec+text8": TokenMergingConfig(vision_r=16, schedule="decreasing", text_r=8),
 }
 BACKBONE = "--model.init_args.backbone.init_args"
+PATCH_DROPOUT = (0.5, 0.75)  # FLIP's shares, without merging
+# merging, or (merging, patch dropout share[, whether grounding opts out of patch dropout: default yes])
+Setting = TokenMergingConfig | tuple[TokenMergingConfig, float] | tuple[TokenMergingConfig, float, bool]
+ALBEF_STEP = ("itc", "itm", "mlm")  # the ViT-B goal's joint step (ALBEF's pre-training objectives)
 MERGING_OFF = [f"{BACKBONE}.merging={json.dumps(dict(vision_r=0, text_r=0, fusion_r=0))}"]
 MODELS = {  # overrides of the default with configs/overlays/merge.yaml (each setting replaces its merging)
     "shapes-tiny-64px": [],
@@ -76,11 +88,24 @@ def seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def cost_rows(model: str, batch_size: int, settings: list[str], rounds: int) -> list[dict]:
+def cost_rows(
+    model: str,
+    batch_size: int,
+    settings: dict[str, Setting],
+    rounds: int,
+    objectives: tuple[str, ...] | None = None,
+) -> list[dict]:
     """FLOPs and CPU times (best of `rounds` >= 1, settings interleaved) of the default config's joint
-    multi-task step and of inference, for one model size under each merging setting."""
+    multi-task step (only `objectives`, on all rows, when given) and of inference, for one model size under
+    each merging setting; ratios against the first setting."""
     started = time.perf_counter()
     module, source = build(CONFIG, MODELS[model])
+    if objectives is not None:
+        for name in [name for name in module.objectives if name not in objectives]:
+            del module.objectives[name]
+        module.loss_weights = {name: module.loss_weights[name] for name in module.objectives}
+        module.row_fractions = {}
+        model = f"{model} {'+'.join(objectives)}"
     dataset = source.dataset("train")
     batch = source.collate([dataset[i] for i in range(batch_size)])
     backbone = module.backbone
@@ -93,45 +118,62 @@ def cost_rows(model: str, batch_size: int, settings: list[str], rounds: int) -> 
 
     @torch.no_grad()
     def inference() -> torch.Tensor:
+        backbone.eval()  # patch dropout is off in evaluation
         image = backbone.encode_image(batch["image"])
         text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
-        return backbone.fuse(image, text.tokens, text.attention_mask)
+        fused = backbone.fuse(image, text.tokens, text.attention_mask)
+        backbone.train()
+        return fused
+
+    def apply(setting: Setting) -> None:
+        merging, share, grounding_all_patches = (
+            (*setting, True)[:3] if isinstance(setting, tuple) else (setting, 0.0, True)
+        )
+        backbone.set_merging(merging)
+        backbone.vision.set_patch_dropout(share)
+        if "grounding" in module.objectives:
+            module.objectives["grounding"].all_patches = grounding_all_patches
 
     rows = {}
-    for name in settings:  # counting FLOPs runs each setting once: it doubles as the warm-up
-        backbone.set_merging(SETTINGS[name])
+    for name, setting in settings.items():  # counting FLOPs runs each setting once: it doubles as the warm-up
+        apply(setting)
         inference()
         rows[name] = {
             "model": model,
             "setting": name,
             "batch": batch_size,
-            "tokens_kept": round(backbone.tokens_kept, 3),
             "train_gflops": training_step_flops(module, batch) / batch_size / 1e9,
+            "tokens_kept": round(backbone.tokens_kept, 3),  # of the step's last vision pass
             "infer_gflops": count_flops(inference) / batch_size / 1e9,
         }
     times = {name: {"train": [], "infer": []} for name in settings}
     for _ in range(rounds):
-        for name in settings:
-            backbone.set_merging(SETTINGS[name])
+        for name, setting in settings.items():
+            apply(setting)
             times[name]["train"].append(seconds(train_step))
             times[name]["infer"].append(seconds(inference))
     print(f"{model}: costs measured in {time.perf_counter() - started:.0f} s", flush=True)
-    base = rows[settings[0]]
-    base_train, base_infer = (min(times[settings[0]][k]) for k in ("train", "infer"))
+    first = next(iter(settings))
+    base = rows[first]
+    base_train, base_infer = (min(times[first][k]) for k in ("train", "infer"))
     for name in settings:
         row = rows[name]
         row["train_flops_ratio"] = row["train_gflops"] / base["train_gflops"]
         row["infer_flops_ratio"] = row["infer_gflops"] / base["infer_gflops"]
         train_s, infer_s = (min(times[name][k]) for k in ("train", "infer"))
-        row["train_step_s"], row["train_speedup"] = train_s, base_train / train_s
-        row["infer_s"], row["infer_speedup"] = infer_s, base_infer / infer_s
+        row["train_step_s"], row["train_time_ratio"] = train_s, train_s / base_train
+        row["infer_s"], row["infer_time_ratio"] = infer_s, infer_s / base_infer
     return list(rows.values())
 
 
-def fit(
-    overrides: list[str], steps: int, batch_size: int, val_batches: int, root: Path
-) -> dict[str, float | None]:
-    """`vlp fit` of the merging config (with overrides) for `steps` steps, validated once at the end."""
+def merging_of_overlay() -> dict:
+    """The merge overlay's `merging` setting (configs/overlays/merge.yaml)."""
+    return yaml.safe_load(OVERLAY.read_text())["model"]["init_args"]["backbone"]["init_args"]["merging"]
+
+
+def fit(overrides: list[str], steps: int, batch_size: int, root: Path, seed: int) -> dict[str, float | None]:
+    """`vlp fit` of the merging config (with overrides) for `steps` steps at `seed` (model and data), validated
+    once at the end on the whole validation split."""
     start = time.perf_counter()
     sys.argv = sys.argv[:1]  # LightningCLI reads them too; the arguments are all here
     cli = vlp_run(
@@ -140,9 +182,10 @@ def fit(
             f"--config={CONFIG}",
             f"--config={OVERLAY}",
             *overrides,
+            f"--seed_everything={seed}",
+            f"--data.seed={seed}",
             f"--trainer.max_steps={steps}",
             f"--trainer.val_check_interval={steps}",
-            f"--trainer.limit_val_batches={val_batches}",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
             f"--trainer.logger.init_args.save_dir={root}",
@@ -150,46 +193,124 @@ def fit(
         ]
     )
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-    return {
-        "i2t_r1": metrics.get("val/retrieval/i2t_r1"),
-        "t2i_r1": metrics.get("val/retrieval/t2i_r1"),
-        "itm_acc": metrics.get("val/itm/acc"),
-        "mlm_acc": metrics.get("val/mlm/acc"),
-        "samples_per_s": metrics.get("perf/samples_per_s"),
-        "wall_s": time.perf_counter() - start,
-    }
+    return {**{key: metrics.get(name) for key, name in SCORES.items()}, "wall_s": time.perf_counter() - start}
+
+
+SCORES = {  # what the quality goal compares, and what is logged beside
+    "t2i_r1": "val/retrieval/t2i_r1",
+    "itm_acc": "val/itm/acc",
+    "grounding_acc50": "val/grounding/acc50",
+    "i2t_r1": "val/retrieval/i2t_r1",
+    "mlm_acc": "val/mlm/acc",
+    "samples_per_s": "perf/samples_per_s",
+}
+GOAL_SCORES = ("t2i_r1", "itm_acc", "grounding_acc50")
+
+
+def quality_rows(variants: dict[str, list[str]], seeds: list[int], steps: int, batch_size: int) -> list[dict]:
+    """Validation scores of the merge config under each variant (CLI overrides) after the same steps."""
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for seed in seeds:
+            for name, overrides in variants.items():
+                row = {"variant": name, "seed": seed, "steps": steps, "batch": batch_size}
+                rows.append({**row, **fit(overrides, steps, batch_size, Path(root), seed)})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def goals(costs: list[dict], quality: list[dict]) -> dict:
+    """The issue's goals, each with its measured value and whether it holds."""
+    found = {}
+
+    def cost(model: str, setting: str, key: str) -> float | None:
+        rows = [r for r in costs if r["model"] == model and r["setting"] == setting]
+        return rows[0][key] if rows else None
+
+    checks = [
+        ("merge_config_flops_ratio", cost("shapes-tiny-64px", "overlay", "train_flops_ratio"), 0.55),
+        ("merge_config_step_time_ratio", cost("shapes-tiny-64px", "overlay", "train_time_ratio"), 0.65),
+        (
+            "vit_b_itc_itm_mlm_flops_ratio",
+            cost("vit-b16+bert-base itc+itm+mlm", "r16", "train_flops_ratio"),
+            0.6,
+        ),
+        (
+            "vit_b_itc_itm_mlm_step_time_ratio",
+            cost("vit-b16+bert-base itc+itm+mlm", "r16", "train_time_ratio"),
+            0.7,
+        ),
+    ]
+    for name, value, bound in checks:
+        if value is not None:
+            found[name] = value
+            found[f"{name}_goal_met"] = value <= bound
+    for merged in [r for r in quality if r["variant"] == "merged"]:
+        plain = [r for r in quality if r["variant"] == "unmerged" and r["seed"] == merged["seed"]]
+        for key in GOAL_SCORES:
+            if plain and merged[key] is not None and plain[0][key] is not None:
+                gap = plain[0][key] - merged[key]
+                found[f"seed{merged['seed']}_{key}_drop"] = gap
+                found[f"seed{merged['seed']}_{key}_goal_met"] = gap <= 0.03
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a ~1 minute version")
+    parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke version")
+    parser.add_argument(
+        "--parts", default="costs,goals,quality", help="comma-separated: costs, goals, quality"
+    )
     parser.add_argument("--train-steps", type=int, default=None, help="steps of each quality run")
+    parser.add_argument("--seeds", default="0,1", help="seeds of the quality runs")
+    parser.add_argument("--variants", default=None, help="quality variants to run (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for every part")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    every = list(SETTINGS)
-    if args.quick:
-        rows = cost_rows("shapes-tiny-64px", 16, ["r0", "r16", "r16dec+text8"], rounds=1)
-        rows += cost_rows("vit-b16+bert-base", 1, ["r0", "r16dec+text8"], rounds=1)
-        steps, batch_size, val_batches = args.train_steps or 5, 16, 1
-    else:
-        rows = cost_rows("shapes-tiny-64px", 64, every, rounds=3)
-        rows += cost_rows("vit-b16+bert-base", 2, every, rounds=2)
-        steps, batch_size, val_batches = args.train_steps or 120, 64, 8
-    with tempfile.TemporaryDirectory() as root:
-        plain, merged = (
-            fit(overrides, steps, batch_size, val_batches, Path(root)) for overrides in (MERGING_OFF, [])
-        )
-    merging = yaml.safe_load(OVERLAY.read_text())["model"]["init_args"]["backbone"]
-    summary = {
-        "quality_steps": steps,
-        "quality_batch": batch_size,
-        "quality_merging": merging["init_args"]["merging"],
+    parts, seeds = args.parts.split(","), [int(s) for s in args.seeds.split(",")]
+    overlay = TokenMergingConfig(**merging_of_overlay())
+    every = {
+        **SETTINGS,
+        "overlay": overlay,
+        **{f"patch_dropout{p}": (SETTINGS["r0"], p) for p in PATCH_DROPOUT},
     }
-    for key in ("i2t_r1", "t2i_r1", "itm_acc", "mlm_acc", "samples_per_s", "wall_s"):
-        summary[f"{key}_plain"], summary[f"{key}_merged"] = plain[key], merged[key]
-    summary["fit_speedup"] = merged["samples_per_s"] / plain["samples_per_s"]
-    report("token_merging_quick" if args.quick else "token_merging", rows, summary)
+    rows: list[dict] = []
+    if "costs" in parts:
+        if args.quick:
+            rows += cost_rows("shapes-tiny-64px", 16, {k: every[k] for k in ("r0", "overlay")}, rounds=1)
+        else:
+            rows += cost_rows("shapes-tiny-64px", 64, every, rounds=3)
+            rows += cost_rows("vit-b16+bert-base", 2, SETTINGS, rounds=2)
+    if "goals" in parts:  # the merge config's settings of the goals (those of `costs` when it ran)
+        if "costs" not in parts or args.quick:
+            dropout = [f"patch_dropout{p}{too}" for p in PATCH_DROPOUT for too in ("", "_grounding_too")]
+            goal_settings = ("r0", "overlay", *dropout)
+            batch, rounds = (16, 1) if args.quick else (64, 3)
+            rows += cost_rows("shapes-tiny-64px", batch, {k: every[k] for k in goal_settings}, rounds)
+        vit_b = {"r0": SETTINGS["r0"], "r16": SETTINGS["r16"]}
+        rows += cost_rows(
+            "vit-b16+bert-base", 2 if args.quick else 8, vit_b, 1 if args.quick else 2, ALBEF_STEP
+        )
+    quality = []
+    if "quality" in parts:
+        steps = args.train_steps or (5 if args.quick else 300)
+        variants = {"unmerged": MERGING_OFF, "merged": []}
+        for share in PATCH_DROPOUT:
+            variants[f"patch_dropout{share}"] = [*MERGING_OFF, f"{BACKBONE}.vision.patch_dropout={share}"]
+        if args.variants:
+            variants = {name: variants[name] for name in args.variants.split(",")}
+        quality = quality_rows(variants, seeds[:1] if args.quick else seeds, steps, 16 if args.quick else 64)
+    summary = {"overlay_merging": merging_of_overlay(), **goals(rows, quality)}
+    name = "token_merging_quick" if args.quick else "token_merging"
+    partial = [
+        args.parts != parser.get_default("parts"),
+        args.seeds != parser.get_default("seeds"),
+        args.variants,
+    ]
+    if any(partial):  # a partial run keeps the full one's file (and the other partial runs')
+        name += f"_{'_'.join(parts)}_seeds{'_'.join(map(str, seeds))}"
+        name += f"_{args.variants.replace(',', '_')}" if args.variants else ""
+    report(name, rows + quality, summary)
 
 
 if __name__ == "__main__":

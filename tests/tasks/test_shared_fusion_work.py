@@ -12,6 +12,7 @@ import vlp.platform.model.length_buckets as buckets_module
 import vlp.platform.model.packing as packing_module
 from vlp.platform.model.backbone import FusionBackbone
 from vlp.platform.model.fusion import FusionConfig
+from vlp.platform.model.token_merging import TokenMergingConfig
 from vlp.tasks.caption import CaptionObjective
 from vlp.tasks.grounding import GroundingObjective
 from vlp.tasks.itc import ITCObjective
@@ -48,9 +49,9 @@ def unshared(monkeypatch) -> None:
     monkeypatch.setattr(FusionBackbone, "fuse", full_fuse)
 
 
-def joint_step(make_backbone, batch, seed: int):
+def joint_step(make_backbone, batch, seed: int, merging: TokenMergingConfig | None = None):
     backbone = make_backbone(
-        caption_decoder=True, fusion=FusionConfig(depth=2, heads=2)
+        caption_decoder=True, fusion=FusionConfig(depth=2, heads=2), merging=merging
     )  # a first and a last layer
     module = MultiTaskModule(backbone, OBJECTIVES, mode="joint")
     module.log = lambda *a, **k: None
@@ -87,8 +88,34 @@ def test_joint_step_with_shared_work_equals_the_recomputed_step(
         torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_image_keys_and_values_are_computed_once_per_joint_step(make_backbone, batch):
-    backbone = make_backbone(caption_decoder=True)
+MERGINGS = {
+    "vision": TokenMergingConfig(vision_r=4),
+    "vision+text": TokenMergingConfig(vision_r=4, text_r=3),
+    "vision+text+fusion": TokenMergingConfig(vision_r=4, text_r=3, fusion_r=3),
+}
+
+
+@pytest.mark.parametrize("merging", list(MERGINGS))
+def test_merged_joint_step_with_shared_work_equals_the_recomputed_step(
+    make_backbone, wide_batch, monkeypatch, one_thread, merging
+):
+    """Token merging (vision ToMe, text ToMe and text-guided image merging inside fusion) keeps every
+    shortcut of the joint step: image keys and values once per image, each caption's first self-attention
+    once, the read rows alone through the last layer, packing and length groups."""
+    monkeypatch.setattr(buckets_module, "MIN_ROWS", 16)
+    shared_loss, shared_grads = joint_step(make_backbone, wide_batch, 0, MERGINGS[merging])
+    with monkeypatch.context() as patch:
+        unshared(patch)
+        full_loss, full_grads = joint_step(make_backbone, wide_batch, 0, MERGINGS[merging])
+    torch.testing.assert_close(shared_loss, full_loss, atol=1e-5, rtol=1e-5)
+    assert shared_grads.keys() == full_grads.keys() and len(full_grads) > 20
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("merging", [None, *MERGINGS])
+def test_image_keys_and_values_are_computed_once_per_joint_step(make_backbone, batch, merging):
+    backbone = make_backbone(caption_decoder=True, merging=merging and MERGINGS[merging])
     module = MultiTaskModule(backbone, OBJECTIVES, mode="joint")
     module.log = lambda *a, **k: None
     projections = []
@@ -98,4 +125,7 @@ def test_image_keys_and_values_are_computed_once_per_joint_step(make_backbone, b
         )
     module.training_step(batch, 0)
     image_tokens = backbone.encode_image(batch["image"]).tokens.shape
-    assert projections == [image_tokens] * len(backbone.fusion.layers)  # one batch pass per layer, no more
+    # one batch pass per layer; fusion merging projects its merged image tokens in the layers after the first
+    assert projections[: len(backbone.fusion.layers)] == [image_tokens] * len(backbone.fusion.layers)
+    if merging is None or MERGINGS[merging].fusion_r == 0:
+        assert len(projections) == len(backbone.fusion.layers)

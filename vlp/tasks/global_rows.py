@@ -23,7 +23,7 @@ from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatu
 class GlobalRows(NamedTuple):
     """The global batch of W ranks x B rows, in rank order."""
 
-    image: ImageFeatures  # fusion keys and values (else tokens and merged sizes); embedding [W * B, E]
+    image: ImageFeatures  # fusion keys and values and/or tokens, merged sizes; embedding [W * B, E]
     text_tokens: Tensor  # [W * B, L, Dt] captions after the first fusion self-attention (if self_attended)
     text_embedding: Tensor  # [W * B, E]
     self_attended: bool
@@ -51,19 +51,25 @@ def gather_global_rows(features: FeatureCache) -> GlobalRows:
     longest = int(attention_mask.sum(dim=1).max())
     input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
     kv = [t for layer in image.fusion_kv or () for t in layer]
-    image_side = kv or [image.tokens, *([] if image.sizes is None else [image.sizes])]
+    # the tokens travel where no keys and values were computed, or where fusion merging merges them; the
+    # merged sizes always (the fused pass's proportional attention reads them beside the keys)
+    merges_image = backbone.merging is not None and backbone.merging.fusion_r > 0
+    image_tokens = [image.tokens] if not kv or merges_image else []
+    sizes = [] if image.sizes is None else [image.sizes]
     tokens = pad_to((text.tokens if attended is None else attended)[:, :longest], 1, longest)
     embeddings = [image.embedding, text.embedding]
     if not features.share_global_rows:
         embeddings = [e.detach() for e in embeddings]
-    gathered = all_gather_many([tokens, *image_side, *embeddings], with_grad=True)
-    text_tokens, image_side, (image_emb, text_emb) = gathered[0], gathered[1:-2], gathered[-2:]
-    if kv:
-        global_kv = tuple((image_side[i], image_side[i + 1]) for i in range(0, len(image_side), 2))
-        global_image = ImageFeatures(None, image_emb, None, global_kv)
-    else:
-        sizes = image_side[1] if len(image_side) > 1 else None
-        global_image = ImageFeatures(image_side[0], image_emb, sizes)
+    gathered = all_gather_many([tokens, *kv, *image_tokens, *sizes, *embeddings], with_grad=True)
+    text_tokens, (image_emb, text_emb) = gathered[0], gathered[-2:]
+    global_kv = gathered[1 : 1 + len(kv)]
+    rest = gathered[1 + len(kv) : -2]
+    global_image = ImageFeatures(
+        rest[0] if image_tokens else None,
+        image_emb,
+        rest[-1] if sizes else None,
+        tuple(zip(global_kv[::2], global_kv[1::2], strict=True)) or None,
+    )
     return GlobalRows(
         global_image, text_tokens, text_emb, attended is not None, image_ids, input_ids, attention_mask
     )

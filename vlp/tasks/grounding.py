@@ -80,9 +80,13 @@ class GroundingObjective(Objective):
         optim: OptimConfig | None = None,
         l1_weight: float = 1.0,
         giou_weight: float = 1.0,
+        all_patches: bool = True,
     ) -> None:
-        """`l1_weight`, `giou_weight`: weights of the two box losses (X-VLM 1 and 1, DETR 5 and 2)."""
+        """`l1_weight`, `giou_weight`: weights of the two box losses (X-VLM 1 and 1, DETR 5 and 2).
+        `all_patches`: fuse the image from every patch token even while `vision.patch_dropout` drops some
+        for the other objectives (a box may lie on any patch; costs a second vision pass then)."""
         super().__init__(backbone, optim)
+        self.all_patches = all_patches
         for arg, value in (("l1_weight", l1_weight), ("giou_weight", giou_weight)):
             if value < 0:
                 raise ValueError(f"{arg} must be >= 0, got {value}")
@@ -99,7 +103,8 @@ class GroundingObjective(Objective):
         check_grounding_batch(batch)
         phrase = self.backbone.encode_text(batch["phrase_input_ids"], batch["phrase_attention_mask"])
         cls = first_token(phrase.tokens.shape[0], phrase.tokens.device)
-        fused = self.backbone.fuse(features.fused_image, phrase.tokens, phrase.attention_mask, positions=cls)
+        image = features.fused_image_all_patches if self.all_patches else features.fused_image
+        fused = self.backbone.fuse(image, phrase.tokens, phrase.attention_mask, positions=cls)
         return self.head(fused[:, 0])
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:

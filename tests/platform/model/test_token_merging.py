@@ -156,8 +156,10 @@ def test_forced_cross_merge_still_keeps_padding_out_of_real_values():
 
 def test_merge_text_tokens_keeps_mask_consistent_with_sizes():
     metric, x, mask = padded_batch()
-    tokens, size, new_mask = merge_text_tokens(x, 4, mask.long(), metric=metric)
+    tokens, size, new_mask, unmerge = merge_text_tokens(x, 4, mask.long(), metric=metric)
     assert tokens.shape == (2, 6, 3) and new_mask.dtype == torch.long
+    assert torch.equal(new_mask, new_mask.sort(dim=1, descending=True).values)  # real tokens first again
+    assert unmerge(tokens).shape == x.shape
     assert torch.equal((size[..., 0] * new_mask).sum(dim=1), mask.sum(dim=1).float())
     assert torch.all(tokens[new_mask.bool()][:, 1] == 0) and torch.all(tokens[~new_mask.bool()][:, 1] == 1000)
 
@@ -200,6 +202,60 @@ def test_schedule_constant_list_and_decreasing():
     assert decreasing == [8, 6, 4, 2, 0] and sum(decreasing) == 4 * 5
 
 
+# ToMe's `parse_r(num_layers, r)` (facebookresearch/ToMe af95e4b, tome/utils.py) evaluated at these inputs:
+# r or (r, inflection) -> tokens merged per layer; (16, -1) on ViT-B/16's 197 tokens leaves 197 - 187 = 10
+TOME_PARSE_R = [
+    (12, 16, [16] * 12),
+    (12, (16, -1), [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]),
+    (12, (7, -1), [14, 12, 11, 10, 8, 7, 6, 5, 3, 2, 1, 0]),
+    (12, (8, 0.5), [4, 4, 5, 6, 6, 7, 8, 9, 9, 10, 11, 12]),
+    (12, (8, -0.5), [12, 11, 10, 9, 9, 8, 7, 6, 6, 5, 4, 4]),
+    (12, (13, 1), [0, 2, 4, 7, 9, 11, 14, 16, 18, 21, 23, 26]),
+    (3, (16, -1), [32, 16, 0]),
+]
+
+
+def tome_merged_per_block(parse_r: list[int], tokens: int = 197, protected: int = 1) -> list[int]:
+    """What ToMe's blocks merge of `parse_r`: its matching caps r at half the mergeable tokens
+    (`r = min(r, (t - protected) // 2)`, tome/merge.py)."""
+    merged = []
+    for r in parse_r:
+        merged.append(min(r, (tokens - protected) // 2))
+        tokens -= merged[-1]
+    return merged
+
+
+@pytest.mark.parametrize(("depth", "r", "parse_r"), TOME_PARSE_R)
+def test_schedule_equals_tome_parse_r_with_its_truncation(depth, r, parse_r):
+    r, inflection = r if isinstance(r, tuple) else (r, 0.0)
+    expected = tome_merged_per_block(parse_r)
+    assert merge_schedule(r, depth, 197, inflection=inflection) == expected
+    if inflection == -1:
+        assert merge_schedule(r, depth, 197, schedule="decreasing") == expected
+
+
+def test_decreasing_schedule_keeps_tomes_ten_tokens_on_vit_b16():
+    per_layer = merge_schedule(16, 12, 197, schedule="decreasing")
+    assert 197 - sum(per_layer) == 10
+
+
+def test_without_class_token_unmerged_tokens_stay_in_score_order_as_tomes():
+    """ToMe (tome/merge.py, af95e4b) sorts the unmerged A tokens back into place only with a class token; at
+    r = 1 on tokens 0..5 (A = 0, 2, 4; B = 1, 3, 5) whose best links score 4 -> 5: 0.99, 2 -> 3: 0.9,
+    0 -> 1: 0.1, its merge gives [x2, x0, x1, x3, mean(x4, x5)]."""
+    angle = torch.tensor(
+        [0.0, 1.47, 1.0, 1.45, 2.0, 2.14]
+    )  # cos(1.47) = 0.10, cos(0.45) = 0.90, cos(0.14) = 0.99
+    metric = torch.stack([angle.cos(), angle.sin()], dim=-1)[None]
+    x = torch.arange(6.0)[None, :, None]
+    merge, unmerge = bipartite_soft_matching(metric, 1, protect_first=False)
+    merged = merge(x, mode="mean")
+    assert merged[0, :, 0].tolist() == [2.0, 0.0, 1.0, 3.0, 4.5]
+    assert unmerge(merged)[0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.5, 4.5]
+    with_cls, _ = bipartite_soft_matching(metric, 1, protect_first=True)
+    assert with_cls(x, mode="mean")[0, :2, 0].tolist() == [0.0, 2.0]  # [CLS] first, original order
+
+
 def test_schedule_caps_so_tokens_never_drop_below_protected_plus_one():
     assert merge_schedule(100, 4, 17) == [8, 4, 2, 1]
     assert merge_schedule(100, 3, 2) == [0, 0, 0]
@@ -218,6 +274,10 @@ def test_schedule_caps_so_tokens_never_drop_below_protected_plus_one():
 def test_schedule_rejects_bad_input(r, schedule, message):
     with pytest.raises(ValueError, match=message):
         merge_schedule(r, 3, 17, schedule=schedule)
+    with pytest.raises(ValueError, match="inflection must lie in"):
+        merge_schedule(2, 3, 17, inflection=1.5)
+    with pytest.raises(ValueError, match="is inflection -1"):
+        merge_schedule(2, 3, 17, schedule="decreasing", inflection=0.5)
 
 
 # --- timm vision tower -----------------------------------------------------------------------------

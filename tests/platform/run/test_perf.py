@@ -106,3 +106,36 @@ def test_flops_monitor_rejects_bad_arguments():
         FlopsMonitor(every_n_steps=0)
     with pytest.raises(ValueError, match="batch_size"):
         FlopsMonitor(batch_size=0)
+
+
+def test_event_files_hold_tokens_kept_and_gflops_per_sample_with_merging_and_patch_dropout(shapes, tmp_path):
+    """Read back from the TensorBoard event files: tokens_kept counts what merging and patch dropout left
+    of the 17 input tokens ([CLS] + 8 of 16 patches, then 3 and 2 merged, the cap at 9 - 3 = 6 tokens: 4),
+    and the FLOPs are logged, below those of the step without patch dropout."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    module = build(shapes.tokenizer, TokenMergingConfig(vision_r=3))
+    module.backbone.vision.set_patch_dropout(0.5)
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = Trainer(
+        max_steps=2,
+        log_every_n_steps=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FlopsMonitor(every_n_steps=1, batch_size=2)],
+    )
+    trainer.fit(module, train_dataloaders=shapes.dataloader("train"))
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    kept = [e.value for e in events.Scalars("perf/tokens_kept")]
+    gflops = [e.value for e in events.Scalars("perf/gflops_per_sample")]
+    assert kept == pytest.approx([4 / TOKENS] * 2)
+    assert len(gflops) == 2 and all(g > 0 for g in gflops)
+    module.backbone.vision.set_patch_dropout(0.0)
+    assert (
+        training_step_flops(module, head_of_batch(next(iter(shapes.dataloader("train"))), 2)) / 2e9
+        > gflops[0]
+    )

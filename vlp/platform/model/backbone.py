@@ -25,7 +25,6 @@ from vlp.platform.model.fusion import (
     FusionConfig,
     FusionEncoder,
     KeyValues,
-    gather_tokens,
     init_from_bert_layers,
 )
 from vlp.platform.model.length_buckets import by_length, trim
@@ -62,10 +61,11 @@ class ImageFeatures(NamedTuple):
         kv = None if self.fusion_kv is None else tuple((k[:n], v[:n]) for k, v in self.fusion_kv)
         return ImageFeatures(*(None if t is None else t[:n] for t in self[:3]), kv)
 
-    def read_by_fusion(self) -> ImageFeatures:
+    def read_by_fusion(self, keep_tokens: bool = False) -> ImageFeatures:
         """What the fused and decoder passes read: sizes, keys and values, and the tokens only when no keys
-        and values were precomputed (the embedding never), so a length-grouped pass gathers nothing else."""
-        tokens = self.tokens if self.fusion_kv is None else None
+        and values were precomputed or `keep_tokens` (fusion merging merges them; the embedding never), so a
+        length-grouped pass gathers nothing else."""
+        tokens = self.tokens if self.fusion_kv is None or keep_tokens else None
         return ImageFeatures(tokens, None, self.sizes, self.fusion_kv)
 
 
@@ -203,6 +203,7 @@ class FusionBackbone(nn.Module):
         # captioning: causal decoder sharing the text embeddings and the fusion cross-attention + MLP
         self.decoder = CaptionDecoder(self.text, self.fusion) if caption_decoder else None
         self.merging: TokenMergingConfig | None = None
+        self._tokens_kept = 1.0  # of the last vision pass (`tokens_kept`)
         if merging is not None:
             self.set_merging(merging)
         self.momentum: MomentumModel | None = None
@@ -264,10 +265,15 @@ class FusionBackbone(nn.Module):
         state = token_merging_state(vit)
         if state is None:
             apply_token_merging(
-                vit, config.vision_r, config.proportional_attention, config.trace_source, config.schedule
+                vit,
+                config.vision_r,
+                config.proportional_attention,
+                config.trace_source,
+                config.schedule,
+                config.inflection,
             )
         else:
-            set_merge_r(vit, config.vision_r, config.schedule)
+            set_merge_r(vit, config.vision_r, config.schedule, config.inflection)
             state.proportional_attention = config.proportional_attention
             state.trace_source = config.trace_source
         self.merging = config
@@ -284,13 +290,17 @@ class FusionBackbone(nn.Module):
 
     @property
     def tokens_kept(self) -> float:
-        """Fraction of image tokens the vision tower kept in its last forward (1.0 without merging)."""
-        state = token_merging_state(self.vision.vit)
-        return 1.0 if state is None else state.tokens_kept
+        """Fraction of its input tokens ([CLS] + patches) the vision tower put out in its last forward that
+        could drop patches (all-patch passes aside): what token merging and patch dropout leave, 1.0 without
+        either."""
+        return self._tokens_kept
 
-    def encode_image(self, images: Tensor) -> ImageFeatures:
-        """Image tokens [B, 1 + N', Dv] (N' < N when merging, `sizes` [B, 1 + N'] then set) and embedding."""
-        tokens = self.vision(images)
+    def encode_image(self, images: Tensor, all_patches: bool = False) -> ImageFeatures:
+        """Image tokens [B, 1 + N', Dv] (N' < N when merging, `sizes` [B, 1 + N'] then set, or under patch
+        dropout in training unless `all_patches`) and embedding."""
+        tokens = self.vision(images, all_patches=all_patches)
+        if not all_patches:
+            self._tokens_kept = tokens.shape[1] / self.vision.num_tokens
         state = token_merging_state(self.vision.vit)
         sizes = None if state is None or state.size is None else state.size[..., 0]
         if self.vision.config.pool == "cls":
@@ -320,16 +330,10 @@ class FusionBackbone(nn.Module):
             pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
         return TextFeatures(tokens, attention_mask, F.normalize(self.text_proj(pooled), dim=-1))
 
-    @property
-    def fusion_merges(self) -> bool:
-        """Whether token merging runs inside fusion (then image tokens change per layer and per caption, so
-        keys and values cannot be shared, nor a caption's first self-attention)."""
-        return self.merging is not None and self.merging.merges_fusion
-
     def with_fusion_keys(self, image: ImageFeatures) -> ImageFeatures:
         """`image` with each fusion layer's cross-attention keys and values computed once, so every fused
         or decoder pass over these images reuses them (gradients flow through the one computation)."""
-        if image.fusion_kv is not None or self.fusion_merges:
+        if image.fusion_kv is not None:
             return image
         return image._replace(fusion_kv=self.fusion.image_key_values(image.tokens))
 
@@ -346,26 +350,32 @@ class FusionBackbone(nn.Module):
         positions unspecified: a large batch runs in groups of similar caption length, see `length_buckets`).
 
         `positions` [B, Q] returns those fused tokens alone [B, Q, Dt] (the last layer computes no other
-        query): `first_token(B)` for heads on [CLS], the masked positions for MLM; `self_attended`: `text_tokens` went through `first_self_attention` already (not with
-        fusion merging). Merged image tokens are attended in proportion to their size (log-size key bias)
-        unless `merging.proportional_attention` is off; `merging.fusion_r` / `text_r` merge inside the
-        fusion. Merged text tokens come back unmerged (each position gets its group's value): fine for
+        query): `first_token(B)` for heads on [CLS], the masked positions for MLM; `self_attended`:
+        `text_tokens` went through `first_self_attention` already. Merged image tokens are attended in
+        proportion to their size (log-size key bias) unless `merging.proportional_attention` is off;
+        `merging.fusion_r` / `text_r` merge inside the fusion (`FusionEncoder.merged_forward`, which keeps
+        these shortcuts, the length groups and packing). Merged text tokens come back unmerged (each position gets its group's value): fine for
         pooled outputs, lossy per token, so callers that read single tokens (MLM) pass `merge_text=False`.
         """
         merging = self.merging
         if merging is not None and not merge_text and merging.text_r:
             merging = replace(merging, text_r=0)
-        if merging is not None and merging.merges_fusion:
-            if self_attended:
-                raise ValueError("self_attended text cannot be fused with token merging inside fusion")
-            fused = self.fusion.merged_forward(
-                text_tokens, attention_mask, image.tokens, image.sizes, merging
-            )
-            return fused if positions is None else gather_tokens(fused, positions)
+        merges_fusion = merging is not None and merging.merges_fusion
         proportional = merging is None or merging.proportional_attention
 
         def run(parts: tuple, length: int) -> Tensor:
             part, text, mask, queries = parts
+            if merges_fusion:
+                return self.fusion.merged_forward(
+                    trim(text, length),
+                    trim(mask, length),
+                    part.tokens,
+                    part.sizes,
+                    merging,
+                    image_kv=part.fusion_kv,
+                    positions=queries,
+                    self_attended=self_attended,
+                )
             bias = None if part.sizes is None or not proportional else part.sizes.log()
             return self.fusion(
                 trim(text, length),
@@ -377,14 +387,13 @@ class FusionBackbone(nn.Module):
                 self_attended=self_attended,
             )
 
-        inputs = (image.read_by_fusion(), text_tokens, attention_mask, positions)
+        image = image.read_by_fusion(keep_tokens=merges_fusion and merging.fusion_r > 0)
+        inputs = (image, text_tokens, attention_mask, positions)
         return by_length(run, attention_mask, full_length=positions is None, inputs=inputs)
 
-    def first_self_attention(self, text_tokens: Tensor, attention_mask: Tensor) -> Tensor | None:
+    def first_self_attention(self, text_tokens: Tensor, attention_mask: Tensor) -> Tensor:
         """The first fusion layer's self-attention of captions [B, L, Dt], to share between the several
-        images a caption is fused with (ITM); None when fusion merges tokens (nothing to share)."""
-        if self.fusion_merges:
-            return None
+        images a caption is fused with (ITM): it reads no image, and token merging in fusion runs after it."""
         return self.fusion.first_self_attention(text_tokens, attention_mask)
 
     def decode(self, image: ImageFeatures, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -456,6 +465,26 @@ class FeatureCache:
         if self._whole is not None:
             return self._whole.fused_image.rows(batch_size_of(self.batch))
         return self.backbone.with_fusion_keys(self.image)
+
+    @cached_property
+    def image_all_patches(self) -> ImageFeatures:
+        """`image` from every patch token: a second vision pass while patch dropout drops some (training
+        with `vision.patch_dropout`), else `image` itself. For objectives that opt out of patch dropout
+        (grounding reads boxes anywhere in the image)."""
+        if not self.backbone.vision.drops_patches:
+            return self.image
+        if self._whole is not None:
+            return self._whole.image_all_patches.rows(batch_size_of(self.batch))
+        return self.backbone.encode_image(self.batch["image"], all_patches=True)
+
+    @cached_property
+    def fused_image_all_patches(self) -> ImageFeatures:
+        """`image_all_patches` with the fusion layers' keys and values (`fused_image` without patch dropout)."""
+        if not self.backbone.vision.drops_patches:
+            return self.fused_image
+        if self._whole is not None:
+            return self._whole.fused_image_all_patches.rows(batch_size_of(self.batch))
+        return self.backbone.with_fusion_keys(self.image_all_patches)
 
     @cached_property
     def text(self) -> TextFeatures:

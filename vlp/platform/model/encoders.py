@@ -6,14 +6,16 @@ the same config runs offline on a laptop and on a cluster that pre-stages its ch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import build_sincos2d_pos_embed
+from timm.layers import PatchDropout, build_sincos2d_pos_embed
 from timm.models import load_state_dict as timm_load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
@@ -37,6 +39,11 @@ class VisionConfig:
     for hundreds of steps; grounding and relation captions ("left of") need it from the first step.
     A `pretrained` file overrides either.
 
+    `patch_dropout`: FLIP's patch dropout (Li et al. 2023; open_clip's `patch_dropout`): in training each
+    image keeps a random share 1 - p of its patch tokens (timm's `PatchDropout`, after the position
+    embeddings; [CLS] always kept; drawn from the global torch RNG, so seeded and resumed with it), so
+    every block costs about that share; off in evaluation. 0 leaves the tower untouched.
+
     `model` names any timm ViT architecture (`vit_base_patch16_224`, `vit_small_patch16_384`, ...), built
     at `image_size` without a download; its own width, depth, heads and patch size then replace the
     explicit sizes below.
@@ -53,6 +60,11 @@ class VisionConfig:
     pool: Literal["cls", "mean"] = "cls"
     pos_init: Literal["random", "sincos"] = "random"
     pretrained: str | None = None
+    patch_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"vision.patch_dropout must lie in [0, 1), got {self.patch_dropout}")
 
 
 @dataclass
@@ -90,10 +102,30 @@ class VisionEncoder(nn.Module):
             self.init_sincos_positions()
         if config.pretrained:
             self.load_pretrained(config.pretrained)
+        if config.patch_dropout > 0:
+            self.vit.patch_drop = PatchDropout(
+                config.patch_dropout, num_prefix_tokens=self.vit.num_prefix_tokens
+            )
 
     @property
     def width(self) -> int:
         return self.vit.embed_dim
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens entering the blocks without patch dropout: the prefix ([CLS]) and every patch."""
+        return self.vit.patch_embed.num_patches + self.vit.num_prefix_tokens
+
+    def set_patch_dropout(self, share: float) -> None:
+        """Switch patch dropout to `share` (0 = off: the tower without it); no parameters change."""
+        self.config = replace(self.config, patch_dropout=share)  # validates
+        vit = self.vit
+        vit.patch_drop = PatchDropout(share, vit.num_prefix_tokens) if share > 0 else nn.Identity()
+
+    @property
+    def drops_patches(self) -> bool:
+        """Whether a forward now keeps only part of the patch tokens (patch dropout, in training)."""
+        return self.config.patch_dropout > 0 and self.training
 
     @torch.no_grad()
     def init_sincos_positions(self) -> None:
@@ -127,8 +159,22 @@ class VisionEncoder(nn.Module):
             )
         self.vit.load_state_dict(state, strict=False)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, all_patches: bool = False) -> Tensor:
+        """[B, 3, H, W] -> [B, 1 + N, D]; N the kept share of the patches under patch dropout unless
+        `all_patches`."""
+        if all_patches and self.drops_patches:
+            with _without_patch_dropout(self.vit):
+                return self.vit.forward_features(images)
         return self.vit.forward_features(images)
+
+
+@contextmanager
+def _without_patch_dropout(vit: VisionTransformer) -> Iterator[None]:
+    dropout, vit.patch_drop = vit.patch_drop, nn.Identity()
+    try:
+        yield
+    finally:
+        vit.patch_drop = dropout
 
 
 def build_vit(config: VisionConfig) -> VisionTransformer:

@@ -15,7 +15,7 @@ declared on the layer (`FusionLayer.entry_points`), and a sharding plan reads th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -26,9 +26,7 @@ from torch import Tensor, nn
 from vlp.platform.model.packing import Packing, packing_for
 from vlp.platform.model.token_merging import (
     TokenMergingConfig,
-    bipartite_soft_matching,
-    merge_mask,
-    merge_wavg,
+    merge_text_tokens,
     proportional_attention_bias,
     text_guided_merge,
 )
@@ -211,6 +209,17 @@ class FusionLayer(nn.Module):
 
     def forward(self, text: Tensor, image: Tensor | None, call: LayerCall) -> Tensor:
         """text [B, L, D] (packed [T, D] with `call.packing`) + image [B, N, Dv] -> [B, L, D] or [B, Q, D]."""
+        return self.feed_forward(self.attend(text, image, call)[0])
+
+    def attend(
+        self, text: Tensor, image: Tensor | None, call: LayerCall, return_cross_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """The two attention sub-blocks without the feed-forward (`feed_forward`), so token merging can run
+        between them (`FusionEncoder.merged_forward`).
+
+        Returns (text as `forward` shapes it, text -> image attention [B, heads, L or Q, N] when
+        `return_cross_weights`, else None).
+        """
         queries, packing = call.queries, call.packing
 
         def take(x: Tensor) -> Tensor:
@@ -240,8 +249,10 @@ class FusionLayer(nn.Module):
             mask=call.cross_mask,
             key_values=call.image_kv,
             packing=packing,
+            return_weights=return_cross_weights,
         )
-        return self.feed_forward(self.residual(self.cross_norm, text, out))
+        out, weights = out if return_cross_weights else (out, None)
+        return self.residual(self.cross_norm, text, out), weights
 
     def feed_forward(self, text: Tensor) -> Tensor:
         """The feed-forward sub-block with its residual: [..., D] -> [..., D]."""
@@ -290,30 +301,6 @@ class FusionLayer(nn.Module):
         it does not read the image."""
         out = self.self_attn(self.block_input(self.self_norm, text), mask=self_mask, packing=packing)
         return self.residual(self.self_norm, text, out)
-
-    def attend(
-        self,
-        text: Tensor,
-        image: Tensor,
-        self_mask: Tensor,
-        cross_mask: Tensor | None = None,
-        self_attn: MultiHeadAttention | None = None,
-        return_cross_weights: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        """The two attention sub-blocks without the feed-forward (`feed_forward`), so tokens can be merged
-        before it.
-
-        Returns (text [B, L, D], text -> image attention [B, heads, L, N] when `return_cross_weights`).
-        """
-        attn = self.self_attn if self_attn is None else self_attn
-        text = self.residual(
-            self.self_norm, text, attn(self.block_input(self.self_norm, text), mask=self_mask)
-        )
-        source = self.block_input(self.cross_norm, text)
-        if not return_cross_weights:
-            return self.residual(self.cross_norm, text, self.cross_attn(source, image, mask=cross_mask)), None
-        out, weights = self.cross_attn(source, image, mask=cross_mask, return_weights=True)
-        return self.residual(self.cross_norm, text, out), weights
 
 
 # a BERT layer's parameters (transformers' / ALBEF's names) -> a post-norm fusion layer's, both without prefix
@@ -471,57 +458,97 @@ class FusionEncoder(nn.Module):
         self,
         text: Tensor,
         attention_mask: Tensor,
-        image: Tensor,
+        image: Tensor | None,
         image_sizes: Tensor | None,
         merging: TokenMergingConfig,
+        image_kv: tuple[KeyValues, ...] | None = None,
+        positions: Tensor | None = None,
+        self_attended: bool = False,
     ) -> Tensor:
         """`forward` (bidirectional) with token merging between each layer's attention and its MLP.
 
         Image (PuMer): the `fusion_r` image tokens the real text attends least to in this layer's
         cross-attention (head mean; padded text rows masked out) merge into their most similar kept token,
-        so later layers attend fewer; the last layer skips it, nothing reads its image tokens. [CLS] stays.
-        Text (ToMe): `text_r` caption tokens merge by bipartite matching on their values; real-real pairs
-        go before padding-padding ones and real tokens are moved back in front after each merge, so a
-        caption's result does not depend on its padding (captions must be right-padded); [CLS] never
-        merges. Text merges are undone in reverse at the end (every original position takes its group's
-        value), so the output keeps [B, L, D] for per-token objectives (MLM, ITM's [CLS]).
+        so later layers attend fewer. [CLS] stays.
+        Text (ToMe, `merge_text_tokens`): `text_r` caption tokens merge by bipartite matching on their
+        values, real-real pairs first and real tokens moved back in front, so a caption's result does not
+        depend on its padding (captions must be right-padded); [CLS] never merges. Text merges are undone
+        in reverse at the end (every original position takes its group's value), so the output keeps
+        [B, L, D] for per-token objectives (MLM, ITM's [CLS]).
+        Neither merges after the last layer's attention: nothing reads its image tokens, and its text rows
+        are what objectives read one by one, so the last layer can compute the read rows alone.
         Merged tokens are attended in proportion to their size when `merging.proportional_attention`.
         image_sizes [B, N] (None = all 1), e.g. from a merging vision tower.
+
+        The shortcuts of `forward` hold with merging on and give the same values and gradients:
+        `image_kv` (the image's keys and values, computed once per image: used by every layer while the
+        image tokens are unmerged, i.e. all layers when `fusion_r` is 0, else the first), `positions`
+        [B, Q] (the last layer computes these queries alone -> [B, Q, D]), `self_attended` (`text` went
+        through `first_self_attention`), and packing (per-token work on the real tokens alone, merged
+        captions repacked after each merge).
         """
         proportional = merging.proportional_attention
-        real = attention_mask.bool()
+        mask = attention_mask
         image_size = None if image_sizes is None else image_sizes[..., None].float()
         text_size, unmerges = None, []
+        where = None  # [B, L]: the index of each original position's token after the text merges so far
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if text_size is None or not proportional:
-                self_mask = self_attention_mask(real)
+                self_mask = self_attention_mask(mask)
             else:
-                self_mask = proportional_attention_bias(text_size, real, dtype=text.dtype)
+                self_mask = proportional_attention_bias(text_size, mask.bool(), dtype=text.dtype)
             cross_mask = None
             if image_size is not None and proportional:
                 cross_mask = proportional_attention_bias(image_size, dtype=text.dtype)
-            rank_image = merging.fusion_r > 0 and i < len(self.layers) - 1
-            text, weights = layer.attend(text, image, self_mask, cross_mask, return_cross_weights=rank_image)
+            queries = None
+            if i == last and positions is not None:
+                queries = positions if where is None else where.gather(1, positions)
+            packing = packing_for(mask)
+            call = LayerCall(
+                self_mask=self_mask,
+                cross_mask=cross_mask,
+                image_kv=image_kv[i] if image_kv is not None and (i == 0 or merging.fusion_r == 0) else None,
+                queries=queries,
+                self_attended=self_attended and i == 0,
+                packing=packing,
+            )
+            rank_image = merging.fusion_r > 0 and i < last
+            x = text if packing is None else packing.pack(text)
+            x, weights = layer.attend(x, image, call, return_cross_weights=rank_image)
             if rank_image:
+                if image is None:
+                    raise ValueError(
+                        "fusion merging (fusion_r > 0) needs the image tokens, not only their keys"
+                    )
                 image, image_size = text_guided_merge(
-                    image, weights, merging.fusion_r, image_size, real, protect_first=True
+                    image, weights, merging.fusion_r, image_size, mask.bool(), protect_first=True
                 )
-            if merging.text_r > 0:
-                merge, unmerge = bipartite_soft_matching(text, merging.text_r, mask=real, real_first=True)
-                text, text_size = merge_wavg(merge, text, text_size, mask=real)
-                real = merge_mask(merge, real)
-                order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices
-                text, text_size, real = (
-                    gather_tokens(text, order),
-                    gather_tokens(text_size, order),
-                    real.gather(1, order),
-                )
-                unmerges.append((unmerge, order.argsort(dim=1)))
-            text = layer.feed_forward(text)
+            if merging.text_r > 0 and i < last:
+                x = x if packing is None else packing.unpack(x)
+                merged = merge_text_tokens(x, merging.text_r, mask, text_size)
+                x, text_size, mask = merged.tokens, merged.size, merged.mask
+                unmerges.append(merged.unmerge)
+                where = _merged_index(merged.unmerge, x, where)
+                packing = packing_for(mask)
+                x = x if packing is None else packing.pack(x)
+            x = layer.feed_forward(x)
+            text = x if packing is None or queries is not None else packing.unpack(x)
         text = self.norm(text)
-        for unmerge, inverse in reversed(unmerges):
-            text = unmerge(gather_tokens(text, inverse))
+        if positions is not None:
+            return text
+        for unmerge in reversed(unmerges):
+            text = unmerge(text)
         return text
+
+
+def _merged_index(unmerge: Callable[[Tensor], Tensor], merged: Tensor, where: Tensor | None) -> Tensor:
+    """Where each original position's token lies after one more text merge: [B, L] indices into merged
+    [B, L', D], from `where` [B, L_prev] (None: the identity) and the merge's `unmerge`."""
+    b, n, _ = merged.shape
+    index = torch.arange(n, device=merged.device, dtype=torch.float64).expand(b, n)[..., None]
+    new_of_previous = unmerge(index)[..., 0].long()  # [B, L_prev]
+    return new_of_previous if where is None else new_of_previous.gather(1, where)
 
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,9 @@ def bipartite_soft_matching(
 
     Tokens alternate into sets A (even positions) and B (odd); every A token links to its most
     cosine-similar B token and the r strongest links merge A into B. r is capped at half the mergeable
-    tokens. The first token ([CLS]) is never merged when `protect_first`. `mask` [B, N] bool (True = real)
+    tokens. The first token ([CLS]) is never merged when `protect_first`, and the unmerged A tokens keep
+    their original order; without it they come in order of their best link, strongest first, as ToMe's
+    `bipartite_soft_matching` leaves them for a ViT without class token. `mask` [B, N] bool (True = real)
     forbids real-padding links, so padding merges among itself; should r force one anyway, `merge_wavg`
     with the same mask keeps the padding out of the real token's value. `real_first` ranks every
     real-real link above every padding-padding one, so which real tokens merge never depends on how much
@@ -67,7 +70,9 @@ def bipartite_soft_matching(
         best_score, best_dst = scores.max(dim=-1)  # [B, Na]
         order = best_score.argsort(dim=-1, descending=True)[..., None]
         src_idx = order[:, :r]
-        keep_idx = order[:, r:].sort(dim=1).values  # original order: [CLS] stays first
+        keep_idx = order[:, r:]
+        if protect_first:  # [CLS] back in front, the rest in original order (without one: score order)
+            keep_idx = keep_idx.sort(dim=1).values
         dst_idx = best_dst[..., None].gather(1, src_idx)
     n_a = scores.shape[1]
 
@@ -160,26 +165,44 @@ def proportional_attention_bias(
 
 
 def merge_schedule(
-    r: int | list[int], depth: int, num_tokens: int, schedule: str = "constant", protected: int = 1
+    r: int | list[int],
+    depth: int,
+    num_tokens: int,
+    schedule: str = "constant",
+    protected: int = 1,
+    inflection: float = 0.0,
 ) -> list[int]:
-    """Tokens merged per layer: a constant r, an explicit per-layer list, or "decreasing" (2r down to 0,
-    about r * depth in total). Each entry is capped at half the mergeable tokens left, so at least
-    `protected` + 1 tokens remain."""
+    """Tokens merged per layer, as ToMe's `parse_r` (facebookresearch/ToMe, tome/utils.py) gives them: an
+    explicit per-layer list, or r with an `inflection` in [-1, 1]: layer i of L merges
+    int(r(1 - inflection) + i * 2r * inflection / (L - 1)), truncated as ToMe does; 0 is a constant r,
+    -1 ("decreasing", the paper's schedule) goes from 2r down to 0, +1 from 0 up to 2r. Each entry is capped
+    at half the mergeable tokens left (ToMe caps in its matching), so at least `protected` + 1 tokens
+    remain. A list must name every layer (ToMe pads a short one with zeros; here that is refused as a
+    likely slip)."""
     if depth < 1 or num_tokens < 1:
         raise ValueError(f"depth and num_tokens must be >= 1, got depth={depth}, num_tokens={num_tokens}")
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not -1.0 <= inflection <= 1.0:
+        raise ValueError(f"inflection must lie in [-1, 1], got {inflection}")
+    if schedule == "decreasing":
+        if inflection not in (0.0, -1.0):
+            raise ValueError(f"schedule='decreasing' is inflection -1, got inflection={inflection} as well")
+        inflection = -1.0
     if isinstance(r, list):
         if len(r) != depth:
             raise ValueError(f"r as a list needs one entry per layer ({depth}), got {len(r)}")
-        if schedule != "constant":
-            raise ValueError(f"an explicit r list takes schedule='constant', got {schedule!r}")
+        if schedule != "constant" or inflection != 0.0:
+            raise ValueError(
+                f"an explicit r list takes schedule='constant' and no inflection, got {schedule!r}"
+            )
         per_layer = list(r)
     elif isinstance(r, int) and not isinstance(r, bool):
-        if schedule == "decreasing" and depth > 1:
-            per_layer = [round(2 * r * (depth - 1 - i) / (depth - 1)) for i in range(depth)]
-        else:
-            per_layer = [r] * depth
+        if r < 0:
+            raise ValueError(f"r must be non-negative integers, got {r}")
+        low = int(r * (1.0 - inflection))
+        step = (2 * r - 2 * low) / (depth - 1) if depth > 1 else 0.0
+        per_layer = [int(low + step * i) for i in range(depth)]
     else:
         raise TypeError(f"r must be an int or a list of ints, got {type(r).__name__}")
     if any(not isinstance(v, int) or v < 0 for v in per_layer):
@@ -197,7 +220,7 @@ class TokenMergingConfig:
     """Where and how much a `FusionBackbone` merges; all zeros is the plain model (bitwise).
 
     vision_r: tokens merged per ViT block (an int, or one entry per block), shaped by `schedule`
-    ("constant" or "decreasing"); fusion_r: image tokens merged after each fusion layer's cross-attention,
+    ("constant" or "decreasing") or ToMe's `inflection` in [-1, 1] (`merge_schedule`); fusion_r: image tokens merged after each fusion layer's cross-attention,
     least attended by the real text first (PuMer); text_r: caption tokens merged per fusion layer
     (unmerged again before the fused output, so it keeps length L); proportional_attention: log(size)
     key bias wherever merged tokens are attended; trace_source: keep the ViT's token -> patch map.
@@ -205,6 +228,7 @@ class TokenMergingConfig:
 
     vision_r: int | list[int] = 0
     schedule: str = "constant"
+    inflection: float = 0.0
     proportional_attention: bool = True
     fusion_r: int = 0
     text_r: int = 0
@@ -213,6 +237,8 @@ class TokenMergingConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"merging.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not -1.0 <= self.inflection <= 1.0:
+            raise ValueError(f"merging.inflection must lie in [-1, 1], got {self.inflection}")
         rs = self.vision_r if isinstance(self.vision_r, list) else [self.vision_r]
         for name, values in (("vision_r", rs), ("fusion_r", [self.fusion_r]), ("text_r", [self.text_r])):
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
@@ -316,6 +342,7 @@ def apply_token_merging(
     proportional_attention: bool = True,
     trace_source: bool = False,
     schedule: str = "constant",
+    inflection: float = 0.0,
 ) -> None:
     """Turn a timm VisionTransformer into a merging one in place; weights and state_dict keys unchanged.
 
@@ -335,7 +362,9 @@ def apply_token_merging(
                 f"block {i} is {type(block).__name__} with {type(block.attn).__name__}; "
                 "token merging supports timm Block with Attention"
             )
-    per_layer = merge_schedule(r, len(vit.blocks), _num_tokens(vit), schedule, vit.num_prefix_tokens)
+    per_layer = merge_schedule(
+        r, len(vit.blocks), _num_tokens(vit), schedule, vit.num_prefix_tokens, inflection
+    )
     state = TokenMergingState(per_layer, proportional_attention, trace_source, vit.num_prefix_tokens == 1)
     vit._tome_state = state
     for i, block in enumerate(vit.blocks):
@@ -352,12 +381,16 @@ def token_merging_state(vit: VisionTransformer) -> TokenMergingState | None:
     return getattr(vit, "_tome_state", None)
 
 
-def set_merge_r(vit: VisionTransformer, r: int | list[int], schedule: str = "constant") -> None:
+def set_merge_r(
+    vit: VisionTransformer, r: int | list[int], schedule: str = "constant", inflection: float = 0.0
+) -> None:
     """Change how many tokens a merging ViT merges per layer (e.g. raising r during training)."""
     state = token_merging_state(vit)
     if state is None:
         raise ValueError("vit has no token merging; call apply_token_merging first")
-    state.r = merge_schedule(r, len(vit.blocks), _num_tokens(vit), schedule, int(state.protect_first))
+    state.r = merge_schedule(
+        r, len(vit.blocks), _num_tokens(vit), schedule, int(state.protect_first), inflection
+    )
 
 
 def text_guided_merge(
@@ -418,6 +451,15 @@ def text_guided_merge(
     return merge_wavg(merge, image_tokens, size)
 
 
+class MergedText(NamedTuple):
+    """A caption batch after one text merge, real tokens first in each row (`merge_text_tokens`)."""
+
+    tokens: Tensor  # [B, Nt - r, D]
+    size: Tensor  # [B, Nt - r, 1] real tokens held by each token (padding ones by padding groups)
+    mask: Tensor  # [B, Nt - r], text_mask's dtype: real tokens first, then padding
+    unmerge: Callable[[Tensor], Tensor]  # [B, Nt - r, C] -> [B, Nt, C]: each position its group's row
+
+
 def merge_text_tokens(
     text_tokens: Tensor,
     r: int,
@@ -425,19 +467,39 @@ def merge_text_tokens(
     size: Tensor | None = None,
     metric: Tensor | None = None,
     protect_first: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge `r` tokens of a padded caption batch by bipartite matching without mixing padding into text.
+) -> MergedText:
+    """Merge `r` tokens of a right-padded caption batch by bipartite matching, padding never mixed into text.
 
-    text_tokens [B, Nt, D], text_mask [B, Nt] (bool or 0/1), metric [B, Nt, C] (defaults to the tokens).
-    Returns (tokens [B, Nt - r, D], size [B, Nt - r, 1], mask [B, Nt - r] in text_mask's dtype).
+    Real-real links go before padding-padding ones and the real tokens are moved back in front after the
+    merge (stable), so which tokens of a caption merge, and where they end up, does not depend on how much
+    padding its row has: the merged batch is right-padded again, fit for packing and length groups.
+    text_tokens [B, Nt, D], text_mask [B, Nt] (bool or 0/1), size [B, Nt, 1], metric [B, Nt, C] (defaults to
+    the tokens). [CLS] (position 0) never merges with `protect_first` and stays first.
     """
     if text_mask.shape != text_tokens.shape[:2]:
         raise ValueError(
             f"text_mask must have shape {tuple(text_tokens.shape[:2])}, got {tuple(text_mask.shape)}"
         )
     real = text_mask.bool()
-    merge, _ = bipartite_soft_matching(
-        text_tokens if metric is None else metric, r, protect_first=protect_first, mask=real
+    merge, unmerge = bipartite_soft_matching(
+        text_tokens if metric is None else metric, r, protect_first=protect_first, mask=real, real_first=True
     )
     tokens, size = merge_wavg(merge, text_tokens, size, mask=real)
-    return tokens, size, merge_mask(merge, real).to(text_mask.dtype)
+    real = merge_mask(merge, real)
+    order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices  # [B, Nt - r]: real first
+    inverse = order.argsort(dim=1)
+
+    def unmerge_text(x: Tensor) -> Tensor:
+        return unmerge(_gather_rows(x, inverse))
+
+    return MergedText(
+        _gather_rows(tokens, order),
+        _gather_rows(size, order),
+        real.gather(1, order).to(text_mask.dtype),
+        unmerge_text,
+    )
+
+
+def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, N, C] reordered along N by index [B, M] -> [B, M, C]."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
