@@ -130,7 +130,7 @@ def lay_out_user_files(folder: Path) -> None:
 
 def short_form(command: Command) -> tuple[list[str], bool]:
     """(argv to run, whether it runs for real). Training commands get `SHORT`; a command that `needs`
-    something is parsed instead: `--print_config` for the LightningCLI ones, `--dry-run` for a Slurm submit."""
+    something is parsed instead: `--print_config` for the LightningCLI ones, `--dry-run` for a Slurm submit or bootstrap."""
     words = command.words
     if words[0] == "make":
         # the checkout's environment, never reinstalled from here (-o: its stamp counts as up to date; make
@@ -150,7 +150,7 @@ def short_form(command: Command) -> tuple[list[str], bool]:
         return [*argv, *SHORT] if lightning else argv, True
     if lightning:
         return [*argv, "--print_config"], False
-    if words[1:3] == ["slurm", "submit"]:
+    if words[1:3] in (["slurm", "submit"], ["slurm", "bootstrap"]):
         separator = argv.index("--") if "--" in argv else len(argv)
         return [*argv[:separator], "--dry-run", *argv[separator:]], False
     return [], False

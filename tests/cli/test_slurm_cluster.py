@@ -249,3 +249,41 @@ def test_a_percent_in_the_experiment_name_keeps_the_logs_in_the_run_folder(
     assert f"StdOut:    {run_dir / f'slurm-{job}.out'}\n" in capsys.readouterr().out
     assert main(["logs", job]) == 0
     assert f"vlp: job {job}, restart 0" in capsys.readouterr().out
+
+
+def test_a_bootstrap_job_of_two_tasks_writes_what_one_local_rank_writes(slurm, tmp_path):
+    """`vlp slurm bootstrap`: the srun tasks are the ranks (SLURM_PROCID / SLURM_NTASKS), and the merged
+    data set, decisions and counts equal one process's (a 2-step checkpoint: the decisions need not be good)."""
+    from PIL import Image
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("LOCAL_RANK", "MASTER_"))}
+    fit = [sys.executable, "-m", "vlp.cli", "fit", "--config", str(CONFIGS.parent / "configs" /
+           "bootstrap-pretrain.yaml"), "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    assert subprocess.run(fit, env=env, capture_output=True, timeout=300).returncode == 0
+    (tmp_path / "images").mkdir()
+    rows = ["filepath\ttitle"]
+    for index in range(12):
+        Image.new("RGB", (40, 32), (20 * index, 255 - 20 * index, 90)).save(
+            tmp_path / "images" / f"{index}.jpg"
+        )
+        rows.append(f"{index}.jpg\ta picture numbered {index}")
+    (tmp_path / "pairs.tsv").write_text("\n".join(rows) + "\n")
+    args = ["--model", str(tmp_path / "checkpoints" / "last.ckpt"), "--input", "pairs.tsv", "--image-root",
+            "images", "--captions-per-image", "2", "--shard-size", "3", "--max-length", "8"]  # fmt: skip
+    local = [sys.executable, "-m", "vlp.cli", "data", "bootstrap", *args, "--output", "local"]
+    assert subprocess.run(local, cwd=tmp_path, env=env, capture_output=True, timeout=300).returncode == 0
+    printed, cwd = io.StringIO(), os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert main(["bootstrap", "--profile", str(PROFILE), "--tasks-per-node", "2", "--",
+                         *args, "--output", "job"]) == 0  # fmt: skip
+    finally:
+        os.chdir(cwd)
+    job = re.search(r"job:\s+(\d+)", printed.getvalue()).group(1)
+    state = wait_for(job)
+    log = tmp_path / "job-slurm" / f"slurm-{job}.out"
+    assert state["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    assert "[rank 1/2]" in log.read_text()  # two ranks ran
+    for name in ("decisions.csv", "counts.json"):
+        assert (tmp_path / "job" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()

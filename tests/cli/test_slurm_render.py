@@ -2,6 +2,7 @@
 checks made before anything reaches Slurm. No Slurm needed: the script's shell part runs with a stub `srun`."""
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -270,3 +271,35 @@ def test_profile_whole_numbers_may_be_quoted(in_tmp, capsys):
     profile = in_tmp / "cluster.yaml"
     profile.write_text("cpus_per_task: '4'\nnodes: 1\n")
     assert directives(dry_run(capsys, "--profile", str(profile)))["cpus-per-task"] == "4"
+
+
+def test_bootstrap_job_runs_one_rank_per_task_beside_its_output_without_a_requeue_signal(in_tmp, capsys):
+    args = ["--model", "last.ckpt", "--input", "pairs.tsv", "--output", "cleaned", "--threshold", "0.4"]
+    assert main(["bootstrap", "--gpus-per-node", "4", "--nodes", "2", "--dry-run", "--", *args]) == 0
+    script = capsys.readouterr().out
+    run_dir = in_tmp / "cleaned-slurm"
+    assert directives(script) == {
+        "job-name": "vlp-bootstrap-cleaned",
+        "nodes": "2",
+        "ntasks-per-node": "4",
+        "cpus-per-task": "1",
+        "gpus-per-node": "4",
+        "open-mode": "append",
+        "chdir": str(in_tmp),
+        "output": str(run_dir / "slurm-%j.out"),
+        "error": str(run_dir / "slurm-%j.err"),
+    }  # no signal or requeue: a resubmitted job skips the shards it finished
+    assert srun_argv(script, in_tmp) == [sys.executable, "-m", "vlp.cli", "data", "bootstrap", *args]
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--input", "pairs.tsv", "--output", "o"], "do not parse: .*required: --model"),
+        (["--model", "m", "--input", "p.tsv", "--output", "o", "--devices", "2"], "leave out --devices"),
+    ],
+)
+def test_bootstrap_arguments_are_checked_before_submitting(in_tmp, capsys, args, message):
+    assert main(["bootstrap", "--dry-run", "--", *args]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -26,7 +26,7 @@ GROUPS: dict[str, tuple[str, str]] = {
         "data",
         "convert data to streamed chunks (optimize), look at it (inspect), clean it (bootstrap)",
     ),
-    "slurm": ("slurm", "submit, watch and cancel training jobs on a Slurm cluster"),
+    "slurm": ("slurm", "submit, watch and cancel training (and bootstrap) jobs on a Slurm cluster"),
     "export": ("export", "one consolidated weights file (with its architecture) from any checkpoint"),
     "tensorboard": ("tensorboard", "serve the runs' TensorBoard logs on 127.0.0.1"),
     "convert": ("convert", "a published checkpoint (ALBEF) as a file init_from loads"),

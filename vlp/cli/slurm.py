@@ -1,4 +1,4 @@
-"""`vlp slurm submit | status | cancel | logs`: the same `vlp fit` config, on a Slurm cluster.
+"""`vlp slurm submit | bootstrap | status | cancel | logs`: the same `vlp fit` config, on a Slurm cluster.
 
 `submit` resolves the configs (a bad key fails here, not in the queue), saves the resolved config in
 the run folder `<save_dir>/<name>/version_<n>/` (`job.yaml`: the job runs what was submitted even if the
@@ -8,6 +8,9 @@ there. The sbatch parameters are validated data rendered by one function,
 `render_sbatch`, which shell-quotes every value; the job runs `srun <python> -m vlp.cli fit --config
 job.yaml [extra args] [pins]`, one task per device, and asks Slurm for USR1 90 s before its time limit, which
 Lightning's `SLURMEnvironment` turns into a checkpoint and a requeue (see `vlp.platform.run.requeue`).
+`bootstrap` submits `vlp data bootstrap` the same way: its srun tasks are its ranks (SLURM_PROCID /
+SLURM_NTASKS), its script and logs go beside the output folder (`<output>-slurm/`), and it asks for no requeue
+signal: a job stopped by its time limit is submitted again and skips the shards it finished.
 """
 
 from __future__ import annotations
@@ -89,10 +92,16 @@ def slurm_filename(folder: Path, pattern: str) -> str:
 
 
 def render_sbatch(
-    options: SbatchOptions, run_dir: Path, workdir: Path, command: list[str], setup: list[str]
+    options: SbatchOptions,
+    run_dir: Path,
+    workdir: Path,
+    command: list[str],
+    setup: list[str],
+    requeue: bool = True,
 ) -> str:
     """The whole batch script. Every value is validated or shell-quoted (sbatch parses `#SBATCH` lines
-    with the same quoting rules); `setup` lines come from the user's profile and are written as they are."""
+    with the same quoting rules); `setup` lines come from the user's profile and are written as they are.
+    `requeue`: ask for the signal Lightning turns into a checkpoint and a requeue (a `vlp fit` job)."""
     options.validate()
     for value in (str(run_dir), str(workdir), *command):
         check_text("value", value)
@@ -107,14 +116,14 @@ def render_sbatch(
         "partition": options.partition,
         "account": options.account,
         "qos": options.qos,
-        "signal": REQUEUE_SIGNAL,
-        "requeue": True,
+        "signal": REQUEUE_SIGNAL if requeue else None,
+        "requeue": True if requeue else None,
         "open-mode": "append",
         "chdir": str(workdir),
         "output": slurm_filename(run_dir, LOG_PATTERN),
         "error": slurm_filename(run_dir, ERR_PATTERN),
     }
-    lines = ["#!/bin/bash", f"# vlp slurm submit: run folder {shlex.quote(str(run_dir))}"]
+    lines = ["#!/bin/bash", f"# vlp slurm: run folder {shlex.quote(str(run_dir))}"]
     for key, value in directives.items():
         if value is True:
             lines.append(f"#SBATCH --{key}")
@@ -263,27 +272,53 @@ def match_allocation(
 class Submission:
     run_dir: Path
     script: str
-    job_config: dict[str, Any]
+    job_config: dict[str, Any] | None  # the resolved `vlp fit` config (None: not a fit job)
+
+
+def pick(args: argparse.Namespace, profile: dict[str, Any], name: str, default: Any = None) -> Any:
+    """The command line's value, else the profile's, else `default`."""
+    value = getattr(args, name)
+    return value if value is not None else profile.get(name, default)
+
+
+def pick_text(args: argparse.Namespace, profile: dict[str, Any], name: str) -> str | None:
+    """Like `pick`, as text: YAML reads `mem: 0` or `time: 30` as numbers."""
+    value = pick(args, profile, name)
+    return None if value is None else str(value)
+
+
+def sbatch_options(
+    args: argparse.Namespace,
+    profile: dict[str, Any],
+    job_name: str,
+    nodes: int,
+    tasks_per_node: int,
+    gpus: int | None,
+) -> SbatchOptions:
+    """The job's sbatch options: the allocation given, the rest from the command line, else the profile."""
+    return SbatchOptions(
+        job_name=args.job_name or profile.get("job_name") or job_name,
+        nodes=nodes,
+        tasks_per_node=tasks_per_node,
+        gpus_per_node=gpus,
+        cpus_per_task=int(pick(args, profile, "cpus_per_task", 1)),
+        mem=pick_text(args, profile, "mem"),
+        time=pick_text(args, profile, "time"),
+        partition=pick_text(args, profile, "partition"),
+        account=pick_text(args, profile, "account"),
+        qos=pick_text(args, profile, "qos"),
+    )
 
 
 def prepare(args: argparse.Namespace, workdir: Path) -> Submission:
     """Everything `submit` writes, computed without touching the disk or the queue."""
     profile = load_profile(Path(args.profile) if args.profile else None)
-
-    def pick(name: str, default: Any = None) -> Any:
-        """The command line's value, else the profile's, else `default`."""
-        value = getattr(args, name)
-        return value if value is not None else profile.get(name, default)
-
-    def pick_text(name: str) -> str | None:
-        """Like `pick`, as text: YAML reads `mem: 0` or `time: 30` as numbers."""
-        value = pick(name)
-        return None if value is None else str(value)
-
     extra = list(args.extra)
     full = resolve_config(args.config, extra)  # what runs: files + extra args (checked here)
     job_config = resolve_config(args.config, []) if extra else full  # saved; extra go on the srun line
-    nodes, tasks_per_node, gpus = match_allocation(full["trainer"], pick("nodes"), pick("gpus_per_node"))
+    nodes, tasks_per_node, gpus = match_allocation(
+        full["trainer"], pick(args, profile, "nodes"), pick(args, profile, "gpus_per_node")
+    )
 
     logger_args = tensorboard_logger_args(full)
     save_dir = Path(logger_args.get("save_dir") or "runs")
@@ -302,23 +337,68 @@ def prepare(args: argparse.Namespace, workdir: Path) -> Submission:
         "trainer.logger.init_args.version": version,
     }
 
-    options = SbatchOptions(
-        job_name=args.job_name or profile.get("job_name") or f"vlp-{experiment_dir.name}",
-        nodes=nodes,
-        tasks_per_node=tasks_per_node,
-        gpus_per_node=gpus,
-        cpus_per_task=int(pick("cpus_per_task", 1)),
-        mem=pick_text("mem"),
-        time=pick_text("time"),
-        partition=pick_text("partition"),
-        account=pick_text("account"),
-        qos=pick_text("qos"),
-    )
+    options = sbatch_options(args, profile, f"vlp-{experiment_dir.name}", nodes, tasks_per_node, gpus)
     python = str(profile.get("python") or sys.executable)
     command = [python, "-m", "vlp.cli", "fit", "--config", str(run_dir / JOB_CONFIG), *extra]
     command += [arg for key, value in pins.items() for arg in (f"--{key}", str(value))]
     script = render_sbatch(options, run_dir, workdir, command, list(profile.get("setup") or []))
     return Submission(run_dir, script, job_config)
+
+
+def prepare_bootstrap(args: argparse.Namespace, workdir: Path) -> Submission:
+    """`vlp data bootstrap EXTRA` as a job of `--nodes` x `--tasks-per-node` srun tasks (default: one per GPU,
+    else one), each a rank; checked here with bootstrap's own parser, so a bad option fails before the queue."""
+    from vlp.cli.data import parser as data_parser
+
+    profile = load_profile(Path(args.profile) if args.profile else None)
+    extra = list(args.extra)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as errors:
+            bootstrap = data_parser().parse_args(["bootstrap", *extra])
+    except SystemExit:
+        message = errors.getvalue().strip().splitlines()[-1:] or ["(no message)"]
+        raise SubmitError(f"the bootstrap arguments do not parse: {message[0]}") from None
+    if bootstrap.devices != 1:
+        raise SubmitError(
+            "under Slurm the srun tasks are the ranks: leave out --devices (use --tasks-per-node)"
+        )
+    nodes = int(pick(args, profile, "nodes", 1))
+    gpus = int(pick(args, profile, "gpus_per_node", 0))
+    tasks_per_node = args.tasks_per_node or gpus or 1
+    output = (workdir / bootstrap.output).resolve()
+    run_dir = output.parent / f"{output.name}-slurm"
+    options = sbatch_options(args, profile, f"vlp-bootstrap-{output.name}", nodes, tasks_per_node, gpus)
+    python = str(profile.get("python") or sys.executable)
+    command = [python, "-m", "vlp.cli", "data", "bootstrap", *extra]
+    setup = list(profile.get("setup") or [])
+    script = render_sbatch(options, run_dir, workdir, command, setup, requeue=False)
+    return Submission(run_dir, script, None)
+
+
+def submit_bootstrap(args: argparse.Namespace) -> int:
+    workdir = Path.cwd()
+    submission = prepare_bootstrap(args, workdir)
+    if args.dry_run:
+        print(submission.script, end="")
+        return 0
+    submission.run_dir.mkdir(parents=True, exist_ok=True)  # a resubmission reuses it
+    script = submission.run_dir / JOB_SCRIPT
+    script.write_text(submission.script)
+    job = sbatch(script)
+    if job is None:
+        return 1
+    print(f"job:         {job}")
+    print(f"log:         {submission.run_dir / LOG_PATTERN.replace('%j', job)}")
+    return 0
+
+
+def sbatch(script: Path) -> str | None:
+    """Submit `script`; the job id, or None (the error printed)."""
+    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"sbatch failed ({result.returncode}): {result.stderr.strip()}", file=sys.stderr)
+        return None
+    return result.stdout.strip().split(";")[0]
 
 
 def submit(args: argparse.Namespace) -> int:
@@ -332,11 +412,9 @@ def submit(args: argparse.Namespace) -> int:
     (run_dir / JOB_CONFIG).write_text(yaml.safe_dump(submission.job_config, sort_keys=False))
     script = run_dir / JOB_SCRIPT
     script.write_text(submission.script)
-    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
-    if result.returncode != 0:
-        print(f"sbatch failed ({result.returncode}): {result.stderr.strip()}", file=sys.stderr)
+    job_id = sbatch(script)
+    if job_id is None:
         return 1
-    job_id = result.stdout.strip().split(";")[0]
     experiment_dir = run_dir.parent
     print(f"job:         {job_id}")
     print(f"run folder:  {run_dir}")
@@ -425,12 +503,8 @@ def logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlp slurm", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    sub = commands.add_parser("submit", help="submit `vlp fit` of a config as a Slurm job")
-    sub.add_argument("--config", action="append", required=True, help="a vlp fit config (repeatable)")
+def add_sbatch_arguments(sub: argparse.ArgumentParser) -> None:
+    """The sbatch options every submitting command takes (defaults from `--profile`)."""
     sub.add_argument(
         "--profile", help="configs/slurm/*.yaml: defaults for the options below and set-up lines"
     )
@@ -444,8 +518,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--qos")
     sub.add_argument("--job-name", dest="job_name")
     sub.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlp slurm", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sub = commands.add_parser("submit", help="submit `vlp fit` of a config as a Slurm job")
+    sub.add_argument("--config", action="append", required=True, help="a vlp fit config (repeatable)")
+    add_sbatch_arguments(sub)
     sub.add_argument("extra", nargs="*", help="after --: more `vlp fit` arguments")
     sub.set_defaults(run=submit)
+
+    sub = commands.add_parser(
+        "bootstrap", help="submit `vlp data bootstrap` as a Slurm job (srun tasks = ranks)"
+    )
+    add_sbatch_arguments(sub)
+    sub.add_argument("--tasks-per-node", type=int, dest="tasks_per_node", help="default: one per GPU, else 1")
+    sub.add_argument("extra", nargs="*", help="after --: the `vlp data bootstrap` arguments")
+    sub.set_defaults(run=submit_bootstrap)
 
     sub = commands.add_parser("status", help="the queue, or one job's state")
     sub.add_argument("job", nargs="?", type=job_id)

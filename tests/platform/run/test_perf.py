@@ -136,6 +136,5 @@ def test_event_files_hold_tokens_kept_and_gflops_per_sample_with_merging_and_pat
     assert len(gflops) == 2 and all(g > 0 for g in gflops)
     module.backbone.vision.set_patch_dropout(0.0)
     assert (
-        training_step_flops(module, first_rows(next(iter(shapes.dataloader("train"))), 2)) / 2e9
-        > gflops[0]
+        training_step_flops(module, first_rows(next(iter(shapes.dataloader("train"))), 2)) / 2e9 > gflops[0]
     )
