@@ -9,7 +9,7 @@ corpus BLEU-4 and CIDEr-D against every reference caption of the split, gathered
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,8 @@ class CaptionObjective(Objective):
     `num_beams` 1 decodes greedily; `max_length` bounds the generated tokens ([SEP] included);
     `length_penalty` divides a beam's log-probability by length ** length_penalty; `repetition_penalty`
     and `min_length` (EOS allowed from the `min_length`-th token on) as transformers and BLIP define them
-    (BLIP's captioning: 3 beams, min_length 5).
+    (BLIP's captioning: 3 beams, min_length 5); `early_stopping` when beam search ends a caption: "exact"
+    (once no live beam can beat the finished ones) or "heuristic" (transformers' default, so BLIP's).
     """
 
     name = "caption"
@@ -60,6 +61,7 @@ class CaptionObjective(Objective):
         repetition_penalty: float = 1.0,
         min_length: int = 0,
         prompt: str = "",
+        early_stopping: Literal["exact", "heuristic"] = "exact",
     ) -> None:
         """`alpha`: weight of the momentum decoder's next-token distributions in the loss (BLIP-style
         distillation), reached after `alpha_warmup_steps`; needs the backbone's momentum model.
@@ -84,6 +86,9 @@ class CaptionObjective(Objective):
                 f"{min_length}"
             )
         self.repetition_penalty, self.min_length = repetition_penalty, min_length
+        if early_stopping not in ("exact", "heuristic"):
+            raise ValueError(f"early_stopping must be 'exact' or 'heuristic', got {early_stopping!r}")
+        self.early_stopping = early_stopping
         self.prompt = prompt
         self.prompt_ids = prompt_token_ids(backbone.tokenizer, prompt)
         self.label_smoothing = label_smoothing
@@ -150,7 +155,14 @@ class CaptionObjective(Objective):
         }
         if k == 1:
             return greedy_search(decode, b, **tokens)
-        return beam_search(decode, b, num_beams=k, length_penalty=self.length_penalty, **tokens)[0]
+        return beam_search(
+            decode,
+            b,
+            num_beams=k,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
+            **tokens,
+        )[0]
 
     def captions(self, image: ImageFeatures) -> list[str]:
         return self.backbone.tokenizer.batch_decode(self.generate(image), skip_special_tokens=True)

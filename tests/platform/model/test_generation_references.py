@@ -152,3 +152,33 @@ def test_generation_rejects_bad_processor_settings(lm):
         greedy_search(step_of(lm), 1, BOS, EOS, PAD, max_length=4, min_length=5)
     with pytest.raises(ValueError, match="repetition_penalty"):
         beam_search(step_of(lm), 1, BOS, EOS, PAD, max_length=4, num_beams=2, repetition_penalty=0.0)
+
+
+def boosted_lm(seed: int, eos_boost: float) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                        tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)  # fmt: skip
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)
+        model.lm_head.weight[EOS] += eos_boost * model.lm_head.weight[EOS].sign()
+    return model
+
+
+# cases where transformers' default stopping (early_stopping=False: the best live beam normalised by the
+# current length) ends a row that the exact bound keeps searching, to another caption
+@pytest.mark.parametrize("seed, eos_boost, length_penalty", [(0, 0.6, 2.0), (1, 0.3, 1.0), (3, 1.0, 2.0)])
+def test_heuristic_early_stopping_equals_transformers_default_where_the_exact_bound_searches_on(
+    seed, eos_boost, length_penalty, one_thread
+):
+    lm = boosted_lm(seed, eos_boost)
+    expected = hf_generate(lm, 6, 10, do_sample=False, num_beams=3, length_penalty=length_penalty)
+
+    def search(early_stopping: str) -> torch.Tensor:
+        ids, _ = beam_search(step_of(lm), 6, BOS, EOS, PAD, max_length=10, num_beams=3,
+                             length_penalty=length_penalty, early_stopping=early_stopping)  # fmt: skip
+        return torch.nn.functional.pad(ids, (0, 10 - ids.shape[1]), value=PAD)
+
+    wide = torch.nn.functional.pad(expected, (0, 10 - expected.shape[1]), value=PAD)
+    assert torch.equal(search("heuristic"), wide)
+    assert not torch.equal(search("exact"), wide)

@@ -14,6 +14,7 @@ function of the whole prefix instead (no cache: the reference the cache is teste
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -225,20 +226,27 @@ def beam_search(
     device: torch.device | str = "cpu",
     repetition_penalty: float = 1.0,
     min_length: int = 0,
+    early_stopping: Literal["exact", "heuristic"] = "exact",
 ) -> tuple[Tensor, Tensor]:
     """Beam search with `num_beams` beams per row, batched: `decode` sees [B * num_beams] tokens, batch-major
     (rows b * num_beams .. b * num_beams + num_beams - 1 belong to example b), with the rows they continue.
 
     A hypothesis scores sum(log p) / length ** length_penalty, length counting the generated tokens with
     the final `eos_id`; beams that reach `max_length` without it are scored as they are. A row stops once
-    its `num_beams` best finished hypotheses cannot be beaten by any live beam (an exact bound).
+    its `num_beams` best finished hypotheses cannot be beaten by any live beam (an exact bound); with
+    `early_stopping="heuristic"` a row stops, as transformers' `generate` stops it by default (and so BLIP's
+    captioner), once its `num_beams` finished hypotheses all score at least the best live beam normalised by
+    the current length, and takes no hypothesis after that.
     With num_beams=1 and length_penalty=0 this is greedy search. `repetition_penalty` and `min_length` act
     on the log-probabilities as transformers' processors do in its beam search (BLIP: 3 beams, min 5).
     Returns (ids [B, T] without the BOS, `pad_id` after `eos_id`, T <= max_length; scores [B]).
     """
     _check_generation_args(batch_size, max_length, num_beams)
     check_processor_args(repetition_penalty, min_length, max_length)
+    if early_stopping not in ("exact", "heuristic"):
+        raise ValueError(f"early_stopping must be 'exact' or 'heuristic', got {early_stopping!r}")
     b, k = batch_size, num_beams
+    stopped = torch.zeros(b, dtype=torch.bool, device=device)  # rows the heuristic has stopped
     ids = torch.full((b * k, 1), bos_id, dtype=torch.long, device=device)
     # all beams start identical: only the first may expand at step one, or the top k would be k copies
     alive = torch.full((b, k), float("-inf"), device=device)
@@ -262,7 +270,9 @@ def beam_search(
 
         ends = token == eos_id
         ranked = torch.arange(2 * k, device=device) < k
-        new_done = torch.where(ends & ranked, top_scores / step**length_penalty, float("-inf"))
+        new_done = torch.where(
+            ends & ranked & ~stopped[:, None], top_scores / step**length_penalty, float("-inf")
+        )
         padded = F.pad(candidates, (0, max_length - step), value=pad_id)
         done_scores, done_ids = _keep_best(done_scores, done_ids, new_done, padded, k)
 
@@ -272,12 +282,17 @@ def beam_search(
         origin_rows = (rows * k + origin.gather(1, keep)).reshape(-1)
         ids = torch.cat([ids, token.gather(1, keep).reshape(b * k, 1)], dim=1)
 
+        if early_stopping == "heuristic":
+            stopped |= done_scores[:, -1] >= alive[:, 0] / step**length_penalty
+            if step < max_length and stopped.all():
+                break
+            continue
         # sum(log p) <= 0 only falls; the best normalised score then needs the largest length ** penalty
         best_denominator = max((step + 1) ** length_penalty, max_length**length_penalty)
         if step < max_length and (done_scores[:, -1] >= alive[:, 0] / best_denominator).all():
             break
     else:
-        unfinished = alive / max_length**length_penalty
+        unfinished = (alive / max_length**length_penalty).masked_fill(stopped[:, None], float("-inf"))
         done_scores, done_ids = _keep_best(done_scores, done_ids, unfinished, ids.view(b, k, -1)[..., 1:], k)
 
     best = done_ids[:, 0]
