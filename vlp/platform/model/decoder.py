@@ -52,10 +52,20 @@ class CaptionDecoder(nn.Module):
             MultiHeadAttention(text.width, config.heads, dropout=config.dropout) for _ in range(config.depth)
         )
         self.bias = nn.Parameter(torch.zeros(text.word_embeddings.num_embeddings))
+        # per layer, a LayerNorm replacing the self-attention's (None: the layer's; BLIP's decoder has its own)
+        self.self_norms: nn.ModuleList | None = None
 
     @property
     def word_embeddings(self) -> nn.Embedding:
         return self._shared[0].word_embeddings
+
+    def embed(self, input_ids: Tensor, start: int = 0) -> Tensor:
+        """Token + position embeddings [B, L, D] of ids [B, L] at positions start, start + 1, ..."""
+        return self._shared[0].embed(input_ids, start=start)
+
+    def head_input(self, hidden: Tensor) -> Tensor:
+        """What the tied LM head reads of the decoder's hidden states [..., D] (here: them as they are)."""
+        return hidden
 
     def forward(
         self,
@@ -71,7 +81,7 @@ class CaptionDecoder(nn.Module):
         text, fusion = self._shared
         if input_ids.shape[1] > text.max_len:
             raise ValueError(f"decoder input length {input_ids.shape[1]} exceeds text.max_len={text.max_len}")
-        hidden = text.embed(input_ids)
+        hidden = self.embed(input_ids)
         return fusion(
             hidden,
             attention_mask,
@@ -79,6 +89,7 @@ class CaptionDecoder(nn.Module):
             image_bias=image_bias,
             causal=True,
             self_attns=self.self_attns,
+            self_norms=self.self_norms,
             image_kv=image_kv,
         )
 
@@ -94,7 +105,7 @@ class CaptionDecoder(nn.Module):
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Tied LM head: hidden [..., D] -> logits [..., V]."""
-        return F.linear(hidden, self.word_embeddings.weight, self.bias)
+        return F.linear(self.head_input(hidden), self.word_embeddings.weight, self.bias)
 
     def loss(
         self, hidden: Tensor, targets: Tensor, label_smoothing: float = 0.0, chunk_size: int | None = None
@@ -103,7 +114,7 @@ class CaptionDecoder(nn.Module):
         through the fused kernel so the [B * L, V] logits are never materialised."""
         keep = targets != IGNORE_INDEX
         return linear_cross_entropy(
-            hidden[keep],
+            self.head_input(hidden[keep]),
             self.word_embeddings.weight,
             targets[keep],
             bias=self.bias,
@@ -132,11 +143,13 @@ class DecoderCache:
             raise ValueError(f"generation past text.max_len={text.max_len} positions")
         if origin is not None:
             self.past = [None if kv is None else (kv[0][origin], kv[1][origin]) for kv in self.past]
-        hidden = text.embed(tokens[:, None], start=self.length)
+        decoder = self.decoder
+        hidden = decoder.embed(tokens[:, None], start=self.length)
         cross_mask = None if self.cross_mask is None else self.cross_mask.to(hidden.dtype)
         for i, layer in enumerate(fusion.layers):
+            self_norm = None if decoder.self_norms is None else decoder.self_norms[i]
             hidden, self.past[i] = layer.decode_step(
-                hidden, self.past[i], self.decoder.self_attns[i], self.image_kv[i], cross_mask
+                hidden, self.past[i], decoder.self_attns[i], self.image_kv[i], cross_mask, self_norm
             )
         self.length += 1
         return self.decoder.logits(fusion.norm(hidden)[:, 0])
