@@ -259,7 +259,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke version")
     parser.add_argument(
-        "--parts", default="costs,goals,quality", help="comma-separated: costs, goals, quality"
+        "--parts", default="costs,goals,quality", help="comma-separated: costs, goals, quality, breakdown"
     )
     parser.add_argument("--train-steps", type=int, default=None, help="steps of each quality run")
     parser.add_argument("--seeds", default="0,1", help="seeds of the quality runs")
@@ -291,6 +291,10 @@ def main() -> None:
         rows += cost_rows(
             "vit-b16+bert-base", 2 if args.quick else 8, vit_b, 1 if args.quick else 2, ALBEF_STEP
         )
+    if "breakdown" in parts:  # the merge config's step with one objective beside the towers, on all rows
+        pair = {k: every[k] for k in ("r0", "overlay")}
+        for objectives in (None, *((name,) for name in ("itc", "itm", "mlm", "caption", "grounding"))):
+            rows += cost_rows("shapes-tiny-64px", 16 if args.quick else 64, pair, 1, objectives)
     quality = []
     if "quality" in parts:
         steps = args.train_steps or (5 if args.quick else 300)
