@@ -6,9 +6,12 @@ search with `--beams` beams, at most `--max-length` tokens counting [DEC] and th
 no minimum length, repetition penalty 1. Random weights (LAVIS's model with non-trivial norms and biases,
 converted with `convert_blip`), one thread, the two runs interleaved batch by batch; each batch's captions are
 compared too. `--size base`: ViT-B/16 + BERT-base at `--image-size` (384, COCO captioning); `--size tiny`: the
-test size.
+test size. `--sample`: nucleus sampling as BLIP's CapFilt captioner (and `vlp data bootstrap`) draws: top-p 0.9,
+top-k 50, repetition penalty 1.1, at least 5 tokens (LAVIS's `generate(use_nucleus_sampling=True)` against
+vlp's `nucleus_sampling` through the same cache); the draws differ, so captions are not compared.
 
     OMP_NUM_THREADS=1 python benchmarks/blip_generate_speed.py --size base --batch 8 --batches 3
+    OMP_NUM_THREADS=1 python benchmarks/blip_generate_speed.py --size base --image-size 224 --sample
 """
 
 from __future__ import annotations
@@ -73,6 +76,19 @@ def as_lavis_decodes(captioner, ids: torch.Tensor) -> list[str]:
     return [text[len(PROMPT) :] for text in texts]
 
 
+def vlp_sample(captioner, images: torch.Tensor, max_length: int, generator: torch.Generator) -> torch.Tensor:
+    """vlp's nucleus sampling with the prompt, as `vlp data bootstrap` draws captions (CapFilt's settings)."""
+    from vlp.platform.model.sampling import nucleus_sampling
+    from vlp.tasks.caption_prompt import prompted
+
+    backbone, tokenizer = captioner.backbone, captioner.backbone.tokenizer
+    decode = prompted(backbone.start_decoding(backbone.encode_image(images)), captioner.prompt_ids)
+    return nucleus_sampling(
+        decode, len(images), tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+        max_length, generator=generator, top_p=0.9, top_k=50, repetition_penalty=1.1, min_length=2,
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
@@ -81,6 +97,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--beams", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=20)
+    parser.add_argument("--sample", action="store_true", help="nucleus sampling (CapFilt) instead of beams")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "blip_generate_speed.json"
     )
@@ -97,27 +114,39 @@ def main() -> None:
                 args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(i)
             )
             start = time.perf_counter()
-            theirs = reference.generate(
-                {"image": images}, num_beams=args.beams, max_length=args.max_length, min_length=0
-            )
+            if args.sample:
+                theirs = reference.generate({"image": images}, use_nucleus_sampling=True, top_p=0.9,
+                                            max_length=args.max_length, min_length=5, repetition_penalty=1.1)  # fmt: skip
+            else:
+                theirs = reference.generate(
+                    {"image": images}, num_beams=args.beams, max_length=args.max_length, min_length=0
+                )
             seconds["lavis"] += time.perf_counter() - start
             start = time.perf_counter()
-            ours = captioner.generate(captioner.backbone.encode_image(images))
+            if args.sample:
+                prompt_tokens = 1 + len(captioner.prompt_ids)
+                ours = vlp_sample(
+                    captioner, images, args.max_length - prompt_tokens, torch.Generator().manual_seed(i)
+                )
+            else:
+                ours = captioner.generate(captioner.backbone.encode_image(images))
             seconds["vlp"] += time.perf_counter() - start
-            equal += sum(a == b for a, b in zip(as_lavis_decodes(captioner, ours), theirs, strict=True))
+            if not args.sample:
+                equal += sum(a == b for a, b in zip(as_lavis_decodes(captioner, ours), theirs, strict=True))
             print(f"batch {i}: lavis {seconds['lavis']:.1f} s, vlp {seconds['vlp']:.1f} s (cumulative)")
     captions = args.batch * args.batches
     result = {
         "size": args.size, "image_size": args.image_size, "batch": args.batch, "batches": args.batches,
-        "beams": args.beams, "max_length": args.max_length, "threads": 1,
+        "method": "nucleus sampling" if args.sample else f"beam search ({args.beams})",
+        "max_length": args.max_length, "threads": 1,
         "lavis_captions_per_s": captions / seconds["lavis"], "vlp_captions_per_s": captions / seconds["vlp"],
-        "speedup": seconds["lavis"] / seconds["vlp"], "identical_captions": f"{equal}/{captions}",
+        "speedup": seconds["lavis"] / seconds["vlp"], "identical_captions": "not compared" if args.sample else f"{equal}/{captions}",
     }  # fmt: skip
     print(
-        "| size | image | batch x batches | beams | LAVIS captions/s | vlp captions/s | vlp / LAVIS | same |"
+        "| size | image | batch x batches | method | LAVIS captions/s | vlp captions/s | vlp / LAVIS | same |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.size} | {args.image_size} | {args.batch} x {args.batches} | {args.beams} | "
+    print(f"| {args.size} | {args.image_size} | {args.batch} x {args.batches} | {result['method']} | "
           f"{result['lavis_captions_per_s']:.3f} | {result['vlp_captions_per_s']:.3f} | {result['speedup']:.2f}x | "
           f"{result['identical_captions']} |")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
