@@ -265,6 +265,38 @@ def _count(state: Mapping[str, Tensor], pattern: str) -> int:
     return len({m.group(1) for k in state if (m := re.fullmatch(pattern, k))})
 
 
+def attention_heads(given: int | None, width: int, flag: str) -> int:
+    """Attention heads, which weights do not show: `given`, else width / 64 (ViT-B/16's and BERT-base's)."""
+    if given is not None:
+        return given
+    if width % 64:
+        raise ValueError(f"width {width} is not a multiple of 64: give the attention heads ({flag})")
+    return width // 64
+
+
+def vision_config_of(converted: Mapping[str, Tensor], vision_heads: int | None = None) -> VisionConfig:
+    """The ViT of a converted state (`backbone.vision.vit.*`): width, patch, image size (patch x the position
+    grid), depth and MLP ratio read off the tensors, [CLS] pooling; a ViT-B/16 is named as timm names it
+    (`vit_base_patch16_224`), as ALBEF's and BLIP's configs do."""
+    patch = converted["backbone.vision.vit.patch_embed.proj.weight"]  # [D, 3, P, P]
+    width, patch_size = patch.shape[0], patch.shape[-1]
+    grid = math.isqrt(converted["backbone.vision.vit.pos_embed"].shape[1] - 1)
+    depth = _count(converted, r"backbone\.vision\.vit\.blocks\.(\d+)\..*")
+    heads = attention_heads(vision_heads, width, "--vision-heads")
+    mlp_ratio = converted["backbone.vision.vit.blocks.0.mlp.fc1.weight"].shape[0] / width
+    vit_b16 = (patch_size, width, depth, heads, mlp_ratio) == (16, 768, 12, 12, 4.0)
+    return VisionConfig(
+        model="vit_base_patch16_224" if vit_b16 else None,
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+        width=width,
+        depth=depth,
+        heads=heads,
+        mlp_ratio=mlp_ratio,
+        pool="cls",
+    )
+
+
 def albef_architecture(
     converted: Mapping[str, Tensor],
     vision_heads: int | None = None,
@@ -280,40 +312,15 @@ def albef_architecture(
     default width / 64 as in ViT-B/16 and BERT-base. A ViT-B/16 is named as timm names it
     (`vit_base_patch16_224`, at the checkpoint's image size), as ALBEF's configs do."""
 
-    def heads(given: int | None, width: int, flag: str) -> int:
-        if given is not None:
-            return given
-        if width % 64:
-            raise ValueError(f"width {width} is not a multiple of 64: give the attention heads ({flag})")
-        return width // 64
-
-    patch = converted["backbone.vision.vit.patch_embed.proj.weight"]  # [D, 3, P, P]
-    vision_width, patch_size = patch.shape[0], patch.shape[-1]
-    grid = math.isqrt(converted["backbone.vision.vit.pos_embed"].shape[1] - 1)
-    fc1 = converted["backbone.vision.vit.blocks.0.mlp.fc1.weight"]
     word = converted["backbone.text.bert.embeddings.word_embeddings.weight"]  # [V, W]
     width = word.shape[1]
-    text_heads = heads(text_heads, width, "--text-heads")
+    text_heads = attention_heads(text_heads, width, "--text-heads")
     intermediate = converted["backbone.text.bert.encoder.layer.0.intermediate.dense.weight"].shape[0]
     fusion_mlp = converted["backbone.fusion.layers.0.mlp.0.weight"].shape[0]
     momentum = "backbone.momentum.backbone.vision_proj.weight" in converted
-    vision_depth = _count(converted, r"backbone\.vision\.vit\.blocks\.(\d+)\..*")
-    vision_heads = heads(vision_heads, vision_width, "--vision-heads")
-    vision_mlp = fc1.shape[0] / vision_width
-    # timm's name for exactly these sizes (ALBEF's ViT-B/16), as ALBEF's configs name it
-    vit_b16 = (patch_size, vision_width, vision_depth, vision_heads, vision_mlp) == (16, 768, 12, 12, 4.0)
     return as_plain_data(
         {
-            "vision": VisionConfig(
-                model="vit_base_patch16_224" if vit_b16 else None,
-                image_size=grid * patch_size,
-                patch_size=patch_size,
-                width=vision_width,
-                depth=vision_depth,
-                heads=vision_heads,
-                mlp_ratio=vision_mlp,
-                pool="cls",
-            ),
+            "vision": vision_config_of(converted, vision_heads),
             "text": TextConfig(
                 width=width,
                 depth=_count(converted, r"backbone\.text\.bert\.encoder\.layer\.(\d+)\..*"),

@@ -28,7 +28,6 @@ encoder's self-attention starts as a copy of the decoder's and the projections a
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 
@@ -42,10 +41,12 @@ from vlp.platform.model.convert_albef import (
     VIT_KEY,
     _count,
     _Reader,
+    attention_heads,
     official_state,
     resample_positions,
+    vision_config_of,
 )
-from vlp.platform.model.encoders import TextConfig, VisionConfig
+from vlp.platform.model.encoders import TextConfig
 from vlp.platform.model.fusion import FusionConfig, fusion_state_of_bert_layer
 from vlp.platform.model.momentum import MomentumConfig
 
@@ -250,34 +251,11 @@ def blip_architecture(converted: Mapping[str, Tensor], vision_heads: int | None 
     dropout 0.1 (`med_config.json`; the ViT's drop path 0), momentum 0.995 when the copies are there,
     temperature 0.07 clamped to [0.001, 0.5]. Heads default to width / 64 (ViT-B/16, BERT-base)."""
 
-    def heads(given: int | None, width: int, flag: str) -> int:
-        if given is not None:
-            return given
-        if width % 64:
-            raise ValueError(f"width {width} is not a multiple of 64: give the attention heads ({flag})")
-        return width // 64
-
-    patch = converted["backbone.vision.vit.patch_embed.proj.weight"]
-    vision_width, patch_size = patch.shape[0], patch.shape[-1]
-    grid = math.isqrt(converted["backbone.vision.vit.pos_embed"].shape[1] - 1)
-    vision_depth = _count(converted, r"backbone\.vision\.vit\.blocks\.(\d+)\..*")
-    vision_heads = heads(vision_heads, vision_width, "--vision-heads")
-    vision_mlp = converted["backbone.vision.vit.blocks.0.mlp.fc1.weight"].shape[0] / vision_width
     width = converted["backbone.text.bert.embeddings.word_embeddings.weight"].shape[1]
-    text_heads = heads(text_heads, width, "--text-heads")
-    vit_b16 = (patch_size, vision_width, vision_depth, vision_heads, vision_mlp) == (16, 768, 12, 12, 4.0)
+    text_heads = attention_heads(text_heads, width, "--text-heads")
     architecture = as_plain_data(
         {
-            "vision": VisionConfig(
-                model="vit_base_patch16_224" if vit_b16 else None,
-                image_size=grid * patch_size,
-                patch_size=patch_size,
-                width=vision_width,
-                depth=vision_depth,
-                heads=vision_heads,
-                mlp_ratio=vision_mlp,
-                pool="cls",
-            ),
+            "vision": vision_config_of(converted, vision_heads),
             "text": TextConfig(
                 width=width,
                 depth=0,
