@@ -116,20 +116,46 @@ def _text_prefix(reader: _Reader, encoder: str) -> str:
     return f"{encoder}.bert." if reader.with_prefix(f"{encoder}.bert.") else f"{encoder}."
 
 
+def vit_tensors(reader: _Reader, vision: str, out: str, image_size: int | None) -> dict[str, Tensor]:
+    """The ViT under `vision` (LAVIS's / the releases' names are timm's) as `{out}vision.vit.*`, its position
+    table resampled to `image_size` when given; keys that are not the ViT's are left unread."""
+    mapped = {
+        f"{out}vision.vit.{key[len(vision) :]}": reader(key)
+        for key in reader.with_prefix(vision)
+        if VIT_KEY.fullmatch(key[len(vision) :])
+    }
+    if image_size is not None:
+        patch = reader(f"{vision}patch_embed.proj.weight").shape[-1]
+        key = f"{out}vision.vit.pos_embed"
+        mapped[key] = resample_positions(mapped[key], image_size, patch)
+    return mapped
+
+
+def bert_embedding_tensors(
+    reader: _Reader, embeddings: str, out: str, max_len: int | None
+) -> dict[str, Tensor]:
+    """BERT's embeddings under `embeddings` as vlp's under `out`: the first `max_len` positions, and a zero
+    token-type table (ALBEF and BLIP use no token types); the stored `position_ids` buffer is read and dropped."""
+    mapped = {out + name: reader(embeddings + name)
+              for name in ("word_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias")}  # fmt: skip
+    positions = reader(f"{embeddings}position_embeddings.weight")
+    if max_len is not None:
+        if max_len > len(positions):
+            raise ValueError(f"max_len={max_len} exceeds the checkpoint's {len(positions)} text positions")
+        positions = positions[:max_len]
+    mapped[f"{out}position_embeddings.weight"] = positions
+    word = mapped[f"{out}word_embeddings.weight"]
+    mapped[f"{out}token_type_embeddings.weight"] = word.new_zeros(2, word.shape[1])
+    if reader.has(f"{embeddings}position_ids"):
+        reader(f"{embeddings}position_ids")  # a buffer of 0..P-1, rebuilt by vlp's BERT
+    return mapped
+
+
 def _towers(
     reader: _Reader, suffix: str, out: str, image_size: int | None, max_len: int | None, temperature: str
 ) -> dict[str, Tensor]:
     """One model's (online: suffix "", momentum: "_m") backbone tensors under the vlp prefix `out`."""
-    mapped: dict[str, Tensor] = {}
-    vision = f"visual_encoder{suffix}."
-    for key in reader.with_prefix(vision):
-        if not VIT_KEY.fullmatch(key[len(vision) :]):
-            continue  # left unread: listed in the error
-        mapped[f"{out}vision.vit.{key[len(vision) :]}"] = reader(key)
-    pos_key = f"{out}vision.vit.pos_embed"
-    if image_size is not None:
-        patch = reader(f"{vision}patch_embed.proj.weight").shape[-1]
-        mapped[pos_key] = resample_positions(mapped[pos_key], image_size, patch)
+    mapped = vit_tensors(reader, f"visual_encoder{suffix}.", out, image_size)
 
     text = _text_prefix(reader, f"text_encoder{suffix}")
     layers = sorted(
@@ -145,20 +171,8 @@ def _towers(
     )
     if fusion_start is None:
         raise ValueError(f"ALBEF checkpoint: no {text}encoder.layer.*.crossattention (no fusion layers)")
-    embeddings = f"{text}embeddings."
     bert = f"{out}text.bert."
-    for name in ("word_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias"):
-        mapped[f"{bert}embeddings.{name}"] = reader(embeddings + name)
-    positions = reader(f"{embeddings}position_embeddings.weight")
-    if max_len is not None:
-        if max_len > len(positions):
-            raise ValueError(f"max_len={max_len} exceeds the checkpoint's {len(positions)} text positions")
-        positions = positions[:max_len]
-    mapped[f"{bert}embeddings.position_embeddings.weight"] = positions
-    word = mapped[f"{bert}embeddings.word_embeddings.weight"]
-    mapped[f"{bert}embeddings.token_type_embeddings.weight"] = word.new_zeros(2, word.shape[1])
-    if reader.has(f"{embeddings}position_ids"):
-        reader(f"{embeddings}position_ids")  # a buffer of 0..P-1, rebuilt by vlp's BERT
+    mapped |= bert_embedding_tensors(reader, f"{text}embeddings.", f"{bert}embeddings.", max_len)
     for i in layers:
         source = f"{text}encoder.layer.{i}."
         if i < fusion_start:

@@ -38,13 +38,13 @@ from vlp.platform.model.architecture import as_plain_data
 from vlp.platform.model.blip import LAYOUT
 from vlp.platform.model.convert_albef import (
     FUSION_LAYER_KEY,
-    VIT_KEY,
     _count,
     _Reader,
     attention_heads,
+    bert_embedding_tensors,
     official_state,
-    resample_positions,
     vision_config_of,
+    vit_tensors,
 )
 from vlp.platform.model.encoders import TextConfig
 from vlp.platform.model.fusion import FusionConfig, fusion_state_of_bert_layer
@@ -61,27 +61,8 @@ def _layers(reader: _Reader, prefix: str) -> list[int]:
 def _encoder(reader: _Reader, prefix: str, out: str, image_size: int | None, max_len: int | None,
              vision: str, skip_self_attention: bool = False) -> dict[str, Tensor]:  # fmt: skip
     """ViT `vision` and the BERT under `prefix` (embeddings + layers with cross-attention) -> `out`."""
-    mapped: dict[str, Tensor] = {}
-    for key in reader.with_prefix(vision):
-        if VIT_KEY.fullmatch(key[len(vision) :]):
-            mapped[f"{out}vision.vit.{key[len(vision) :]}"] = reader(key)
-    if image_size is not None:
-        patch = reader(f"{vision}patch_embed.proj.weight").shape[-1]
-        key = f"{out}vision.vit.pos_embed"
-        mapped[key] = resample_positions(mapped[key], image_size, patch)
-    embeddings, bert = f"{prefix}embeddings.", f"{out}text.bert.embeddings."
-    for name in ("word_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias"):
-        mapped[bert + name] = reader(embeddings + name)
-    positions = reader(f"{embeddings}position_embeddings.weight")
-    if max_len is not None:
-        if max_len > len(positions):
-            raise ValueError(f"max_len={max_len} exceeds the checkpoint's {len(positions)} text positions")
-        positions = positions[:max_len]
-    mapped[f"{bert}position_embeddings.weight"] = positions
-    word = mapped[f"{bert}word_embeddings.weight"]
-    mapped[f"{bert}token_type_embeddings.weight"] = word.new_zeros(2, word.shape[1])
-    if reader.has(f"{embeddings}position_ids"):
-        reader(f"{embeddings}position_ids")  # a buffer of 0..P-1, rebuilt by vlp's BERT
+    mapped = vit_tensors(reader, vision, out, image_size)
+    mapped |= bert_embedding_tensors(reader, f"{prefix}embeddings.", f"{out}text.bert.embeddings.", max_len)
     layers = _layers(reader, prefix)
     if not layers:
         raise ValueError(f"BLIP checkpoint: no {prefix}encoder.layer.* keys")
