@@ -56,13 +56,15 @@ SETTINGS = {
     "r16dec": TokenMergingConfig(vision_r=16, schedule="decreasing"),
     "r8+fusion16": TokenMergingConfig(vision_r=8, fusion_r=16),
     "r16dec+text8": TokenMergingConfig(vision_r=16, schedule="decreasing", text_r=8),
+    "r16dec+entry12": TokenMergingConfig(vision_r=16, schedule="decreasing", text_entry_r=12),
+    "r32,16,8+entry12": TokenMergingConfig(vision_r=[32, 16, 8], text_entry_r=12),
 }
 BACKBONE = "--model.init_args.backbone.init_args"
 PATCH_DROPOUT = (0.5, 0.75)  # FLIP's shares, without merging
 # merging, or (merging, patch dropout share[, whether grounding opts out of patch dropout: default yes])
 Setting = TokenMergingConfig | tuple[TokenMergingConfig, float] | tuple[TokenMergingConfig, float, bool]
 ALBEF_STEP = ("itc", "itm", "mlm")  # the ViT-B goal's joint step (ALBEF's pre-training objectives)
-MERGING_OFF = [f"{BACKBONE}.merging={json.dumps(dict(vision_r=0, text_r=0, fusion_r=0))}"]
+MERGING_OFF = [f"{BACKBONE}.merging={json.dumps(dict(vision_r=0, text_r=0, text_entry_r=0, fusion_r=0))}"]
 MODELS = {  # overrides of the default with configs/overlays/merge.yaml (each setting replaces its merging)
     "shapes-tiny-64px": [],
     "vit-b16+bert-base": [

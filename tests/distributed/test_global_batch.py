@@ -2,7 +2,8 @@
 
 ITC (gathered columns, local loss) and ITM (hard negatives mined from every rank's rows, positives and
 duplicate captions excluded across ranks) give the same loss and, after DDP's gradient averaging, the same
-gradients as one process on the whole batch. ITC without the gather does not.
+gradients as one process on the whole batch, also with token merging (captions merged at the fusion's entry
+travel with their sizes). ITC without the gather does not.
 """
 
 from pathlib import Path
@@ -17,6 +18,7 @@ from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 from vlp.platform.model.momentum import MomentumConfig
+from vlp.platform.model.token_merging import TokenMergingConfig
 from vlp.tasks.itc import ITCObjective
 from vlp.tasks.itm import ITMObjective
 
@@ -30,8 +32,11 @@ def _source() -> ShapesSource:
     return ShapesSource(image_size=32, num_train=32, num_val=8, num_test=8, batch_size=LOCAL_B)
 
 
-def _models(source: ShapesSource, alpha: float = 0.0) -> tuple[FusionBackbone, ITCObjective, ITMObjective]:
-    """`alpha` > 0: a momentum model and ITC's distilled loss (soft targets from it)."""
+def _models(
+    source: ShapesSource, alpha: float = 0.0, merging: TokenMergingConfig | None = None
+) -> tuple[FusionBackbone, ITCObjective, ITMObjective]:
+    """`alpha` > 0: a momentum model and ITC's distilled loss (soft targets from it); `merging`: token
+    merging (ITM's captions then travel merged, with their sizes)."""
     torch.manual_seed(0)
     backbone = FusionBackbone(
         vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=1, heads=2),
@@ -40,6 +45,7 @@ def _models(source: ShapesSource, alpha: float = 0.0) -> tuple[FusionBackbone, I
         embed_dim=16,
         tokenizer=source.tokenizer,
         momentum=MomentumConfig() if alpha else None,
+        merging=merging,
     )
     return backbone, ITCObjective(backbone, chunk_size=3, alpha=alpha), ITMObjective(backbone)
 
@@ -51,6 +57,7 @@ def _losses_and_grads(rows: list[int], average_over_ranks: bool) -> dict[str, ob
     batch = source.collate([dataset[i] for i in rows])
     backbone, itc, itm = _models(source)
     _, distilled_itc, distilled_itm = _models(source, alpha=0.4)
+    _, merged_itc, merged_itm = _models(source, merging=TokenMergingConfig(vision_r=2, text_entry_r=4))
     scale = backbone.logit_scale
 
     def no_gather(features: FeatureCache) -> torch.Tensor:
@@ -66,6 +73,7 @@ def _losses_and_grads(rows: list[int], average_over_ranks: bool) -> dict[str, ob
         "itm": (lambda f: itm.forward_loss(batch, f).loss, itm, False),
         "joint": (joint(itc, itm), itm, average_over_ranks),
         "joint_distilled": (joint(distilled_itc, distilled_itm), distilled_itm, average_over_ranks),
+        "joint_merged": (joint(merged_itc, merged_itm), merged_itm, average_over_ranks),
         "itc_no_gather": (no_gather, itm, False),
     }
     out: dict[str, object] = {}
@@ -94,7 +102,7 @@ def test_two_ranks_of_batch_b_train_like_one_process_of_batch_2b(tmp_path: Path,
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single = _losses_and_grads(ITEMS, average_over_ranks=False)
 
-    for name in ("itc", "itm", "joint", "joint_distilled"):
+    for name in ("itc", "itm", "joint", "joint_distilled", "joint_merged"):
         loss, grads = single[name]
         mean_rank_loss = torch.stack([rank[name][0] for rank in ranks]).mean()
         torch.testing.assert_close(mean_rank_loss, loss, **TOLERANCE)

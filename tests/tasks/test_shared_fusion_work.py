@@ -35,7 +35,7 @@ def unshared(monkeypatch) -> None:
     monkeypatch.setattr(buckets_module, "length_buckets", lambda mask, *a, **k: [(None, mask.shape[1])])
     monkeypatch.setattr(packing_module, "MIN_PADDING", 2.0)
     monkeypatch.setattr(FusionBackbone, "with_fusion_keys", lambda self, image: image)
-    monkeypatch.setattr(FusionBackbone, "first_self_attention", lambda self, tokens, mask: None)
+    monkeypatch.setattr(FusionBackbone, "first_self_attention", lambda self, tokens, mask, sizes=None: None)
     original_fuse = FusionBackbone.fuse
 
     def full_fuse(self, image, text_tokens, attention_mask, merge_text=True, positions=None, **kw):
@@ -92,6 +92,7 @@ MERGINGS = {
     "vision": TokenMergingConfig(vision_r=4),
     "vision+text": TokenMergingConfig(vision_r=4, text_r=3),
     "vision+text+fusion": TokenMergingConfig(vision_r=4, text_r=3, fusion_r=3),
+    "vision+text entry+text": TokenMergingConfig(vision_r=4, text_entry_r=4, text_r=2),
 }
 
 
@@ -99,9 +100,9 @@ MERGINGS = {
 def test_merged_joint_step_with_shared_work_equals_the_recomputed_step(
     make_backbone, wide_batch, monkeypatch, one_thread, merging
 ):
-    """Token merging (vision ToMe, text ToMe and text-guided image merging inside fusion) keeps every
-    shortcut of the joint step: image keys and values once per image, each caption's first self-attention
-    once, the read rows alone through the last layer, packing and length groups."""
+    """Token merging (vision ToMe, text ToMe at the fusion's entry and inside it, text-guided image merging)
+    keeps every shortcut of the joint step: image keys and values once per image, each caption's entry merge
+    and first self-attention once, the read rows alone through the last layer, packing and length groups."""
     monkeypatch.setattr(buckets_module, "MIN_ROWS", 16)
     shared_loss, shared_grads = joint_step(make_backbone, wide_batch, 0, MERGINGS[merging])
     with monkeypatch.context() as patch:

@@ -36,7 +36,7 @@ from vlp.platform.metrics import retrieval_recall
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone, ImageFeatures, first_token
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.base import Objective, ObjectiveOutput, real_rows
-from vlp.tasks.global_rows import global_rows
+from vlp.tasks.global_rows import fusion_captions, global_rows
 from vlp.tasks.itm_rerank import rerank_scores
 from vlp.tasks.retrieval_split import RetrievalTexts, SplitRows, retrieval_texts, unique_images
 
@@ -74,12 +74,13 @@ class MatchPairs(NamedTuple):
 
     image: ImageFeatures  # the global batch's images [W * B]: fusion keys and values, else tokens (+ sizes)
     text_tokens: Tensor  # the global batch's captions [W * B, L, Dt], after the first fusion self-attention
-    self_attended: bool  # whether text_tokens went through it (not with token merging inside fusion)
-    attention_mask: Tensor  # [W * B, L]
+    self_attended: bool  # whether text_tokens went through it
+    attention_mask: Tensor  # [W * B, L] of text_tokens
     image_index: Tensor  # [P]
     text_index: Tensor  # [P]
     labels: Tensor  # [P], 1 = match
     anchor_is_real: Tensor  # [P] bool: the pair's local anchor row is not a sampler padding repeat
+    text_sizes: Tensor | None = None  # [W * B, L] merged captions' token sizes (merging.text_entry_r)
 
 
 def global_match_pairs(
@@ -138,11 +139,12 @@ def global_match_pairs(
         global_image,
         rows.text_tokens,
         rows.self_attended,
-        attention_mask,
+        rows.text_mask,
         image_index,
         text_index,
         labels,
         anchor_is_real,
+        rows.text_sizes,
     )
 
 
@@ -176,20 +178,21 @@ def albef_match_pairs(
             t2i = t2i.masked_fill(own, -torch.inf).softmax(dim=1)
         neg_text = torch.multinomial(i2t, 1).squeeze(1)
         neg_image = torch.multinomial(t2i, 1).squeeze(1)
-    attended = backbone.first_self_attention(text.tokens, text.attention_mask)
+    captions = fusion_captions(backbone, text)
     local = torch.arange(b, device=neg_text.device)
     labels = torch.zeros(3 * b, dtype=torch.long, device=local.device)
     labels[:b] = 1
     real = real_rows(batch)
     return MatchPairs(
         image._replace(embedding=image.embedding.detach()),
-        text.tokens if attended is None else attended,
-        attended is not None,
-        text.attention_mask,
+        captions.tokens,
+        captions.self_attended,
+        captions.mask,
         torch.cat([local, local, neg_image]),
         torch.cat([local, neg_text, local]),
         labels,
         torch.cat([real, real, real]),
+        captions.sizes,
     )
 
 
@@ -252,6 +255,7 @@ class ITMObjective(Objective):
             mask,
             positions=cls,
             self_attended=pairs.self_attended,
+            text_sizes=None if pairs.text_sizes is None else pairs.text_sizes[pairs.text_index],
         )
         return self.head(fused[:, 0])
 

@@ -90,12 +90,11 @@ def padded_and_trimmed(backbone: FusionBackbone, batch: dict):
     return pairs
 
 
-@pytest.mark.parametrize("text_r", [0, 3])
-def test_fusion_merging_never_depends_on_padded_text(shapes, batch, text_r):
+@pytest.mark.parametrize("text_r, text_entry_r", [(0, 0), (3, 0), (0, 4), (2, 3)])
+def test_fusion_merging_never_depends_on_padded_text(shapes, batch, text_r, text_entry_r):
     assert (batch["attention_mask"] == 0).any()  # the batch has padded captions
-    backbone = build(
-        shapes.tokenizer, TokenMergingConfig(vision_r=2, fusion_r=4, text_r=text_r), fusion_depth=3
-    )
+    merging = TokenMergingConfig(vision_r=2, fusion_r=4, text_r=text_r, text_entry_r=text_entry_r)
+    backbone = build(shapes.tokenizer, merging, fusion_depth=3)
     with torch.no_grad():
         for padded, alone in padded_and_trimmed(backbone, batch):
             torch.testing.assert_close(padded, alone, atol=2e-5, rtol=1e-4)
@@ -184,3 +183,58 @@ def test_per_token_callers_can_opt_out_of_text_merging(shapes, batch):
             reference = backbone.fuse(image, text.tokens, text.attention_mask)
     assert torch.equal(per_token, reference) and not torch.allclose(merged, reference)
     assert backbone.merging.text_r == 4
+    with backbone.merging_override(text_entry_r=5), torch.no_grad():
+        assert torch.equal(
+            backbone.fuse(image, text.tokens, text.attention_mask, merge_text=False), reference
+        )
+
+
+def duplicated_captions(backbone: FusionBackbone, batch: dict, r: int) -> tuple:
+    """The batch's captions with tokens 2k and 2k + 1 (k = 1..r) made equal: ToMe's matching pairs exactly
+    those (cosine 1), so a merge of r loses nothing when merged tokens are attended in proportion to size."""
+    text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+    tokens = text.tokens.clone()
+    for k in range(1, r + 1):
+        tokens[:, 2 * k + 1] = tokens[:, 2 * k]
+    mask = torch.ones_like(text.attention_mask)  # every token real, so the pairs are real-real links
+    return tokens, mask
+
+
+def test_entry_merging_of_duplicate_tokens_equals_the_unmerged_caption(shapes, batch):
+    """ToMe's proportional attention: a token of size 2 is attended as the two equal tokens it replaced, so
+    merging exact duplicates at the fusion's entry changes no output, at every position (each takes its
+    group's value) and in ITM's shared path (merge, first self-attention, fuse with sizes)."""
+    r = 5
+    backbone = build(
+        shapes.tokenizer, TokenMergingConfig(vision_r=2, text_entry_r=r), fusion_depth=2
+    ).double()
+    batch = {**batch, "image": batch["image"].double()}
+    with torch.no_grad():
+        image = backbone.encode_image(batch["image"])
+        tokens, mask = duplicated_captions(backbone, batch, r)
+        unmerged = backbone.fuse(image, tokens, mask, merge_text=False)
+        merged = backbone.fuse(image, tokens, mask)
+        caption = backbone.merge_caption(tokens, mask)
+        attended = backbone.first_self_attention(caption.tokens, caption.mask, caption.size[..., 0])
+        cls = torch.zeros(len(mask), 1, dtype=torch.long)
+        shared = backbone.fuse(
+            image, attended, caption.mask, positions=cls, self_attended=True, text_sizes=caption.size[..., 0]
+        )
+        assert caption.tokens.shape[1] == mask.shape[1] - r and caption.size.max() == 2
+        torch.testing.assert_close(merged, unmerged, atol=1e-8, rtol=1e-8)
+        torch.testing.assert_close(shared[:, 0], unmerged[:, 0], atol=1e-8, rtol=1e-8)
+        with backbone.merging_override(proportional_attention=False):  # without it the merge shows
+            assert not torch.allclose(backbone.fuse(image, tokens, mask), unmerged, atol=1e-6)
+
+
+def test_entry_merging_lowers_fusion_flops(shapes, batch, monkeypatch):
+    monkeypatch.setattr(packing_module, "MIN_PADDING", 2.0)
+    backbone = build(shapes.tokenizer)
+    with torch.no_grad():
+        image = backbone.encode_image(batch["image"])
+        text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+        full = count_flops(lambda: backbone.fuse(image, text.tokens, text.attention_mask))
+        with backbone.merging_override(text_entry_r=6):
+            merged = count_flops(lambda: backbone.fuse(image, text.tokens, text.attention_mask))
+    length = text.attention_mask.shape[1]
+    assert merged < full * (length - 5) / length

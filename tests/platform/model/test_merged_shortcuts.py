@@ -1,7 +1,7 @@
-"""With token merging on (vision ToMe, text ToMe and text-guided image merging inside fusion), each shortcut
-of the fused pass gives what the pass computes without it, in values and gradients (float64, 1e-10): image
-keys and values computed once, only the read rows through the last layer (also behind text merges),
-a caption's shared first self-attention, packed real tokens, length groups."""
+"""With token merging on (vision ToMe, text ToMe at the fusion's entry and inside it, text-guided image merging),
+each shortcut of the fused pass gives what the pass computes without it, in values and gradients (float64,
+1e-10): image keys and values computed once, only the read rows through the last layer (also behind text
+merges), a caption's shared entry merge and first self-attention, packed real tokens, length groups."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ MERGINGS = {
     "vision+text": TokenMergingConfig(vision_r=4, text_r=3),
     "text+fusion": TokenMergingConfig(text_r=4, fusion_r=3),
     "text, no proportional attention": TokenMergingConfig(vision_r=4, text_r=3, proportional_attention=False),
+    "vision+text entry": TokenMergingConfig(vision_r=4, text_entry_r=4),
+    "text entry+text+fusion": TokenMergingConfig(text_entry_r=3, text_r=2, fusion_r=3),
+    "text entry, no proportional attention": TokenMergingConfig(
+        vision_r=4, text_entry_r=4, proportional_attention=False
+    ),
 }
 
 
@@ -36,13 +41,28 @@ def with_shortcuts(backbone, batch: dict) -> dict[str, torch.Tensor]:
     image = backbone.with_fusion_keys(backbone.encode_image(batch["image"]))
     text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
     mask = text.attention_mask
-    attended = backbone.first_self_attention(text.tokens, mask)
+    positions = read_positions(mask)
+    # ITM's way: each caption merged at the fusion's entry and self-attended once, fused with other images
+    merged = backbone.merge_caption(text.tokens, mask)
+    captions, caption_mask, sizes, pair_positions = text.tokens, mask, None, positions
+    if merged is not None:
+        captions, caption_mask, sizes = merged.tokens, merged.mask, merged.size[..., 0]
+        merged_index = merged.unmerge(
+            torch.arange(captions.shape[1]).double().expand(len(mask), -1)[..., None]
+        )
+        pair_positions = merged_index[..., 0].long().gather(1, positions)
+    attended = backbone.first_self_attention(captions, caption_mask, sizes)
     rows = torch.arange(len(mask)).roll(1)
     return {
         "fused": backbone.fuse(image, text.tokens, mask),
-        "positions": backbone.fuse(image, text.tokens, mask, positions=read_positions(mask)),
+        "positions": backbone.fuse(image, text.tokens, mask, positions=positions),
         "pairs": backbone.fuse(
-            image.take(rows), attended, mask, positions=read_positions(mask), self_attended=True
+            image.take(rows),
+            attended,
+            caption_mask,
+            positions=pair_positions,
+            self_attended=True,
+            text_sizes=sizes,
         ),
     }
 

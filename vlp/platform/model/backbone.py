@@ -30,8 +30,10 @@ from vlp.platform.model.fusion import (
 from vlp.platform.model.length_buckets import by_length, trim
 from vlp.platform.model.momentum import MomentumConfig, MomentumModel
 from vlp.platform.model.token_merging import (
+    MergedText,
     TokenMergingConfig,
     apply_token_merging,
+    merge_text_tokens,
     set_merge_r,
     token_merging_state,
 )
@@ -345,6 +347,7 @@ class FusionBackbone(nn.Module):
         merge_text: bool = True,
         positions: Tensor | None = None,
         self_attended: bool = False,
+        text_sizes: Tensor | None = None,
     ) -> Tensor:
         """Text tokens [B, L, Dt] attend to the image tokens [B, N, Dv] -> fused tokens [B, L, Dt] (padded
         positions unspecified: a large batch runs in groups of similar caption length, see `length_buckets`).
@@ -353,18 +356,21 @@ class FusionBackbone(nn.Module):
         query): `first_token(B)` for heads on [CLS], the masked positions for MLM; `self_attended`:
         `text_tokens` went through `first_self_attention` already. Merged image tokens are attended in
         proportion to their size (log-size key bias) unless `merging.proportional_attention` is off;
-        `merging.fusion_r` / `text_r` merge inside the fusion (`FusionEncoder.merged_forward`, which keeps
-        these shortcuts, the length groups and packing). Merged text tokens come back unmerged (each position gets its group's value): fine for
-        pooled outputs, lossy per token, so callers that read single tokens (MLM) pass `merge_text=False`.
+        `merging.fusion_r` / `text_r` / `text_entry_r` merge inside the fusion (`FusionEncoder.merged_forward`,
+        which keeps these shortcuts, the length groups and packing). Merged text tokens come back unmerged
+        (each position gets its group's value): fine for pooled outputs and [CLS] (never merged), lossy per
+        token, so callers that read single tokens (MLM) pass `merge_text=False`.
+        `text_sizes` [B, L]: `text_tokens` is a caption merged already (`merge_caption`), tokens attended in
+        proportion to their size; positions then index the merged caption.
         """
-        merging = self.merging
-        if merging is not None and not merge_text and merging.text_r:
-            merging = replace(merging, text_r=0)
-        merges_fusion = merging is not None and merging.merges_fusion
-        proportional = merging is None or merging.proportional_attention
+        merging = self.merging or TokenMergingConfig()
+        if not merge_text:
+            merging = replace(merging, text_r=0, text_entry_r=0)
+        merges_fusion = merging.merges_fusion or text_sizes is not None
+        proportional = merging.proportional_attention
 
         def run(parts: tuple, length: int) -> Tensor:
-            part, text, mask, queries = parts
+            part, text, mask, queries, sizes = parts
             if merges_fusion:
                 return self.fusion.merged_forward(
                     trim(text, length),
@@ -375,6 +381,7 @@ class FusionBackbone(nn.Module):
                     image_kv=part.fusion_kv,
                     positions=queries,
                     self_attended=self_attended,
+                    text_sizes=None if sizes is None else trim(sizes, length),
                 )
             bias = None if part.sizes is None or not proportional else part.sizes.log()
             return self.fusion(
@@ -388,13 +395,27 @@ class FusionBackbone(nn.Module):
             )
 
         image = image.read_by_fusion(keep_tokens=merges_fusion and merging.fusion_r > 0)
-        inputs = (image, text_tokens, attention_mask, positions)
+        inputs = (image, text_tokens, attention_mask, positions, text_sizes)
         return by_length(run, attention_mask, full_length=positions is None, inputs=inputs)
 
-    def first_self_attention(self, text_tokens: Tensor, attention_mask: Tensor) -> Tensor:
+    def merge_caption(self, text_tokens: Tensor, attention_mask: Tensor) -> MergedText | None:
+        """The captions [B, L, Dt] merged as they enter the fusion (`merging.text_entry_r`), once, for
+        captions fused with several images (ITM): pass the result's tokens, mask and sizes to
+        `first_self_attention` and `fuse(text_sizes=...)`. None when the fusion merges no caption at entry."""
+        merging = self.merging
+        if merging is None or merging.text_entry_r == 0:
+            return None
+        return merge_text_tokens(text_tokens, merging.text_entry_r, attention_mask)
+
+    def first_self_attention(
+        self, text_tokens: Tensor, attention_mask: Tensor, text_sizes: Tensor | None = None
+    ) -> Tensor:
         """The first fusion layer's self-attention of captions [B, L, Dt], to share between the several
-        images a caption is fused with (ITM): it reads no image, and token merging in fusion runs after it."""
-        return self.fusion.first_self_attention(text_tokens, attention_mask)
+        images a caption is fused with (ITM): it reads no image, and text merging inside the fusion runs
+        after it (entry merging before it: `merge_caption`, whose sizes [B, L] go in `text_sizes`)."""
+        if self.merging is not None and not self.merging.proportional_attention:
+            text_sizes = None
+        return self.fusion.first_self_attention(text_tokens, attention_mask, text_sizes)
 
     def decode(self, image: ImageFeatures, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Caption decoder pass: ids [B, L] attend causally to each other and to the image tokens -> hidden

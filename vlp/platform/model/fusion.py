@@ -401,11 +401,17 @@ class FusionEncoder(nn.Module):
         caption decoder, each generation step)."""
         return tuple(layer.image_key_values(image) for layer in self.layers)
 
-    def first_self_attention(self, text: Tensor, attention_mask: Tensor) -> Tensor:
+    def first_self_attention(
+        self, text: Tensor, attention_mask: Tensor, text_sizes: Tensor | None = None
+    ) -> Tensor:
         """The first layer's self-attention over text [B, L, D] (it reads no image), for captions fused with
-        several images: pass its rows with `self_attended=True`."""
+        several images: pass its rows with `self_attended=True`. `text_sizes` [B, L]: merged captions'
+        token sizes, attended in proportion (log-size key bias)."""
         packing = packing_for(attention_mask)
-        mask = self_attention_mask(attention_mask)
+        if text_sizes is None:
+            mask = self_attention_mask(attention_mask)
+        else:
+            mask = proportional_attention_bias(text_sizes, attention_mask.bool(), dtype=text.dtype)
         if packing is None:
             return self.layers[0].self_attention(text, mask)
         return packing.unpack(self.layers[0].self_attention(packing.pack(text), mask, packing))
@@ -464,17 +470,21 @@ class FusionEncoder(nn.Module):
         image_kv: tuple[KeyValues, ...] | None = None,
         positions: Tensor | None = None,
         self_attended: bool = False,
+        text_sizes: Tensor | None = None,
     ) -> Tensor:
-        """`forward` (bidirectional) with token merging between each layer's attention and its MLP.
+        """`forward` (bidirectional) with token merging before the first layer and between each layer's
+        attention and its MLP.
 
         Image (PuMer): the `fusion_r` image tokens the real text attends least to in this layer's
         cross-attention (head mean; padded text rows masked out) merge into their most similar kept token,
         so later layers attend fewer. [CLS] stays.
-        Text (ToMe, `merge_text_tokens`): `text_r` caption tokens merge by bipartite matching on their
-        values, real-real pairs first and real tokens moved back in front, so a caption's result does not
-        depend on its padding (captions must be right-padded); [CLS] never merges. Text merges are undone
-        in reverse at the end (every original position takes its group's value), so the output keeps
-        [B, L, D] for per-token objectives (MLM, ITM's [CLS]).
+        Text (ToMe, `merge_text_tokens`): `text_entry_r` caption tokens merge before the first layer and
+        `text_r` after each layer's attention, by bipartite matching on their values, real-real pairs first
+        and real tokens moved back in front, so a caption's result does not depend on its padding (captions
+        must be right-padded); [CLS] never merges.
+        Text merges are undone in reverse at the end (every original position takes its group's value), so
+        the output keeps [B, L, D]. `text_sizes` [B, L]: `text` is a caption merged already (its entry merge
+        done, e.g. by `merge_text_tokens` before a shared `first_self_attention`; positions then index it).
         Neither merges after the last layer's attention: nothing reads its image tokens, and its text rows
         are what objectives read one by one, so the last layer can compute the read rows alone.
         Merged tokens are attended in proportion to their size when `merging.proportional_attention`.
@@ -490,8 +500,19 @@ class FusionEncoder(nn.Module):
         proportional = merging.proportional_attention
         mask = attention_mask
         image_size = None if image_sizes is None else image_sizes[..., None].float()
-        text_size, unmerges = None, []
+        text_size = None if text_sizes is None else text_sizes[..., None].float()
+        unmerges: list[Callable[[Tensor], Tensor]] = []
         where = None  # [B, L]: the index of each original position's token after the text merges so far
+        if merging.text_entry_r > 0 and text_sizes is None:
+            if self_attended:
+                raise ValueError(
+                    "merging.text_entry_r: merge the captions (merge_text_tokens) before their shared "
+                    "first_self_attention and pass text_sizes"
+                )
+            merged = merge_text_tokens(text, merging.text_entry_r, mask)
+            text, text_size, mask = merged.tokens, merged.size, merged.mask
+            unmerges.append(merged.unmerge)
+            where = _merged_index(merged.unmerge, text, where)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if text_size is None or not proportional:

@@ -222,7 +222,10 @@ class TokenMergingConfig:
     vision_r: tokens merged per ViT block (an int, or one entry per block), shaped by `schedule`
     ("constant" or "decreasing") or ToMe's `inflection` in [-1, 1] (`merge_schedule`); fusion_r: image tokens merged after each fusion layer's cross-attention,
     least attended by the real text first (PuMer); text_r: caption tokens merged per fusion layer
-    (unmerged again before the fused output, so it keeps length L); proportional_attention: log(size)
+    (unmerged again before the fused output, so it keeps length L); text_entry_r: caption tokens merged
+    once as the caption enters the fusion, before its first layer (ToMe's matching on the text tower's
+    output), so every fusion layer and every pass over the caption (ITM's pairs share one merge) runs on
+    the shorter caption; proportional_attention: log(size)
     key bias wherever merged tokens are attended; trace_source: keep the ViT's token -> patch map.
     """
 
@@ -232,6 +235,7 @@ class TokenMergingConfig:
     proportional_attention: bool = True
     fusion_r: int = 0
     text_r: int = 0
+    text_entry_r: int = 0
     trace_source: bool = False
 
     def __post_init__(self) -> None:
@@ -240,13 +244,14 @@ class TokenMergingConfig:
         if not -1.0 <= self.inflection <= 1.0:
             raise ValueError(f"merging.inflection must lie in [-1, 1], got {self.inflection}")
         rs = self.vision_r if isinstance(self.vision_r, list) else [self.vision_r]
-        for name, values in (("vision_r", rs), ("fusion_r", [self.fusion_r]), ("text_r", [self.text_r])):
+        singles = {name: [getattr(self, name)] for name in ("fusion_r", "text_r", "text_entry_r")}
+        for name, values in (("vision_r", rs), *singles.items()):
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
                 raise ValueError(f"merging.{name} must be non-negative integers, got {getattr(self, name)}")
 
     @property
     def merges_fusion(self) -> bool:
-        return self.fusion_r > 0 or self.text_r > 0
+        return self.fusion_r > 0 or self.text_r > 0 or self.text_entry_r > 0
 
 
 @dataclass
