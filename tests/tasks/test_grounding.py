@@ -11,6 +11,7 @@ from vlp.datamodules.multitask import MultiTaskDataModule
 from vlp.datamodules.shapes import ShapesSource
 from vlp.platform.metrics import grounding_scores
 from vlp.platform.model.backbone import FeatureCache
+from vlp.platform.model.token_merging import TokenMergingConfig
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.grounding import BoxHead, GroundingObjective, box_loss
 
@@ -82,6 +83,20 @@ def test_forward_loss_encodes_the_phrase_not_the_caption(backbone, batch):
     out.loss.backward()
     assert objective.head.mlp[0].weight.grad.abs().sum() > 0
     assert backbone.vision.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_the_phrase_escapes_text_merging_unless_asked(make_backbone, batch):
+    """With the backbone merging captions (`text_entry_r`, `text_r`), the phrase's boxes are those of the
+    unmerged backbone; `merge_phrase` lets the merging reach the phrase."""
+    backbone = make_backbone(merging=TokenMergingConfig(text_entry_r=3, text_r=2))
+    objective, merged = GroundingObjective(backbone), GroundingObjective(backbone, merge_phrase=True)
+    merged.head.load_state_dict(objective.head.state_dict())
+    with torch.no_grad():
+        boxes = objective.predict_boxes(batch, FeatureCache(backbone, batch))
+        merged_boxes = merged.predict_boxes(batch, FeatureCache(backbone, batch))
+        with backbone.merging_override(text_entry_r=0, text_r=0):
+            plain = objective.predict_boxes(batch, FeatureCache(backbone, batch))
+    assert torch.equal(boxes, plain) and not torch.allclose(merged_boxes, plain)
 
 
 def test_a_batch_without_phrases_or_with_bad_boxes_fails_with_a_clear_error(backbone, batch):

@@ -81,12 +81,17 @@ class GroundingObjective(Objective):
         l1_weight: float = 1.0,
         giou_weight: float = 1.0,
         all_patches: bool = True,
+        merge_phrase: bool = False,
     ) -> None:
         """`l1_weight`, `giou_weight`: weights of the two box losses (X-VLM 1 and 1, DETR 5 and 2).
         `all_patches`: fuse the image from every patch token even while `vision.patch_dropout` drops some
-        for the other objectives (a box may lie on any patch; costs a second vision pass then)."""
+        for the other objectives (a box may lie on any patch; costs a second vision pass then).
+        `merge_phrase`: let the backbone's text merging (`merging.text_r`, `text_entry_r`) merge the phrase
+        too; off by default: a phrase is a few words that each pick the object ("the small red circle"), and
+        merging them saves little."""
         super().__init__(backbone, optim)
         self.all_patches = all_patches
+        self.merge_phrase = merge_phrase
         for arg, value in (("l1_weight", l1_weight), ("giou_weight", giou_weight)):
             if value < 0:
                 raise ValueError(f"{arg} must be >= 0, got {value}")
@@ -104,7 +109,9 @@ class GroundingObjective(Objective):
         phrase = self.backbone.encode_text(batch["phrase_input_ids"], batch["phrase_attention_mask"])
         cls = first_token(phrase.tokens.shape[0], phrase.tokens.device)
         image = features.fused_image_all_patches if self.all_patches else features.fused_image
-        fused = self.backbone.fuse(image, phrase.tokens, phrase.attention_mask, positions=cls)
+        fused = self.backbone.fuse(
+            image, phrase.tokens, phrase.attention_mask, merge_text=self.merge_phrase, positions=cls
+        )
         return self.head(fused[:, 0])
 
     def forward_loss(self, batch: dict, features: FeatureCache) -> ObjectiveOutput:
