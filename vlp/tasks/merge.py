@@ -82,7 +82,7 @@ class MergeObjective(Objective):
 
     def distill(self, batch: dict, features: FeatureCache, r: int) -> ObjectiveOutput:
         text, backbone = features.text, self.backbone
-        with torch.no_grad(), backbone.merging_override(vision_r=0, fusion_r=0, text_r=0):
+        with torch.no_grad(), backbone.merging_override(vision_r=0, fusion_r=0, text_r=0, text_entry_r=0):
             full_image = backbone.encode_image(batch["image"])
             full_fused = backbone.fuse(full_image, text.tokens, text.attention_mask)
         with backbone.merging_override(vision_r=r, fusion_r=self.fusion_r, text_r=self.text_r):
