@@ -73,6 +73,7 @@ MODELS = {  # overrides of the default with configs/overlays/merge.yaml (each se
         f"{BACKBONE}.fusion={json.dumps(dict(depth=6, heads=12))}",
         f"{BACKBONE}.embed_dim=256",
         "--data.sources.shapes.init_args.image_size=224",
+        *MERGING_OFF,  # the overlay's per-block vision_r fits its 3 blocks, not 12 (each setting sets its own)
     ],
 }
 
@@ -275,6 +276,7 @@ def main() -> None:
         **SETTINGS,
         "overlay": overlay,
         **{f"patch_dropout{p}": (SETTINGS["r0"], p) for p in PATCH_DROPOUT},
+        **{f"patch_dropout{p}_grounding_too": (SETTINGS["r0"], p, False) for p in PATCH_DROPOUT},
     }
     rows: list[dict] = []
     if "costs" in parts:
