@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,34 @@ from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 
 TINY_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
+
+
+def _restore(saved: dict[str, str]) -> None:
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_environment():
+    """Gives back after each test file the environment it started with (module fixtures included)."""
+    saved = dict(os.environ)
+    yield
+    _restore(saved)
+
+
+@pytest.fixture(autouse=True)
+def _test_environment():
+    """Gives back after each test the environment it started with.
+
+    Lightning's launcher sets LOCAL_RANK, NODE_RANK, MASTER_ADDR and MASTER_PORT in `os.environ` for good
+    when an in-process Trainer runs a DDP-family strategy, even on one device. A later `vlp fit
+    --trainer.devices=2` subprocess that inherits LOCAL_RANK takes itself for a launched rank, starts no
+    second rank and waits for it until the test's timeout.
+    """
+    saved = dict(os.environ)
+    yield
+    _restore(saved)
 
 
 @pytest.fixture(scope="session")
