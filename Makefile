@@ -40,13 +40,19 @@ train: install
 	echo "To add this run to benchmarks/results/make-train.csv: $(BIN)/python benchmarks/record_run.py RUN_DIR" \
 	  "(RUN_DIR: the folder of the metrics.json above)"
 
-# Tiny models: one intra-op thread per test is fastest and never oversubscribes a shared CPU.
+# Tiny models: one intra-op thread per test is fastest and never oversubscribes a shared CPU. One pytest-xdist
+# worker per core (TEST_WORKERS=auto: physical cores), each test file whole on one worker (--dist loadfile):
+# a file's module fixtures (a trained run several tests read) run once and the real-Slurm tests queue one
+# after another; the longest files start first (tests/conftest.py, LONGEST_FILES, in the order given:
+# --no-loadscope-reorder). TEST_WORKERS=0 runs them in this process. --durations: where the time went.
+TEST_WORKERS ?= auto
+PYTEST_ARGS = -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 # the edit loop: everything but the tests marked slow (end-to-end training, multi-process strategy runs)
 test-fast: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest $(PYTEST_ARGS) -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check vlp tests benchmarks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,63 @@ from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 
 TINY_CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
+
+# Under pytest-xdist (`make test`: each file whole on one worker, files handed out in collection order)
+# these files, the longest, start first, so that none starts last while the other worker idles.
+LONGEST_FILES = (  # longest first, from `make test`'s durations on 2 cores (2026-12-04)
+    "tests/test_documented_commands.py",
+    "tests/distributed/test_strategies_cli.py",
+    "tests/distributed/test_momentum_sharded.py",
+    "tests/cli/test_bootstrap.py",
+    "tests/cli/test_slurm_cluster.py",
+    "tests/test_learning.py",
+    "tests/cli/test_cli.py",
+    "tests/datamodules/test_streaming.py",
+    "tests/cli/test_lifecycle.py",
+    "tests/platform/model/test_encoders_learning.py",
+    "tests/distributed/test_bad_input_ddp.py",
+    "tests/cli/test_data.py",
+    "tests/distributed/test_blip_strategies.py",
+    "tests/platform/model/test_blip_lavis.py",
+    "tests/platform/losses/test_sigmoid_loss.py",
+    "tests/tasks/test_siglip_learning.py",
+    "tests/distributed/test_global_batch.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not hasattr(config, "workerinput"):  # one process: the usual order
+        return
+    first = {path: index for index, path in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(item.nodeid.split("::")[0], len(first)))
+
+
+def _restore(saved: dict[str, str]) -> None:
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_environment():
+    """Gives back after each test file the environment it started with (module fixtures included)."""
+    saved = dict(os.environ)
+    yield
+    _restore(saved)
+
+
+@pytest.fixture(autouse=True)
+def _test_environment():
+    """Gives back after each test the environment it started with.
+
+    Lightning's launcher sets LOCAL_RANK, NODE_RANK, MASTER_ADDR and MASTER_PORT in `os.environ` for good
+    when an in-process Trainer runs a DDP-family strategy, even on one device. A later `vlp fit
+    --trainer.devices=2` subprocess that inherits LOCAL_RANK takes itself for a launched rank, starts no
+    second rank and waits for it until the test's timeout.
+    """
+    saved = dict(os.environ)
+    yield
+    _restore(saved)
 
 
 @pytest.fixture(scope="session")
