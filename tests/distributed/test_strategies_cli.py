@@ -338,3 +338,33 @@ def test_the_default_on_two_cpu_ranks_trains_every_parameter_each_step(tmp_path)
     assert losses[0] != losses[1]
     (metrics,) = (tmp_path / "runs").glob("*/version_0/metrics.json")
     assert 0.0 <= json.loads(metrics.read_text())["val/itm/acc"] <= 1.0
+
+
+# vision merging with grounding, whose box head reads the merged image back on its patch grid: the grid's keys
+# and values come from the fusion layers' `key_value_terms`, an entry point that sharded runs gather
+MERGED_GROUNDING = [
+    "--model.init_args.backbone.init_args.merging={vision_r: 4}",
+    '--model.init_args.objectives.grounding={"class_path": "vlp.tasks.grounding.GroundingObjective"}',
+    "--model.init_args.mode=joint",
+    "--trainer.max_steps=3",
+    "--trainer.val_check_interval=3",
+]
+
+
+@pytest.fixture(scope="module")
+def merged_grounding_ddp_run(tmp_path_factory) -> dict[int, list[dict]]:
+    return _fit(tmp_path_factory.mktemp("merged_grounding_ddp"), "ddp", *MERGED_GROUNDING)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero3"])
+def test_merged_grounding_reads_the_patch_grid_under_sharding_like_ddp(
+    strategy, tmp_path, merged_grounding_ddp_run
+):
+    ddp = merged_grounding_ddp_run
+    extra = ZERO3_EVERYTHING_PARTITIONED if strategy == "deepspeed_zero3" else []
+    sharded = _fit(tmp_path / strategy, strategy, *MERGED_GROUNDING, *extra)
+    for rank in (0, 1):
+        ddp_steps, steps = _steps(ddp[rank]), _steps(sharded[rank])
+        assert sorted(steps) == [1, 2, 3]
+        for step in steps:
+            assert steps[step]["loss"] == pytest.approx(ddp_steps[step]["loss"], abs=1e-4), (rank, step)

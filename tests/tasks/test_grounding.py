@@ -179,3 +179,28 @@ def test_short_run_grounds_phrases_far_above_chance(tmp_path, backbone, one_thre
     )
     assert {"val/grounding/loss", "val/grounding/acc50", "val/grounding/miou"} <= set(scores)
     assert acc50 >= max(4 * chance, chance + 0.1)
+
+
+@pytest.mark.parametrize("detail", ["positions", "inputs"])
+def test_boxes_read_the_patch_grid_only_when_the_vision_tower_merges(make_backbone, batch, detail):
+    """With vision merging the box head reads the patch grid (`FusionBackbone.patch_grid`), not the merged
+    tokens; without merging `patch_grid` changes nothing."""
+    backbone = make_backbone(merging=TokenMergingConfig(vision_r=4)).eval()
+    grid, merged = (
+        GroundingObjective(backbone, patch_grid=detail),
+        GroundingObjective(backbone, patch_grid="none"),
+    )
+    merged.head.load_state_dict(grid.head.state_dict())
+    with torch.no_grad():
+        features = FeatureCache(backbone, batch)
+        grid_boxes, merged_boxes = grid.predict_boxes(batch, features), merged.predict_boxes(batch, features)
+        image = backbone.patch_grid(features.image, detail)
+        phrase = backbone.encode_text(batch["phrase_input_ids"], batch["phrase_attention_mask"])
+        fused = backbone.fuse(image, phrase.tokens, phrase.attention_mask, merge_text=False)
+        assert torch.allclose(grid_boxes, grid.head(fused[:, 0]), atol=1e-5)
+        assert not torch.allclose(grid_boxes, merged_boxes, atol=1e-4)
+        with backbone.merging_override(vision_r=0):
+            features = FeatureCache(backbone, batch)
+            assert torch.equal(grid.predict_boxes(batch, features), merged.predict_boxes(batch, features))
+    with pytest.raises(ValueError, match="patch_grid"):
+        GroundingObjective(backbone, patch_grid="pixels")

@@ -1,8 +1,9 @@
 """Phrase grounding: one box for a referring phrase ("the blue square") in an image (X-VLM box head).
 
-The phrase is encoded by the text tower, fused with the batch's shared image pass, and an MLP on the
-fused [CLS] ends in a sigmoid that gives a normalised (cx, cy, w, h). Unlike X-VLM's plain sigmoid, the
-centre is placed in the range that keeps the whole box inside the image:
+The phrase is encoded by the text tower, fused with the batch's shared image pass (on its patch grid when
+the vision tower merges tokens), and an MLP on the fused [CLS] ends in a sigmoid that gives a normalised
+(cx, cy, w, h). Unlike X-VLM's plain sigmoid, the centre is placed in the range that keeps the whole box
+inside the image:
     w, h = sigmoid(.),  cx = w / 2 + (1 - w) sigmoid(.),  cy likewise,
 so every prediction is a valid box. Loss (DETR / X-VLM): per box the L1 distance summed over the four
 coordinates plus 1 - GIoU, each averaged over the batch and weighted (default 1 and 1, X-VLM's
@@ -11,7 +12,7 @@ pre-training weights; DETR uses 5 and 2). Validation: Acc@0.5 (IoU >= 0.5) and m
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -82,16 +83,26 @@ class GroundingObjective(Objective):
         giou_weight: float = 1.0,
         all_patches: bool = True,
         merge_phrase: bool = False,
+        patch_grid: Literal["positions", "inputs", "none"] = "positions",
     ) -> None:
         """`l1_weight`, `giou_weight`: weights of the two box losses (X-VLM 1 and 1, DETR 5 and 2).
         `all_patches`: fuse the image from every patch token even while `vision.patch_dropout` drops some
         for the other objectives (a box may lie on any patch; costs a second vision pass then).
         `merge_phrase`: let the backbone's text merging (`merging.text_r`, `text_entry_r`) merge the phrase
         too; off by default: a phrase is a few words that each pick the object ("the small red circle"), and
-        merging them saves little."""
+        merging them saves little.
+        `patch_grid`: when the vision tower merges tokens (`merging.vision_r`), fuse the phrase with the image
+        back on its patch grid (`FusionBackbone.patch_grid`): every patch gets the merged token that holds it
+        plus its own position embedding (`positions`: no projection, keys and values by linearity) or the
+        token that entered the ViT there (`inputs`: the patch's own pixels too; costs the fusion's keys and
+        values of 1 + N tokens per image); `none` reads the merged tokens. A merged token averages its
+        patches' positions and detail, which a box needs."""
         super().__init__(backbone, optim)
         self.all_patches = all_patches
         self.merge_phrase = merge_phrase
+        if patch_grid not in ("positions", "inputs", "none"):
+            raise ValueError(f"patch_grid must be 'positions', 'inputs' or 'none', got {patch_grid!r}")
+        self.patch_grid = patch_grid
         for arg, value in (("l1_weight", l1_weight), ("giou_weight", giou_weight)):
             if value < 0:
                 raise ValueError(f"{arg} must be >= 0, got {value}")
@@ -109,6 +120,8 @@ class GroundingObjective(Objective):
         phrase = self.backbone.encode_text(batch["phrase_input_ids"], batch["phrase_attention_mask"])
         cls = first_token(phrase.tokens.shape[0], phrase.tokens.device)
         image = features.fused_image_all_patches if self.all_patches else features.fused_image
+        if self.patch_grid != "none":
+            image = self.backbone.patch_grid(image, self.patch_grid)
         fused = self.backbone.fuse(
             image, phrase.tokens, phrase.attention_mask, merge_text=self.merge_phrase, positions=cls
         )

@@ -238,3 +238,63 @@ def test_entry_merging_lowers_fusion_flops(shapes, batch, monkeypatch):
             merged = count_flops(lambda: backbone.fuse(image, text.tokens, text.attention_mask))
     length = text.attention_mask.shape[1]
     assert merged < full * (length - 5) / length
+
+
+@pytest.mark.parametrize("detail", ["positions", "inputs"])
+def test_patch_grid_gives_each_patch_its_merged_token_and_its_place(shapes, batch, detail):
+    """Grounding's view of a merged image: position j holds the token its patch went to (ToMe's source map)
+    plus position embedding j (or the token that entered the ViT at j); keys and values taken from the merged
+    tokens' by linearity equal those projected from the grid itself, and so do the fused outputs and every
+    gradient (float64)."""
+    backbone = build(shapes.tokenizer, TokenMergingConfig(vision_r=3, trace_source=True)).double()
+    images = batch["image"].double()
+    image = backbone.encode_image(images)
+    vit = backbone.vision.vit
+    source = vit._tome_state.source  # [B, N', 1 + N] 0/1
+    grid = backbone.patch_grid(image, detail)
+    inputs = torch.cat([vit.cls_token.expand(8, -1, -1), vit.patch_embed(images)], dim=1) + vit.pos_embed
+    added = vit.pos_embed if detail == "positions" else inputs
+    assert torch.allclose(image.grid.inputs, inputs, atol=1e-12)
+    assert grid.tokens.shape == (8, TOKENS, 32) and grid.sizes is None and grid.grid is None
+    assert torch.allclose(grid.tokens, source.transpose(1, 2) @ image.tokens + added, atol=1e-12)
+
+    text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+    outputs, grads = [], []
+    for via_linearity in (True, False):
+        backbone.zero_grad()
+        image = backbone.encode_image(images)
+        grid = (
+            backbone.patch_grid(backbone.with_fusion_keys(image), detail)
+            if via_linearity
+            else backbone.with_fusion_keys(backbone.patch_grid(image, detail))
+        )
+        fused = backbone.fuse(grid, text.tokens.detach(), text.attention_mask)
+        (fused * torch.linspace(-1, 1, fused.shape[-1], dtype=fused.dtype)).sum().backward()
+        outputs.append(fused.detach())
+        grads.append({n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None})
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-12)
+    assert grads[0].keys() == grads[1].keys()
+    assert {"fusion.layers.0.cross_attn.key_value.bias", "vision.vit.pos_embed"} <= grads[0].keys()
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-10), name
+
+
+def test_patch_grid_leaves_unmerged_and_patch_dropped_images_alone(shapes, batch):
+    """Without vision merging there is nothing to put back; under patch dropout the tokens are not the
+    patch grid, so no grid is kept (grounding's all-patch pass has one)."""
+    plain = build(shapes.tokenizer)
+    image = plain.encode_image(batch["image"])
+    assert image.grid is None and plain.patch_grid(image) is image
+    backbone = build(shapes.tokenizer, TokenMergingConfig(vision_r=2))
+    backbone.vision.set_patch_dropout(0.5)
+    backbone.train()
+    assert backbone.encode_image(batch["image"]).grid is None
+    all_patches = backbone.encode_image(batch["image"], all_patches=True)
+    assert all_patches.grid.groups.shape == (8, TOKENS)
+    assert backbone.patch_grid(all_patches).tokens.shape[1] == TOKENS
+    cut, picked = all_patches.rows(3), all_patches.take(torch.tensor([2, 2]))
+    for part, rows in ((cut, slice(0, 3)), (picked, [2, 2])):
+        assert torch.equal(part.grid.groups, all_patches.grid.groups[rows])
+        assert torch.equal(part.grid.inputs, all_patches.grid.inputs[rows])
+    with pytest.raises(ValueError, match="positions"):
+        backbone.patch_grid(all_patches, "pixels")

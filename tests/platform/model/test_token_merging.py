@@ -313,6 +313,8 @@ def test_merging_vit_reduces_tokens_and_tracks_sizes_and_source(fused_attn):
     assert torch.equal(state.size.sum(dim=1), torch.full((2, 1), 17.0))
     assert state.source.shape == (2, 10, 17) and torch.equal(state.source.sum(dim=1), torch.ones(2, 17))
     assert torch.equal(state.source[:, 0, 0], torch.ones(2))  # [CLS] stays first and alone
+    assert torch.equal(state.groups, state.source.argmax(dim=1))  # the same map, as indices
+    assert state.inputs.shape == (2, 17, 32)  # what entered the first block
     assert state.tokens_kept == pytest.approx(10 / 17)
     tokens.sum().backward()
     assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in vit.parameters() if p.requires_grad)

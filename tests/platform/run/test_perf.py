@@ -4,11 +4,12 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from vlp.platform.model.backbone import FusionBackbone, first_rows
+from vlp.platform.model.backbone import FeatureCache, FusionBackbone, first_rows
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 from vlp.platform.model.token_merging import TokenMergingConfig
 from vlp.platform.run.perf import FlopsMonitor, training_step_flops
+from vlp.tasks.grounding import GroundingObjective
 
 TOKENS = 1 + (32 // 8) ** 2
 
@@ -138,3 +139,25 @@ def test_event_files_hold_tokens_kept_and_gflops_per_sample_with_merging_and_pat
     assert (
         training_step_flops(module, first_rows(next(iter(shapes.dataloader("train"))), 2)) / 2e9 > gflops[0]
     )
+
+
+class Grounding(LightningModule):
+    """Grounding alone on the backbone: with vision merging its box head reads the image's patch grid."""
+
+    def __init__(self, backbone: FusionBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.grounding = GroundingObjective(backbone)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.grounding.forward_loss(batch, FeatureCache(self.backbone, batch)).loss
+
+
+def test_counting_a_merged_grounding_step_with_its_patch_grid(shapes, batch):
+    """The grid's position keys come from the position embedding fed to the fusion's projections: as a leaf
+    input it broke FlopCounterMode's module hooks under `autograd.grad` (the monitor's replay)."""
+    module = Grounding(build(shapes.tokenizer, TokenMergingConfig(vision_r=3)).backbone)
+    small = first_rows(batch, 2)
+    merged = training_step_flops(module, small)
+    module.backbone.set_merging(vision_r=0)
+    assert 0 < merged < training_step_flops(module, small)

@@ -41,6 +41,15 @@ from vlp.platform.model.token_merging import (
 T = TypeVar("T")
 
 
+class PatchGrid(NamedTuple):
+    """Where a merged image's tokens came from (`FusionBackbone.patch_grid` puts them back)."""
+
+    groups: Tensor  # [B, 1 + N] long: per input position ([CLS], every patch) its merged token (ToMe's source map)
+    inputs: (
+        Tensor  # [B, 1 + N, Dv]: the tokens that entered the ViT's first block (patch embedding + position)
+    )
+
+
 class ImageFeatures(NamedTuple):
     tokens: Tensor  # [B, 1 + N, Dv], [CLS] first (None where only fusion's keys and values are kept)
     embedding: Tensor  # [B, E], L2-normalised
@@ -48,20 +57,24 @@ class ImageFeatures(NamedTuple):
     # per fusion layer the cross-attention keys and values of `tokens` ([B, heads, 1 + N, Dt / heads] each),
     # set by `FusionBackbone.with_fusion_keys`; None = computed by each fused pass
     fusion_kv: tuple[KeyValues, ...] | None = None
+    # where the merged tokens came from on the input grid; None when the vision tower merged nothing
+    grid: PatchGrid | None = None
 
     def take(self, index: Tensor) -> ImageFeatures:
         """The features of images `index` [K] (repeats allowed), e.g. to pair images with negative texts;
         precomputed keys and values are gathered too, not recomputed."""
         kv = None if self.fusion_kv is None else tuple((k[index], v[index]) for k, v in self.fusion_kv)
         tokens = None if self.tokens is None else self.tokens[index]  # None: fusion reads only kv
-        return ImageFeatures(
-            tokens, self.embedding[index], None if self.sizes is None else self.sizes[index], kv
-        )
+        sizes = None if self.sizes is None else self.sizes[index]
+        grid = None if self.grid is None else PatchGrid(*(t[index] for t in self.grid))
+        return ImageFeatures(tokens, self.embedding[index], sizes, kv, grid)
 
     def rows(self, n: int) -> ImageFeatures:
         """The features of the first `n` images (views, keys and values included)."""
         kv = None if self.fusion_kv is None else tuple((k[:n], v[:n]) for k, v in self.fusion_kv)
-        return ImageFeatures(*(None if t is None else t[:n] for t in self[:3]), kv)
+        tokens, embedding, sizes = (None if t is None else t[:n] for t in self[:3])
+        grid = None if self.grid is None else PatchGrid(*(t[:n] for t in self.grid))
+        return ImageFeatures(tokens, embedding, sizes, kv, grid)
 
     def read_by_fusion(self, keep_tokens: bool = False) -> ImageFeatures:
         """What the fused and decoder passes read: sizes, keys and values, and the tokens only when no keys
@@ -300,11 +313,14 @@ class FusionBackbone(nn.Module):
     def encode_image(self, images: Tensor, all_patches: bool = False) -> ImageFeatures:
         """Image tokens [B, 1 + N', Dv] (N' < N when merging, `sizes` [B, 1 + N'] then set, or under patch
         dropout in training unless `all_patches`) and embedding."""
+        dropped = self.vision.drops_patches and not all_patches
         tokens = self.vision(images, all_patches=all_patches)
         if not all_patches:
             self._tokens_kept = tokens.shape[1] / self.vision.num_tokens
         state = token_merging_state(self.vision.vit)
         sizes = None if state is None or state.size is None else state.size[..., 0]
+        # the input grid is the patch grid only when every patch entered the tower
+        grid = None if sizes is None or dropped else PatchGrid(state.groups, state.inputs)
         if self.vision.config.pool == "cls":
             pooled = tokens[:, 0]
         elif sizes is None:
@@ -312,7 +328,48 @@ class FusionBackbone(nn.Module):
         else:
             weights = sizes[:, 1:, None].to(tokens.dtype)
             pooled = (tokens[:, 1:] * weights).sum(dim=1) / weights.sum(dim=1)
-        return ImageFeatures(tokens, F.normalize(self.vision_proj(pooled), dim=-1), sizes)
+        return ImageFeatures(tokens, F.normalize(self.vision_proj(pooled), dim=-1), sizes, None, grid)
+
+    def patch_grid(
+        self, image: ImageFeatures, detail: Literal["positions", "inputs"] = "positions"
+    ) -> ImageFeatures:
+        """A merged image back on its input grid, for heads that read where things are (grounding's boxes).
+
+        Each input position ([CLS], every patch) gets the merged token that holds it (`image.grid.groups`,
+        ToMe's source map) plus, by `detail`, its own position embedding (the ViT's `pos_embed`) or the token
+        that entered the ViT there (patch embedding + position, `image.grid.inputs`): [B, 1 + N, Dv], sizes
+        all one. A merged token averages its patches' positions and their detail; the copies give each
+        patch its place (and its own pixels) back. When `image` carries fusion keys and values, the grid's
+        follow by linearity: the copies' are gathered, the added term's projected without the bias, for
+        positions once per batch, for inputs once per image (1 + N tokens). An unmerged image comes back as
+        it is."""
+        if image.grid is None:
+            return image
+        if detail not in ("positions", "inputs"):
+            raise ValueError(f"patch_grid detail must be 'positions' or 'inputs', got {detail!r}")
+        groups, tokens = image.grid.groups, image.tokens
+        if detail == "inputs":
+            added = image.grid.inputs
+        else:
+            # [1, 1 + N, Dv], the [CLS] position too; a view, not the parameter: a leaf module input breaks
+            # FlopCounterMode's backward hooks under autograd.grad (the FLOPs monitor's replay)
+            added = self.vision.vit.pos_embed.to(tokens.dtype).expand(1, -1, -1)
+            if added.shape[1] != groups.shape[1]:
+                raise ValueError(
+                    f"patch_grid: the image has {groups.shape[1]} input tokens, vision.vit.pos_embed "
+                    f"{added.shape[1]} (a ViT whose position embeddings do not cover its input)"
+                )
+        grid = tokens.gather(1, groups[..., None].expand(-1, -1, tokens.shape[-1])) + added
+        kv = None
+        if image.fusion_kv is not None:
+            kv, index = [], groups[:, None, :, None]
+            for (k, v), (added_k, added_v) in zip(
+                image.fusion_kv, self.fusion.key_value_terms(added), strict=True
+            ):
+                index_kv = index.expand(-1, k.shape[1], -1, k.shape[-1])
+                kv.append((k.gather(2, index_kv) + added_k, v.gather(2, index_kv) + added_v))
+            kv = tuple(kv)
+        return ImageFeatures(grid, image.embedding, None, kv)
 
     def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The text tower's tokens [B, L, Dt], run in groups of similar length (padded positions unspecified)."""

@@ -85,11 +85,15 @@ class MultiHeadAttention(nn.Module):
         self.key_value = nn.Linear(context_dim or dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def key_values(self, context: Tensor, packing: Packing | None = None) -> KeyValues:
+    def key_values(self, context: Tensor, packing: Packing | None = None, bias: bool = True) -> KeyValues:
         """The context's keys and values [B, heads, Nk, D / heads], computable once and reused by every
         query that reads the same context (image tokens across objectives, a decoder's past tokens).
-        `packing`: the context is packed real tokens [T, Dk] (projected as such, padded back here)."""
+        `packing`: the context is packed real tokens [T, Dk] (projected as such, padded back here);
+        `bias=False`: the projection without its bias, a term to add to keys and values already computed
+        (the bias is taken off as the projection of a zero token: through the module, so ZeRO-3 gathers it)."""
         projected = self.key_value(context)
+        if not bias:
+            projected = projected - self.key_value(context.new_zeros(context.shape[-1]))
         if packing is not None:
             projected = packing.unpack(projected)
         b = projected.shape[0]
@@ -172,7 +176,7 @@ class FusionLayer(nn.Module):
     LayerNorm before (`norm="pre"`) or after the sum (`norm="post"`, BERT's layer)."""
 
     # the methods the backbone's passes call besides `forward`; a sharding plan gathers the layer around each
-    entry_points = ("image_key_values", "self_attention", "decode_step", "text_only")
+    entry_points = ("image_key_values", "key_value_terms", "self_attention", "decode_step", "text_only")
     # those token merging inside fusion calls instead of `forward` (the layer then stays gathered)
     merging_entry_points = ("attend", "feed_forward")
 
@@ -296,6 +300,11 @@ class FusionLayer(nn.Module):
         """This layer's cross-attention keys and values of image tokens [B, N, Dv], to share between passes."""
         return self.cross_attn.key_values(image)
 
+    def key_value_terms(self, added: Tensor) -> KeyValues:
+        """The cross-attention keys and values of `added` [B or 1, N, Dv] without the bias: what adding it to
+        image tokens adds to their keys and values (`FusionBackbone.patch_grid`)."""
+        return self.cross_attn.key_values(added, bias=False)
+
     def self_attention(self, text: Tensor, self_mask: Tensor, packing: Packing | None = None) -> Tensor:
         """The self-attention sub-block alone: text [B, L, D] -> [B, L, D] (packed [T, D] with `packing`);
         it does not read the image."""
@@ -400,6 +409,11 @@ class FusionEncoder(nn.Module):
         image, computed once per image and shared by every pass over it (ITM pairs, MLM, grounding, the
         caption decoder, each generation step)."""
         return tuple(layer.image_key_values(image) for layer in self.layers)
+
+    def key_value_terms(self, added: Tensor) -> tuple[KeyValues, ...]:
+        """Each layer's cross-attention keys and values of `added` [B or 1, N, Dv], bias left out: what adding
+        it to image tokens adds to their keys and values."""
+        return tuple(layer.key_value_terms(added) for layer in self.layers)
 
     def first_self_attention(
         self, text: Tensor, attention_mask: Tensor, text_sizes: Tensor | None = None

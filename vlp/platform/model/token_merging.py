@@ -142,6 +142,18 @@ def merge_source(merge_fn: MergeFn, source: Tensor | None, x: Tensor) -> Tensor:
     return merge_fn(source, mode="amax")
 
 
+def merge_groups(unmerge_fn: MergeFn, groups: Tensor | None, merged: int, like: Tensor) -> Tensor:
+    """Where each original token went: groups [B, N_original] (long), the index among the `merged` tokens
+    after this merge of the token that holds it (ToMe's source map as indices: source.argmax(1)).
+
+    `groups` None: the tokens before this merge are the originals. `like`: a tensor of the batch's device.
+    """
+    b = like.shape[0]
+    index = torch.arange(merged, device=like.device, dtype=torch.float32)[None, :, None].expand(b, -1, 1)
+    moved = unmerge_fn(index)[..., 0].long()  # [B, N_before]: each token's merged index
+    return moved if groups is None else moved.gather(1, groups)
+
+
 def proportional_attention_bias(
     size: Tensor, key_padding_mask: Tensor | None = None, dtype: torch.dtype | None = None
 ) -> Tensor:
@@ -259,7 +271,9 @@ class TokenMergingState:
     """Per-model merging settings and the last forward's results (plain attribute, not in state_dict).
 
     size: [B, N_final, 1] tokens held by each output token (None when nothing merged);
-    source: [B, N_final, N_original] membership map when `trace_source`.
+    source: [B, N_final, N_original] membership map when `trace_source`;
+    groups: [B, N_original] the output token that holds each input token (long; None when nothing merged);
+    inputs: [B, N_original, C] the tokens that entered the first block of the last merging forward.
     """
 
     r: list[int]
@@ -268,6 +282,8 @@ class TokenMergingState:
     protect_first: bool = True
     size: Tensor | None = None
     source: Tensor | None = None
+    groups: Tensor | None = None
+    inputs: Tensor | None = None
 
     @property
     def tokens_kept(self) -> float:
@@ -320,9 +336,11 @@ class MergingBlock(Block):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         state = self._tome_state
         if self._tome_layer == 0:
-            state.size, state.source = None, None
+            state.size, state.source, state.groups, state.inputs = None, None, None, None
         if not any(state.r):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if self._tome_layer == 0:
+            state.inputs = x
         size = state.size if state.proportional_attention else None
         out, metric = self.attn(
             self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, size=size, return_metric=True
@@ -330,10 +348,11 @@ class MergingBlock(Block):
         x = x + self.drop_path1(self.ls1(out))
         r = state.r[self._tome_layer]
         if r > 0:
-            merge, _ = bipartite_soft_matching(metric, r, protect_first=state.protect_first)
+            merge, unmerge = bipartite_soft_matching(metric, r, protect_first=state.protect_first)
             if state.trace_source:
                 state.source = merge_source(merge, state.source, x)
             x, state.size = merge_wavg(merge, x, state.size)
+            state.groups = merge_groups(unmerge, state.groups, x.shape[1], x)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
