@@ -126,7 +126,15 @@ def test_image_keys_and_values_are_computed_once_per_joint_step(make_backbone, b
         )
     module.training_step(batch, 0)
     image_tokens = backbone.encode_image(batch["image"]).tokens.shape
+    layers, width = len(backbone.fusion.layers), image_tokens[-1]
+    # grounding reads a merged image on its patch grid, whose keys and values are the merged tokens' gathered
+    # plus the position embeddings' [1, 1 + N, Dv], projected once per batch with a zero token (the bias taken
+    # off): never the grid itself
+    per_batch = [shape for shape in projections if len(shape) < 3 or shape[0] == 1]
+    images = [shape for shape in projections if not (len(shape) < 3 or shape[0] == 1)]
+    grid = (1, backbone.vision.num_tokens, width)
+    assert per_batch == ([grid, (width,)] * layers if merging else [])
     # one batch pass per layer; fusion merging projects its merged image tokens in the layers after the first
-    assert projections[: len(backbone.fusion.layers)] == [image_tokens] * len(backbone.fusion.layers)
+    assert images[:layers] == [image_tokens] * layers
     if merging is None or MERGINGS[merging].fusion_r == 0:
-        assert len(projections) == len(backbone.fusion.layers)
+        assert len(images) == layers
