@@ -321,6 +321,8 @@ def main() -> None:
             variants[f"merged_grounding_{grid}"] = [f"{GROUNDING}.patch_grid={grid}"]
         for share in PATCH_DROPOUT:
             variants[f"patch_dropout{share}"] = [*MERGING_OFF, f"{BACKBONE}.vision.patch_dropout={share}"]
+            too = f"{GROUNDING}.all_patches=false"  # grounding on the kept patches as well
+            variants[f"patch_dropout{share}_grounding_too"] = [*variants[f"patch_dropout{share}"], too]
         if args.variants:
             variants = {name: variants[name] for name in args.variants.split(",")}
         quality = quality_rows(variants, seeds[:1] if args.quick else seeds, steps, 16 if args.quick else 64)
