@@ -44,10 +44,10 @@ T = TypeVar("T")
 class PatchGrid(NamedTuple):
     """Where a merged image's tokens came from (`FusionBackbone.patch_grid` puts them back)."""
 
-    groups: Tensor  # [B, 1 + N] long: per input position ([CLS], every patch) its merged token (ToMe's source map)
-    inputs: (
-        Tensor  # [B, 1 + N, Dv]: the tokens that entered the ViT's first block (patch embedding + position)
-    )
+    # [B, 1 + N] long: per input position ([CLS], every patch) the merged token holding it (ToMe's source map)
+    groups: Tensor
+    # [B, 1 + N, Dv]: the tokens that entered the ViT's first block (patch embedding + position)
+    inputs: Tensor
 
 
 class ImageFeatures(NamedTuple):
