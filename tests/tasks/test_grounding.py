@@ -181,11 +181,18 @@ def test_short_run_grounds_phrases_far_above_chance(tmp_path, backbone, one_thre
     assert acc50 >= max(4 * chance, chance + 0.1)
 
 
-@pytest.mark.parametrize("detail", ["positions", "inputs"])
-def test_boxes_read_the_patch_grid_only_when_the_vision_tower_merges(make_backbone, batch, detail):
+@pytest.mark.parametrize(
+    ("detail", "merging"),
+    [
+        ("positions", TokenMergingConfig(vision_r=4)),
+        ("inputs", TokenMergingConfig(vision_r=4)),
+        ("tokens", TokenMergingConfig(vision_r=8, vision_unmerge=True)),
+    ],
+)
+def test_boxes_read_the_patch_grid_only_when_the_vision_tower_merges(make_backbone, batch, detail, merging):
     """With vision merging the box head reads the patch grid (`FusionBackbone.patch_grid`), not the merged
     tokens; without merging `patch_grid` changes nothing."""
-    backbone = make_backbone(merging=TokenMergingConfig(vision_r=4)).eval()
+    backbone = make_backbone(merging=merging).eval()
     grid, merged = (
         GroundingObjective(backbone, patch_grid=detail),
         GroundingObjective(backbone, patch_grid="none"),

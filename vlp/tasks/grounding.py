@@ -83,7 +83,7 @@ class GroundingObjective(Objective):
         giou_weight: float = 1.0,
         all_patches: bool = True,
         merge_phrase: bool = False,
-        patch_grid: Literal["positions", "inputs", "none"] = "positions",
+        patch_grid: Literal["positions", "inputs", "tokens", "none"] = "positions",
     ) -> None:
         """`l1_weight`, `giou_weight`: weights of the two box losses (X-VLM 1 and 1, DETR 5 and 2).
         `all_patches`: fuse the image from every patch token even while `vision.patch_dropout` drops some
@@ -95,13 +95,17 @@ class GroundingObjective(Objective):
         back on its patch grid (`FusionBackbone.patch_grid`): every patch gets the merged token that holds it
         plus its own position embedding (`positions`: no projection, keys and values by linearity) or the
         token that entered the ViT there (`inputs`: the patch's own pixels too; costs the fusion's keys and
-        values of 1 + N tokens per image); `none` reads the merged tokens. A merged token averages its
-        patches' positions and detail, which a box needs."""
+        values of 1 + N tokens per image); `tokens` reads every patch's own output token, which a vision tower
+        whose blocks unmerge keeps (`merging.vision_unmerge`; keys and values of 1 + N tokens per image);
+        `none` reads the merged tokens. A merged token averages its patches' positions and detail, which a
+        box needs."""
         super().__init__(backbone, optim)
         self.all_patches = all_patches
         self.merge_phrase = merge_phrase
-        if patch_grid not in ("positions", "inputs", "none"):
-            raise ValueError(f"patch_grid must be 'positions', 'inputs' or 'none', got {patch_grid!r}")
+        if patch_grid not in ("positions", "inputs", "tokens", "none"):
+            raise ValueError(
+                f"patch_grid must be 'positions', 'inputs', 'tokens' or 'none', got {patch_grid!r}"
+            )
         self.patch_grid = patch_grid
         for arg, value in (("l1_weight", l1_weight), ("giou_weight", giou_weight)):
             if value < 0:

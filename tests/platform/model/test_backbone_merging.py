@@ -298,3 +298,37 @@ def test_patch_grid_leaves_unmerged_and_patch_dropped_images_alone(shapes, batch
         assert torch.equal(part.grid.inputs, all_patches.grid.inputs[rows])
     with pytest.raises(ValueError, match="positions"):
         backbone.patch_grid(all_patches, "pixels")
+
+
+def test_unmerging_vision_keeps_every_patch_for_the_tokens_grid(shapes, batch):
+    """With blocks that unmerge (`vision_unmerge`), the image's tokens are the output merged once (17 -> 3 here)
+    and the grid keeps every patch's own token: `patch_grid(image, "tokens")` is the ViT's final norm of
+    those, which the fusion reads like any image ([CLS] first); `rows`/`take` carry them."""
+    merging = TokenMergingConfig(vision_r=[6, 14], vision_unmerge=True)
+    backbone = build(shapes.tokenizer, merging)
+    image = backbone.encode_image(batch["image"])
+    vit = backbone.vision.vit
+    every = image.grid.tokens
+    assert image.tokens.shape == (8, TOKENS - 14, 32) and every.shape == (8, TOKENS, 32)
+    assert torch.equal(image.sizes.sum(dim=1), torch.full((8,), float(TOKENS)))
+    assert backbone.tokens_kept == pytest.approx((TOKENS - 14) / TOKENS)
+    grid = backbone.patch_grid(image, "tokens")
+    assert grid.grid is None and grid.sizes is None and grid.fusion_kv is None
+    assert torch.equal(grid.tokens, vit.norm(every)) and torch.equal(grid.embedding, image.embedding)
+    text = backbone.encode_text(batch["input_ids"], batch["attention_mask"])
+    fused = backbone.fuse(grid, text.tokens, text.attention_mask)
+    keyed = backbone.fuse(backbone.with_fusion_keys(grid), text.tokens, text.attention_mask)
+    assert fused.shape == batch["input_ids"].shape + (32,) and torch.allclose(fused, keyed, atol=1e-6)
+    picked = image.take(torch.tensor([2, 2]))
+    assert torch.equal(picked.grid.tokens, every[[2, 2]]) and torch.equal(
+        image.rows(3).grid.tokens, every[:3]
+    )
+    # ToMe's blocks keep no token per patch; the tokens grid says what to set
+    tome = build(shapes.tokenizer, TokenMergingConfig(vision_r=2))
+    tome_image = tome.encode_image(batch["image"])
+    assert tome_image.grid.tokens is None and tome_image.take(torch.tensor([1])).grid.tokens is None
+    with pytest.raises(ValueError, match="vision_unmerge"):
+        tome.patch_grid(tome_image, "tokens")
+    # and the same backbone switched back to ToMe's blocks merges what each block left
+    backbone.set_merging(vision_r=[4, 2], vision_unmerge=False)
+    assert backbone.encode_image(batch["image"]).tokens.shape[1] == TOKENS - 6

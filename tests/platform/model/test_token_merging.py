@@ -10,12 +10,14 @@ from vlp.platform.model.token_merging import (
     MergingBlock,
     apply_token_merging,
     bipartite_soft_matching,
+    merge_groups,
     merge_mask,
     merge_schedule,
     merge_source,
     merge_text_tokens,
     merge_wavg,
     proportional_attention_bias,
+    repeated_bipartite_matching,
     set_merge_r,
     text_guided_merge,
     token_merging_state,
@@ -444,3 +446,103 @@ def test_text_guided_merge_protects_first_token_when_asked_and_rejects_bad_shape
         text_guided_merge(image, torch.zeros(2, 3, 4), r=1)
     with pytest.raises(ValueError, match="text_mask"):
         text_guided_merge(image, attention, r=1, text_mask=torch.ones(2, 4))
+
+
+# --- ToMe for Stable Diffusion's unmerging blocks (vision_unmerge) -------------------------------------
+
+
+def group_means(x: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    """x [B, N, C] averaged by groups [B, N] (indices < n) -> [B, n, C]."""
+    index = groups[..., None].expand(-1, -1, x.shape[-1])
+    return x.new_zeros(x.shape[0], n, x.shape[-1]).scatter_reduce(1, index, x, "mean", include_self=False)
+
+
+def test_repeated_matching_merges_more_than_half_and_each_group_unmerges_to_its_members():
+    x = torch.randn(2, 17, 8)
+    merge, unmerge = repeated_bipartite_matching(x, 12)
+    merged, size = merge_wavg(merge, x)
+    assert merged.shape == (2, 5, 8) and torch.equal(size.sum(dim=1), torch.full((2, 1), 17.0))
+    groups = merge_groups(unmerge, None, 5, merged)  # [B, 17]: each token's merged index
+    assert torch.equal(groups[:, 0], torch.zeros(2, dtype=torch.long))  # [CLS] first and alone
+    # a size-weighted average over the rounds is the plain mean of each group's tokens
+    torch.testing.assert_close(merged, group_means(x, groups, 5))
+    torch.testing.assert_close(unmerge(merged), merged.gather(1, groups[..., None].expand(-1, -1, 8)))
+    capped, _ = merge_wavg(repeated_bipartite_matching(x, 100)[0], x)
+    assert capped.shape[1] == 2  # [CLS] and one more
+    assert repeated_bipartite_matching(x, 0)[0](x) is x
+
+
+def test_unmerging_schedule_counts_each_block_from_all_tokens():
+    assert merge_schedule([8, 12, 15], 3, 17, from_all=True) == [8, 12, 15]
+    assert merge_schedule([8, 12, 40], 3, 17, from_all=True) == [8, 12, 15]  # [CLS] and one more remain
+    assert merge_schedule(8, 3, 17, from_all=True) == [8, 8, 8]
+    assert merge_schedule(8, 3, 17) == [8, 4, 2]  # ToMe's blocks merge what the last one left
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_unmerging_vit_at_r_zero_is_bitwise_identical(fused_attn):
+    vit = tiny_vit(qk_norm=True, init_values=0.1)
+    for block in vit.blocks:
+        block.attn.fused_attn = fused_attn
+    reference = copy.deepcopy(vit).eval()
+    apply_token_merging(vit.eval(), 0, unmerge=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(vit(x), reference(x)) and vit._tome_state.tokens is None
+
+
+def test_unmerging_vit_keeps_every_token_and_merges_its_output_once():
+    vit = tiny_vit(qk_norm=True, init_values=0.1)
+    apply_token_merging(vit, [4, 8, 12], trace_source=True, unmerge=True)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = vit.forward_features(x)
+    state = vit._tome_state
+    assert out.shape == (2, 17 - 12, 32) and state.tokens.shape == (2, 17, 32)
+    assert torch.equal(state.size.sum(dim=1), torch.full((2, 1), 17.0))
+    assert torch.equal(state.groups, state.source.argmax(dim=1)) and torch.equal(
+        state.groups[:, 0], torch.zeros(2).long()
+    )
+    # the output is the final norm of each group's size-weighted mean of the tokens it holds
+    torch.testing.assert_close(out, vit.norm(group_means(state.tokens, state.groups, 5)))
+    assert state.tokens_kept == pytest.approx(5 / 17)
+    (out.sum() + state.tokens.sum()).backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in vit.parameters() if p.requires_grad)
+    assert not torch.equal(state.tokens[:, 1], state.tokens[:, 2])  # every patch its own token
+
+
+@pytest.mark.parametrize("proportional", [True, False])
+def test_unmerging_exact_duplicates_equals_the_plain_vit_with_proportional_attention(proportional):
+    # twins as in the ToMe test above: each block merges exactly the 8 twin pairs and gives both twins the
+    # pair's update, so every patch's token (and each parameter's gradient) is the plain ViT's
+    vit = tiny_vit(depth=2).eval()
+    reference = copy.deepcopy(vit)
+    apply_token_merging(vit, 8, proportional_attention=proportional, unmerge=True)
+    with torch.no_grad():
+        for model in (vit, reference):
+            model.pos_embed[:, 2::2] = model.pos_embed[:, 1::2]
+    x = torch.randn(2, 3, 32, 32)
+    x[..., 8:16], x[..., 24:32] = x[..., 0:8], x[..., 16:24]
+    weights = torch.randn(17, 32)
+    vit.forward_features(x)
+    every = vit.norm(vit._tome_state.tokens)
+    dense = reference.forward_features(x)
+    assert vit._tome_state.tokens_kept == pytest.approx(9 / 17)
+    assert torch.allclose(every, dense, atol=1e-5) == proportional
+    if proportional:
+        (every * weights).sum().backward()
+        (dense * weights).sum().backward()
+        for (name, p), q in zip(vit.named_parameters(), reference.parameters(), strict=True):
+            got, expected = p.grad, q.grad
+            if name == "pos_embed":  # the two models agree while twins stay twins: on each pair's sum
+                got, expected = (torch.cat([g[:, :1], g[:, 1::2] + g[:, 2::2]], 1) for g in (got, expected))
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_unmerge_can_be_switched_with_the_schedule():
+    vit = tiny_vit()
+    apply_token_merging(vit, [8, 12, 15], unmerge=True)
+    assert token_merging_state(vit).r == [8, 12, 15]
+    set_merge_r(vit, [8, 4, 2], unmerge=False)
+    state = token_merging_state(vit)
+    assert not state.unmerge and state.r == [8, 4, 2]
+    vit(torch.randn(1, 3, 32, 32))
+    assert state.tokens is None and state.size.shape[1] == 17 - 14

@@ -48,6 +48,9 @@ class PatchGrid(NamedTuple):
     groups: Tensor
     # [B, 1 + N, Dv]: the tokens that entered the ViT's first block (patch embedding + position)
     inputs: Tensor
+    # [B, 1 + N, Dv]: every token at the ViT's last block, before its final norm, when its blocks unmerge
+    # (`merging.vision_unmerge`); None under ToMe's merging, which keeps no token per patch
+    tokens: Tensor | None = None
 
 
 class ImageFeatures(NamedTuple):
@@ -66,14 +69,14 @@ class ImageFeatures(NamedTuple):
         kv = None if self.fusion_kv is None else tuple((k[index], v[index]) for k, v in self.fusion_kv)
         tokens = None if self.tokens is None else self.tokens[index]  # None: fusion reads only kv
         sizes = None if self.sizes is None else self.sizes[index]
-        grid = None if self.grid is None else PatchGrid(*(t[index] for t in self.grid))
+        grid = None if self.grid is None else PatchGrid(*(None if t is None else t[index] for t in self.grid))
         return ImageFeatures(tokens, self.embedding[index], sizes, kv, grid)
 
     def rows(self, n: int) -> ImageFeatures:
         """The features of the first `n` images (views, keys and values included)."""
         kv = None if self.fusion_kv is None else tuple((k[:n], v[:n]) for k, v in self.fusion_kv)
         tokens, embedding, sizes = (None if t is None else t[:n] for t in self[:3])
-        grid = None if self.grid is None else PatchGrid(*(t[:n] for t in self.grid))
+        grid = None if self.grid is None else PatchGrid(*(None if t is None else t[:n] for t in self.grid))
         return ImageFeatures(tokens, embedding, sizes, kv, grid)
 
     def read_by_fusion(self, keep_tokens: bool = False) -> ImageFeatures:
@@ -286,9 +289,10 @@ class FusionBackbone(nn.Module):
                 config.trace_source,
                 config.schedule,
                 config.inflection,
+                config.vision_unmerge,
             )
         else:
-            set_merge_r(vit, config.vision_r, config.schedule, config.inflection)
+            set_merge_r(vit, config.vision_r, config.schedule, config.inflection, config.vision_unmerge)
             state.proportional_attention = config.proportional_attention
             state.trace_source = config.trace_source
         self.merging = config
@@ -320,7 +324,7 @@ class FusionBackbone(nn.Module):
         state = token_merging_state(self.vision.vit)
         sizes = None if state is None or state.size is None else state.size[..., 0]
         # the input grid is the patch grid only when every patch entered the tower
-        grid = None if sizes is None or dropped else PatchGrid(state.groups, state.inputs)
+        grid = None if sizes is None or dropped else PatchGrid(state.groups, state.inputs, state.tokens)
         if self.vision.config.pool == "cls":
             pooled = tokens[:, 0]
         elif sizes is None:
@@ -331,7 +335,7 @@ class FusionBackbone(nn.Module):
         return ImageFeatures(tokens, F.normalize(self.vision_proj(pooled), dim=-1), sizes, None, grid)
 
     def patch_grid(
-        self, image: ImageFeatures, detail: Literal["positions", "inputs"] = "positions"
+        self, image: ImageFeatures, detail: Literal["positions", "inputs", "tokens"] = "positions"
     ) -> ImageFeatures:
         """A merged image back on its input grid, for heads that read where things are (grounding's boxes).
 
@@ -341,12 +345,20 @@ class FusionBackbone(nn.Module):
         all one. A merged token averages its patches' positions and their detail; the copies give each
         patch its place (and its own pixels) back. When `image` carries fusion keys and values, the grid's
         follow by linearity: the copies' are gathered, the added term's projected without the bias, for
-        positions once per batch, for inputs once per image (1 + N tokens). An unmerged image comes back as
-        it is."""
+        positions once per batch, for inputs once per image (1 + N tokens). `tokens`: when the ViT's blocks
+        unmerge (`merging.vision_unmerge`), every patch's own output token (the ViT's final norm applied;
+        the fusion projects its keys and values, 1 + N per image). An unmerged image comes back as it is."""
         if image.grid is None:
             return image
+        if detail == "tokens":
+            if image.grid.tokens is None:
+                raise ValueError(
+                    "patch_grid 'tokens' reads every patch's token, which only a vision tower whose blocks "
+                    "unmerge keeps: set merging.vision_unmerge, or read 'positions' or 'inputs'"
+                )
+            return ImageFeatures(self.vision.vit.norm(image.grid.tokens), image.embedding)
         if detail not in ("positions", "inputs"):
-            raise ValueError(f"patch_grid detail must be 'positions' or 'inputs', got {detail!r}")
+            raise ValueError(f"patch_grid detail must be 'positions', 'inputs' or 'tokens', got {detail!r}")
         groups, tokens = image.grid.groups, image.tokens
         if detail == "inputs":
             added = image.grid.inputs

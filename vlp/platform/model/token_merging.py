@@ -8,6 +8,11 @@ Bolya et al. 2023 (ToMe), Cao et al. 2023 (PuMer).
 
 A merge is a pair of closures: `merge_fn(x [B, N, C], mode) -> [B, N - r, C]` reduces tokens with a
 `torch.scatter_reduce` mode ("sum", "mean", "amax"), `unmerge_fn` maps merged tokens back to [B, N, C].
+
+A ViT merges in one of two ways: ToMe's (each block merges the tokens the last one left, so the output holds
+the merged tokens only) or ToMe for Stable Diffusion's (Bolya & Hoffman 2023: each block merges its input,
+computes attention and MLP on the merged tokens and unmerges their outputs into the residual stream, so every
+patch keeps a token of its own to the end; the output is merged once more for the readers of few tokens).
 """
 
 from __future__ import annotations
@@ -99,6 +104,44 @@ def bipartite_soft_matching(
     return merge, unmerge
 
 
+def repeated_bipartite_matching(
+    metric: Tensor, r: int, protect_first: bool = True
+) -> tuple[MergeFn, MergeFn]:
+    """Plan the merge of `r` tokens of `metric` [B, N, C] that may exceed half of them: bipartite soft
+    matching repeated on its own size-weighted result, each round merging at most half the mergeable tokens
+    left (ToMe for Stable Diffusion merges up to 3/4 of a block's tokens at once). r is capped so that
+    `protect_first` + 1 tokens remain. Returns one merge and one unmerge, as `bipartite_soft_matching` (a
+    "mean" merge averages round by round; `merge_wavg`'s sums are exact)."""
+    merges: list[MergeFn] = []
+    unmerges: list[MergeFn] = []
+    metric, size = metric.detach(), None  # a plan, as each matching's: no gradient through it
+    while r > 0:
+        step = min(r, (metric.shape[1] - int(protect_first)) // 2)
+        if step <= 0:
+            break
+        merge, unmerge = bipartite_soft_matching(metric, step, protect_first)
+        metric, size = merge_wavg(merge, metric, size)
+        merges.append(merge)
+        unmerges.append(unmerge)
+        r -= step
+    if not merges:
+        return _keep, _keep
+    if len(merges) == 1:
+        return merges[0], unmerges[0]
+
+    def merge(x: Tensor, mode: str = "mean") -> Tensor:
+        for one in merges:
+            x = one(x, mode=mode)
+        return x
+
+    def unmerge(x: Tensor) -> Tensor:
+        for one in reversed(unmerges):
+            x = one(x)
+        return x
+
+    return merge, unmerge
+
+
 def merge_wavg(
     merge_fn: MergeFn, x: Tensor, size: Tensor | None = None, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -183,6 +226,7 @@ def merge_schedule(
     schedule: str = "constant",
     protected: int = 1,
     inflection: float = 0.0,
+    from_all: bool = False,
 ) -> list[int]:
     """Tokens merged per layer, as ToMe's `parse_r` (facebookresearch/ToMe, tome/utils.py) gives them: an
     explicit per-layer list, or r with an `inflection` in [-1, 1]: layer i of L merges
@@ -190,7 +234,8 @@ def merge_schedule(
     -1 ("decreasing", the paper's schedule) goes from 2r down to 0, +1 from 0 up to 2r. Each entry is capped
     at half the mergeable tokens left (ToMe caps in its matching), so at least `protected` + 1 tokens
     remain. A list must name every layer (ToMe pads a short one with zeros; here that is refused as a
-    likely slip)."""
+    likely slip). `from_all`: every layer merges from all `num_tokens` (the unmerging blocks of
+    `TokenMergingConfig.vision_unmerge`), so each entry is capped at `num_tokens - protected - 1` alone."""
     if depth < 1 or num_tokens < 1:
         raise ValueError(f"depth and num_tokens must be >= 1, got depth={depth}, num_tokens={num_tokens}")
     if schedule not in SCHEDULES:
@@ -219,6 +264,8 @@ def merge_schedule(
         raise TypeError(f"r must be an int or a list of ints, got {type(r).__name__}")
     if any(not isinstance(v, int) or v < 0 for v in per_layer):
         raise ValueError(f"r must be non-negative integers, got {r}")
+    if from_all:
+        return [min(v, max(num_tokens - protected - 1, 0)) for v in per_layer]
     capped, n = [], num_tokens
     for v in per_layer:
         v = min(v, max(n - protected, 0) // 2)
@@ -238,7 +285,12 @@ class TokenMergingConfig:
     once as the caption enters the fusion, before its first layer (ToMe's matching on the text tower's
     output), so every fusion layer and every pass over the caption (ITM's pairs share one merge) runs on
     the shorter caption; proportional_attention: log(size)
-    key bias wherever merged tokens are attended; trace_source: keep the ViT's token -> patch map.
+    key bias wherever merged tokens are attended; trace_source: keep the ViT's token -> patch map;
+    vision_unmerge: ToMe for Stable Diffusion's blocks instead of ToMe's: each ViT block merges `vision_r` of
+    all its tokens (more than half by repeated matching on the residual stream), runs attention and MLP on the
+    merged tokens and adds their outputs back to every token they hold, so each patch keeps its own token to
+    the output (`ImageFeatures.grid.tokens`, what grounding's `patch_grid: tokens` reads); the output is merged
+    once by the last block's r for every other reader.
     """
 
     vision_r: int | list[int] = 0
@@ -249,6 +301,7 @@ class TokenMergingConfig:
     text_r: int = 0
     text_entry_r: int = 0
     trace_source: bool = False
+    vision_unmerge: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -273,17 +326,22 @@ class TokenMergingState:
     size: [B, N_final, 1] tokens held by each output token (None when nothing merged);
     source: [B, N_final, N_original] membership map when `trace_source`;
     groups: [B, N_original] the output token that holds each input token (long; None when nothing merged);
-    inputs: [B, N_original, C] the tokens that entered the first block of the last merging forward.
+    inputs: [B, N_original, C] the tokens that entered the first block of the last merging forward;
+    unmerge: the blocks merge, compute and unmerge (`TokenMergingConfig.vision_unmerge`), r counted from
+    all tokens; tokens: [B, N_original, C] then every token at the last block's output (before the ViT's
+    final norm), of which the output merges r[-1].
     """
 
     r: list[int]
     proportional_attention: bool = True
     trace_source: bool = False
     protect_first: bool = True
+    unmerge: bool = False
     size: Tensor | None = None
     source: Tensor | None = None
     groups: Tensor | None = None
     inputs: Tensor | None = None
+    tokens: Tensor | None = None
 
     @property
     def tokens_kept(self) -> float:
@@ -336,11 +394,13 @@ class MergingBlock(Block):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         state = self._tome_state
         if self._tome_layer == 0:
-            state.size, state.source, state.groups, state.inputs = None, None, None, None
+            state.size, state.source, state.groups, state.inputs, state.tokens = None, None, None, None, None
         if not any(state.r):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if self._tome_layer == 0:
             state.inputs = x
+        if state.unmerge:
+            return self.unmerging_forward(x, attn_mask, is_causal)
         size = state.size if state.proportional_attention else None
         out, metric = self.attn(
             self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, size=size, return_metric=True
@@ -355,6 +415,35 @@ class MergingBlock(Block):
             state.groups = merge_groups(unmerge, state.groups, x.shape[1], x)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
+    def unmerging_forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+        """ToMe for Stable Diffusion's block (`TokenMergingConfig.vision_unmerge`): x [B, N, C] -> [B, N, C],
+        or, after the last block, [B, N - r[-1], C] with `state.tokens` = all N.
+
+        The merge is planned on the residual stream x (ToMeSD's metric) and serves both sub-blocks: attention
+        and MLP read the size-weighted averages of their normed inputs, attention in proportion to the sizes,
+        and each output goes back to every token its merged token holds."""
+        state, layer = self._tome_state, self._tome_layer
+        r = state.r[layer]
+        if r > 0:
+            merge, unmerge = repeated_bipartite_matching(x, r, state.protect_first)
+            merged, size = merge_wavg(merge, self.norm1(x))
+            attn_size = size if state.proportional_attention else None
+            out = self.attn(merged, attn_mask=attn_mask, is_causal=is_causal, size=attn_size)
+            x = x + unmerge(self.drop_path1(self.ls1(out)))
+            merged, _ = merge_wavg(merge, self.norm2(x))
+            x = x + unmerge(self.drop_path2(self.ls2(self.mlp(merged))))
+        else:
+            x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if layer < len(state.r) - 1 or state.r[-1] == 0:
+            return x
+        state.tokens = x
+        merge, unmerge = repeated_bipartite_matching(x, state.r[-1], state.protect_first)
+        if state.trace_source:
+            state.source = merge_source(merge, None, x)
+        x, state.size = merge_wavg(merge, x)
+        state.groups = merge_groups(unmerge, None, x.shape[1], x)
+        return x
+
 
 def _num_tokens(vit: VisionTransformer) -> int:
     return vit.patch_embed.num_patches + vit.num_prefix_tokens
@@ -367,6 +456,7 @@ def apply_token_merging(
     trace_source: bool = False,
     schedule: str = "constant",
     inflection: float = 0.0,
+    unmerge: bool = False,
 ) -> None:
     """Turn a timm VisionTransformer into a merging one in place; weights and state_dict keys unchanged.
 
@@ -387,9 +477,11 @@ def apply_token_merging(
                 "token merging supports timm Block with Attention"
             )
     per_layer = merge_schedule(
-        r, len(vit.blocks), _num_tokens(vit), schedule, vit.num_prefix_tokens, inflection
+        r, len(vit.blocks), _num_tokens(vit), schedule, vit.num_prefix_tokens, inflection, unmerge
     )
-    state = TokenMergingState(per_layer, proportional_attention, trace_source, vit.num_prefix_tokens == 1)
+    state = TokenMergingState(
+        per_layer, proportional_attention, trace_source, vit.num_prefix_tokens == 1, unmerge
+    )
     vit._tome_state = state
     for i, block in enumerate(vit.blocks):
         # in-place class swap (timm 1.0.31, tests/test_private_apis.py): the subclasses read timm Block's and
@@ -406,14 +498,21 @@ def token_merging_state(vit: VisionTransformer) -> TokenMergingState | None:
 
 
 def set_merge_r(
-    vit: VisionTransformer, r: int | list[int], schedule: str = "constant", inflection: float = 0.0
+    vit: VisionTransformer,
+    r: int | list[int],
+    schedule: str = "constant",
+    inflection: float = 0.0,
+    unmerge: bool | None = None,
 ) -> None:
-    """Change how many tokens a merging ViT merges per layer (e.g. raising r during training)."""
+    """Change how many tokens a merging ViT merges per layer (e.g. raising r during training), and with
+    `unmerge` whether its blocks unmerge (None: as they do)."""
     state = token_merging_state(vit)
     if state is None:
         raise ValueError("vit has no token merging; call apply_token_merging first")
+    if unmerge is not None:
+        state.unmerge = unmerge
     state.r = merge_schedule(
-        r, len(vit.blocks), _num_tokens(vit), schedule, int(state.protect_first), inflection
+        r, len(vit.blocks), _num_tokens(vit), schedule, int(state.protect_first), inflection, state.unmerge
     )
 
 
