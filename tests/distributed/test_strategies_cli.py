@@ -368,3 +368,22 @@ def test_merged_grounding_reads_the_patch_grid_under_sharding_like_ddp(
         assert sorted(steps) == [1, 2, 3]
         for step in steps:
             assert steps[step]["loss"] == pytest.approx(ddp_steps[step]["loss"], abs=1e-4), (rank, step)
+
+
+# the same with blocks that unmerge: grounding reads every patch's own token (the ViT's final norm applied
+# outside its forward), the other objectives the output merged once
+UNMERGING_GROUNDING = [
+    *MERGED_GROUNDING,
+    "--model.init_args.backbone.init_args.merging={vision_r: 8, vision_unmerge: true}",
+    "--model.init_args.objectives.grounding.init_args.patch_grid=tokens",
+]
+
+
+def test_unmerging_grounding_reads_every_patch_under_zero3_like_ddp(tmp_path):
+    ddp = _fit(tmp_path / "ddp", "ddp", *UNMERGING_GROUNDING)
+    sharded = _fit(tmp_path / "zero3", "deepspeed_zero3", *UNMERGING_GROUNDING, *ZERO3_EVERYTHING_PARTITIONED)
+    for rank in (0, 1):
+        ddp_steps, steps = _steps(ddp[rank]), _steps(sharded[rank])
+        assert sorted(steps) == [1, 2, 3]
+        for step in steps:
+            assert steps[step]["loss"] == pytest.approx(ddp_steps[step]["loss"], abs=1e-4), (rank, step)
