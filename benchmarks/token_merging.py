@@ -8,7 +8,8 @@ Parts (--parts, all three by default, side by side in one run and one results fi
 - goals: the issue's cost goals. Merge config: the overlay's merging (and patch dropout 0.5 / 0.75 without
   merging) against neither, batch 64; ViT-B/16 224 px + BERT-base 6 + 6: the joint ITC + ITM + MLM step
   (ALBEF's objectives, all rows) at vision_r 16 against 0, batch 8;
-- quality: `vlp fit` of the merge config unmerged, merged (the overlay) and with patch dropout, the
+- quality: `vlp fit` of the merge config unmerged, merged (the overlay; `merged_dense`: with
+  configs/overlays/merge-dense.yaml on top, blocks that unmerge) and with patch dropout, the
   config's 1000 steps (--train-steps) at seeds 0 and 1, then validation t2i R@1, ITM accuracy and grounding
   Acc@0.5; the summary gives each drop against unmerged and whether it is within 0.03. Shorter runs cannot
   judge merging: after 300 steps grounding had not left 0.2-0.26 with or without it.
@@ -49,6 +50,9 @@ from vlp.tasks.base import TrainableModule
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG = CONFIGS / "pretrain" / "shapes-tiny.yaml"
 OVERLAY = CONFIGS / "overlays" / "merge.yaml"  # the default at 64 px with merging on
+DENSE = (
+    CONFIGS / "overlays" / "merge-dense.yaml"
+)  # on top of it: blocks that unmerge, grounding on every patch
 SETTINGS = {
     "r0": TokenMergingConfig(),
     "r4": TokenMergingConfig(vision_r=4),
@@ -181,9 +185,20 @@ def cost_rows(
     return list(rows.values())
 
 
-def merging_of_overlay() -> dict:
-    """The merge overlay's `merging` setting (configs/overlays/merge.yaml)."""
-    return yaml.safe_load(OVERLAY.read_text())["model"]["init_args"]["backbone"]["init_args"]["merging"]
+def merging_of_overlay(overlay: Path = OVERLAY) -> dict:
+    """An overlay's `merging` setting (configs/overlays/merge.yaml; merge-dense.yaml names the fields it
+    changes of merge.yaml's)."""
+    merging = yaml.safe_load(overlay.read_text())["model"]["init_args"]["backbone"]["init_args"]["merging"]
+    return merging if overlay == OVERLAY else {**merging_of_overlay(), **merging}
+
+
+def dense_variant() -> Variant:
+    """configs/overlays/merge-dense.yaml on top of merge.yaml: its merging and grounding's patch grid."""
+    grounding = yaml.safe_load(DENSE.read_text())["model"]["init_args"]["objectives"]["grounding"]
+    return Variant(
+        TokenMergingConfig(**merging_of_overlay(DENSE)),
+        grounding_patch_grid=grounding["init_args"]["patch_grid"],
+    )
 
 
 def fit(overrides: list[str], steps: int, batch_size: int, root: Path, seed: int) -> dict[str, float | None]:
@@ -260,13 +275,14 @@ def goals(costs: list[dict], quality: list[dict]) -> dict:
         if value is not None:
             found[name] = value
             found[f"{name}_goal_met"] = value <= bound
-    for merged in [r for r in quality if r["variant"] == "merged"]:
+    for merged in [r for r in quality if r["variant"] in ("merged", "merged_dense")]:
         plain = [r for r in quality if r["variant"] == "unmerged" and r["seed"] == merged["seed"]]
+        prefix = f"seed{merged['seed']}_" + ("dense_" if merged["variant"] == "merged_dense" else "")
         for key in GOAL_SCORES:
             if plain and merged[key] is not None and plain[0][key] is not None:
                 gap = plain[0][key] - merged[key]
-                found[f"seed{merged['seed']}_{key}_drop"] = gap
-                found[f"seed{merged['seed']}_{key}_goal_met"] = gap <= 0.03
+                found[f"{prefix}{key}_drop"] = gap
+                found[f"{prefix}{key}_goal_met"] = gap <= 0.03
     return found
 
 
@@ -288,6 +304,7 @@ def main() -> None:
         **SETTINGS,
         "overlay": overlay,
         **{f"overlay_grounding_{grid}": Variant(overlay, grounding_patch_grid=grid) for grid in OTHER_GRIDS},
+        "overlay_dense": dense_variant(),
         **{f"patch_dropout{p}": Variant(SETTINGS["r0"], p) for p in PATCH_DROPOUT},
         **{f"patch_dropout{p}_grounding_too": Variant(SETTINGS["r0"], p, False) for p in PATCH_DROPOUT},
     }
@@ -302,7 +319,7 @@ def main() -> None:
         if "costs" not in parts or args.quick:
             dropout = [f"patch_dropout{p}{too}" for p in PATCH_DROPOUT for too in ("", "_grounding_too")]
             grids = [f"overlay_grounding_{grid}" for grid in OTHER_GRIDS]
-            goal_settings = ("r0", "overlay", *grids, *dropout)
+            goal_settings = ("r0", "overlay", *grids, "overlay_dense", *dropout)
             batch, rounds = (16, 1) if args.quick else (64, 3)
             rows += cost_rows("shapes-tiny-64px", batch, {k: every[k] for k in goal_settings}, rounds)
         vit_b = {"r0": SETTINGS["r0"], "r16": SETTINGS["r16"]}
@@ -316,7 +333,7 @@ def main() -> None:
     quality = []
     if "quality" in parts:
         steps = args.train_steps or (5 if args.quick else 1000)
-        variants = {"unmerged": MERGING_OFF, "merged": []}
+        variants = {"unmerged": MERGING_OFF, "merged": [], "merged_dense": [f"--config={DENSE}"]}
         for grid in OTHER_GRIDS:  # grounding's other readings of the merged image
             variants[f"merged_grounding_{grid}"] = [f"{GROUNDING}.patch_grid={grid}"]
         for share in PATCH_DROPOUT:
