@@ -93,6 +93,10 @@ MERGINGS = {
     "vision+text": TokenMergingConfig(vision_r=4, text_r=3),
     "vision+text+fusion": TokenMergingConfig(vision_r=4, text_r=3, fusion_r=3),
     "vision+text entry+text": TokenMergingConfig(vision_r=4, text_entry_r=4, text_r=2),
+    # blocks that merge and unmerge, the output kept whole: the fusion reads every patch
+    "unmerging vision+text entry+text": TokenMergingConfig(
+        vision_r=6, vision_unmerge=True, vision_merge_output=False, text_entry_r=4, text_r=2
+    ),
 }
 
 
@@ -125,7 +129,8 @@ def test_image_keys_and_values_are_computed_once_per_joint_step(make_backbone, b
             lambda _m, args, _o: projections.append(args[0].shape)
         )
     module.training_step(batch, 0)
-    image_tokens = backbone.encode_image(batch["image"]).tokens.shape
+    image = backbone.encode_image(batch["image"])
+    image_tokens = image.tokens.shape
     layers, width = len(backbone.fusion.layers), image_tokens[-1]
     # grounding reads a merged image on its patch grid, whose keys and values are the merged tokens' gathered
     # plus the position embeddings' [1, 1 + N, Dv], projected once per batch with a zero token (the bias taken
@@ -133,7 +138,7 @@ def test_image_keys_and_values_are_computed_once_per_joint_step(make_backbone, b
     per_batch = [shape for shape in projections if len(shape) < 3 or shape[0] == 1]
     images = [shape for shape in projections if not (len(shape) < 3 or shape[0] == 1)]
     grid = (1, backbone.vision.num_tokens, width)
-    assert per_batch == ([grid, (width,)] * layers if merging else [])
+    assert per_batch == ([grid, (width,)] * layers if image.grid is not None else [])
     # one batch pass per layer; fusion merging projects its merged image tokens in the layers after the first
     assert images[:layers] == [image_tokens] * layers
     if merging is None or MERGINGS[merging].fusion_r == 0:

@@ -329,6 +329,12 @@ def test_unmerging_vision_keeps_every_patch_for_the_tokens_grid(shapes, batch):
     assert tome_image.grid.tokens is None and tome_image.take(torch.tensor([1])).grid.tokens is None
     with pytest.raises(ValueError, match="vision_unmerge"):
         tome.patch_grid(tome_image, "tokens")
+    # with the output kept whole, every reader gets those tokens as a plain image (no grid to put back)
+    backbone.set_merging(vision_merge_output=False)
+    whole = backbone.encode_image(batch["image"])
+    assert whole.grid is None and whole.sizes is None and backbone.tokens_kept == 1.0
+    assert torch.equal(whole.tokens, grid.tokens) and backbone.patch_grid(whole, "tokens") is whole
+    backbone.set_merging(vision_merge_output=True)
     # and the same backbone switched back to ToMe's blocks merges what each block left
     backbone.set_merging(vision_r=[4, 2], vision_unmerge=False)
     assert backbone.encode_image(batch["image"]).tokens.shape[1] == TOKENS - 6

@@ -467,6 +467,7 @@ def test_repeated_matching_merges_more_than_half_and_each_group_unmerges_to_its_
     # a size-weighted average over the rounds is the plain mean of each group's tokens
     torch.testing.assert_close(merged, group_means(x, groups, 5))
     torch.testing.assert_close(unmerge(merged), merged.gather(1, groups[..., None].expand(-1, -1, 8)))
+    torch.testing.assert_close(merge(x), merged)  # one scatter over the rounds: "mean" is the group's mean
     capped, _ = merge_wavg(repeated_bipartite_matching(x, 100)[0], x)
     assert capped.shape[1] == 2  # [CLS] and one more
     assert repeated_bipartite_matching(x, 0)[0](x) is x
@@ -507,6 +508,21 @@ def test_unmerging_vit_keeps_every_token_and_merges_its_output_once():
     (out.sum() + state.tokens.sum()).backward()
     assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in vit.parameters() if p.requires_grad)
     assert not torch.equal(state.tokens[:, 1], state.tokens[:, 2])  # every patch its own token
+
+
+def test_unmerging_vit_can_keep_its_output_whole():
+    # merge_output False: the same blocks, nothing merged after the last: every token is the output, as in a
+    # plain ViT ([B, 1 + N, C], no sizes), the final norm of the tokens the merged output is taken from
+    vit = tiny_vit(qk_norm=True, init_values=0.1)
+    apply_token_merging(vit, [4, 8, 12], unmerge=True)
+    x = torch.randn(2, 3, 32, 32)
+    vit.forward_features(x)
+    every = vit._tome_state.tokens
+    vit._tome_state.merge_output = False
+    out = vit.forward_features(x)
+    state = vit._tome_state
+    assert out.shape == (2, 17, 32) and state.size is None and state.groups is None and state.tokens is None
+    assert torch.equal(out, vit.norm(every)) and state.tokens_kept == 1.0
 
 
 @pytest.mark.parametrize("proportional", [True, False])

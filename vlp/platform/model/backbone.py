@@ -295,6 +295,7 @@ class FusionBackbone(nn.Module):
             set_merge_r(vit, config.vision_r, config.schedule, config.inflection, config.vision_unmerge)
             state.proportional_attention = config.proportional_attention
             state.trace_source = config.trace_source
+        token_merging_state(vit).merge_output = config.vision_merge_output
         self.merging = config
         return previous
 

@@ -110,34 +110,37 @@ def repeated_bipartite_matching(
     """Plan the merge of `r` tokens of `metric` [B, N, C] that may exceed half of them: bipartite soft
     matching repeated on its own size-weighted result, each round merging at most half the mergeable tokens
     left (ToMe for Stable Diffusion merges up to 3/4 of a block's tokens at once). r is capped so that
-    `protect_first` + 1 tokens remain. Returns one merge and one unmerge, as `bipartite_soft_matching` (a
-    "mean" merge averages round by round; `merge_wavg`'s sums are exact)."""
-    merges: list[MergeFn] = []
-    unmerges: list[MergeFn] = []
+    `protect_first` + 1 tokens remain. Returns one merge and one unmerge, as `bipartite_soft_matching`, each a
+    single scatter or gather over the rounds' groups (`grouped_merge`): a "mean" merge is each group's mean."""
     metric, size = metric.detach(), None  # a plan, as each matching's: no gradient through it
+    groups = None
     while r > 0:
         step = min(r, (metric.shape[1] - int(protect_first)) // 2)
         if step <= 0:
             break
         merge, unmerge = bipartite_soft_matching(metric, step, protect_first)
         metric, size = merge_wavg(merge, metric, size)
-        merges.append(merge)
-        unmerges.append(unmerge)
+        groups = merge_groups(unmerge, groups, metric.shape[1], metric)
         r -= step
-    if not merges:
+    if groups is None:
         return _keep, _keep
-    if len(merges) == 1:
-        return merges[0], unmerges[0]
+    return grouped_merge(groups, metric.shape[1])
+
+
+def grouped_merge(groups: Tensor, merged: int) -> tuple[MergeFn, MergeFn]:
+    """Merge and unmerge by a map `groups` [B, N] (long: each token's index among the `merged` tokens), in
+    one scatter (merge: [B, N, C] -> [B, merged, C], by `torch.scatter_reduce` mode) and one gather
+    (unmerge: [B, merged, C] -> [B, N, C], each token its group's row)."""
 
     def merge(x: Tensor, mode: str = "mean") -> Tensor:
-        for one in merges:
-            x = one(x, mode=mode)
-        return x
+        index = groups[..., None].expand(-1, -1, x.shape[-1])
+        out = x.new_zeros(x.shape[0], merged, x.shape[-1])
+        if mode == "sum":
+            return out.scatter_add(1, index, x)
+        return out.scatter_reduce(1, index, x, reduce=mode, include_self=False)
 
     def unmerge(x: Tensor) -> Tensor:
-        for one in reversed(unmerges):
-            x = one(x)
-        return x
+        return x.gather(1, groups[..., None].expand(-1, -1, x.shape[-1]))
 
     return merge, unmerge
 
@@ -290,7 +293,9 @@ class TokenMergingConfig:
     all its tokens (more than half by repeated matching on the residual stream), runs attention and MLP on the
     merged tokens and adds their outputs back to every token they hold, so each patch keeps its own token to
     the output (`ImageFeatures.grid.tokens`, what grounding's `patch_grid: tokens` reads); the output is merged
-    once by the last block's r for every other reader.
+    once by the last block's r for every other reader; vision_merge_output: False keeps the unmerging ViT's
+    output whole instead (every patch's token for every reader: the fusion attends 1 + N image tokens, and
+    grounding reads the plain patch grid).
     """
 
     vision_r: int | list[int] = 0
@@ -302,6 +307,7 @@ class TokenMergingConfig:
     text_entry_r: int = 0
     trace_source: bool = False
     vision_unmerge: bool = False
+    vision_merge_output: bool = True
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -329,7 +335,7 @@ class TokenMergingState:
     inputs: [B, N_original, C] the tokens that entered the first block of the last merging forward;
     unmerge: the blocks merge, compute and unmerge (`TokenMergingConfig.vision_unmerge`), r counted from
     all tokens; tokens: [B, N_original, C] then every token at the last block's output (before the ViT's
-    final norm), of which the output merges r[-1].
+    final norm), of which the output merges r[-1] when `merge_output` (else the output is all of them).
     """
 
     r: list[int]
@@ -337,6 +343,7 @@ class TokenMergingState:
     trace_source: bool = False
     protect_first: bool = True
     unmerge: bool = False
+    merge_output: bool = True
     size: Tensor | None = None
     source: Tensor | None = None
     groups: Tensor | None = None
@@ -417,7 +424,8 @@ class MergingBlock(Block):
 
     def unmerging_forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         """ToMe for Stable Diffusion's block (`TokenMergingConfig.vision_unmerge`): x [B, N, C] -> [B, N, C],
-        or, after the last block, [B, N - r[-1], C] with `state.tokens` = all N.
+        or, after the last block, [B, N - r[-1], C] with `state.tokens` = all N (unless `state.merge_output` is
+        False: then [B, N, C] there too, nothing merged at the output).
 
         The merge is planned on the residual stream x (ToMeSD's metric) and serves both sub-blocks: attention
         and MLP read the size-weighted averages of their normed inputs, attention in proportion to the sizes,
@@ -434,7 +442,7 @@ class MergingBlock(Block):
             x = x + unmerge(self.drop_path2(self.ls2(self.mlp(merged))))
         else:
             x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if layer < len(state.r) - 1 or state.r[-1] == 0:
+        if layer < len(state.r) - 1 or state.r[-1] == 0 or not state.merge_output:
             return x
         state.tokens = x
         merge, unmerge = repeated_bipartite_matching(x, state.r[-1], state.protect_first)
