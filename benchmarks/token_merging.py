@@ -9,7 +9,8 @@ Parts (--parts, all three by default, side by side in one run and one results fi
   merging) against neither, batch 64; ViT-B/16 224 px + BERT-base 6 + 6: the joint ITC + ITM + MLM step
   (ALBEF's objectives, all rows) at vision_r 16 against 0, batch 8;
 - quality: `vlp fit` of the merge config unmerged, merged (the overlay; `merged_dense`: with
-  configs/overlays/merge-dense.yaml on top, blocks that unmerge) and with patch dropout, the
+  configs/overlays/merge-dense.yaml on top, blocks that unmerge; `merged_whole`: those blocks with the ViT's
+  output kept whole, `merging.vision_merge_output: false`) and with patch dropout, the
   config's 1000 steps (--train-steps) at seeds 0 and 1, then validation t2i R@1, ITM accuracy and grounding
   Acc@0.5; the summary gives each drop against unmerged and whether it is within 0.03. Shorter runs cannot
   judge merging: after 300 steps grounding had not left 0.2-0.26 with or without it.
@@ -201,6 +202,14 @@ def dense_variant() -> Variant:
     )
 
 
+WHOLE_MERGING = {**merging_of_overlay(DENSE), "vision_merge_output": False}
+
+
+def whole_variant() -> Variant:
+    """merge-dense.yaml's blocks with the ViT's output kept whole: every reader gets every patch's token."""
+    return Variant(TokenMergingConfig(**WHOLE_MERGING))
+
+
 def fit(overrides: list[str], steps: int, batch_size: int, root: Path, seed: int) -> dict[str, float | None]:
     """`vlp fit` of the merging config (with overrides) for `steps` steps at `seed` (model and data), validated
     once at the end on the whole validation split."""
@@ -275,9 +284,10 @@ def goals(costs: list[dict], quality: list[dict]) -> dict:
         if value is not None:
             found[name] = value
             found[f"{name}_goal_met"] = value <= bound
-    for merged in [r for r in quality if r["variant"] in ("merged", "merged_dense")]:
+    prefixes = {"merged": "", "merged_dense": "dense_", "merged_whole": "whole_"}
+    for merged in [r for r in quality if r["variant"] in prefixes]:
         plain = [r for r in quality if r["variant"] == "unmerged" and r["seed"] == merged["seed"]]
-        prefix = f"seed{merged['seed']}_" + ("dense_" if merged["variant"] == "merged_dense" else "")
+        prefix = f"seed{merged['seed']}_{prefixes[merged['variant']]}"
         for key in GOAL_SCORES:
             if plain and merged[key] is not None and plain[0][key] is not None:
                 gap = plain[0][key] - merged[key]
@@ -305,6 +315,7 @@ def main() -> None:
         "overlay": overlay,
         **{f"overlay_grounding_{grid}": Variant(overlay, grounding_patch_grid=grid) for grid in OTHER_GRIDS},
         "overlay_dense": dense_variant(),
+        "overlay_whole": whole_variant(),
         **{f"patch_dropout{p}": Variant(SETTINGS["r0"], p) for p in PATCH_DROPOUT},
         **{f"patch_dropout{p}_grounding_too": Variant(SETTINGS["r0"], p, False) for p in PATCH_DROPOUT},
     }
@@ -319,7 +330,7 @@ def main() -> None:
         if "costs" not in parts or args.quick:
             dropout = [f"patch_dropout{p}{too}" for p in PATCH_DROPOUT for too in ("", "_grounding_too")]
             grids = [f"overlay_grounding_{grid}" for grid in OTHER_GRIDS]
-            goal_settings = ("r0", "overlay", *grids, "overlay_dense", *dropout)
+            goal_settings = ("r0", "overlay", *grids, "overlay_dense", "overlay_whole", *dropout)
             batch, rounds = (16, 1) if args.quick else (64, 3)
             rows += cost_rows("shapes-tiny-64px", batch, {k: every[k] for k in goal_settings}, rounds)
         vit_b = {"r0": SETTINGS["r0"], "r16": SETTINGS["r16"]}
@@ -333,7 +344,12 @@ def main() -> None:
     quality = []
     if "quality" in parts:
         steps = args.train_steps or (5 if args.quick else 1000)
-        variants = {"unmerged": MERGING_OFF, "merged": [], "merged_dense": [f"--config={DENSE}"]}
+        variants = {
+            "unmerged": MERGING_OFF,
+            "merged": [],
+            "merged_dense": [f"--config={DENSE}"],
+            "merged_whole": [f"{BACKBONE}.merging={json.dumps(WHOLE_MERGING)}"],
+        }
         for grid in OTHER_GRIDS:  # grounding's other readings of the merged image
             variants[f"merged_grounding_{grid}"] = [f"{GROUNDING}.patch_grid={grid}"]
         for share in PATCH_DROPOUT:
