@@ -144,6 +144,8 @@ def test_bad_merging_settings_are_rejected(shapes):
         TokenMergingConfig(fusion_r=-1)
     with pytest.raises(ValueError, match="merging.schedule"):
         TokenMergingConfig(schedule="linear")
+    with pytest.raises(ValueError, match="vision_merge_output: false .*merging.vision_unmerge: true"):
+        TokenMergingConfig(vision_r=4, vision_merge_output=False)  # ToMe's blocks keep no token per patch
     with pytest.raises(ValueError, match="one entry per layer"):
         backbone.set_merging(vision_r=[1, 2, 3])
 

@@ -319,6 +319,11 @@ class TokenMergingConfig:
         for name, values in (("vision_r", rs), *singles.items()):
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
                 raise ValueError(f"merging.{name} must be non-negative integers, got {getattr(self, name)}")
+        if not self.vision_merge_output and not self.vision_unmerge:
+            raise ValueError(
+                "merging.vision_merge_output: false keeps every patch's token, which only blocks that unmerge "
+                "have: set merging.vision_unmerge: true (ToMe's blocks pass on the merged tokens alone)"
+            )
 
     @property
     def merges_fusion(self) -> bool:
