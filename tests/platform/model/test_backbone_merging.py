@@ -8,7 +8,8 @@ from vlp.platform.model import packing as packing_module
 from vlp.platform.model.backbone import FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
-from vlp.platform.model.token_merging import TokenMergingConfig
+from vlp.platform.model.momentum import MomentumConfig
+from vlp.platform.model.token_merging import TokenMergingConfig, token_merging_state
 from vlp.platform.run.flops import count_flops
 
 TOKENS = 1 + (32 // 8) ** 2  # [CLS] + 16 patches
@@ -148,6 +149,29 @@ def test_bad_merging_settings_are_rejected(shapes):
         TokenMergingConfig(vision_r=4, vision_merge_output=False)  # ToMe's blocks keep no token per patch
     with pytest.raises(ValueError, match="one entry per layer"):
         backbone.set_merging(vision_r=[1, 2, 3])
+
+
+def test_switching_merging_switches_the_momentum_copy_too(shapes, batch):
+    """The momentum model is a copy taken at construction; a later setting (a schedule raising r, evaluation
+    under `merging_override`) reaches its ViT as well, so both encode the batch alike."""
+    torch.manual_seed(0)
+    backbone = FusionBackbone(
+        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
+        text=TextConfig(width=32, depth=1, heads=2, max_len=48),
+        fusion=FusionConfig(depth=1, heads=2),
+        embed_dim=16,
+        tokenizer=shapes.tokenizer,
+        merging=TokenMergingConfig(vision_r=2),
+        momentum=MomentumConfig(),
+    ).eval()
+    copy = backbone.momentum.backbone
+    assert copy.encode_image(batch["image"]).tokens.shape[1] == TOKENS - 4
+    backbone.set_merging(vision_r=[6, 8], vision_unmerge=True)
+    assert copy.merging == backbone.merging and token_merging_state(copy.vision.vit).r == [6, 8]
+    with backbone.merging_override(vision_r=0, vision_unmerge=False):
+        assert copy.encode_image(batch["image"]).tokens.shape[1] == TOKENS
+    assert copy.encode_image(batch["image"]).tokens.shape[1] == TOKENS - 8
+    assert torch.equal(copy.encode_image(batch["image"]).tokens, backbone.encode_image(batch["image"]).tokens)
 
 
 def test_merging_lowers_backbone_flops(shapes, batch, monkeypatch):

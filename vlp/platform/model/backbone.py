@@ -222,9 +222,9 @@ class FusionBackbone(nn.Module):
         self.decoder = CaptionDecoder(self.text, self.fusion) if caption_decoder else None
         self.merging: TokenMergingConfig | None = None
         self._tokens_kept = 1.0  # of the last vision pass (`tokens_kept`)
+        self.momentum: MomentumModel | None = None
         if merging is not None:
             self.set_merging(merging)
-        self.momentum: MomentumModel | None = None
         if momentum is not None:  # last: the copy is taken of everything above
             self.momentum = MomentumModel(self, momentum, shared=(tokenizer,))
 
@@ -297,6 +297,8 @@ class FusionBackbone(nn.Module):
             state.trace_source = config.trace_source
         token_merging_state(vit).merge_output = config.vision_merge_output
         self.merging = config
+        if self.momentum is not None:  # the EMA copy reads the same merged inputs
+            self.momentum.backbone.set_merging(config)
         return previous
 
     @contextmanager
