@@ -15,7 +15,12 @@ from vlp.platform.run.flops import count_flops
 TOKENS = 1 + (32 // 8) ** 2  # [CLS] + 16 patches
 
 
-def build(tokenizer, merging: TokenMergingConfig | None = None, fusion_depth: int = 2) -> FusionBackbone:
+def build(
+    tokenizer,
+    merging: TokenMergingConfig | None = None,
+    fusion_depth: int = 2,
+    momentum: MomentumConfig | None = None,
+) -> FusionBackbone:
     torch.manual_seed(0)
     return FusionBackbone(
         vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
@@ -24,6 +29,7 @@ def build(tokenizer, merging: TokenMergingConfig | None = None, fusion_depth: in
         embed_dim=16,
         tokenizer=tokenizer,
         merging=merging,
+        momentum=momentum,
     ).eval()
 
 
@@ -154,16 +160,7 @@ def test_bad_merging_settings_are_rejected(shapes):
 def test_switching_merging_switches_the_momentum_copy_too(shapes, batch):
     """The momentum model is a copy taken at construction; a later setting (a schedule raising r, evaluation
     under `merging_override`) reaches its ViT as well, so both encode the batch alike."""
-    torch.manual_seed(0)
-    backbone = FusionBackbone(
-        vision=VisionConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2),
-        text=TextConfig(width=32, depth=1, heads=2, max_len=48),
-        fusion=FusionConfig(depth=1, heads=2),
-        embed_dim=16,
-        tokenizer=shapes.tokenizer,
-        merging=TokenMergingConfig(vision_r=2),
-        momentum=MomentumConfig(),
-    ).eval()
+    backbone = build(shapes.tokenizer, TokenMergingConfig(vision_r=2), momentum=MomentumConfig())
     copy = backbone.momentum.backbone
     assert copy.encode_image(batch["image"]).tokens.shape[1] == TOKENS - 4
     backbone.set_merging(vision_r=[6, 8], vision_unmerge=True)
