@@ -443,7 +443,7 @@ class MergingBlock(Block):
             attn_size = size if state.proportional_attention else None
             out = self.attn(merged, attn_mask=attn_mask, is_causal=is_causal, size=attn_size)
             x = x + unmerge(self.drop_path1(self.ls1(out)))
-            merged, _ = merge_wavg(merge, self.norm2(x))
+            merged = merge(self.norm2(x), mode="sum") / size.to(x.dtype)  # the sizes of the same plan
             x = x + unmerge(self.drop_path2(self.ls2(self.mlp(merged))))
         else:
             x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
