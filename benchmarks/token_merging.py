@@ -51,9 +51,8 @@ from vlp.tasks.base import TrainableModule
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG = CONFIGS / "pretrain" / "shapes-tiny.yaml"
 OVERLAY = CONFIGS / "overlays" / "merge.yaml"  # the default at 64 px with merging on
-DENSE = (
-    CONFIGS / "overlays" / "merge-dense.yaml"
-)  # on top of it: blocks that unmerge, grounding on every patch
+# on top of it: blocks that unmerge, grounding on every patch
+DENSE = CONFIGS / "overlays" / "merge-dense.yaml"
 SETTINGS = {
     "r0": TokenMergingConfig(),
     "r4": TokenMergingConfig(vision_r=4),
