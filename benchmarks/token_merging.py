@@ -348,6 +348,8 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for every part")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
     parts, seeds = args.parts.split(","), [int(s) for s in args.seeds.split(",")]
     overlay = TokenMergingConfig(**merging_of_overlay())
