@@ -107,7 +107,12 @@ def submit(workdir: Path) -> tuple[str, Path]:
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    # in the order written: a resumed run adds event files, and TensorBoard reads a folder's files in name order,
+    # where a writer counter of 10 sorts before 9 within one second
+    return {
+        tag: [(e.step, e.value) for e in sorted(events.Scalars(tag), key=lambda e: e.wall_time)]
+        for tag in events.Tags()["scalars"]
+    }
 
 
 def log_text(run_dir: Path, job: str) -> str:

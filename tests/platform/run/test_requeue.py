@@ -58,7 +58,12 @@ def slurm_job(tmp_path, monkeypatch, one_thread):
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(folder / "default" / "version_0"), size_guidance={"scalars": 0})
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    # in the order written: a resumed run adds event files, and TensorBoard reads a folder's files in name order,
+    # where a writer counter of 10 sorts before 9 within one second
+    return {
+        tag: [(e.step, e.value) for e in sorted(events.Scalars(tag), key=lambda e: e.wall_time)]
+        for tag in events.Tags()["scalars"]
+    }
 
 
 def fit(folder: Path, *extra: str):
