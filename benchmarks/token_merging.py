@@ -1,6 +1,6 @@
 """Token merging (and FLIP's patch dropout): FLOPs, CPU time and quality against the unmerged model.
 
-Parts (--parts, all three by default, side by side in one run and one results file):
+Parts (--parts; costs, goals and quality by default, side by side in one run and one results file):
 - costs: the merging config's model (the default with configs/overlays/merge.yaml: its objectives in one
   joint step, 64 px / 8 px patches, since the default's 9 patch tokens leave nothing to merge) and the same
   config with a ViT-B/16 + BERT-base sized backbone (random weights; ALBEF's split of BERT-base: 6 text +
@@ -11,12 +11,15 @@ Parts (--parts, all three by default, side by side in one run and one results fi
 - quality: `vlp fit` of the merge config unmerged, merged (the overlay; `merged_dense`: with
   configs/overlays/merge-dense.yaml on top, blocks that unmerge; `merged_whole`: those blocks with the ViT's
   output kept whole, `merging.vision_merge_output: false`; `merged_whole_lean`: the same at `vision_r: [32, 48,
-  56]`, within the FLOPs goal) and with patch dropout, the
+  56]`, within the FLOPs goal; `vit6_unmerged` and `vit6_merged_whole`: the same config with a 6-block ViT,
+  unmerged and with the whole output at `vision_r: [16, 32, 32, 48, 48, 56]`) and with patch dropout, the
   config's 1000 steps (--train-steps) at seeds 0 and 1, then validation t2i R@1, ITM accuracy and grounding
   Acc@0.5; the summary gives each drop against unmerged and whether it is within 0.03. Shorter runs cannot
   judge merging: after 300 steps grounding had not left 0.2-0.26 with or without it. One run moves each score
   by up to ~0.04 by chance (the learning rate x 1.001 did), as much as the goal's 0.03: --repeats N runs each
   variant and seed N times (lr x 1.001, x 1.002, ...) and judges the goals on the means.
+- vit6: the costs of the 6-block ViT's two quality settings (does merging hold where the ViT has blocks to
+  spare, as ViT-B's 12 do?).
 Per cost row:
 - GFLOPs per training sample: one joint multi-task step, forward + backward, counted by FlopCounterMode
   with CPU attention (merging's gather/sort/scatter count 0, hence the times beside them);
@@ -86,8 +89,11 @@ class Variant(NamedTuple):
 Setting = TokenMergingConfig | Variant
 ALBEF_STEP = ("itc", "itm", "mlm")  # the ViT-B goal's joint step (ALBEF's pre-training objectives)
 MERGING_OFF = [f"{BACKBONE}.merging={json.dumps(dict(vision_r=0, text_r=0, text_entry_r=0, fusion_r=0))}"]
+# the merge config with a 6-block ViT: does merging keep the scores where the ViT has blocks to spare?
+DEEP = [f"{BACKBONE}.vision.depth=6"]
 MODELS = {  # overrides of the default with configs/overlays/merge.yaml (each setting replaces its merging)
     "shapes-tiny-64px": [],
+    "shapes-tiny-64px-vit6": [*DEEP, *MERGING_OFF],
     "vit-b16+bert-base": [
         f"{BACKBONE}.vision={json.dumps(dict(image_size=224, patch_size=16, width=768, depth=12, heads=12))}",
         f"{BACKBONE}.text={json.dumps(dict(width=768, depth=6, heads=12, max_len=64))}",
@@ -209,6 +215,8 @@ BASE_LR = yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["optim"]["lr"
 WHOLE_MERGING = {**merging_of_overlay(DENSE), "vision_merge_output": False}
 # the same within the FLOPs goal (0.543x): the second block merges 48 of 65 tokens instead of 32
 WHOLE_LEAN_MERGING = {**WHOLE_MERGING, "vision_r": [32, 48, 56]}
+# the whole output on the 6-block ViT, within the FLOPs goal (0.526x): 49, 33, 33, 17, 17 and 9 tokens per block
+DEEP_WHOLE_MERGING = {**WHOLE_MERGING, "vision_r": [16, 32, 32, 48, 48, 56]}
 
 
 def whole_variant() -> Variant:
@@ -308,15 +316,16 @@ def goals(costs: list[dict], quality: list[dict]) -> dict:
         if value is not None:
             found[name] = value
             found[f"{name}_goal_met"] = value <= bound
-    prefixes = {
-        "merged": "",
-        "merged_dense": "dense_",
-        "merged_whole": "whole_",
-        "merged_whole_lean": "whole_lean_",
+    prefixes = {  # merged variant: (its unmerged variant, the prefix of its summary keys)
+        "merged": ("unmerged", ""),
+        "merged_dense": ("unmerged", "dense_"),
+        "merged_whole": ("unmerged", "whole_"),
+        "merged_whole_lean": ("unmerged", "whole_lean_"),
+        "vit6_merged_whole": ("vit6_unmerged", "vit6_whole_"),
     }
     for seed in sorted({row["seed"] for row in quality}):
-        plain = [r for r in quality if r["variant"] == "unmerged" and r["seed"] == seed]
-        for variant, prefix in prefixes.items():
+        for variant, (unmerged, prefix) in prefixes.items():
+            plain = [r for r in quality if r["variant"] == unmerged and r["seed"] == seed]
             merged = [r for r in quality if r["variant"] == variant and r["seed"] == seed]
             for key in GOAL_SCORES:  # judged on the means over the repeats
                 plain_mean, merged_mean = mean_score(plain, key), mean_score(merged, key)
@@ -325,7 +334,7 @@ def goals(costs: list[dict], quality: list[dict]) -> dict:
                     found[f"seed{seed}_{prefix}{key}_drop"] = gap
                     found[f"seed{seed}_{prefix}{key}_goal_met"] = gap <= 0.03
                     if len(plain) > 1 or len(merged) > 1:  # how far the repeats spread: one run's noise
-                        for name, runs in (("unmerged", plain), (variant, merged)):
+                        for name, runs in ((unmerged, plain), (variant, merged)):
                             values = [r[key] for r in runs]
                             found[f"seed{seed}_{name}_{key}_runs"] = values
     return found
@@ -335,7 +344,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~2 minute smoke version")
     parser.add_argument(
-        "--parts", default="costs,goals,quality", help="comma-separated: costs, goals, quality, breakdown"
+        "--parts",
+        default="costs,goals,quality",
+        help="comma-separated: costs, goals, quality, breakdown, vit6",
     )
     parser.add_argument("--train-steps", type=int, default=None, help="steps of each quality run (1000)")
     parser.add_argument("--seeds", default="0,1", help="seeds of the quality runs")
@@ -380,6 +391,9 @@ def main() -> None:
         rows += cost_rows(
             "vit-b16+bert-base", 2 if args.quick else 8, vit_b, 1 if args.quick else 2, ALBEF_STEP
         )
+    if "vit6" in parts:  # the merge config with a 6-block ViT: unmerged against the whole output
+        vit6 = {"r0": SETTINGS["r0"], "vit6_whole": Variant(TokenMergingConfig(**DEEP_WHOLE_MERGING))}
+        rows += cost_rows("shapes-tiny-64px-vit6", 16 if args.quick else 64, vit6, 1 if args.quick else 3)
     if "breakdown" in parts:  # the merge config's step with one objective beside the towers, on all rows
         pair = {k: every[k] for k in ("r0", "overlay")}
         for objectives in (None, *((name,) for name in ("itc", "itm", "mlm", "caption", "grounding"))):
@@ -393,6 +407,8 @@ def main() -> None:
             "merged_dense": [f"--config={DENSE}"],
             "merged_whole": [f"{BACKBONE}.merging={json.dumps(WHOLE_MERGING)}"],
             "merged_whole_lean": [f"{BACKBONE}.merging={json.dumps(WHOLE_LEAN_MERGING)}"],
+            "vit6_unmerged": [*DEEP, *MERGING_OFF],
+            "vit6_merged_whole": [*DEEP, f"{BACKBONE}.merging={json.dumps(DEEP_WHOLE_MERGING)}"],
         }
         for grid in OTHER_GRIDS:  # grounding's other readings of the merged image
             variants[f"merged_grounding_{grid}"] = [f"{GROUNDING}.patch_grid={grid}"]
