@@ -407,7 +407,7 @@ def main() -> None:
             "merged_dense": [f"--config={DENSE}"],
             "merged_whole": [f"{BACKBONE}.merging={json.dumps(WHOLE_MERGING)}"],
             "merged_whole_lean": [f"{BACKBONE}.merging={json.dumps(WHOLE_LEAN_MERGING)}"],
-            "vit6_unmerged": [*DEEP, *MERGING_OFF],
+            "vit6_unmerged": MODELS["shapes-tiny-64px-vit6"],
             "vit6_merged_whole": [*DEEP, f"{BACKBONE}.merging={json.dumps(DEEP_WHOLE_MERGING)}"],
         }
         for grid in OTHER_GRIDS:  # grounding's other readings of the merged image

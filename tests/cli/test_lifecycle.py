@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard_scalars import scalars
 
 from vlp.cli import run
 from vlp.platform.run.checkpoints import AtomicCheckpointIO, partial_path
@@ -23,9 +23,7 @@ def in_tmp(tmp_path, monkeypatch, one_thread):
 
 
 def scalar_steps(run_dir: Path, tag: str) -> list[int]:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return [event.step for event in events.Scalars(tag)]
+    return [step for step, _ in scalars(run_dir)[tag]]
 
 
 @pytest.mark.parametrize(("max_steps", "validated_at"), [(7, [3, 6, 7]), (6, [3, 6])])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard_scalars import scalars
 
 from vlp.cli.slurm import main
 
@@ -102,17 +102,6 @@ def submit(workdir: Path) -> tuple[str, Path]:
     run_dir = Path(re.search(r"run folder:\s+(.+)", out).group(1))
     assert f"slurm-{job}.out" in out and "vlp tensorboard --logdir" in out
     return job, run_dir
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    # in the order written: a resumed run adds event files, and TensorBoard reads a folder's files in name order,
-    # where a writer counter of 10 sorts before 9 within one second
-    return {
-        tag: [(e.step, e.value) for e in sorted(events.Scalars(tag), key=lambda e: e.wall_time)]
-        for tag in events.Tags()["scalars"]
-    }
 
 
 def log_text(run_dir: Path, job: str) -> str:

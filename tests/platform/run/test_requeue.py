@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard_scalars import scalars as run_scalars
 
 from vlp.cli import run
 
@@ -56,14 +56,7 @@ def slurm_job(tmp_path, monkeypatch, one_thread):
 
 
 def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    events = EventAccumulator(str(folder / "default" / "version_0"), size_guidance={"scalars": 0})
-    events.Reload()
-    # in the order written: a resumed run adds event files, and TensorBoard reads a folder's files in name order,
-    # where a writer counter of 10 sorts before 9 within one second
-    return {
-        tag: [(e.step, e.value) for e in sorted(events.Scalars(tag), key=lambda e: e.wall_time)]
-        for tag in events.Tags()["scalars"]
-    }
+    return run_scalars(folder / "default" / "version_0")
 
 
 def fit(folder: Path, *extra: str):
