@@ -38,16 +38,22 @@ def median_seconds(fn: Callable[[], object], repeat: int = 3) -> float:
     return statistics.median(times)
 
 
-def run_isolated(script: str | Path, function: str, timeout: float = 600, **kwargs: Any) -> dict[str, Any]:
+def run_isolated(
+    script: str | Path, function: str, timeout: float = 600, vlp_root: str | None = None, **kwargs: Any
+) -> dict[str, Any]:
     """Call `function(**kwargs)` from `script` in a fresh Python process and return its dict result.
 
     The script is loaded with `runpy` (its `__main__` block does not run); kwargs and result go as JSON.
+    `vlp_root`: a folder holding another tree's `vlp` package (`git archive` of a revision), imported
+    in place of this one's, script included (to time the same measurement over old and new code).
     """
     script = Path(script).resolve()
+    first = [] if vlp_root is None else [f"sys.path.insert(0, {str(vlp_root)!r})\n"]
     code = (
         "import json, runpy, sys\n"
         f"sys.path.insert(0, {str(script.parent)!r})\n"
-        f"fn = runpy.run_path({str(script)!r})[{function!r}]\n"
+        + "".join(first)
+        + f"fn = runpy.run_path({str(script)!r})[{function!r}]\n"
         "print(json.dumps(fn(**json.loads(sys.argv[1]))))\n"
     )
     proc = subprocess.run(

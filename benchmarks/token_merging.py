@@ -19,7 +19,10 @@ Parts (--parts; costs, goals and quality by default, side by side in one run and
   by up to ~0.04 by chance (the learning rate x 1.001 did), as much as the goal's 0.03: --repeats N runs each
   variant and seed N times (lr x 1.001, x 1.002, ...) and judges the goals on the means.
 - vit6: the costs of the 6-block ViT's two quality settings (does merging hold where the ViT has blocks to
-  spare, as ViT-B's 12 do?).
+  spare, as ViT-B's 12 do?);
+- speed: the merge config's step and inference times, unmerged, merge.yaml, merge-dense.yaml and the whole
+  output at `[32, 48, 56]`, over this tree and over `--baseline REV` (same FLOPs, other code), each round a
+  fresh process per tree, interleaved.
 Per cost row:
 - GFLOPs per training sample: one joint multi-task step, forward + backward, counted by FlopCounterMode
   with CPU attention (merging's gather/sort/scatter count 0, hence the times beside them);
@@ -33,11 +36,13 @@ Per cost row:
     python benchmarks/token_merging.py                                 # costs, goals, quality: hours on 2 cores
     python benchmarks/token_merging.py --parts quality --seeds 0            # one seed (run seed 1 beside it)
     python benchmarks/token_merging.py --parts quality --seeds 0 --variants unmerged,merged_whole --repeats 3
+    python benchmarks/token_merging.py --parts speed --baseline HEAD~1      # this tree's step against a revision
     python benchmarks/token_merging.py --quick                         # a few minutes' smoke version
 """
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 import yaml
-from harness import build_from_config, report
+from harness import build_from_config, report, run_isolated
 
 from vlp.cli import run as vlp_run
 from vlp.platform.model.token_merging import TokenMergingConfig
@@ -224,6 +229,77 @@ def whole_variant() -> Variant:
     return Variant(TokenMergingConfig(**WHOLE_MERGING))
 
 
+def named_settings() -> dict[str, Setting]:
+    """Every cost setting by name: `SETTINGS`, the overlays' merging (merge.yaml, its other grounding grids,
+    merge-dense.yaml, the whole output) and patch dropout without merging."""
+    overlay = TokenMergingConfig(**merging_of_overlay())
+    return {
+        **SETTINGS,
+        "overlay": overlay,
+        **{f"overlay_grounding_{grid}": Variant(overlay, grounding_patch_grid=grid) for grid in OTHER_GRIDS},
+        "overlay_dense": dense_variant(),
+        "overlay_whole": whole_variant(),
+        "overlay_whole_lean": Variant(TokenMergingConfig(**WHOLE_LEAN_MERGING)),
+        **{f"patch_dropout{p}": Variant(SETTINGS["r0"], p) for p in PATCH_DROPOUT},
+        **{f"patch_dropout{p}_grounding_too": Variant(SETTINGS["r0"], p, False) for p in PATCH_DROPOUT},
+    }
+
+
+# the speed part's settings: unmerged, merge.yaml, merge-dense.yaml and the unmerging ViT's whole output
+SPEED_SETTINGS = ("r0", "overlay", "overlay_dense", "overlay_whole_lean")
+
+
+def tree_step_seconds(names: list[str], batch_size: int) -> dict:
+    """One round of `cost_rows` on the merge config for the named settings, over the `vlp` this process
+    imported (`run_isolated(vlp_root=...)`: another revision's)."""
+    import vlp
+
+    rows = cost_rows("shapes-tiny-64px", batch_size, {name: named_settings()[name] for name in names}, 1)
+    return {"vlp": vlp.__file__, "rows": rows}
+
+
+def speed_rows(baseline: str, names: tuple[str, ...], rounds: int, batch_size: int) -> list[dict]:
+    """The merge config's step and inference times under each setting over this tree and over `baseline` (a
+    git revision, unpacked with `git archive`), each round a fresh process per tree, the trees' order
+    alternating; best of the rounds. FLOPs must agree (the same model and step)."""
+    root = Path(__file__).resolve().parent.parent
+    runs: dict[str, list[list[dict]]] = {"baseline": [], "this": []}
+    with tempfile.TemporaryDirectory() as folder:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", baseline, "vlp"], capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+        trees = {"baseline": folder, "this": None}
+        for round_index in range(rounds):
+            for which in ("baseline", "this") if round_index % 2 == 0 else ("this", "baseline"):
+                got = run_isolated(
+                    __file__,
+                    "tree_step_seconds",
+                    3600,
+                    trees[which],
+                    names=list(names),
+                    batch_size=batch_size,
+                )
+                expected = folder if which == "baseline" else str(root)
+                assert got["vlp"].startswith(expected), f"{which}: measured {got['vlp']}"
+                runs[which].append(got["rows"])
+    rows = []
+    for index, name in enumerate(names):
+        row = {"model": f"shapes-tiny-64px vs {baseline}", "setting": name, "batch": batch_size}
+        for which, key in (("baseline", "baseline_"), ("this", "")):
+            cells = [run[index] for run in runs[which]]
+            row[f"{key}train_gflops"] = cells[0]["train_gflops"]
+            row[f"{key}train_step_s"] = min(cell["train_step_s"] for cell in cells)
+            row[f"{key}infer_s"] = min(cell["infer_s"] for cell in cells)
+        row["train_speedup"] = row["baseline_train_step_s"] / row["train_step_s"]
+        row["infer_speedup"] = row["baseline_infer_s"] / row["infer_s"]
+        rows.append(row)
+    for row in rows:  # each tree's step time as a ratio to its own unmerged step
+        row["baseline_train_time_ratio"] = row["baseline_train_step_s"] / rows[0]["baseline_train_step_s"]
+        row["train_time_ratio"] = row["train_step_s"] / rows[0]["train_step_s"]
+    return rows
+
+
 def fit(overrides: list[str], steps: int, batch_size: int, root: Path, seed: int) -> dict[str, float | None]:
     """`vlp fit` of the merging config (with overrides) for `steps` steps at `seed` (model and data), validated
     once at the end on the whole validation split."""
@@ -346,7 +422,7 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="costs,goals,quality",
-        help="comma-separated: costs, goals, quality, breakdown, vit6",
+        help="comma-separated: costs, goals, quality, breakdown, vit6, speed",
     )
     parser.add_argument("--train-steps", type=int, default=None, help="steps of each quality run (1000)")
     parser.add_argument("--seeds", default="0,1", help="seeds of the quality runs")
@@ -358,21 +434,15 @@ def main() -> None:
         help="quality runs per variant and seed (lr x 1.001 each); goals on the means",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for every part")
+    parser.add_argument("--baseline", default=None, help="git revision the speed part compares with")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
     parts, seeds = args.parts.split(","), [int(s) for s in args.seeds.split(",")]
-    overlay = TokenMergingConfig(**merging_of_overlay())
-    every = {
-        **SETTINGS,
-        "overlay": overlay,
-        **{f"overlay_grounding_{grid}": Variant(overlay, grounding_patch_grid=grid) for grid in OTHER_GRIDS},
-        "overlay_dense": dense_variant(),
-        "overlay_whole": whole_variant(),
-        **{f"patch_dropout{p}": Variant(SETTINGS["r0"], p) for p in PATCH_DROPOUT},
-        **{f"patch_dropout{p}_grounding_too": Variant(SETTINGS["r0"], p, False) for p in PATCH_DROPOUT},
-    }
+    if "speed" in parts and not args.baseline:
+        parser.error("--parts speed compares this tree with --baseline REV: name the revision")
+    every = named_settings()
     rows: list[dict] = []
     if "costs" in parts:
         if args.quick:
@@ -394,6 +464,8 @@ def main() -> None:
     if "vit6" in parts:  # the merge config with a 6-block ViT: unmerged against the whole output
         vit6 = {"r0": SETTINGS["r0"], "vit6_whole": Variant(TokenMergingConfig(**DEEP_WHOLE_MERGING))}
         rows += cost_rows("shapes-tiny-64px-vit6", 16 if args.quick else 64, vit6, 1 if args.quick else 3)
+    if "speed" in parts:  # the same step over this tree and over --baseline's
+        rows += speed_rows(args.baseline, SPEED_SETTINGS, 2 if args.quick else 5, 16 if args.quick else 64)
     if "breakdown" in parts:  # the merge config's step with one objective beside the towers, on all rows
         pair = {k: every[k] for k in ("r0", "overlay")}
         for objectives in (None, *((name,) for name in ("itc", "itm", "mlm", "caption", "grounding"))):

@@ -29,6 +29,7 @@ from vlp.platform.model.fusion import (
 )
 from vlp.platform.model.length_buckets import by_length, trim
 from vlp.platform.model.momentum import MomentumConfig, MomentumModel
+from vlp.platform.model.token_index import gather_tokens
 from vlp.platform.model.token_merging import (
     MergedText,
     TokenMergingConfig,
@@ -66,11 +67,11 @@ class ImageFeatures(NamedTuple):
     def take(self, index: Tensor) -> ImageFeatures:
         """The features of images `index` [K] (repeats allowed), e.g. to pair images with negative texts;
         precomputed keys and values are gathered too, not recomputed."""
-        kv = None if self.fusion_kv is None else tuple((k[index], v[index]) for k, v in self.fusion_kv)
-        tokens = None if self.tokens is None else self.tokens[index]  # None: fusion reads only kv
-        sizes = None if self.sizes is None else self.sizes[index]
-        grid = None if self.grid is None else PatchGrid(*(None if t is None else t[index] for t in self.grid))
-        return ImageFeatures(tokens, self.embedding[index], sizes, kv, grid)
+        rows = _take_rows(index)
+        kv = None if self.fusion_kv is None else tuple((rows(k), rows(v)) for k, v in self.fusion_kv)
+        tokens, embedding, sizes = (rows(t) for t in self[:3])  # tokens None: fusion reads only kv
+        grid = None if self.grid is None else PatchGrid(*(rows(t) for t in self.grid))
+        return ImageFeatures(tokens, embedding, sizes, kv, grid)
 
     def rows(self, n: int) -> ImageFeatures:
         """The features of the first `n` images (views, keys and values included)."""
@@ -85,6 +86,20 @@ class ImageFeatures(NamedTuple):
         length-grouped pass gathers nothing else."""
         tokens = self.tokens if self.fusion_kv is None or keep_tokens else None
         return ImageFeatures(tokens, None, self.sizes, self.fusion_kv)
+
+
+def _take_rows(index: Tensor) -> Callable[[Tensor | None], Tensor | None]:
+    """t [B, ...] -> t[index] [K, ...] (None stays None) by `index_select`, whose backward (`index_add`) costs
+    less on CPU than advanced indexing's (`index_put` with accumulation)."""
+    return lambda t: None if t is None else t.index_select(0, index)
+
+
+def _grid_heads(x: Tensor, groups: Tensor) -> Tensor:
+    """Per-head keys or values x [B, heads, M, D] of merged tokens put back on the grid by groups [B, N]
+    -> [B, heads, N, D] (`gather_tokens` over the heads' features side by side)."""
+    b, heads, m, d = x.shape
+    grid = gather_tokens(x.transpose(1, 2).reshape(b, m, heads * d), groups)
+    return grid.view(b, -1, heads, d).transpose(1, 2)
 
 
 class TextFeatures(NamedTuple):
@@ -374,16 +389,15 @@ class FusionBackbone(nn.Module):
                     f"patch_grid: the image has {groups.shape[1]} input tokens, vision.vit.pos_embed "
                     f"{added.shape[1]} (a ViT whose position embeddings do not cover its input)"
                 )
-        grid = tokens.gather(1, groups[..., None].expand(-1, -1, tokens.shape[-1])) + added
+        grid = gather_tokens(tokens, groups) + added
         kv = None
         if image.fusion_kv is not None:
-            kv, index = [], groups[:, None, :, None]
-            for (k, v), (added_k, added_v) in zip(
-                image.fusion_kv, self.fusion.key_value_terms(added), strict=True
-            ):
-                index_kv = index.expand(-1, k.shape[1], -1, k.shape[-1])
-                kv.append((k.gather(2, index_kv) + added_k, v.gather(2, index_kv) + added_v))
-            kv = tuple(kv)
+            kv = tuple(
+                (_grid_heads(k, groups) + added_k, _grid_heads(v, groups) + added_v)
+                for (k, v), (added_k, added_v) in zip(
+                    image.fusion_kv, self.fusion.key_value_terms(added), strict=True
+                )
+            )
         return ImageFeatures(grid, image.embedding, None, kv)
 
     def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.platform.model.packing import Packing, packing_for
+from vlp.platform.model.token_index import gather_tokens
 from vlp.platform.model.token_merging import (
     TokenMergingConfig,
     merge_text_tokens,
@@ -584,8 +585,3 @@ def _merged_index(unmerge: Callable[[Tensor], Tensor], merged: Tensor, where: Te
     index = torch.arange(n, device=merged.device, dtype=torch.float64).expand(b, n)[..., None]
     new_of_previous = unmerge(index)[..., 0].long()  # [B, L_prev]
     return new_of_previous if where is None else new_of_previous.gather(1, where)
-
-
-def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, N, C] reordered along N by index [B, M] -> [B, M, C]."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))

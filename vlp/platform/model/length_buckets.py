@@ -65,7 +65,8 @@ def by_length(
     counts = [len(rows) for rows, _ in buckets]
     leaves, spec = tree_flatten(inputs)
     groups = [
-        leaf[order].split(counts) if isinstance(leaf, Tensor) else [leaf] * len(counts) for leaf in leaves
+        leaf.index_select(0, order).split(counts) if isinstance(leaf, Tensor) else [leaf] * len(counts)
+        for leaf in leaves
     ]
     width = attention_mask.shape[1]
     outputs = []
@@ -74,4 +75,4 @@ def by_length(
         if full_length:
             out = F.pad(out, (0, 0, 0, width - length))
         outputs.append(out)
-    return torch.cat(outputs)[order.argsort()]
+    return torch.cat(outputs).index_select(0, order.argsort())

@@ -27,6 +27,8 @@ from timm.layers.attention import Attention, maybe_add_mask
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
+from vlp.platform.model.token_index import gather_tokens, sum_tokens
+
 MergeFn = Callable[..., Tensor]
 SCHEDULES = ("constant", "decreasing")
 
@@ -129,18 +131,19 @@ def repeated_bipartite_matching(
 
 def grouped_merge(groups: Tensor, merged: int) -> tuple[MergeFn, MergeFn]:
     """Merge and unmerge by a map `groups` [B, N] (long: each token's index among the `merged` tokens), in
-    one scatter (merge: [B, N, C] -> [B, merged, C], by `torch.scatter_reduce` mode) and one gather
-    (unmerge: [B, merged, C] -> [B, N, C], each token its group's row)."""
+    one scatter (merge: [B, N, C] -> [B, merged, C], by `torch.scatter_reduce` mode; "sum", the size-weighted
+    average's, as one `index_add`) and one gather (unmerge: [B, merged, C] -> [B, N, C], each token its
+    group's row)."""
 
     def merge(x: Tensor, mode: str = "mean") -> Tensor:
+        if mode == "sum":
+            return sum_tokens(x, groups, merged)
         index = groups[..., None].expand(-1, -1, x.shape[-1])
         out = x.new_zeros(x.shape[0], merged, x.shape[-1])
-        if mode == "sum":
-            return out.scatter_add(1, index, x)
         return out.scatter_reduce(1, index, x, reduce=mode, include_self=False)
 
     def unmerge(x: Tensor) -> Tensor:
-        return x.gather(1, groups[..., None].expand(-1, -1, x.shape[-1]))
+        return gather_tokens(x, groups)
 
     return merge, unmerge
 
@@ -626,16 +629,11 @@ def merge_text_tokens(
     inverse = order.argsort(dim=1)
 
     def unmerge_text(x: Tensor) -> Tensor:
-        return unmerge(_gather_rows(x, inverse))
+        return unmerge(gather_tokens(x, inverse))
 
     return MergedText(
-        _gather_rows(tokens, order),
-        _gather_rows(size, order),
+        gather_tokens(tokens, order),
+        gather_tokens(size, order),
         real.gather(1, order).to(text_mask.dtype),
         unmerge_text,
     )
-
-
-def _gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x [B, N, C] reordered along N by index [B, M] -> [B, M, C]."""
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
