@@ -247,15 +247,16 @@ class ITMObjective(Objective):
     def match_logits(self, pairs: MatchPairs) -> Tensor:
         """[P, 2] match / no-match logits of the pairs: image keys and values and the captions' first fusion
         self-attention are gathered rows, not recomputed, and the last fusion layer runs [CLS] alone."""
-        mask = pairs.attention_mask[pairs.text_index]
-        cls = first_token(len(pairs.text_index), mask.device)
+        rows = pairs.text_index
+        mask = pairs.attention_mask.index_select(0, rows)
+        cls = first_token(len(rows), mask.device)
         fused = self.backbone.fuse(
             pairs.image.take(pairs.image_index),
-            pairs.text_tokens[pairs.text_index],
+            pairs.text_tokens.index_select(0, rows),  # its backward adds rows (index_add), no sort
             mask,
             positions=cls,
             self_attended=pairs.self_attended,
-            text_sizes=None if pairs.text_sizes is None else pairs.text_sizes[pairs.text_index],
+            text_sizes=None if pairs.text_sizes is None else pairs.text_sizes.index_select(0, rows),
         )
         return self.head(fused[:, 0])
 
