@@ -12,7 +12,8 @@ Parts (--parts; costs, goals and quality by default, side by side in one run and
   configs/overlays/merge-dense.yaml on top, blocks that unmerge; `merged_whole`: those blocks with the ViT's
   output kept whole, `merging.vision_merge_output: false`; `merged_whole_lean`: the same at `vision_r: [32, 48,
   56]`, within the FLOPs goal; `vit6_unmerged` and `vit6_merged_whole`: the same config with a 6-block ViT,
-  unmerged and with the whole output at `vision_r: [16, 32, 32, 48, 48, 56]`) and with patch dropout, the
+  unmerged and with the whole output at `vision_r: [16, 32, 32, 48, 48, 56]`; `vit6_merged_whole_share` at
+  `[24, 40, 48, 48, 56, 56]`, the share of tokens three blocks keep at `[32, 48, 56]`) and with patch dropout, the
   config's 1000 steps (--train-steps) at seeds 0 and 1, then validation t2i R@1, ITM accuracy and grounding
   Acc@0.5; the summary gives each drop against unmerged and whether it is within 0.03. Shorter runs cannot
   judge merging: after 300 steps grounding had not left 0.2-0.26 with or without it. One run moves each score
@@ -222,6 +223,8 @@ WHOLE_MERGING = {**merging_of_overlay(DENSE), "vision_merge_output": False}
 WHOLE_LEAN_MERGING = {**WHOLE_MERGING, "vision_r": [32, 48, 56]}
 # the whole output on the 6-block ViT, within the FLOPs goal (0.526x): 49, 33, 33, 17, 17 and 9 tokens per block
 DEEP_WHOLE_MERGING = {**WHOLE_MERGING, "vision_r": [16, 32, 32, 48, 48, 56]}
+# the same share of its tokens as three blocks keep at [32, 48, 56] (0.30 of the token-blocks): depth alone
+DEEP_WHOLE_SHARE_MERGING = {**WHOLE_MERGING, "vision_r": [24, 40, 48, 48, 56, 56]}
 
 
 def whole_variant() -> Variant:
@@ -398,6 +401,7 @@ def goals(costs: list[dict], quality: list[dict]) -> dict:
         "merged_whole": ("unmerged", "whole_"),
         "merged_whole_lean": ("unmerged", "whole_lean_"),
         "vit6_merged_whole": ("vit6_unmerged", "vit6_whole_"),
+        "vit6_merged_whole_share": ("vit6_unmerged", "vit6_whole_share_"),
     }
     for seed in sorted({row["seed"] for row in quality}):
         for variant, (unmerged, prefix) in prefixes.items():
@@ -462,7 +466,11 @@ def main() -> None:
             "vit-b16+bert-base", 2 if args.quick else 8, vit_b, 1 if args.quick else 2, ALBEF_STEP
         )
     if "vit6" in parts:  # the merge config with a 6-block ViT: unmerged against the whole output
-        vit6 = {"r0": SETTINGS["r0"], "vit6_whole": Variant(TokenMergingConfig(**DEEP_WHOLE_MERGING))}
+        vit6 = {
+            "r0": SETTINGS["r0"],
+            "vit6_whole": Variant(TokenMergingConfig(**DEEP_WHOLE_MERGING)),
+            "vit6_whole_share": Variant(TokenMergingConfig(**DEEP_WHOLE_SHARE_MERGING)),
+        }
         rows += cost_rows("shapes-tiny-64px-vit6", 16 if args.quick else 64, vit6, 1 if args.quick else 3)
     if "speed" in parts:  # the same step over this tree and over --baseline's
         rows += speed_rows(args.baseline, SPEED_SETTINGS, 2 if args.quick else 5, 16 if args.quick else 64)
@@ -481,6 +489,7 @@ def main() -> None:
             "merged_whole_lean": [f"{BACKBONE}.merging={json.dumps(WHOLE_LEAN_MERGING)}"],
             "vit6_unmerged": MODELS["shapes-tiny-64px-vit6"],
             "vit6_merged_whole": [*DEEP, f"{BACKBONE}.merging={json.dumps(DEEP_WHOLE_MERGING)}"],
+            "vit6_merged_whole_share": [*DEEP, f"{BACKBONE}.merging={json.dumps(DEEP_WHOLE_SHARE_MERGING)}"],
         }
         for grid in OTHER_GRIDS:  # grounding's other readings of the merged image
             variants[f"merged_grounding_{grid}"] = [f"{GROUNDING}.patch_grid={grid}"]
