@@ -19,6 +19,16 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def revision_tree(revision: str, folder: Path) -> Path:
+    """The `vlp` package of git `revision`, unpacked under `folder` (for `run_isolated(vlp_root=folder)`)."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, "vlp"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
 
 
 def peak_rss_growth_mib(fn: Callable[[], object]) -> float:

@@ -28,7 +28,6 @@ as ALBEF's). GFLOPs counted by torch's FLOP counter on the same step.
 """
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,9 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from harness import build_from_config, report, run_isolated
+from harness import ROOT, build_from_config, report, revision_tree, run_isolated
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "pretrain" / "shapes-tiny.yaml"
 BASELINE = "5555d96"  # main before the shared fusion work and the decoder cache (issue #13)
 BACKBONE = "--model.init_args.backbone.init_args"
@@ -353,15 +351,6 @@ def albef_compare(batch: int, rounds: int) -> list[dict]:
     return rows
 
 
-def baseline_tree(revision: str, folder: Path) -> Path:
-    """The `vlp` package of `revision`, unpacked under `folder`."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", revision, "vlp"], capture_output=True, check=True
-    )
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
-    return folder
-
-
 def compare(model: str, baseline_root: Path, rounds: int) -> list[dict]:
     """Rows old vs new for one model: each round measures both trees, alternating which goes first."""
     results: dict[str, list[dict]] = {"old": [], "new": []}
@@ -435,7 +424,7 @@ def main() -> None:
         return
     if args.profile:
         with tempfile.TemporaryDirectory() as folder:
-            baseline = baseline_tree(args.baseline, Path(folder))
+            baseline = revision_tree(args.baseline, Path(folder))
             for which, root in (("old", baseline), ("new", ROOT)):
                 table = run_isolated(__file__, "profile_table", timeout=600, source_root=str(root))["table"]
                 print(f"== {which} ({root})\n{table}")
@@ -444,7 +433,7 @@ def main() -> None:
     rounds = 1 if args.quick else args.rounds
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        baseline = baseline_tree(args.baseline, Path(folder))
+        baseline = revision_tree(args.baseline, Path(folder))
         for model in models:
             started = time.perf_counter()
             rows += compare(model, baseline, rounds)

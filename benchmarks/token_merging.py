@@ -43,7 +43,6 @@ Per cost row:
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 import yaml
-from harness import build_from_config, report, run_isolated
+from harness import ROOT, build_from_config, report, revision_tree, run_isolated
 
 from vlp.cli import run as vlp_run
 from vlp.platform.model.token_merging import TokenMergingConfig
@@ -264,15 +263,11 @@ def tree_step_seconds(names: list[str], batch_size: int) -> dict:
 def speed_rows(baseline: str, names: tuple[str, ...], rounds: int, batch_size: int) -> list[dict]:
     """The merge config's step and inference times under each setting over this tree and over `baseline` (a
     git revision, unpacked with `git archive`), each round a fresh process per tree, the trees' order
-    alternating; best of the rounds. FLOPs must agree (the same model and step)."""
-    root = Path(__file__).resolve().parent.parent
+    alternating; best of the rounds. Both trees' FLOPs are kept beside (equal where only the code's speed
+    changed)."""
     runs: dict[str, list[list[dict]]] = {"baseline": [], "this": []}
     with tempfile.TemporaryDirectory() as folder:
-        archive = subprocess.run(
-            ["git", "-C", str(root), "archive", baseline, "vlp"], capture_output=True, check=True
-        )
-        subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
-        trees = {"baseline": folder, "this": None}
+        trees = {"baseline": str(revision_tree(baseline, Path(folder))), "this": None}
         for round_index in range(rounds):
             for which in ("baseline", "this") if round_index % 2 == 0 else ("this", "baseline"):
                 got = run_isolated(
@@ -283,7 +278,7 @@ def speed_rows(baseline: str, names: tuple[str, ...], rounds: int, batch_size: i
                     names=list(names),
                     batch_size=batch_size,
                 )
-                expected = folder if which == "baseline" else str(root)
+                expected = folder if which == "baseline" else str(ROOT)
                 assert got["vlp"].startswith(expected), f"{which}: measured {got['vlp']}"
                 runs[which].append(got["rows"])
     rows = []
