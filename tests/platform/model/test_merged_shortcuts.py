@@ -10,7 +10,8 @@ import torch
 
 import vlp.platform.model.length_buckets as buckets_module
 import vlp.platform.model.packing as packing_module
-from vlp.platform.model.fusion import FusionConfig, gather_tokens
+from vlp.platform.model.fusion import FusionConfig
+from vlp.platform.model.token_index import gather_tokens
 from vlp.platform.model.token_merging import TokenMergingConfig
 
 MERGINGS = {

@@ -11,8 +11,9 @@ from transformers.models.bert.modeling_bert import BertLayer
 
 import vlp.platform.model.packing as packing_module
 from vlp.platform.model.encoders import PackedBertLayer, switch_to_packed_layers
-from vlp.platform.model.fusion import FusionConfig, gather_tokens
+from vlp.platform.model.fusion import FusionConfig
 from vlp.platform.model.packing import Packing, packing_for
+from vlp.platform.model.token_index import gather_tokens
 
 
 def padded(monkeypatch) -> None:
