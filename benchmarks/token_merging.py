@@ -256,7 +256,8 @@ def tree_step_seconds(names: list[str], batch_size: int) -> dict:
     imported (`run_isolated(vlp_root=...)`: another revision's)."""
     import vlp
 
-    rows = cost_rows("shapes-tiny-64px", batch_size, {name: named_settings()[name] for name in names}, 1)
+    every = named_settings()
+    rows = cost_rows("shapes-tiny-64px", batch_size, {name: every[name] for name in names}, 1)
     return {"vlp": vlp.__file__, "rows": rows}
 
 
