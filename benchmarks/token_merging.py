@@ -18,7 +18,9 @@ Parts (--parts; costs, goals and quality by default, side by side in one run and
   Acc@0.5; the summary gives each drop against unmerged and whether it is within 0.03. Shorter runs cannot
   judge merging: after 300 steps grounding had not left 0.2-0.26 with or without it. One run moves each score
   by up to ~0.04 by chance (the learning rate x 1.001 did), as much as the goal's 0.03: --repeats N runs each
-  variant and seed N times (lr x 1.001, x 1.002, ...) and judges the goals on the means.
+  variant and seed N times (lr x 1.001, x 1.002, ...) and judges the goals on the means. A merged run's final
+  weights are validated a second time with every merging setting off (`*_all_tokens`: FLIP's reading, trained
+  on fewer tokens and evaluated on all).
 - vit6: the costs of the 6-block ViT's two quality settings (does merging hold where the ViT has blocks to
   spare, as ViT-B's 12 do?);
 - speed: the merge config's step and inference times, unmerged, merge.yaml, merge-dense.yaml and the whole
@@ -321,7 +323,15 @@ def fit(overrides: list[str], steps: int, batch_size: int, root: Path, seed: int
         ]
     )
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if v.numel() == 1}
-    return {**{key: metrics.get(name) for key, name in SCORES.items()}, "wall_s": time.perf_counter() - start}
+    scores = {key: metrics.get(name) for key, name in SCORES.items()}
+    wall_s = time.perf_counter() - start
+    # the same weights validated on every token (FLIP's reading: train on fewer tokens, evaluate on all)
+    backbone = cli.model.backbone
+    if backbone.merging is not None and backbone.merging != TokenMergingConfig():
+        with backbone.merging_override(vision_r=0, fusion_r=0, text_r=0, text_entry_r=0):
+            (validated,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        scores |= {f"{key}_all_tokens": validated.get(SCORES[key]) for key in GOAL_SCORES}
+    return {**scores, "wall_s": wall_s}
 
 
 SCORES = {  # what the quality goal compares, and what is logged beside
