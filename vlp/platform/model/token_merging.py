@@ -75,33 +75,32 @@ def bipartite_soft_matching(
         if protect_first:
             scores[:, 0] = -torch.inf  # below any masked link, so never chosen
         best_score, best_dst = scores.max(dim=-1)  # [B, Na]
-        order = best_score.argsort(dim=-1, descending=True)[..., None]
-        src_idx = order[:, :r]
-        keep_idx = order[:, r:]
+        ranked = best_score.argsort(dim=-1, descending=True)
+        src_idx = ranked[:, :r]  # [B, r]
+        keep_idx = ranked[:, r:]  # [B, Na - r]
         if protect_first:  # [CLS] back in front, the rest in original order (without one: score order)
             keep_idx = keep_idx.sort(dim=1).values
-        dst_idx = best_dst[..., None].gather(1, src_idx)
-    n_a = scores.shape[1]
+        dst_idx = best_dst.gather(1, src_idx)  # [B, r]
+        # The merged sequence holds the kept A tokens, then the B tokens, each moved A token added to its B
+        # token. `order` [B, N]: the tokens as the sums take them (kept A, every B, the moved A strongest link
+        # first: ToMe's order); `slot` [B, N]: where each of those goes; `index` [B, N]: where each goes by
+        # its place in the input (the unmerge's map).
+        n_keep, n_b = keep_idx.shape[1], scores.shape[2]
+        arange = torch.arange(n, device=metric.device).expand(b, -1)
+        order = torch.cat([2 * keep_idx, 2 * arange[:, :n_b] + 1, 2 * src_idx], dim=1)
+        slot = torch.cat([arange[:, : n - r], dst_idx + n_keep], dim=1)
+        index = torch.empty_like(order).scatter_(1, order, slot)
+    merged = n - r
 
     def merge(x: Tensor, mode: str = "mean") -> Tensor:
-        src, dst = x[:, ::2], x[:, 1::2]
-        c = x.shape[-1]
-        kept = src.gather(1, keep_idx.expand(-1, -1, c))
-        moved = src.gather(1, src_idx.expand(-1, -1, c))
-        dst = dst.scatter_reduce(1, dst_idx.expand(-1, -1, c), moved, reduce=mode)
-        return torch.cat([kept, dst], dim=1)
+        ordered = gather_tokens(x, order)
+        if mode == "sum":  # the size-weighted average's (`merge_wavg`): whole rows, summed in ToMe's order
+            return sum_tokens(ordered, slot, merged)
+        into = slot[:, merged:, None].expand(-1, -1, x.shape[-1])
+        return ordered[:, :merged].scatter_reduce(1, into, ordered[:, merged:], reduce=mode)
 
     def unmerge(x: Tensor) -> Tensor:
-        c = x.shape[-1]
-        n_keep = keep_idx.shape[1]
-        kept, dst = x[:, :n_keep], x[:, n_keep:]
-        moved = dst.gather(1, dst_idx.expand(-1, -1, c))
-        src = x.new_zeros(b, n_a, c).scatter(1, keep_idx.expand(-1, -1, c), kept)
-        src = src.scatter(1, src_idx.expand(-1, -1, c), moved)
-        out = x.new_zeros(b, n, c)
-        out[:, ::2] = src
-        out[:, 1::2] = dst
-        return out
+        return gather_tokens(x, index)
 
     return merge, unmerge
 
