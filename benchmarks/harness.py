@@ -77,7 +77,7 @@ def run_isolated(
 def build_from_config(config: str | Path, overrides: list[str], threads: int | None = 1) -> tuple[Any, Any]:
     """The LightningModule and data module that `vlp fit --config CONFIG [overrides]` builds, without a
     trainer run; the module's logging muted. vlp is imported here, on use, so a caller can first put
-    another tree on sys.path (benchmarks/step.py measures an older revision that way)."""
+    another tree on sys.path (`run_isolated(vlp_root=...)`: the benchmarks measure an older revision that way)."""
     from vlp.cli import VLPCLI
     from vlp.datamodules.multitask import MultiTaskDataModule
     from vlp.tasks.base import TrainableModule

@@ -65,35 +65,43 @@ def seconds(fn: Callable[[], object]) -> float:
 
 def comparable_config(folder: Path) -> Path:
     """The default config with the text and fusion MLPs at 4x width, as they were at the baseline (which
-    has no `mlp_ratio` for them; the default now uses 2x) and without ITM's hard-negative warm-up (which the
-    baseline lacks; it changes which negatives are drawn, not the work), written under `folder`: old and new
-    code measure the same model."""
+    has no `mlp_ratio` for them; the default now uses 2x), its backbone inline (the default reads it from
+    configs/models/), without ITM's hard-negative warm-up (which the baseline lacks; it changes which negatives
+    are drawn, not the work) and without row fractions (the baseline lacks them; `measure` calls each
+    objective on every row), written under `folder`: old and new code measure the same model."""
     config = yaml.safe_load(CONFIG.read_text())
-    backbone = config["model"]["init_args"]["backbone"]["init_args"]
+    model = config["model"]["init_args"]
+    if isinstance(model["backbone"], str):  # a model file (configs/models/), written inline for the baseline
+        model["backbone"] = yaml.safe_load((CONFIG.parent / model["backbone"]).read_text())
+    backbone = model["backbone"]["init_args"]
     for tower in ("text", "fusion"):
         backbone[tower].pop("mlp_ratio", None)
-    config["model"]["init_args"]["objectives"]["itm"].get("init_args", {}).pop("hard_negative_warmup", None)
+    model["objectives"]["itm"].get("init_args", {}).pop("hard_negative_warmup", None)
+    model.pop("row_fractions", None)  # the baseline lacks them; the objectives measured here read every row
     path = folder / CONFIG.name
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def build(source_root: str, model: str):
-    """The module (model size `model`) and shapes source of `comparable_config`, from the code under
-    `source_root`."""
-    sys.path.insert(0, source_root)
+def build(model: str):
+    """The module (model size `model`) and shapes source of `comparable_config`, from the `vlp` this process
+    imports (`run_isolated(vlp_root=...)`: the tree measured)."""
     with tempfile.TemporaryDirectory() as folder:  # read once, while the module is built
         module, data = build_from_config(comparable_config(Path(folder)), MODELS[model]["overrides"])
-    assert Path(sys.modules["vlp"].__file__).is_relative_to(source_root), "measuring the wrong tree"
     return module, data.sources["shapes"]
 
 
-def profile(source_root: str, steps: int = 3) -> str:
+def measured_tree() -> str:
+    """The folder of the `vlp` package this process measured."""
+    return sys.modules["vlp"].__file__
+
+
+def profile(steps: int = 3) -> str:
     """torch.profiler's top CPU ops (self time) of the default model's joint training step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
-    module, source = build(source_root, "shapes-tiny")
+    module, source = build("shapes-tiny")
     train = source.dataset("train")
     batch = {**source.collate([train[i] for i in range(MODELS["shapes-tiny"]["batch"])]), "global_step": 0}
 
@@ -108,17 +116,21 @@ def profile(source_root: str, steps: int = 3) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50)
 
 
-def profile_table(source_root: str) -> dict:
-    return {"table": profile(source_root)}
+def profile_table() -> dict:
+    return {"table": profile(), "vlp": measured_tree()}
 
 
-def measure(source_root: str, model: str, rounds: int) -> dict:
-    """Times (best of `rounds`) and FLOPs of the code under `source_root`; runs in its own process."""
-    module, source = build(source_root, model)
+def measure(model: str, rounds: int) -> dict:
+    """Times (best of `rounds`) and FLOPs of the `vlp` this process imports; runs in its own process."""
+    module, source = build(model)
     import torch
 
     from vlp.platform.model.backbone import FeatureCache
-    from vlp.platform.run.flops import count_flops
+
+    try:
+        from vlp.platform.run.flops import count_flops
+    except ModuleNotFoundError:  # revisions before vlp/platform/run/ (the default baseline)
+        from vlp.platform.flops import count_flops
 
     spec = MODELS[model]
     backbone, objectives = module.backbone, module.objectives
@@ -180,6 +192,7 @@ def measure(source_root: str, model: str, rounds: int) -> dict:
         "seconds": best,
         "generated_tokens": generated,
         "val_samples": VAL_BATCHES * spec["batch"],
+        "vlp": measured_tree(),
     }
 
 
@@ -358,11 +371,9 @@ def compare(model: str, baseline_root: Path, rounds: int) -> list[dict]:
     for round_index in range(rounds):
         order = ("old", "new") if round_index % 2 == 0 else ("new", "old")
         for which in order:
-            results[which].append(
-                run_isolated(
-                    __file__, "measure", timeout=3600, source_root=trees[which], model=model, rounds=1
-                )
-            )
+            got = run_isolated(__file__, "measure", 3600, trees[which], model=model, rounds=1)
+            assert Path(got["vlp"]).is_relative_to(trees[which]), f"{which}: measured {got['vlp']}"
+            results[which].append(got)
     merged = {}
     for which, runs in results.items():
         seconds_ = {key: min(run["seconds"][key] for run in runs) for key in runs[0]["seconds"]}
@@ -426,8 +437,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             baseline = revision_tree(args.baseline, Path(folder))
             for which, root in (("old", baseline), ("new", ROOT)):
-                table = run_isolated(__file__, "profile_table", timeout=600, source_root=str(root))["table"]
-                print(f"== {which} ({root})\n{table}")
+                got = run_isolated(__file__, "profile_table", 600, str(root))
+                assert Path(got["vlp"]).is_relative_to(root), f"{which}: measured {got['vlp']}"
+                print(f"== {which} ({root})\n{got['table']}")
         return
     models = ["shapes-tiny"] if args.quick else args.models or list(MODELS)
     rounds = 1 if args.quick else args.rounds
