@@ -55,16 +55,24 @@ def run_isolated(
 
     The script is loaded with `runpy` (its `__main__` block does not run); kwargs and result go as JSON.
     `vlp_root`: a folder holding another tree's `vlp` package (`git archive` of a revision), imported
-    in place of this one's, script included (to time the same measurement over old and new code).
+    in place of this one's, script included (to time the same measurement over old and new code); the call
+    fails if the `vlp` it used came from elsewhere.
     """
     script = Path(script).resolve()
-    first = [] if vlp_root is None else [f"sys.path.insert(0, {str(vlp_root)!r})\n"]
+    first = last = ""
+    if vlp_root is not None:
+        root = str(Path(vlp_root).resolve())
+        first = f"sys.path.insert(0, {root!r})\n"
+        last = (
+            "used = sys.modules['vlp'].__file__\n"
+            f"assert used.startswith({root!r}), f'measured the vlp of {{used}}, not {root}'\n"
+        )
     code = (
         "import json, runpy, sys\n"
         f"sys.path.insert(0, {str(script.parent)!r})\n"
-        + "".join(first)
+        + first
         + f"fn = runpy.run_path({str(script)!r})[{function!r}]\n"
-        "print(json.dumps(fn(**json.loads(sys.argv[1]))))\n"
+        "result = fn(**json.loads(sys.argv[1]))\n" + last + "print(json.dumps(result))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, timeout=timeout

@@ -91,11 +91,6 @@ def build(model: str):
     return module, data.sources["shapes"]
 
 
-def measured_tree() -> str:
-    """The folder of the `vlp` package this process measured."""
-    return sys.modules["vlp"].__file__
-
-
 def profile(steps: int = 3) -> str:
     """torch.profiler's top CPU ops (self time) of the default model's joint training step."""
     from torch.profiler import ProfilerActivity
@@ -117,7 +112,7 @@ def profile(steps: int = 3) -> str:
 
 
 def profile_table() -> dict:
-    return {"table": profile(), "vlp": measured_tree()}
+    return {"table": profile()}
 
 
 def measure(model: str, rounds: int) -> dict:
@@ -192,7 +187,6 @@ def measure(model: str, rounds: int) -> dict:
         "seconds": best,
         "generated_tokens": generated,
         "val_samples": VAL_BATCHES * spec["batch"],
-        "vlp": measured_tree(),
     }
 
 
@@ -371,9 +365,9 @@ def compare(model: str, baseline_root: Path, rounds: int) -> list[dict]:
     for round_index in range(rounds):
         order = ("old", "new") if round_index % 2 == 0 else ("new", "old")
         for which in order:
-            got = run_isolated(__file__, "measure", 3600, trees[which], model=model, rounds=1)
-            assert Path(got["vlp"]).is_relative_to(trees[which]), f"{which}: measured {got['vlp']}"
-            results[which].append(got)
+            results[which].append(
+                run_isolated(__file__, "measure", 3600, trees[which], model=model, rounds=1)
+            )
     merged = {}
     for which, runs in results.items():
         seconds_ = {key: min(run["seconds"][key] for run in runs) for key in runs[0]["seconds"]}
@@ -437,9 +431,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             baseline = revision_tree(args.baseline, Path(folder))
             for which, root in (("old", baseline), ("new", ROOT)):
-                got = run_isolated(__file__, "profile_table", 600, str(root))
-                assert Path(got["vlp"]).is_relative_to(root), f"{which}: measured {got['vlp']}"
-                print(f"== {which} ({root})\n{got['table']}")
+                table = run_isolated(__file__, "profile_table", 600, str(root))["table"]
+                print(f"== {which} ({root})\n{table}")
         return
     models = ["shapes-tiny"] if args.quick else args.models or list(MODELS)
     rounds = 1 if args.quick else args.rounds
