@@ -66,8 +66,12 @@ format: install
 tensorboard: install
 	mkdir -p runs && $(BIN)/vlp tensorboard --logdir runs
 
+# every script in benchmarks/ (hours on 2 CPU cores); BENCH_ARGS=--smoke: each at the smallest sizes, seconds each
+# (the numbers mean nothing and no results file is written: it checks that the scripts still run)
+BENCH_ARGS ?=
 bench: install
-	@for b in $(filter-out benchmarks/harness.py benchmarks/record_run.py,$(wildcard benchmarks/*.py)); do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in $(filter-out benchmarks/harness.py benchmarks/record_run.py,$(wildcard benchmarks/*.py)); do \
+	  echo "== $$b $(BENCH_ARGS)"; $(BIN)/python $$b $(BENCH_ARGS) || exit 1; done
 
 # Wheels for a GPU machine that reaches no package registry and has its own torch stack (see
 # scripts/gpu-check.sh): what that stack lacks, pure-python where possible, binary ones for CPython 3.10-3.13.

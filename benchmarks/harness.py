@@ -5,6 +5,7 @@ runs in a fresh interpreter (`run_isolated`) where earlier work cannot have rais
 Imported by the other benchmark scripts; running this file does nothing.
 """
 
+import argparse
 import json
 import platform
 import resource
@@ -105,8 +106,22 @@ def build_from_config(config: str | Path, overrides: list[str], threads: int | N
     return cli.model, cli.datamodule
 
 
-def report(name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | None = None) -> Path:
-    """Print `rows` as a table (plus `summary`) and write both to benchmarks/results/<name>.json."""
+def add_smoke_flag(parser: argparse.ArgumentParser) -> None:
+    """`--smoke`, which every benchmark script takes (`make bench BENCH_ARGS=--smoke`, run by the test suite):
+    each measurement the script's default run makes, at the smallest sizes that reach its code, in seconds."""
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every measurement at the smallest sizes, in seconds: checks that the script runs "
+        "(the numbers mean nothing, and nothing is written to benchmarks/results)",
+    )
+
+
+def report(
+    name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | None = None, smoke: bool = False
+) -> Path | None:
+    """Print `rows` as a table (plus `summary`) and write both to benchmarks/results/<name>.json (a smoke
+    run only prints)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     cells = [[_format(row.get(col, "")) for col in columns] for row in rows]
     widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
@@ -115,6 +130,9 @@ def report(name: str, rows: list[dict[str, Any]], summary: dict[str, Any] | None
         print("  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)))
     for key, value in (summary or {}).items():
         print(f"{key}: {_format(value)}")
+    if smoke:
+        print(f"smoke run: {name}.json not written")
+        return None
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     machine = {
