@@ -10,6 +10,7 @@ pairs never negatives), AdamW. Every `--eval-every` steps: ITM loss and accuracy
 balanced (each positive with one negative caption).
 
     python benchmarks/albef_init.py --steps 300      # ~5 min on one CPU thread
+    python benchmarks/albef_init.py --smoke          # every measurement at the smallest sizes, seconds: checks it runs
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import add_smoke_flag
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "support"))
@@ -184,7 +186,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--lr", type=float, default=1e-4)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:  # both runs, 2 training steps of 4 crops each, one evaluation (step 0: eval_every > steps)
+        args.steps, args.batch, args.eval_every = 2, 4, 3
     curves = {
         name: run(init, args.steps, args.batch, args.eval_every, args.lr)
         for name, init in (("albef_init", True), ("new_fusion", False))
@@ -193,6 +198,8 @@ def main() -> None:
     for points in zip(*curves.values(), strict=True):
         cells = "  ".join(f"{p['eval_itm_loss']:.3f} {p['eval_itm_acc']:.3f}" for p in points)
         print(f"{points[0]['step']:4d}  {cells}")
+    if args.smoke:
+        print("smoke run: 2 steps, the numbers mean nothing")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ vlp's `nucleus_sampling` through the same cache); the draws differ, so captions 
 
     OMP_NUM_THREADS=1 python benchmarks/blip_generate_speed.py --size base --batch 8 --batches 3
     OMP_NUM_THREADS=1 python benchmarks/blip_generate_speed.py --size base --image-size 224 --sample
+    OMP_NUM_THREADS=1 python benchmarks/blip_generate_speed.py --smoke  # every measurement at the smallest sizes, seconds: checks it runs
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import add_smoke_flag
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "support"))
@@ -89,6 +91,47 @@ def vlp_sample(captioner, images: torch.Tensor, max_length: int, generator: torc
     )  # fmt: skip
 
 
+def measure(reference, captioner, args: argparse.Namespace, sample: bool) -> dict:
+    """Both captioners over the same `args.batches` batches, interleaved; beam search, or nucleus sampling
+    when `sample`: the result row (captions/s of each, speedup, identical captions)."""
+    seconds = {"lavis": 0.0, "vlp": 0.0}
+    equal = 0
+    with torch.no_grad():
+        for i in range(args.batches):
+            images = torch.randn(
+                args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(i)
+            )
+            start = time.perf_counter()
+            if sample:
+                theirs = reference.generate({"image": images}, use_nucleus_sampling=True, top_p=0.9,
+                                            max_length=args.max_length, min_length=5, repetition_penalty=1.1)  # fmt: skip
+            else:
+                theirs = reference.generate(
+                    {"image": images}, num_beams=args.beams, max_length=args.max_length, min_length=0
+                )
+            seconds["lavis"] += time.perf_counter() - start
+            start = time.perf_counter()
+            if sample:
+                prompt_tokens = 1 + len(captioner.prompt_ids)
+                ours = vlp_sample(
+                    captioner, images, args.max_length - prompt_tokens, torch.Generator().manual_seed(i)
+                )
+            else:
+                ours = captioner.generate(captioner.backbone.encode_image(images))
+            seconds["vlp"] += time.perf_counter() - start
+            if not sample:
+                equal += sum(a == b for a, b in zip(as_lavis_decodes(captioner, ours), theirs, strict=True))
+            print(f"batch {i}: lavis {seconds['lavis']:.1f} s, vlp {seconds['vlp']:.1f} s (cumulative)")
+    captions = args.batch * args.batches
+    return {
+        "size": args.size, "image_size": args.image_size, "batch": args.batch, "batches": args.batches,
+        "method": "nucleus sampling" if sample else f"beam search ({args.beams})",
+        "max_length": args.max_length, "threads": 1,
+        "lavis_captions_per_s": captions / seconds["lavis"], "vlp_captions_per_s": captions / seconds["vlp"],
+        "speedup": seconds["lavis"] / seconds["vlp"], "identical_captions": "not compared" if sample else f"{equal}/{captions}",
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="base")
@@ -101,56 +144,32 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks" / "results" / "blip_generate_speed.json"
     )
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:  # the test size, one batch of 2 at 32 px; beam search (captions compared) and sampling
+        args.size, args.image_size, args.batch, args.batches = "tiny", 32, 2, 1
     torch.set_num_threads(1)
     start = time.perf_counter()
     reference, captioner = build(args.size, args.image_size, args.beams, args.max_length)
     print(f"built and converted in {time.perf_counter() - start:.1f} s")
-    seconds = {"lavis": 0.0, "vlp": 0.0}
-    equal = 0
-    with torch.no_grad():
-        for i in range(args.batches):
-            images = torch.randn(
-                args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(i)
-            )
-            start = time.perf_counter()
-            if args.sample:
-                theirs = reference.generate({"image": images}, use_nucleus_sampling=True, top_p=0.9,
-                                            max_length=args.max_length, min_length=5, repetition_penalty=1.1)  # fmt: skip
-            else:
-                theirs = reference.generate(
-                    {"image": images}, num_beams=args.beams, max_length=args.max_length, min_length=0
-                )
-            seconds["lavis"] += time.perf_counter() - start
-            start = time.perf_counter()
-            if args.sample:
-                prompt_tokens = 1 + len(captioner.prompt_ids)
-                ours = vlp_sample(
-                    captioner, images, args.max_length - prompt_tokens, torch.Generator().manual_seed(i)
-                )
-            else:
-                ours = captioner.generate(captioner.backbone.encode_image(images))
-            seconds["vlp"] += time.perf_counter() - start
-            if not args.sample:
-                equal += sum(a == b for a, b in zip(as_lavis_decodes(captioner, ours), theirs, strict=True))
-            print(f"batch {i}: lavis {seconds['lavis']:.1f} s, vlp {seconds['vlp']:.1f} s (cumulative)")
-    captions = args.batch * args.batches
-    result = {
-        "size": args.size, "image_size": args.image_size, "batch": args.batch, "batches": args.batches,
-        "method": "nucleus sampling" if args.sample else f"beam search ({args.beams})",
-        "max_length": args.max_length, "threads": 1,
-        "lavis_captions_per_s": captions / seconds["lavis"], "vlp_captions_per_s": captions / seconds["vlp"],
-        "speedup": seconds["lavis"] / seconds["vlp"], "identical_captions": "not compared" if args.sample else f"{equal}/{captions}",
-    }  # fmt: skip
+    # a smoke run takes both methods through the models built once; a real run the one asked for
+    results = [
+        measure(reference, captioner, args, sample)
+        for sample in ((False, True) if args.smoke else (args.sample,))
+    ]
     print(
         "| size | image | batch x batches | method | LAVIS captions/s | vlp captions/s | vlp / LAVIS | same |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.size} | {args.image_size} | {args.batch} x {args.batches} | {result['method']} | "
-          f"{result['lavis_captions_per_s']:.3f} | {result['vlp_captions_per_s']:.3f} | {result['speedup']:.2f}x | "
-          f"{result['identical_captions']} |")  # fmt: skip
+    for result in results:
+        print(f"| {args.size} | {args.image_size} | {args.batch} x {args.batches} | {result['method']} | "
+              f"{result['lavis_captions_per_s']:.3f} | {result['vlp_captions_per_s']:.3f} | {result['speedup']:.2f}x | "
+              f"{result['identical_captions']} |")  # fmt: skip
+    if args.smoke:
+        print(f"smoke run: {args.out} not written")
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(results[0], indent=2))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ A reference implementation's `generate` (LAVIS's BLIP) can join as one more entr
 
     python benchmarks/caption_speed.py                 # both sizes
     python benchmarks/caption_speed.py --sizes shapes  # seconds
+    python benchmarks/caption_speed.py --smoke         # every measurement at the smallest sizes, seconds: checks it runs
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import report  # noqa: E402
+from benchmarks.harness import add_smoke_flag, report  # noqa: E402
 
 
 @dataclass
@@ -118,7 +119,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=20, help="tokens per caption, [SEP] counted")
     parser.add_argument("--captions-per-image", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke:  # every method and the warm-up, shapes size only: 1 round, 1 batch of 2, short captions
+        args.sizes, args.batch_size, args.batches, args.rounds, args.length = ["shapes"], 2, 1, 1, 4
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.sizes:
@@ -139,7 +143,10 @@ def main() -> None:
             rows.append({"size": name, "method": method, "captions_per_s": statistics.median(values),
                          "min": min(values), "max": max(values)})  # fmt: skip
     report(
-        "caption_speed", rows, {"batch_size": args.batch_size, "length": args.length, "threads": args.threads}
+        "caption_speed",
+        rows,
+        {"batch_size": args.batch_size, "length": args.length, "threads": args.threads},
+        smoke=args.smoke,
     )
 
 

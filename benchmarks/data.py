@@ -12,6 +12,7 @@ file differs) with two captions each, and the same set as litdata chunks (`vlp d
 
     python benchmarks/data.py            # ~1-2 min on 2 CPU cores
     python benchmarks/data.py --quick    # ~1 min smoke version
+    python benchmarks/data.py --smoke    # every measurement at the smallest sizes, seconds: checks it runs
 """
 
 import argparse
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import report
+from harness import add_smoke_flag, report
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -55,10 +56,14 @@ def make_folder(root: Path, count: int) -> None:
     (root / "train.json").write_text(json.dumps({"images": images, "annotations": annotations}))
 
 
-def loader_rate(source, workers: int) -> float:
+def loader_rate(source, workers: int, batch_size: int = 32) -> float:
     """Samples/s of one pass over the train split, timed from the first batch on."""
     loader = DataLoader(
-        source.dataset("train"), batch_size=32, shuffle=True, num_workers=workers, collate_fn=source.collate
+        source.dataset("train"),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=source.collate,
     )
     iterator = iter(loader)
     next(iterator)
@@ -68,16 +73,21 @@ def loader_rate(source, workers: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def fit_data_share(root: Path, steps: int, workers: int) -> dict:
+def fit_data_share(
+    root: Path, steps: int, workers: int, image_size: int = 224, batch_size: int | None = None
+) -> dict:
+    """`vlp fit` on the folder: its data-wait share. `batch_size`: the config's unless given."""
     backbone = "--model.init_args.backbone.init_args"
+    batch = [] if batch_size is None else [f"--data.sources.captions.init_args.batch_size={batch_size}"]
     cli = vlp_run(
         ["fit", "--config", str(CONFIG), f"--data.train_annotations={root / 'train.json'}"]
         + [f"--data.val_annotations={root / 'train.json'}", f"--data.image_root={root / 'images'}"]
         + [
-            "--data.sources.captions.init_args.image_size=224",
+            f"--data.sources.captions.init_args.image_size={image_size}",
             f"--data.sources.captions.init_args.num_workers={workers}",
         ]
-        + [f"{backbone}.vision.image_size=224", f"{backbone}.vision.patch_size=32"]
+        + batch
+        + [f"{backbone}.vision.image_size={image_size}", f"{backbone}.vision.patch_size=32"]
         + [f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.profiler=simple"]
         + [
             "--trainer.enable_progress_bar=false",
@@ -110,9 +120,15 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer images and steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
+    add_smoke_flag(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     count, steps = (96, 10) if args.quick else (320, 40)
+    worker_counts, size, batch = (0, 1, 2), 224, 32
+    if args.smoke:
+        # batch 4 over 8 images: 2 loader batches a pass (one timed) and 2 fit steps a pass (one of them inside
+        # a pass, which the within-pass share needs); 1 worker keeps the worker path
+        count, steps, worker_counts, size, batch = 8, 2, (0, 1), 64, 4
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         make_folder(root, count)
@@ -132,19 +148,22 @@ def main() -> None:
             str(root / "chunks"),
         ]
         subprocess.run(command, check=True, capture_output=True, timeout=600)
-        files = CocoCaptionsSource(str(root / "train.json"), str(root / "images"), image_size=224)
-        chunks = StreamingSource(str(root / "chunks"), image_size=224)
+        files = CocoCaptionsSource(str(root / "train.json"), str(root / "images"), image_size=size)
+        chunks = StreamingSource(str(root / "chunks"), image_size=size)
         rows = []
         for name, source in (("jpeg files", files), ("litdata chunks", chunks)):
-            for workers in (0, 1, 2):
-                rows.append(
-                    {"input": name, "workers": workers, "samples_per_s": loader_rate(source, workers)}
-                )
-        fit = fit_data_share(root, steps, workers=2)
+            for workers in worker_counts:
+                rate = loader_rate(source, workers, batch)
+                rows.append({"input": name, "workers": workers, "samples_per_s": rate})
+        # the real run's fit takes the config's batch size, the smoke run's its 4
+        fit = fit_data_share(
+            root, steps, workers=worker_counts[-1], image_size=size, batch_size=batch if args.smoke else None
+        )
     report(
         "data",
         rows,
         {f"fit_{key}": value for key, value in fit.items()} | {"images": count, "image_px": "640x480"},
+        smoke=args.smoke,
     )
 
 

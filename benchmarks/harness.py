@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def revision_tree(revision: str, folder: Path) -> Path:
     """The `vlp` package of git `revision`, unpacked under `folder` (for `run_isolated(vlp_root=folder)`)."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", revision, "vlp"], capture_output=True, check=True
-    )
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "vlp"], capture_output=True)
+    if archive.returncode != 0:
+        raise RuntimeError(
+            f"git archive {revision} failed (a shallow clone lacks older revisions: `git fetch --unshallow`, "
+            f"or name another --baseline): {archive.stderr.decode().strip()}"
+        )
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     return folder
 

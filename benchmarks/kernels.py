@@ -4,14 +4,18 @@
 - Contrastive loss: B = 1k..16k, D=256. Goal: peak memory growth exponent (log-log fit) <= 1.1 tiled, ~2 naive.
 Each measurement runs in a fresh process (peak RSS growth); the route is the one `backend="auto"` picks on
 the benchmark's device (PyTorch on CPU, Triton on CUDA). Results: benchmarks/results/kernels.json.
+
+    python benchmarks/kernels.py
+    python benchmarks/kernels.py --smoke    # every measurement at the smallest sizes, seconds: checks it runs
 """
 
+import argparse
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import median_seconds, peak_rss_growth_mib, report, run_isolated
+from harness import add_smoke_flag, median_seconds, peak_rss_growth_mib, report, run_isolated
 
 from vlp.platform.kernels import (
     contrastive_loss,
@@ -23,6 +27,10 @@ from vlp.platform.kernels import (
 HEAD = dict(tokens=8192, vocab=30522, hidden=768)
 BATCHES = [1024, 2048, 4096, 8192, 16384]
 EMBED_DIM = 256
+# --smoke: the smallest sizes whose loss + backward still raise the peak RSS (the ratios and the fit divide by
+# it; below these the growth can be 0), two batches for the fit
+SMOKE_HEAD = dict(tokens=512, vocab=4096, hidden=64)
+SMOKE_BATCHES = [256, 512]
 
 
 def _device() -> torch.device:
@@ -98,16 +106,22 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_smoke_flag(parser)
+    args = parser.parse_args()
+    sizes, batches = (SMOKE_HEAD, SMOKE_BATCHES) if args.smoke else (HEAD, BATCHES)
     script = Path(__file__).resolve()
     rows, summary = [], {}
-    head = {m: run_isolated(script, "measure_head", method=m, repeat=1, **HEAD) for m in ("naive", "fused")}
+    head = {m: run_isolated(script, "measure_head", method=m, repeat=1, **sizes) for m in ("naive", "fused")}
     for method, result in head.items():
-        rows.append({"bench": "vocab_head", "method": method, "size": HEAD["tokens"], **result})
+        rows.append({"bench": "vocab_head", "method": method, "size": sizes["tokens"], **result})
     summary["head_memory_ratio"] = head["naive"]["peak_mib"] / head["fused"]["peak_mib"]
     summary["head_time_ratio"] = head["fused"]["seconds"] / head["naive"]["seconds"]
 
     peaks = {"naive": [], "tiled": []}
-    for batch in BATCHES:
+    for batch in batches:
         for method in peaks:
             result = run_isolated(
                 script,
@@ -120,8 +134,8 @@ def main() -> None:
             peaks[method].append(result["peak_mib"])
             rows.append({"bench": "contrastive", "method": method, "size": batch, **result})
     for method, values in peaks.items():
-        summary[f"contrastive_{method}_memory_exponent"] = loglog_slope(BATCHES, values)
-    report("kernels", rows, summary)
+        summary[f"contrastive_{method}_memory_exponent"] = loglog_slope(batches, values)
+    report("kernels", rows, summary, smoke=args.smoke)
 
 
 if __name__ == "__main__":

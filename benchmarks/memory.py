@@ -13,7 +13,8 @@ under FSDP2). Peak: growth of each rank's peak resident set over the step (CPU, 
 activations, communication buffers and the allocator's slack). Results: benchmarks/results/memory.json.
 
     python benchmarks/memory.py            # ~2 min on 2 CPU cores, up to ~5 GiB per rank
-    python benchmarks/memory.py --quick    # a small backbone, seconds
+    python benchmarks/memory.py --quick    # a small backbone, ~2 min (two fresh processes per strategy)
+    python benchmarks/memory.py --smoke    # every measurement at the smallest sizes, seconds: checks it runs
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from harness import report
+from harness import add_smoke_flag, report
 
 WORLD = 2
 STRATEGIES = ["ddp", "fsdp2", "zero2", "zero3"]
@@ -146,7 +147,22 @@ def _step_deepspeed(module, batch, stage: int) -> dict[str, int]:
     }
 
 
-def _worker(rank: int, strategy: str, quick: bool, out_dir: str) -> None:
+def _measure(rank: int, strategy: str, quick: bool, out_dir: str) -> None:
+    """One step under `strategy` on this rank; its counts to `out_dir`/<strategy>-<rank>.json."""
+    module, batch = _model(quick)
+    psi = sum(p.numel() for p in module.parameters())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if strategy.startswith("zero"):
+        counts = _step_deepspeed(module, batch, int(strategy[-1]))
+    else:
+        counts = _step_torch(module, batch, strategy)
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    (Path(out_dir) / f"{strategy}-{rank}.json").write_text(json.dumps({**counts, "psi": psi, "peak": peak}))
+    dist.barrier()
+
+
+def _worker(rank: int, strategies: list[str], quick: bool, out_dir: str) -> None:
+    """One rank: `strategies` in turn in one process group (the real run passes one: peaks need fresh ones)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
@@ -154,20 +170,21 @@ def _worker(rank: int, strategy: str, quick: bool, out_dir: str) -> None:
         "gloo", init_method=f"file://{Path(out_dir) / 'rendezvous'}", rank=rank, world_size=WORLD
     )
     try:
-        module, batch = _model(quick)
-        psi = sum(p.numel() for p in module.parameters())
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        if strategy.startswith("zero"):
-            counts = _step_deepspeed(module, batch, int(strategy[-1]))
-        else:
-            counts = _step_torch(module, batch, strategy)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
-        (Path(out_dir) / f"{strategy}-{rank}.json").write_text(
-            json.dumps({**counts, "psi": psi, "peak": peak})
-        )
-        dist.barrier()
+        for strategy in strategies:
+            _measure(rank, strategy, quick, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+def _spawn(strategies: list[str], quick: bool) -> dict[str, list[dict]]:
+    """Each rank's counts per strategy, from one pair of fresh processes running `strategies` in turn."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MASTER_PORT"] = str(29500 + STRATEGIES.index(strategies[0]))
+        mp.spawn(_worker, args=(strategies, quick, tmp), nprocs=WORLD, join=True)
+        return {
+            strategy: [json.loads((Path(tmp) / f"{strategy}-{r}.json").read_text()) for r in range(WORLD)]
+            for strategy in strategies
+        }
 
 
 def formula_bytes(strategy: str, psi: int, n: int = WORLD) -> float:
@@ -179,15 +196,23 @@ def formula_bytes(strategy: str, psi: int, n: int = WORLD) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small backbone: checks the script in seconds")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small backbone (~2 min: two fresh processes per strategy)"
+    )
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    # each strategy in its own 2 fresh processes (a peak RSS is per process); smoke: the quick backbone and
+    # every strategy in one pair of processes, as a fresh pair per strategy costs ~20-35 s of start-up
+    if args.smoke:
+        results = _spawn(args.strategies, quick=True)
+    else:
+        results = {}
+        for strategy in args.strategies:
+            results |= _spawn([strategy], args.quick)
     rows = []
     for strategy in args.strategies:
-        with tempfile.TemporaryDirectory() as tmp:
-            os.environ["MASTER_PORT"] = str(29500 + STRATEGIES.index(strategy))
-            mp.spawn(_worker, args=(strategy, args.quick, tmp), nprocs=WORLD, join=True)
-            ranks = [json.loads((Path(tmp) / f"{strategy}-{r}.json").read_text()) for r in range(WORLD)]
+        ranks = results[strategy]
         counts = {key: max(rank[key] for rank in ranks) for key in ("params", "grads", "optimizer", "peak")}
         psi = ranks[0]["psi"]
         states = counts["params"] + counts["grads"] + counts["optimizer"]
@@ -203,7 +228,9 @@ def main() -> None:
                 "peak_step_GiB": counts["peak"] / GIB,
             }
         )
-    report("memory", rows, {"psi_params": ranks[0]["psi"], "ranks": WORLD, "batch_per_rank": 2})
+    report(
+        "memory", rows, {"psi_params": ranks[0]["psi"], "ranks": WORLD, "batch_per_rank": 2}, smoke=args.smoke
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ alpha 0.4 for ITC, MLM and captioning. A step is forward + backward + AdamW + th
 best of interleaved rounds at one thread; memory is the peak RSS growth of one process running three steps.
 
     python benchmarks/momentum.py
+    python benchmarks/momentum.py --smoke    # every measurement at the smallest sizes, seconds: checks it runs
 """
 
 import argparse
@@ -13,11 +14,13 @@ import json
 import time
 from pathlib import Path
 
-from harness import build_from_config, peak_rss_growth_mib, report, run_isolated
+from harness import add_smoke_flag, build_from_config, peak_rss_growth_mib, report, run_isolated
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "pretrain" / "shapes-tiny.yaml"
 ARGS = "--model.init_args"
+BATCH = 64  # the default config's batch
+SMOKE = {"queue": 8, "rounds": 1, "batch": 2}  # --smoke: a queue that wraps within the steps, one timed step
 
 
 def overrides(momentum: bool, queue: int) -> list[str]:
@@ -39,15 +42,15 @@ def overrides(momentum: bool, queue: int) -> list[str]:
     ]
 
 
-def trainer_step(momentum: bool, queue: int):
-    """A module of the default config and a function running one optimizer step on a batch."""
+def trainer_step(momentum: bool, queue: int, batch: int = BATCH):
+    """A module of the default config and a function running one optimizer step on `batch` rows."""
     from vlp.platform.optim import OptimConfig, build_optimizer
 
     module, data = build_from_config(CONFIG, overrides(momentum, queue))
     source = data.sources["shapes"]
     optimizer = build_optimizer(module, OptimConfig(), total_steps=100)["optimizer"]
     train = source.dataset("train")
-    batches = [source.collate([train[i] for i in range(k * 64, (k + 1) * 64)]) for k in range(2)]
+    batches = [source.collate([train[i] for i in range(k * batch, (k + 1) * batch)]) for k in range(2)]
     calls = [0]
 
     def step() -> None:
@@ -62,8 +65,8 @@ def trainer_step(momentum: bool, queue: int):
     return module, step
 
 
-def measure(momentum: bool, queue: int, rounds: int) -> dict:
-    module, step = trainer_step(momentum, queue)
+def measure(momentum: bool, queue: int, rounds: int, batch: int = BATCH) -> dict:
+    module, step = trainer_step(momentum, queue, batch)
     memory = peak_rss_growth_mib(lambda: [step() for _ in range(3)])
     times = []
     for _ in range(rounds):
@@ -80,14 +83,14 @@ def main() -> None:
     )
     parser.add_argument("--queue", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=8)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    sizes = SMOKE if args.smoke else {"queue": args.queue, "rounds": args.rounds, "batch": BATCH}
     rows = []
     for momentum in (False, True):
-        got = run_isolated(
-            __file__, "measure", timeout=1800, momentum=momentum, queue=args.queue, rounds=args.rounds
-        )
-        rows.append({"momentum": momentum, "queue": args.queue if momentum else 0, **got})
-    report("momentum", rows, {"step time ratio": rows[1]["step_s"] / rows[0]["step_s"]})
+        got = run_isolated(__file__, "measure", timeout=1800, momentum=momentum, **sizes)
+        rows.append({"momentum": momentum, "queue": sizes["queue"] if momentum else 0, **got})
+    report("momentum", rows, {"step time ratio": rows[1]["step_s"] / rows[0]["step_s"]}, smoke=args.smoke)
 
 
 if __name__ == "__main__":

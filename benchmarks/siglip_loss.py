@@ -6,6 +6,7 @@ sigmoid losses exchange texts around the ring, InfoNCE gathers). Each measuremen
 benchmarks/results/siglip_loss.json.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/siglip_loss.py [--batches 256 1024 4096 8192] [--ranks 1 2]
+    python benchmarks/siglip_loss.py --smoke    # every measurement at the smallest sizes, seconds: checks it runs
 """
 
 import argparse
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from harness import median_seconds, peak_rss_growth_mib, report, run_isolated
+from harness import add_smoke_flag, median_seconds, peak_rss_growth_mib, report, run_isolated
 from open_clip.loss import SigLipLoss
 
 from vlp.platform.kernels import (
@@ -31,6 +32,7 @@ from vlp.platform.losses import sigmoid_loss
 
 METHODS = ("sigmoid_tiled", "sigmoid_untiled", "open_clip_siglip", "infonce_tiled", "infonce_untiled")
 EMBED_DIM, CHUNK = 256, 1024
+SMOKE_BATCH = 8  # --smoke's one global batch (4 a rank on 2)
 SCRIPT = Path(__file__).resolve()  # runpy.run_path sets __file__ too
 
 
@@ -80,10 +82,10 @@ def _measure(method: str, local_batch: int, rank: int, world: int, repeat: int) 
     return {"peak_mib": peak, "seconds": median_seconds(step, repeat)}
 
 
-def _rank_main(rank: int, world: int, folder: str, method: str, local_batch: int, repeat: int) -> None:
+def _rank_main(rank: int, world: int, folder: str, methods: list[str], local_batch: int, repeat: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    result = _measure(method, local_batch, rank, world, repeat)
+    result = {method: _measure(method, local_batch, rank, world, repeat) for method in methods}
     Path(folder, f"{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     os._exit(0)
@@ -92,23 +94,33 @@ def _rank_main(rank: int, world: int, folder: str, method: str, local_batch: int
 def measure(method: str, batch: int, world: int, repeat: int) -> dict:
     """Peak memory (the largest rank's) and median time of one loss + backward, run in fresh processes: one
     per rank, each this script with `--rank`."""
-    if _loss_fn(method, 0, world) is None:
+    return measure_methods([method], batch, world, repeat).get(method, {})
+
+
+def measure_methods(methods: list[str], batch: int, world: int, repeat: int) -> dict[str, dict]:
+    """`measure` of each of `methods` (those that run on `world` ranks), one after another in the same
+    processes: the real run passes one method (a peak is then its own), --smoke all (fewer processes)."""
+    methods = [method for method in methods if _loss_fn(method, 0, world) is not None]
+    if not methods:
         return {}
     if world == 1:
         torch.set_num_threads(1)
-        return _measure(method, batch, 0, 1, repeat)
+        return {method: _measure(method, batch, 0, 1, repeat) for method in methods}
     with tempfile.TemporaryDirectory() as folder:
         ranks = [
             subprocess.Popen(
                 [sys.executable, str(SCRIPT), "--rank", str(r), "--world", str(world), "--folder", folder]
-                + ["--method", method, "--batches", str(batch // world), "--repeat", str(repeat)]
+                + ["--method", *methods, "--batches", str(batch // world), "--repeat", str(repeat)]
             )
             for r in range(world)
         ]
         if any(p.wait(timeout=600) != 0 for p in ranks):
-            raise RuntimeError(f"a rank of {method} at batch {batch} failed")
+            raise RuntimeError(f"a rank of {methods} at batch {batch} failed")
         results = [json.loads(Path(folder, f"{r}.json").read_text()) for r in range(world)]
-    return {key: max(r[key] for r in results) for key in ("peak_mib", "seconds")}
+    return {
+        method: {key: max(r[method][key] for r in results) for key in ("peak_mib", "seconds")}
+        for method in methods
+    }
 
 
 def main() -> None:
@@ -119,12 +131,26 @@ def main() -> None:
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)  # one rank of a multi-rank measurement
     parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--method", nargs="+", help=argparse.SUPPRESS)
+    add_smoke_flag(parser)
     args = parser.parse_args()
     if args.rank is not None:
         _rank_main(args.rank, args.world, args.folder, args.method, args.batches[0], args.repeat)
     script = Path(__file__).resolve()
     rows = []
+    if args.smoke:
+        # 1 and 2 ranks, one small batch, every method; a world's methods share their processes. One fresh
+        # process fewer: several ranks are measured from here (their ranks are fresh processes anyway)
+        for world in args.ranks:
+            kwargs = {"methods": METHODS, "batch": SMOKE_BATCH, "world": world, "repeat": 1}
+            if world == 1:
+                results = run_isolated(script, "measure_methods", **kwargs)
+            else:
+                results = measure_methods(**kwargs)
+            rows += [{"ranks": world, "batch": SMOKE_BATCH, "method": m, **r} for m, r in results.items()]
+        assert {row["ranks"] for row in rows} == set(args.ranks), "a world size measured nothing"
+        report("siglip_loss", rows, smoke=True)
+        return
     for world in args.ranks:
         for batch in args.batches:
             for method in METHODS:

@@ -14,6 +14,7 @@ unpacked with `git archive`), interleaved round by round; times are the best of 
 
     python benchmarks/step.py            # ~20 min on 2 CPU cores (ViT-B: ~11 min a round)
     python benchmarks/step.py --quick    # the default model only, one round
+    python benchmarks/step.py --smoke    # every measurement at the smallest sizes, seconds: checks it runs
     python benchmarks/step.py --models vit-b16+bert-base --rounds 1   # writes results/step-<models>.json
     python benchmarks/step.py --profile  # torch.profiler's top ops of the default joint step, old and new
     python benchmarks/step.py --albef    # one ALBEF training step: LAVIS 1.0.2 against vlp (~6 min)
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from harness import ROOT, build_from_config, report, revision_tree, run_isolated
+from harness import ROOT, add_smoke_flag, build_from_config, report, revision_tree, run_isolated
 
 CONFIG = ROOT / "configs" / "pretrain" / "shapes-tiny.yaml"
 BASELINE = "5555d96"  # main before the shared fusion work and the decoder cache (issue #13)
@@ -55,6 +56,7 @@ MODELS = {
 }
 SINGLES = ("itc", "itm", "mlm", "caption", "grounding")
 VAL_BATCHES = 2
+SMOKE_BATCH = 2  # --smoke: the default model at the smallest batch with in-batch negatives, one round
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -115,8 +117,9 @@ def profile_table() -> dict:
     return {"table": profile()}
 
 
-def measure(model: str, rounds: int) -> dict:
-    """Times (best of `rounds`) and FLOPs of the `vlp` this process imports; runs in its own process."""
+def measure(model: str, rounds: int, batch_size: int | None = None) -> dict:
+    """Times (best of `rounds`) and FLOPs of the `vlp` this process imports; runs in its own process.
+    `batch_size`: rows per step and val batch in place of the model's (--smoke)."""
     module, source = build(model)
     import torch
 
@@ -127,7 +130,7 @@ def measure(model: str, rounds: int) -> dict:
     except ModuleNotFoundError:  # revisions before vlp/platform/run/ (the default baseline)
         from vlp.platform.flops import count_flops
 
-    spec = MODELS[model]
+    spec = {**MODELS[model], **({"batch": batch_size} if batch_size is not None else {})}
     backbone, objectives = module.backbone, module.objectives
     train = source.dataset("train")
     batch = {**source.collate([train[i] for i in range(spec["batch"])]), "global_step": 0}
@@ -358,15 +361,18 @@ def albef_compare(batch: int, rounds: int) -> list[dict]:
     return rows
 
 
-def compare(model: str, baseline_root: Path, rounds: int) -> list[dict]:
-    """Rows old vs new for one model: each round measures both trees, alternating which goes first."""
+def compare(model: str, baseline_root: Path, rounds: int, batch_size: int | None = None) -> list[dict]:
+    """Rows old vs new for one model: each round measures both trees, alternating which goes first.
+    `batch_size`: in place of the model's (--smoke)."""
     results: dict[str, list[dict]] = {"old": [], "new": []}
     trees = {"old": str(baseline_root), "new": str(ROOT)}
     for round_index in range(rounds):
         order = ("old", "new") if round_index % 2 == 0 else ("new", "old")
         for which in order:
             results[which].append(
-                run_isolated(__file__, "measure", 3600, trees[which], model=model, rounds=1)
+                run_isolated(
+                    __file__, "measure", 3600, trees[which], model=model, rounds=1, batch_size=batch_size
+                )
             )
     merged = {}
     for which, runs in results.items():
@@ -422,7 +428,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top ops of old and new, then stop")
     parser.add_argument("--albef", action="store_true", help="one ALBEF training step: LAVIS against vlp")
     parser.add_argument("--albef-batch", type=int, default=4)
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    if args.smoke and (args.albef or args.profile):  # not a full run under the smoke flag
+        parser.error("--smoke covers the default run; --albef and --profile have no smoke variant")
     if args.albef:
         rows = albef_compare(args.albef_batch, args.rounds)
         report(f"step-albef-b{args.albef_batch}", rows, {"rounds": args.rounds})
@@ -434,17 +443,18 @@ def main() -> None:
                 table = run_isolated(__file__, "profile_table", 600, str(root))["table"]
                 print(f"== {which} ({root})\n{table}")
         return
-    models = ["shapes-tiny"] if args.quick else args.models or list(MODELS)
-    rounds = 1 if args.quick else args.rounds
+    models = ["shapes-tiny"] if args.quick or args.smoke else args.models or list(MODELS)
+    rounds = 1 if args.quick or args.smoke else args.rounds
+    batch_size = SMOKE_BATCH if args.smoke else None  # None: each model's own batch
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         baseline = revision_tree(args.baseline, Path(folder))
         for model in models:
             started = time.perf_counter()
-            rows += compare(model, baseline, rounds)
+            rows += compare(model, baseline, rounds, batch_size)
             print(f"{model}: measured in {time.perf_counter() - started:.0f} s", flush=True)
     name = "step" if models == list(MODELS) else "step-" + "-".join(models)  # a subset keeps the full file
-    report(name, rows, {"baseline": args.baseline, **goals(rows)})
+    report(name, rows, {"baseline": args.baseline, **goals(rows)}, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ Per cost row:
     python benchmarks/token_merging.py --parts quality --seeds 0 --variants unmerged,merged_whole --repeats 3
     python benchmarks/token_merging.py --parts speed --baseline HEAD~1      # this tree's step against a revision
     python benchmarks/token_merging.py --quick                         # a few minutes' smoke version
+    python benchmarks/token_merging.py --smoke    # every measurement at the smallest sizes, seconds: checks it runs
 """
 
 import argparse
@@ -50,11 +51,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import yaml
-from harness import ROOT, build_from_config, report, revision_tree, run_isolated
+from harness import ROOT, add_smoke_flag, build_from_config, report, revision_tree, run_isolated
 
 from vlp.cli import run as vlp_run
 from vlp.platform.model.token_merging import TokenMergingConfig
@@ -82,6 +83,7 @@ BACKBONE = "--model.init_args.backbone.init_args"
 GROUNDING = "--model.init_args.objectives.grounding.init_args"
 PATCH_DROPOUT = (0.5, 0.75)  # FLIP's shares, without merging
 OTHER_GRIDS = ("inputs", "none")  # grounding's readings of a merged image besides the default (positions)
+T = TypeVar("T")
 
 
 class Variant(NamedTuple):
@@ -110,6 +112,31 @@ MODELS = {  # overrides of the default with configs/overlays/merge.yaml (each se
         *MERGING_OFF,  # the overlay's per-block vision_r fits its 3 blocks, not 12 (each setting sets its own)
     ],
 }
+PARTS = ("costs", "goals", "quality", "breakdown", "vit6", "speed")
+# --smoke: the ViT-B rows' overrides at the merge config's size (its rows keep their model name, so that
+# `goals` reads them), the cost settings of each kind (vision_r with a schedule, text, fusion, entry, the
+# overlays, grounding's grid, patch dropout with and without grounding) and the quality runs' few val images
+SMOKE_VIT_B = [
+    f"{BACKBONE}.vision={json.dumps(dict(image_size=64, patch_size=8, width=32, depth=2, heads=2))}",
+    f"{BACKBONE}.text={json.dumps(dict(width=32, depth=1, heads=2, max_len=64))}",
+    f"{BACKBONE}.fusion={json.dumps(dict(depth=1, heads=2))}",
+    f"{BACKBONE}.embed_dim=32",
+    "--data.sources.shapes.init_args.image_size=64",
+    *MERGING_OFF,
+]
+SMOKE_SETTINGS = (
+    "r0",
+    "r16dec+text8",
+    "r8+fusion16",
+    "r32,16,8+entry12",
+    "overlay",
+    "overlay_grounding_none",
+    "overlay_dense",
+    "overlay_whole",
+    "patch_dropout0.5",
+    "patch_dropout0.5_grounding_too",
+)
+SMOKE_DATA = ["--data.sources.shapes.init_args.num_val=8"]
 
 
 def build(config: Path, overrides: list[str]) -> tuple[TrainableModule, dict]:
@@ -131,12 +158,14 @@ def cost_rows(
     settings: dict[str, Setting],
     rounds: int,
     objectives: tuple[str, ...] | None = None,
+    overrides: list[str] | None = None,
 ) -> list[dict]:
     """FLOPs and CPU times (best of `rounds` >= 1, settings interleaved) of the default config's joint
     multi-task step (only `objectives`, on all rows, when given) and of inference, for one model size under
-    each merging setting; ratios against the first setting."""
+    each merging setting; ratios against the first setting. `overrides`: the model's, in place of
+    `MODELS[model]` (--smoke's stand-in for ViT-B)."""
     started = time.perf_counter()
-    module, source = build(CONFIG, MODELS[model])
+    module, source = build(CONFIG, MODELS[model] if overrides is None else overrides)
     if objectives is not None:
         for name in [name for name in module.objectives if name not in objectives]:
             del module.objectives[name]
@@ -440,10 +469,19 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for every part")
     parser.add_argument("--baseline", default=None, help="git revision the speed part compares with")
+    add_smoke_flag(parser)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
+    if args.smoke:  # every part unless --parts names some, the speed part against HEAD unless --baseline
+        args.parts = ",".join(PARTS) if args.parts == parser.get_default("parts") else args.parts
+        args.baseline = args.baseline or "HEAD"
+
+    def size(full: T, quick: T, smoke: T) -> T:
+        """A size of the full run, of --quick's or of --smoke's."""
+        return smoke if args.smoke else quick if args.quick else full
+
     parts, seeds = args.parts.split(","), [int(s) for s in args.seeds.split(",")]
     if "speed" in parts and not args.baseline:
         parser.error("--parts speed compares this tree with --baseline REV: name the revision")
@@ -452,6 +490,10 @@ def main() -> None:
     if "costs" in parts:
         if args.quick:
             rows += cost_rows("shapes-tiny-64px", 16, {k: every[k] for k in ("r0", "overlay")}, rounds=1)
+        elif args.smoke:
+            rows += cost_rows("shapes-tiny-64px", 2, {k: every[k] for k in SMOKE_SETTINGS}, rounds=1)
+            vit_b = {k: SETTINGS[k] for k in ("r0", "r16")}
+            rows += cost_rows("vit-b16+bert-base", 2, vit_b, rounds=1, overrides=SMOKE_VIT_B)
         else:
             rows += cost_rows("shapes-tiny-64px", 64, every, rounds=3)
             rows += cost_rows("vit-b16+bert-base", 2, SETTINGS, rounds=2)
@@ -460,11 +502,16 @@ def main() -> None:
             dropout = [f"patch_dropout{p}{too}" for p in PATCH_DROPOUT for too in ("", "_grounding_too")]
             grids = [f"overlay_grounding_{grid}" for grid in OTHER_GRIDS]
             goal_settings = ("r0", "overlay", *grids, "overlay_dense", "overlay_whole", *dropout)
-            batch, rounds = (16, 1) if args.quick else (64, 3)
+            batch, rounds = size((64, 3), (16, 1), (2, 1))
             rows += cost_rows("shapes-tiny-64px", batch, {k: every[k] for k in goal_settings}, rounds)
         vit_b = {"r0": SETTINGS["r0"], "r16": SETTINGS["r16"]}
         rows += cost_rows(
-            "vit-b16+bert-base", 2 if args.quick else 8, vit_b, 1 if args.quick else 2, ALBEF_STEP
+            "vit-b16+bert-base",
+            size(8, 2, 2),
+            vit_b,
+            size(2, 1, 1),
+            ALBEF_STEP,
+            SMOKE_VIT_B if args.smoke else None,
         )
     if "vit6" in parts:  # the merge config with a 6-block ViT: unmerged against the whole output
         vit6 = {
@@ -472,16 +519,18 @@ def main() -> None:
             "vit6_whole": Variant(TokenMergingConfig(**DEEP_WHOLE_MERGING)),
             "vit6_whole_share": Variant(TokenMergingConfig(**DEEP_WHOLE_SHARE_MERGING)),
         }
-        rows += cost_rows("shapes-tiny-64px-vit6", 16 if args.quick else 64, vit6, 1 if args.quick else 3)
-    if "speed" in parts:  # the same step over this tree and over --baseline's
-        rows += speed_rows(args.baseline, SPEED_SETTINGS, 2 if args.quick else 5, 16 if args.quick else 64)
+        rows += cost_rows("shapes-tiny-64px-vit6", size(64, 16, 2), vit6, size(3, 1, 1))
+    if "speed" in parts:  # the same step over this tree and over --baseline's (--smoke: unmerged and merged)
+        names = size(SPEED_SETTINGS, SPEED_SETTINGS, SPEED_SETTINGS[:2])
+        rows += speed_rows(args.baseline, names, size(5, 2, 1), size(64, 16, 2))
     if "breakdown" in parts:  # the merge config's step with one objective beside the towers, on all rows
         pair = {k: every[k] for k in ("r0", "overlay")}
-        for objectives in (None, *((name,) for name in ("itc", "itm", "mlm", "caption", "grounding"))):
-            rows += cost_rows("shapes-tiny-64px", 16 if args.quick else 64, pair, 1, objectives)
+        singles = ("itc", "itm", "mlm", "caption", "grounding")
+        for objectives in (None, *((name,) for name in size(singles, singles, ("grounding",)))):
+            rows += cost_rows("shapes-tiny-64px", size(64, 16, 2), pair, 1, objectives)
     quality = []
     if "quality" in parts:
-        steps = args.train_steps or (5 if args.quick else 1000)
+        steps = args.train_steps or size(1000, 5, 1)
         variants = {
             "unmerged": MERGING_OFF,
             "merged": [],
@@ -500,8 +549,12 @@ def main() -> None:
             variants[f"patch_dropout{share}_grounding_too"] = [*variants[f"patch_dropout{share}"], too]
         if args.variants:
             variants = {name: variants[name] for name in args.variants.split(",")}
+        elif args.smoke:  # unmerged and merged (its final weights validated on every token too)
+            variants = {name: variants[name] for name in ("unmerged", "merged")}
+        if args.smoke:
+            variants = {name: [*overrides, *SMOKE_DATA] for name, overrides in variants.items()}
         quality = quality_rows(
-            variants, seeds[:1] if args.quick else seeds, steps, 16 if args.quick else 64, args.repeats
+            variants, seeds[:1] if args.quick or args.smoke else seeds, steps, size(64, 16, 4), args.repeats
         )
     summary = {"overlay_merging": merging_of_overlay(), **goals(rows, quality)}
     name = "token_merging_quick" if args.quick else "token_merging"
@@ -515,7 +568,7 @@ def main() -> None:
         name += f"_{'_'.join(parts)}_seeds{'_'.join(map(str, seeds))}"
         name += f"_{args.variants.replace(',', '_')}" if args.variants else ""
         name += f"_repeats{args.repeats}" if args.repeats != 1 else ""
-    report(name, rows + quality, summary)
+    report(name, rows + quality, summary, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ LONGEST_FILES = (  # longest first, from `make test`'s durations on 2 cores (202
     "tests/cli/test_slurm_cluster.py",
     "tests/test_learning.py",
     "tests/cli/test_cli.py",
+    "tests/test_benchmarks.py",
     "tests/datamodules/test_streaming.py",
     "tests/cli/test_lifecycle.py",
     "tests/platform/model/test_encoders_learning.py",

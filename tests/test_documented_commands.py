@@ -45,6 +45,19 @@ COUNT = 48  # samples of each data file: more than one batch of the configs that
 NOT_RUN = {
     "make test": "the suite itself (CI runs it)",
     "make tensorboard": "a server (tests/cli/test_tensorboard.py)",
+    "make bench BENCH_ARGS=--smoke": "every benchmark script (tests/test_benchmarks.py)",
+}
+# `make` targets the pages name in their prose (`make lint`), not in a fenced block: each is run by a block's
+# command, or by something else that this says
+PROSE_TARGETS_RUN_ELSEWHERE = {
+    "install": "every target's first step; CI's fresh clone runs it (.ci/run)",
+    "test": "the suite itself (CI runs it)",
+    "test-fast": "the suite without the tests marked slow (CI runs the whole suite)",
+    "lint": "CI runs it before the suite (.ci/run)",
+    "format": "rewrites the checkout's files; `make lint` (CI) checks what it leaves",
+    "tensorboard": "a server (tests/cli/test_tensorboard.py)",
+    "gpu-check": "needs a CUDA GPU (scripts/gpu-check.sh; the device machine when one is lent)",
+    "gpu-wheels": "downloads wheels from a package registry for a GPU machine that has none",
 }
 
 
@@ -87,6 +100,20 @@ def documented_commands() -> list[Command]:
             commands.append(Command(page.name, start, " ".join(text.split()), needs and needs.group(1)))
             pending = ""
     return commands
+
+
+def prose_make_targets() -> dict[str, str]:
+    """target -> where it is first named, for every `make TARGET ...` in inline code of the pages' prose."""
+    targets: dict[str, str] = {}
+    for page in PAGES:
+        fenced = False
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            if line.startswith("```"):
+                fenced = not fenced
+            elif not fenced:
+                for target in re.findall(r"`make ([a-z][a-z-]*)", line):
+                    targets.setdefault(target, f"{page.relative_to(ROOT)}:{number}")
+    return targets
 
 
 def jpeg(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:
@@ -196,6 +223,17 @@ def test_every_command_is_run_or_says_what_it_needs():
         assert "..." not in command.text and "[" not in command.text, f"not typeable: {command}"
         if command.needs is None and command.text not in NOT_RUN:
             assert short_form(command)[1], command
+
+
+def test_every_make_target_named_in_prose_runs_somewhere():
+    prose = prose_make_targets()
+    assert {"train", "test", "bench"} <= prose.keys(), prose
+    fenced = {command.words[1] for command in documented_commands() if command.words[0] == "make"}
+    for target, place in prose.items():
+        assert target in fenced or target in PROSE_TARGETS_RUN_ELSEWHERE, (
+            f"{place}: `make {target}` is run by no fenced command: show it in a fenced block or say in "
+            "PROSE_TARGETS_RUN_ELSEWHERE what runs it"
+        )
 
 
 @pytest.mark.slow
