@@ -13,7 +13,8 @@ Parts (--parts; costs, goals and quality by default, side by side in one run and
   output kept whole, `merging.vision_merge_output: false`; `merged_whole_lean`: the same at `vision_r: [32, 48,
   56]`, within the FLOPs goal; `vit6_unmerged` and `vit6_merged_whole`: the same config with a 6-block ViT,
   unmerged and with the whole output at `vision_r: [16, 32, 32, 48, 48, 56]`; `vit6_merged_whole_share` at
-  `[24, 40, 48, 48, 56, 56]`, the share of tokens three blocks keep at `[32, 48, 56]`) and with patch dropout, the
+  `[24, 40, 48, 48, 56, 56]`, the share of tokens three blocks keep at `[32, 48, 56]`; `vit12_unmerged` and
+  `vit12_merged_whole`: a 12-block ViT, the 6-block schedule with each block twice) and with patch dropout, the
   config's 1000 steps (--train-steps) at seeds 0 and 1, then validation t2i R@1, ITM accuracy and grounding
   Acc@0.5; the summary gives each drop against unmerged and whether it is within 0.03. Shorter runs cannot
   judge merging: after 300 steps grounding had not left 0.2-0.26 with or without it. One run moves each score
@@ -21,8 +22,8 @@ Parts (--parts; costs, goals and quality by default, side by side in one run and
   variant and seed N times (lr x 1.001, x 1.002, ...) and judges the goals on the means. A merged run's final
   weights are validated a second time with every merging setting off (`*_all_tokens`: FLIP's reading, trained
   on fewer tokens and evaluated on all).
-- vit6: the costs of the 6-block ViT's two quality settings (does merging hold where the ViT has blocks to
-  spare, as ViT-B's 12 do?);
+- vit6, vit12: the costs of the 6- and 12-block ViTs' quality settings (does merging hold where the ViT has
+  blocks to spare, as ViT-B's 12 do?);
 - speed: the merge config's step and inference times, unmerged, merge.yaml, merge-dense.yaml and the whole
   output at `[32, 48, 56]`, over this tree and over `--baseline REV` (same FLOPs, other code), each round a
   fresh process per tree, interleaved.
@@ -100,9 +101,11 @@ ALBEF_STEP = ("itc", "itm", "mlm")  # the ViT-B goal's joint step (ALBEF's pre-t
 MERGING_OFF = [f"{BACKBONE}.merging={json.dumps(dict(vision_r=0, text_r=0, text_entry_r=0, fusion_r=0))}"]
 # the merge config with a 6-block ViT: does merging keep the scores where the ViT has blocks to spare?
 DEEP = [f"{BACKBONE}.vision.depth=6"]
+DEEP12 = [f"{BACKBONE}.vision.depth=12"]  # and with ViT-B's 12 blocks
 MODELS = {  # overrides of the default with configs/overlays/merge.yaml (each setting replaces its merging)
     "shapes-tiny-64px": [],
     "shapes-tiny-64px-vit6": [*DEEP, *MERGING_OFF],
+    "shapes-tiny-64px-vit12": [*DEEP12, *MERGING_OFF],
     "vit-b16+bert-base": [
         f"{BACKBONE}.vision={json.dumps(dict(image_size=224, patch_size=16, width=768, depth=12, heads=12))}",
         f"{BACKBONE}.text={json.dumps(dict(width=768, depth=6, heads=12, max_len=64))}",
@@ -112,7 +115,7 @@ MODELS = {  # overrides of the default with configs/overlays/merge.yaml (each se
         *MERGING_OFF,  # the overlay's per-block vision_r fits its 3 blocks, not 12 (each setting sets its own)
     ],
 }
-PARTS = ("costs", "goals", "quality", "breakdown", "vit6", "speed")
+PARTS = ("costs", "goals", "quality", "breakdown", "vit6", "vit12", "speed")
 # --smoke: the ViT-B rows' overrides at the merge config's size (its rows keep their model name, so that
 # `goals` reads them), the cost settings of each kind (vision_r with a schedule, text, fusion, entry, the
 # overlays, grounding's grid, patch dropout with and without grounding) and the quality runs' few val images
@@ -255,6 +258,8 @@ WHOLE_LEAN_MERGING = {**WHOLE_MERGING, "vision_r": [32, 48, 56]}
 DEEP_WHOLE_MERGING = {**WHOLE_MERGING, "vision_r": [16, 32, 32, 48, 48, 56]}
 # the same share of its tokens as three blocks keep at [32, 48, 56] (0.30 of the token-blocks): depth alone
 DEEP_WHOLE_SHARE_MERGING = {**WHOLE_MERGING, "vision_r": [24, 40, 48, 48, 56, 56]}
+# the 6-block schedule with each block twice on the 12-block ViT: 49, 49, 33 x 4, 17 x 4, 9, 9 tokens per block
+DEEP12_WHOLE_MERGING = {**WHOLE_MERGING, "vision_r": [16, 16, 32, 32, 32, 32, 48, 48, 48, 48, 56, 56]}
 
 
 def whole_variant() -> Variant:
@@ -432,6 +437,7 @@ def goals(costs: list[dict], quality: list[dict]) -> dict:
         "merged_whole_lean": ("unmerged", "whole_lean_"),
         "vit6_merged_whole": ("vit6_unmerged", "vit6_whole_"),
         "vit6_merged_whole_share": ("vit6_unmerged", "vit6_whole_share_"),
+        "vit12_merged_whole": ("vit12_unmerged", "vit12_whole_"),
     }
     for seed in sorted({row["seed"] for row in quality}):
         for variant, (unmerged, prefix) in prefixes.items():
@@ -456,7 +462,7 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="costs,goals,quality",
-        help="comma-separated: costs, goals, quality, breakdown, vit6, speed",
+        help="comma-separated: costs, goals, quality, breakdown, vit6, vit12, speed",
     )
     parser.add_argument("--train-steps", type=int, default=None, help="steps of each quality run (1000)")
     parser.add_argument("--seeds", default="0,1", help="seeds of the quality runs")
@@ -520,6 +526,9 @@ def main() -> None:
             "vit6_whole_share": Variant(TokenMergingConfig(**DEEP_WHOLE_SHARE_MERGING)),
         }
         rows += cost_rows("shapes-tiny-64px-vit6", size(64, 16, 2), vit6, size(3, 1, 1))
+    if "vit12" in parts:  # the same with 12 blocks, ViT-B's depth
+        vit12 = {"r0": SETTINGS["r0"], "vit12_whole": Variant(TokenMergingConfig(**DEEP12_WHOLE_MERGING))}
+        rows += cost_rows("shapes-tiny-64px-vit12", size(64, 16, 2), vit12, size(3, 1, 1))
     if "speed" in parts:  # the same step over this tree and over --baseline's (--smoke: unmerged and merged)
         names = size(SPEED_SETTINGS, SPEED_SETTINGS, SPEED_SETTINGS[:2])
         rows += speed_rows(args.baseline, names, size(5, 2, 1), size(64, 16, 2))
@@ -540,6 +549,8 @@ def main() -> None:
             "vit6_unmerged": MODELS["shapes-tiny-64px-vit6"],
             "vit6_merged_whole": [*DEEP, f"{BACKBONE}.merging={json.dumps(DEEP_WHOLE_MERGING)}"],
             "vit6_merged_whole_share": [*DEEP, f"{BACKBONE}.merging={json.dumps(DEEP_WHOLE_SHARE_MERGING)}"],
+            "vit12_unmerged": MODELS["shapes-tiny-64px-vit12"],
+            "vit12_merged_whole": [*DEEP12, f"{BACKBONE}.merging={json.dumps(DEEP12_WHOLE_MERGING)}"],
         }
         for grid in OTHER_GRIDS:  # grounding's other readings of the merged image
             variants[f"merged_grounding_{grid}"] = [f"{GROUNDING}.patch_grid={grid}"]
