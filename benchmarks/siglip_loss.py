@@ -91,15 +91,10 @@ def _rank_main(rank: int, world: int, folder: str, methods: list[str], local_bat
     os._exit(0)
 
 
-def measure(method: str, batch: int, world: int, repeat: int) -> dict:
-    """Peak memory (the largest rank's) and median time of one loss + backward, run in fresh processes: one
-    per rank, each this script with `--rank`."""
-    return measure_methods([method], batch, world, repeat).get(method, {})
-
-
 def measure_methods(methods: list[str], batch: int, world: int, repeat: int) -> dict[str, dict]:
-    """`measure` of each of `methods` (those that run on `world` ranks), one after another in the same
-    processes: the real run passes one method (a peak is then its own), --smoke all (fewer processes)."""
+    """Peak memory (the largest rank's) and median time of one loss + backward of each of `methods` (those that
+    run on `world` ranks), one after another in the same processes: one per rank, each this script with
+    `--rank`. The real run passes one method (a peak is then its own), --smoke all (fewer processes)."""
     methods = [method for method in methods if _loss_fn(method, 0, world) is not None]
     if not methods:
         return {}
@@ -137,30 +132,23 @@ def main() -> None:
     if args.rank is not None:
         _rank_main(args.rank, args.world, args.folder, args.method, args.batches[0], args.repeat)
     script = Path(__file__).resolve()
+    # each method in fresh processes of its own (a peak is then its own); --smoke: one small batch, a world's
+    # methods sharing their processes
+    batches, groups = (
+        ([SMOKE_BATCH], [list(METHODS)]) if args.smoke else (args.batches, [[m] for m in METHODS])
+    )
     rows = []
-    if args.smoke:
-        # 1 and 2 ranks, one small batch, every method; a world's methods share their processes. One fresh
-        # process fewer: several ranks are measured from here (their ranks are fresh processes anyway)
-        for world in args.ranks:
-            kwargs = {"methods": METHODS, "batch": SMOKE_BATCH, "world": world, "repeat": 1}
-            if world == 1:
-                results = run_isolated(script, "measure_methods", **kwargs)
-            else:
-                results = measure_methods(**kwargs)
-            rows += [{"ranks": world, "batch": SMOKE_BATCH, "method": m, **r} for m, r in results.items()]
-        assert {row["ranks"] for row in rows} == set(args.ranks), "a world size measured nothing"
-        report("siglip_loss", rows, smoke=True)
-        return
     for world in args.ranks:
-        for batch in args.batches:
-            for method in METHODS:
-                result = run_isolated(
-                    script, "measure", method=method, batch=batch, world=world, repeat=args.repeat
+        for batch in batches:
+            for methods in groups:
+                results = run_isolated(
+                    script, "measure_methods", methods=methods, batch=batch, world=world, repeat=args.repeat
                 )
-                if result:
+                for method, result in results.items():
                     rows.append({"ranks": world, "batch": batch, "method": method, **result})
                     print(rows[-1], flush=True)
-    report("siglip_loss", rows)
+    assert {row["ranks"] for row in rows} == set(args.ranks), "a world size measured nothing"
+    report("siglip_loss", rows, smoke=args.smoke)
 
 
 if __name__ == "__main__":
