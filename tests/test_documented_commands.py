@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,16 +77,22 @@ class Command:
         return f"{self.page}:{self.line}: {self.text}"
 
 
+def numbered_lines(page: Path) -> Iterator[tuple[int, str, bool]]:
+    """(line number, line, whether it lies in a fenced block) of every line of `page` but the fences."""
+    fenced = False
+    for number, line in enumerate(page.read_text().splitlines(), 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        else:
+            yield number, line, fenced
+
+
 def documented_commands() -> list[Command]:
     """The `vlp ...` and `make ...` lines of every fenced block, comments split off, in page order."""
     commands = []
     for page in PAGES:
-        lines = page.read_text().splitlines()
-        fenced, start, pending = False, 0, ""
-        for number, line in enumerate(lines, 1):
-            if line.startswith("```"):
-                fenced = not fenced
-                continue
+        start, pending = 0, ""
+        for number, line, fenced in numbered_lines(page):
             if not fenced:
                 continue
             if not pending and not re.match(r"\s*(vlp|make) ", line):
@@ -106,11 +113,8 @@ def prose_make_targets() -> dict[str, str]:
     """target -> where it is first named, for every `make TARGET ...` in inline code of the pages' prose."""
     targets: dict[str, str] = {}
     for page in PAGES:
-        fenced = False
-        for number, line in enumerate(page.read_text().splitlines(), 1):
-            if line.startswith("```"):
-                fenced = not fenced
-            elif not fenced:
+        for number, line, fenced in numbered_lines(page):
+            if not fenced:
                 for target in re.findall(r"`make ([a-z][a-z-]*)", line):
                     targets.setdefault(target, f"{page.relative_to(ROOT)}:{number}")
     return targets
