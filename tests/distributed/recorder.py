@@ -76,11 +76,18 @@ class StepRecorder(Callback):
         self._write(trainer, {"event": "end", "param_sums": sums})
 
 
-def _held(param: torch.Tensor) -> torch.Tensor:
-    """The part of `param` this rank stores: FSDP2's local shard, ZeRO-3's partition, or all of it."""
+def _held(param: torch.Tensor, rank: int) -> torch.Tensor:
+    """The part of `param` this rank stores: FSDP2's local shard, ZeRO-3's partition, or all of it.
+
+    A ZeRO-3 partition ends in padding where the parameter does not split evenly (rank 1's partition of a
+    one-element parameter is all padding): uninitialised memory, sometimes NaN, left out here."""
     if isinstance(param, DTensor):
         return param.to_local()
-    return getattr(param, "ds_tensor", param)
+    partition = getattr(param, "ds_tensor", None)
+    if partition is None:
+        return param
+    size = partition.numel()
+    return partition[: max(0, min(size, param.ds_numel - rank * size))]
 
 
 def _whole_and_partition_agree(params: Any, rank: int) -> dict[str, int]:
@@ -105,17 +112,17 @@ class MomentumRecorder(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: dict, batch_idx: int
     ) -> None:
-        backbone = pl_module.backbone
+        backbone, rank = pl_module.backbone, trainer.global_rank
         copy = dict(backbone.momentum.backbone.named_parameters())
         online = {n: p for n, p in backbone.named_parameters() if not n.startswith("momentum.")}
         queue = pl_module.objectives["itc"].queue
         record = {
             "step": trainer.global_step,
-            "online": {n: float(_held(p).detach().double().sum()) for n, p in online.items()},
-            "momentum": {n: float(_held(p).double().sum()) for n, p in copy.items()},
-            "held_numel": {n: _held(p).numel() for n, p in copy.items()},
+            "online": {n: float(_held(p, rank).detach().double().sum()) for n, p in online.items()},
+            "momentum": {n: float(_held(p, rank).double().sum()) for n, p in copy.items()},
+            "held_numel": {n: _held(p, rank).numel() for n, p in copy.items()},
             "full_numel": {n: int(getattr(p, "ds_numel", p.numel())) for n, p in copy.items()},
-            "online_held_numel": {n: _held(p).numel() for n, p in online.items()},
+            "online_held_numel": {n: _held(p, rank).numel() for n, p in online.items()},
             "dtensor": sorted({isinstance(p, DTensor) for p in copy.values()}),
             "whole_and_partition_agree": _whole_and_partition_agree(copy.values(), trainer.global_rank),
             "queue": [
