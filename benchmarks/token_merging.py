@@ -574,11 +574,13 @@ def main() -> None:
         args.seeds != parser.get_default("seeds"),
         args.variants,
         args.repeats != 1,
+        args.train_steps is not None,
     ]
     if any(partial):  # a partial run keeps the full one's file (and the other partial runs')
         name += f"_{'_'.join(parts)}_seeds{'_'.join(map(str, seeds))}"
         name += f"_{args.variants.replace(',', '_')}" if args.variants else ""
         name += f"_repeats{args.repeats}" if args.repeats != 1 else ""
+        name += f"_steps{args.train_steps}" if args.train_steps is not None else ""
     report(name, rows + quality, summary, smoke=args.smoke)
 
 
