@@ -110,7 +110,8 @@ def fit_data_share(
         "data_wait_s": wait,
         "step_s": step,
         "data_share": wait / (wait + step),
-        "data_share_within_pass": wait_inside / (wait_inside + step_inside),
+        # None where every measured step starts a pass (one step a pass): there is no inside to measure
+        "data_share_within_pass": wait_inside / (wait_inside + step_inside) if inside else None,
     }
 
 
@@ -160,7 +161,7 @@ def main() -> None:
             root, steps, workers=worker_counts[-1], image_size=size, batch_size=batch if args.smoke else None
         )
     report(
-        "data",
+        "data_quick" if args.quick else "data",  # a quick run keeps the full run's file
         rows,
         {f"fit_{key}": value for key, value in fit.items()} | {"images": count, "image_px": "640x480"},
         smoke=args.smoke,

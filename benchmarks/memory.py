@@ -229,7 +229,10 @@ def main() -> None:
             }
         )
     report(
-        "memory", rows, {"psi_params": ranks[0]["psi"], "ranks": WORLD, "batch_per_rank": 2}, smoke=args.smoke
+        "memory_quick" if args.quick else "memory",  # a quick run keeps the full run's file
+        rows,
+        {"psi_params": ranks[0]["psi"], "ranks": WORLD, "batch_per_rank": 2},
+        smoke=args.smoke,
     )
 
 
