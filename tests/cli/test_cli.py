@@ -43,7 +43,7 @@ def test_fit_logs_per_objective_tags_and_writes_metrics(in_tmp, capsys):
         "perf/samples_per_s",
         "lr-AdamW/pg1",
     } <= tags
-    assert {"perf/gflops_per_sample", "perf/tokens_kept"} <= tags
+    assert {"perf/gflops_per_sample", "perf/tokens_kept", "perf/token_blocks_kept"} <= tags
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val/retrieval/i2t_r1", "val/retrieval/t2i_r10", "val/itm/acc", "val/mlm/acc"} <= set(metrics)
     assert all(isinstance(v, float) for v in metrics.values())

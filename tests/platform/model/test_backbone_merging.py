@@ -335,6 +335,8 @@ def test_unmerging_vision_keeps_every_patch_for_the_tokens_grid(shapes, batch):
     assert image.tokens.shape == (8, TOKENS - 14, 32) and every.shape == (8, TOKENS, 32)
     assert torch.equal(image.sizes.sum(dim=1), torch.full((8,), float(TOKENS)))
     assert backbone.tokens_kept == pytest.approx((TOKENS - 14) / TOKENS)
+    # each block's attention and MLP run on its merged tokens: 17 - 6, then 17 - 14, of 17 through 2 blocks
+    assert backbone.token_blocks_kept == pytest.approx((TOKENS - 6 + TOKENS - 14) / (2 * TOKENS))
     grid = backbone.patch_grid(image, "tokens")
     assert grid.grid is None and grid.sizes is None and grid.fusion_kv is None
     assert torch.equal(grid.tokens, vit.norm(every)) and torch.equal(grid.embedding, image.embedding)
@@ -356,6 +358,7 @@ def test_unmerging_vision_keeps_every_patch_for_the_tokens_grid(shapes, batch):
     backbone.set_merging(vision_merge_output=False)
     whole = backbone.encode_image(batch["image"])
     assert whole.grid is None and whole.sizes is None and backbone.tokens_kept == 1.0
+    assert backbone.token_blocks_kept == pytest.approx((TOKENS - 6 + TOKENS - 14) / (2 * TOKENS))  # the same
     assert torch.equal(whole.tokens, grid.tokens) and backbone.patch_grid(whole, "tokens") is whole
     backbone.set_merging(vision_merge_output=True)
     # and the same backbone switched back to ToMe's blocks merges what each block left

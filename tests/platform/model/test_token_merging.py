@@ -318,6 +318,8 @@ def test_merging_vit_reduces_tokens_and_tracks_sizes_and_source(fused_attn):
     assert torch.equal(state.groups, state.source.argmax(dim=1))  # the same map, as indices
     assert state.inputs.shape == (2, 17, 32)  # what entered the first block
     assert state.tokens_kept == pytest.approx(10 / 17)
+    # each block's attention on the tokens that enter it, its MLP on those left after its merge
+    assert state.block_tokens == [(17 + 14) / 2, (14 + 12) / 2, (12 + 10) / 2]
     tokens.sum().backward()
     assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in vit.parameters() if p.requires_grad)
 
@@ -505,6 +507,7 @@ def test_unmerging_vit_keeps_every_token_and_merges_its_output_once():
     # the output is the final norm of each group's size-weighted mean of the tokens it holds
     torch.testing.assert_close(out, vit.norm(group_means(state.tokens, state.groups, 5)))
     assert state.tokens_kept == pytest.approx(5 / 17)
+    assert state.block_tokens == [17 - 4, 17 - 8, 17 - 12]  # attention and MLP on each block's merged tokens
     (out.sum() + state.tokens.sum()).backward()
     assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in vit.parameters() if p.requires_grad)
     assert not torch.equal(state.tokens[:, 1], state.tokens[:, 2])  # every patch its own token

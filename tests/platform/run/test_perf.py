@@ -61,14 +61,26 @@ def test_flops_monitor_logs_gflops_per_sample_and_tokens_kept(shapes):
     trainer.fit(module, train_dataloaders=shapes.dataloader("train"))
     metrics = trainer.callback_metrics
     assert metrics["perf/tokens_kept"].item() == pytest.approx((TOKENS - 6) / TOKENS)
+    # attention on the tokens that enter each block, its MLP on those left: 17 and 14, then 14 and 11
+    blocks = ((TOKENS + TOKENS - 3) / 2 + (TOKENS - 3 + TOKENS - 6) / 2) / (2 * TOKENS)
+    assert metrics["perf/token_blocks_kept"].item() == pytest.approx(blocks)
     third_batch = first_rows(list(islice(shapes.dataloader("train"), 3))[2], 2)  # measured at 0 and 2
     expected = training_step_flops(module, third_batch) / 2 / 1e9
     assert metrics["perf/gflops_per_sample"].item() == pytest.approx(expected, rel=1e-6)
     assert metrics["train/loss"].item() > 0
 
 
-def test_tokens_kept_is_one_without_merging(shapes):
-    assert build(shapes.tokenizer).backbone.tokens_kept == 1.0
+@pytest.mark.parametrize("merging", [None, TokenMergingConfig()])
+def test_without_merging_every_block_runs_on_the_tokens_the_tower_keeps(shapes, batch, merging):
+    """No merging (none set, or every r 0): 1.0 of the tokens and the token-blocks; under patch dropout alone
+    both are the kept share ([CLS] + 8 of 16 patches)."""
+    backbone = build(shapes.tokenizer, merging).backbone
+    assert backbone.tokens_kept == backbone.token_blocks_kept == 1.0  # before any forward
+    backbone.encode_image(batch["image"])
+    assert backbone.tokens_kept == backbone.token_blocks_kept == 1.0
+    backbone.vision.set_patch_dropout(0.5)
+    backbone.encode_image(batch["image"])
+    assert backbone.tokens_kept == backbone.token_blocks_kept == pytest.approx(9 / TOKENS)
 
 
 def test_counting_a_step_leaves_gradients_rng_and_logging_alone(shapes, batch):
@@ -132,8 +144,11 @@ def test_event_files_hold_tokens_kept_and_gflops_per_sample_with_merging_and_pat
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     kept = [e.value for e in events.Scalars("perf/tokens_kept")]
+    blocks = [e.value for e in events.Scalars("perf/token_blocks_kept")]
     gflops = [e.value for e in events.Scalars("perf/gflops_per_sample")]
     assert kept == pytest.approx([4 / TOKENS] * 2)
+    # the blocks ran on 9 then 6 tokens (attention) and 6 then 4 (MLP), of 17 through 2 blocks
+    assert blocks == pytest.approx([(9 + 6 + 6 + 4) / 2 / (2 * TOKENS)] * 2)
     assert len(gflops) == 2 and all(g > 0 for g in gflops)
     module.backbone.vision.set_patch_dropout(0.0)
     assert (

@@ -236,7 +236,7 @@ class FusionBackbone(nn.Module):
         # captioning: causal decoder sharing the text embeddings and the fusion cross-attention + MLP
         self.decoder = CaptionDecoder(self.text, self.fusion) if caption_decoder else None
         self.merging: TokenMergingConfig | None = None
-        self._tokens_kept = 1.0  # of the last vision pass (`tokens_kept`)
+        self._tokens_kept = self._token_blocks_kept = 1.0  # of the last vision pass (`tokens_kept`)
         self.momentum: MomentumModel | None = None
         if merging is not None:
             self.set_merging(merging)
@@ -332,14 +332,26 @@ class FusionBackbone(nn.Module):
         either."""
         return self._tokens_kept
 
+    @property
+    def token_blocks_kept(self) -> float:
+        """Share of the vision tower's token-blocks (tokens times blocks, against every input token through
+        every block) its last forward that could drop patches ran: what its blocks' work shrinks to. Equals
+        `tokens_kept` under patch dropout alone; below it where ToMe merges block by block; below 1.0 for
+        blocks that unmerge although their output is whole (`tokens_kept` 1.0)."""
+        return self._token_blocks_kept
+
     def encode_image(self, images: Tensor, all_patches: bool = False) -> ImageFeatures:
         """Image tokens [B, 1 + N', Dv] (N' < N when merging, `sizes` [B, 1 + N'] then set, or under patch
         dropout in training unless `all_patches`) and embedding."""
         dropped = self.vision.drops_patches and not all_patches
         tokens = self.vision(images, all_patches=all_patches)
+        state = token_merging_state(self.vision.vit)
         if not all_patches:
             self._tokens_kept = tokens.shape[1] / self.vision.num_tokens
-        state = token_merging_state(self.vision.vit)
+            ran = [] if state is None else state.block_tokens  # without merging blocks: all ran on the kept
+            self._token_blocks_kept = (
+                sum(ran) / (len(ran) * self.vision.num_tokens) if ran else self._tokens_kept
+            )
         sizes = None if state is None or state.size is None else state.size[..., 0]
         # the input grid is the patch grid only when every patch entered the tower
         grid = None if sizes is None or dropped else PatchGrid(state.groups, state.inputs, state.tokens)

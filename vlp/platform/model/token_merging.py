@@ -18,7 +18,7 @@ patch keeps a token of its own to the end; the output is merged once more for th
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -343,6 +343,9 @@ class TokenMergingState:
     unmerge: the blocks merge, compute and unmerge (`TokenMergingConfig.vision_unmerge`), r counted from
     all tokens; tokens: [B, N_original, C] then every token at the last block's output (before the ViT's
     final norm), of which the output merges r[-1] when `merge_output` (else the output is all of them).
+    block_tokens: per block of the last forward, the mean of the token counts its attention and its MLP ran
+    on (a ToMe block: attention on the tokens that enter, MLP on those left after its merge; an unmerging
+    block: both on its merged tokens), what the blocks' work scales with.
     """
 
     r: list[int]
@@ -356,6 +359,7 @@ class TokenMergingState:
     groups: Tensor | None = None
     inputs: Tensor | None = None
     tokens: Tensor | None = None
+    block_tokens: list[float] = field(default_factory=list)
 
     @property
     def tokens_kept(self) -> float:
@@ -409,7 +413,9 @@ class MergingBlock(Block):
         state = self._tome_state
         if self._tome_layer == 0:
             state.size, state.source, state.groups, state.inputs, state.tokens = None, None, None, None, None
+            state.block_tokens = []
         if not any(state.r):
+            state.block_tokens.append(float(x.shape[1]))
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if self._tome_layer == 0:
             state.inputs = x
@@ -420,6 +426,7 @@ class MergingBlock(Block):
             self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, size=size, return_metric=True
         )
         x = x + self.drop_path1(self.ls1(out))
+        entered = x.shape[1]
         r = state.r[self._tome_layer]
         if r > 0:
             merge, unmerge = bipartite_soft_matching(metric, r, protect_first=state.protect_first)
@@ -427,6 +434,7 @@ class MergingBlock(Block):
                 state.source = merge_source(merge, state.source, x)
             x, state.size = merge_wavg(merge, x, state.size)
             state.groups = merge_groups(unmerge, state.groups, x.shape[1], x)
+        state.block_tokens.append((entered + x.shape[1]) / 2)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def unmerging_forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
@@ -447,7 +455,9 @@ class MergingBlock(Block):
             x = x + unmerge(self.drop_path1(self.ls1(out)))
             merged = merge(self.norm2(x), mode="sum") / size.to(x.dtype)  # the sizes of the same plan
             x = x + unmerge(self.drop_path2(self.ls2(self.mlp(merged))))
+            state.block_tokens.append(float(merged.shape[1]))
         else:
+            state.block_tokens.append(float(x.shape[1]))
             x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if layer < len(state.r) - 1 or state.r[-1] == 0 or not state.merge_output:
             return x

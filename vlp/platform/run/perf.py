@@ -63,10 +63,13 @@ def training_step_flops(
 
 
 class FlopsMonitor(Callback):
-    """Logs `perf/tokens_kept` every step and `perf/gflops_per_sample` every `every_n_steps` batches.
+    """Logs `perf/tokens_kept` and `perf/token_blocks_kept` every step and `perf/gflops_per_sample` every
+    `every_n_steps` batches.
 
     tokens_kept: fraction of image tokens at the vision tower's output in the step's last image pass
-    (1.0 without merging). gflops_per_sample: forward (+ backward) FLOPs of a replay of the step on the
+    (1.0 without merging); token_blocks_kept: the share of the vision blocks' token-blocks that pass ran
+    (`FusionBackbone.token_blocks_kept`: ToMe's saving block by block, and that of blocks that unmerge,
+    whose output is whole). gflops_per_sample: forward (+ backward) FLOPs of a replay of the step on the
     batch's first `batch_size` samples, divided by them; counted with FlopCounterMode (CPU attention
     included), so it costs about one extra small step. Merging's gather/scatter/sort count as 0 FLOPs.
     In a sampled multi-task run it measures the objective the step serves. Not counted under
@@ -87,6 +90,7 @@ class FlopsMonitor(Callback):
         backbone = getattr(pl_module, "backbone", None)
         if isinstance(backbone, FusionBackbone) and logs_this_step(trainer):
             pl_module.log("perf/tokens_kept", backbone.tokens_kept, on_step=True, on_epoch=False)
+            pl_module.log("perf/token_blocks_kept", backbone.token_blocks_kept, on_step=True, on_epoch=False)
         measure = self._batches % self.every_n_steps == 0
         self._batches += 1
         if not measure or not isinstance(batch, dict):
