@@ -14,7 +14,8 @@ Parts (--parts; costs, goals and quality by default, side by side in one run and
   56]`, within the FLOPs goal; `vit6_unmerged` and `vit6_merged_whole`: the same config with a 6-block ViT,
   unmerged and with the whole output at `vision_r: [16, 32, 32, 48, 48, 56]`; `vit6_merged_whole_share` at
   `[24, 40, 48, 48, 56, 56]`, the share of tokens three blocks keep at `[32, 48, 56]`; `vit12_unmerged` and
-  `vit12_merged_whole`: a 12-block ViT, the 6-block schedule with each block twice) and with patch dropout, the
+  `vit12_merged_whole`: a 12-block ViT, the 6-block schedule with each block twice; `vit12_merged`: the overlay's
+  ToMe on it, `vision_r: [16, 0, 16, 0, 0, 0, 16, 0, 0, 0, 8, 0]`) and with patch dropout, the
   config's 1000 steps (--train-steps) at seeds 0 and 1, then validation t2i R@1, ITM accuracy and grounding
   Acc@0.5; the summary gives each drop against unmerged and whether it is within 0.03. Shorter runs cannot
   judge merging: after 300 steps grounding had not left 0.2-0.26 with or without it. One run moves each score
@@ -260,6 +261,9 @@ DEEP_WHOLE_MERGING = {**WHOLE_MERGING, "vision_r": [16, 32, 32, 48, 48, 56]}
 DEEP_WHOLE_SHARE_MERGING = {**WHOLE_MERGING, "vision_r": [24, 40, 48, 48, 56, 56]}
 # the 6-block schedule with each block twice on the 12-block ViT: 49, 49, 33 x 4, 17 x 4, 9, 9 tokens per block
 DEEP12_WHOLE_MERGING = {**WHOLE_MERGING, "vision_r": [16, 16, 32, 32, 32, 32, 48, 48, 48, 48, 56, 56]}
+# the overlay's ToMe (output merged to 9 tokens, grounding on the patch grid) spread over 12 blocks, at the FLOPs of
+# the whole output above: 65 -> 49 -> 33 -> 17 -> 9 tokens, merged in blocks 1, 3, 7 and 11
+DEEP12_TOME_MERGING = {**merging_of_overlay(), "vision_r": [16, 0, 16, 0, 0, 0, 16, 0, 0, 0, 8, 0]}
 
 
 def whole_variant() -> Variant:
@@ -438,6 +442,7 @@ def goals(costs: list[dict], quality: list[dict]) -> dict:
         "vit6_merged_whole": ("vit6_unmerged", "vit6_whole_"),
         "vit6_merged_whole_share": ("vit6_unmerged", "vit6_whole_share_"),
         "vit12_merged_whole": ("vit12_unmerged", "vit12_whole_"),
+        "vit12_merged": ("vit12_unmerged", "vit12_tome_"),
     }
     for seed in sorted({row["seed"] for row in quality}):
         for variant, (unmerged, prefix) in prefixes.items():
@@ -527,7 +532,11 @@ def main() -> None:
         }
         rows += cost_rows("shapes-tiny-64px-vit6", size(64, 16, 2), vit6, size(3, 1, 1))
     if "vit12" in parts:  # the same with 12 blocks, ViT-B's depth
-        vit12 = {"r0": SETTINGS["r0"], "vit12_whole": Variant(TokenMergingConfig(**DEEP12_WHOLE_MERGING))}
+        vit12 = {
+            "r0": SETTINGS["r0"],
+            "vit12_whole": Variant(TokenMergingConfig(**DEEP12_WHOLE_MERGING)),
+            "vit12_tome": TokenMergingConfig(**DEEP12_TOME_MERGING),
+        }
         rows += cost_rows("shapes-tiny-64px-vit12", size(64, 16, 2), vit12, size(3, 1, 1))
     if "speed" in parts:  # the same step over this tree and over --baseline's (--smoke: unmerged and merged)
         names = size(SPEED_SETTINGS, SPEED_SETTINGS, SPEED_SETTINGS[:2])
@@ -551,6 +560,7 @@ def main() -> None:
             "vit6_merged_whole_share": [*DEEP, f"{BACKBONE}.merging={json.dumps(DEEP_WHOLE_SHARE_MERGING)}"],
             "vit12_unmerged": MODELS["shapes-tiny-64px-vit12"],
             "vit12_merged_whole": [*DEEP12, f"{BACKBONE}.merging={json.dumps(DEEP12_WHOLE_MERGING)}"],
+            "vit12_merged": [*DEEP12, f"{BACKBONE}.merging={json.dumps(DEEP12_TOME_MERGING)}"],
         }
         for grid in OTHER_GRIDS:  # grounding's other readings of the merged image
             variants[f"merged_grounding_{grid}"] = [f"{GROUNDING}.patch_grid={grid}"]
