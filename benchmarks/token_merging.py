@@ -100,7 +100,14 @@ class Variant(NamedTuple):
 
 Setting = TokenMergingConfig | Variant
 ALBEF_STEP = ("itc", "itm", "mlm")  # the ViT-B goal's joint step (ALBEF's pre-training objectives)
-MERGING_OFF = [f"{BACKBONE}.merging={json.dumps(dict(vision_r=0, text_r=0, text_entry_r=0, fusion_r=0))}"]
+
+
+def merging_arg(merging: dict) -> str:
+    """The CLI argument that sets the backbone's merging (jsonargparse reads the JSON as the whole dict)."""
+    return f"{BACKBONE}.merging={json.dumps(merging)}"
+
+
+MERGING_OFF = [merging_arg(dict(vision_r=0, text_r=0, text_entry_r=0, fusion_r=0))]
 # the merge config with a 6-block ViT: does merging keep the scores where the ViT has blocks to spare?
 DEEP = [f"{BACKBONE}.vision.depth=6"]
 DEEP12 = [f"{BACKBONE}.vision.depth=12"]  # and with ViT-B's 12 blocks
@@ -558,18 +565,15 @@ def main() -> None:
             "unmerged": MERGING_OFF,
             "merged": [],
             "merged_dense": [f"--config={DENSE}"],
-            "merged_whole": [f"{BACKBONE}.merging={json.dumps(WHOLE_MERGING)}"],
-            "merged_whole_lean": [f"{BACKBONE}.merging={json.dumps(WHOLE_LEAN_MERGING)}"],
+            "merged_whole": [merging_arg(WHOLE_MERGING)],
+            "merged_whole_lean": [merging_arg(WHOLE_LEAN_MERGING)],
             "vit6_unmerged": MODELS["shapes-tiny-64px-vit6"],
-            "vit6_merged_whole": [*DEEP, f"{BACKBONE}.merging={json.dumps(DEEP_WHOLE_MERGING)}"],
-            "vit6_merged_whole_share": [*DEEP, f"{BACKBONE}.merging={json.dumps(DEEP_WHOLE_SHARE_MERGING)}"],
+            "vit6_merged_whole": [*DEEP, merging_arg(DEEP_WHOLE_MERGING)],
+            "vit6_merged_whole_share": [*DEEP, merging_arg(DEEP_WHOLE_SHARE_MERGING)],
             "vit12_unmerged": MODELS["shapes-tiny-64px-vit12"],
-            "vit12_merged_whole": [*DEEP12, f"{BACKBONE}.merging={json.dumps(DEEP12_WHOLE_MERGING)}"],
-            "vit12_merged_whole_lean": [
-                *DEEP12,
-                f"{BACKBONE}.merging={json.dumps(DEEP12_WHOLE_LEAN_MERGING)}",
-            ],
-            "vit12_merged": [*DEEP12, f"{BACKBONE}.merging={json.dumps(DEEP12_TOME_MERGING)}"],
+            "vit12_merged_whole": [*DEEP12, merging_arg(DEEP12_WHOLE_MERGING)],
+            "vit12_merged_whole_lean": [*DEEP12, merging_arg(DEEP12_WHOLE_LEAN_MERGING)],
+            "vit12_merged": [*DEEP12, merging_arg(DEEP12_TOME_MERGING)],
         }
         for grid in OTHER_GRIDS:  # grounding's other readings of the merged image
             variants[f"merged_grounding_{grid}"] = [f"{GROUNDING}.patch_grid={grid}"]
