@@ -142,15 +142,36 @@ def report(
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else platform.processor() or "cpu",
+        "cpu": cpu_identity(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
     path.write_text(
         json.dumps({"name": name, "machine": machine, "rows": rows, "summary": summary or {}}, indent=2)
     )
     print(f"wrote {path}")
     return path
+
+
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The CPU a result was measured on: its model name, family and model numbers (a name such as "AMD EPYC"
+    covers several generations) and the instruction set torch's CPU kernels use (`AVX2`, `AVX512`; scores
+    after the same steps can differ in the last digits between them). Empty fields where the system does
+    not say."""
+    fields = {"model name": "model_name", "cpu family": "family", "model": "model"}
+    found = dict.fromkeys(fields.values(), "")
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        name = fields.get(key.strip())
+        if name and not found[name]:
+            found[name] = value.strip()
+        if not line.strip() and any(found.values()):
+            break  # the first processor's block is enough
+    found["model_name"] = found["model_name"] or platform.processor()
+    return {**found, "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _format(value: Any) -> str:
