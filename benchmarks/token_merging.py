@@ -71,6 +71,8 @@ CONFIG = CONFIGS / "pretrain" / "shapes-tiny.yaml"
 OVERLAY = CONFIGS / "overlays" / "merge.yaml"  # the default at 64 px with merging on
 # on top of it: blocks that unmerge, grounding on every patch
 DENSE = CONFIGS / "overlays" / "merge-dense.yaml"
+# on top of it: the 12-block ViT, blocks that unmerge, the output whole
+VIT12 = CONFIGS / "overlays" / "merge-vit12.yaml"
 SETTINGS = {
     "r0": TokenMergingConfig(),
     "r4": TokenMergingConfig(vision_r=4),
@@ -244,8 +246,8 @@ def cost_rows(
 
 
 def merging_of_overlay(overlay: Path = OVERLAY) -> dict:
-    """An overlay's `merging` setting (configs/overlays/merge.yaml; merge-dense.yaml names the fields it
-    changes of merge.yaml's)."""
+    """An overlay's `merging` setting (configs/overlays/merge.yaml; merge-dense.yaml and merge-vit12.yaml name
+    the fields they change of merge.yaml's)."""
     merging = yaml.safe_load(overlay.read_text())["model"]["init_args"]["backbone"]["init_args"]["merging"]
     return merging if overlay == OVERLAY else {**merging_of_overlay(), **merging}
 
@@ -267,8 +269,9 @@ WHOLE_LEAN_MERGING = {**WHOLE_MERGING, "vision_r": [32, 48, 56]}
 DEEP_WHOLE_MERGING = {**WHOLE_MERGING, "vision_r": [16, 32, 32, 48, 48, 56]}
 # the same share of its tokens as three blocks keep at [32, 48, 56] (0.30 of the token-blocks): depth alone
 DEEP_WHOLE_SHARE_MERGING = {**WHOLE_MERGING, "vision_r": [24, 40, 48, 48, 56, 56]}
-# the 6-block schedule with each block twice on the 12-block ViT: 49, 49, 33 x 4, 17 x 4, 9, 9 tokens per block
-DEEP12_WHOLE_MERGING = {**WHOLE_MERGING, "vision_r": [16, 16, 32, 32, 32, 32, 48, 48, 48, 48, 56, 56]}
+# configs/overlays/merge-vit12.yaml: the 6-block schedule with each block twice on the 12-block ViT (49, 49,
+# 33 x 4, 17 x 4, 9, 9 tokens per block), merge-dense.yaml's blocks, the output whole
+DEEP12_WHOLE_MERGING = merging_of_overlay(VIT12)
 # the same schedule one block sooner (49, 33 x 4, 17 x 4, 9 x 3 tokens per block; 0.430x): room under the time goal
 DEEP12_WHOLE_LEAN_MERGING = {**WHOLE_MERGING, "vision_r": [16, 32, 32, 32, 32, 48, 48, 48, 48, 56, 56, 56]}
 # the overlay's ToMe (output merged to 9 tokens, grounding on the patch grid) spread over 12 blocks, at the FLOPs of
