@@ -157,19 +157,15 @@ def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     covers several generations) and the instruction set torch's CPU kernels use (`AVX2`, `AVX512`; scores
     after the same steps can differ in the last digits between them). Empty fields where the system does
     not say."""
-    fields = {"model name": "model_name", "cpu family": "family", "model": "model"}
-    found = dict.fromkeys(fields.values(), "")
     try:
-        text = cpuinfo.read_text()
+        first = cpuinfo.read_text().split("\n\n", 1)[0]  # the first processor's block
     except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        name = fields.get(key.strip())
-        if name and not found[name]:
-            found[name] = value.strip()
-        if not line.strip() and any(found.values()):
-            break  # the first processor's block is enough
+        first = ""
+    values = {
+        key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())
+    }
+    fields = {"model name": "model_name", "cpu family": "family", "model": "model"}
+    found = {name: values.get(key, "") for key, name in fields.items()}
     found["model_name"] = found["model_name"] or platform.processor()
     return {**found, "capability": torch.backends.cpu.get_cpu_capability()}
 
