@@ -42,6 +42,7 @@ Per cost row:
     python benchmarks/token_merging.py                                 # costs, goals, quality: hours on 2 cores
     python benchmarks/token_merging.py --parts quality --seeds 0            # one seed (run seed 1 beside it)
     python benchmarks/token_merging.py --parts quality --seeds 0 --variants unmerged,merged_whole --repeats 3
+    python benchmarks/token_merging.py --parts quality --seeds 1 --variants unmerged --first-repeat 1  # one more
     python benchmarks/token_merging.py --parts speed --baseline HEAD~1      # this tree's step against a revision
     python benchmarks/token_merging.py --quick                         # a few minutes' smoke version
     python benchmarks/token_merging.py --smoke    # every measurement at the smallest sizes, seconds: checks it runs
@@ -392,15 +393,21 @@ GOAL_SCORES = ("t2i_r1", "itm_acc", "grounding_acc50")
 
 
 def quality_rows(
-    variants: dict[str, list[str]], seeds: list[int], steps: int, batch_size: int, repeats: int = 1
+    variants: dict[str, list[str]],
+    seeds: list[int],
+    steps: int,
+    batch_size: int,
+    repeats: int = 1,
+    first_repeat: int = 0,
 ) -> list[dict]:
     """Validation scores of the merge config under each variant (CLI overrides) after the same steps; each
     (variant, seed) run `repeats` times, repeat k with the learning rate x (1 + 0.001 k): the same seed, data
-    order and initial weights, a change that should not matter, so the repeats' spread is one run's noise."""
+    order and initial weights, a change that should not matter, so the repeats' spread is one run's noise.
+    Repeats are numbered from `first_repeat`, so a later run can add repeats to an earlier one's."""
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for seed in seeds:
-            for repeat in range(repeats):
+            for repeat in range(first_repeat, first_repeat + repeats):
                 lr = [f"--model.init_args.optim.lr={BASE_LR * (1 + 0.001 * repeat):.6g}"] if repeat else []
                 for name, overrides in variants.items():
                     row = {
@@ -492,12 +499,20 @@ def main() -> None:
         default=1,
         help="quality runs per variant and seed (lr x 1.001 each); goals on the means",
     )
+    parser.add_argument(
+        "--first-repeat",
+        type=int,
+        default=0,
+        help="number of the first of those runs (lr x (1 + 0.001 k)): adds repeats to an earlier run's",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for every part")
     parser.add_argument("--baseline", default=None, help="git revision the speed part compares with")
     add_smoke_flag(parser)
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.first_repeat < 0:
+        parser.error(f"--first-repeat must be >= 0, got {args.first_repeat}")
     torch.set_num_threads(args.threads)
     if args.smoke:  # every part unless --parts names some, the speed part against HEAD unless --baseline
         args.parts = ",".join(PARTS) if args.parts == parser.get_default("parts") else args.parts
@@ -591,7 +606,12 @@ def main() -> None:
         if args.smoke:
             variants = {name: [*overrides, *SMOKE_DATA] for name, overrides in variants.items()}
         quality = quality_rows(
-            variants, seeds[:1] if args.quick or args.smoke else seeds, steps, size(64, 16, 4), args.repeats
+            variants,
+            seeds[:1] if args.quick or args.smoke else seeds,
+            steps,
+            size(64, 16, 4),
+            args.repeats,
+            args.first_repeat,
         )
     summary = {"overlay_merging": merging_of_overlay(), **goals(rows, quality)}
     name = "token_merging_quick" if args.quick else "token_merging"
@@ -599,13 +619,17 @@ def main() -> None:
         args.parts != parser.get_default("parts"),
         args.seeds != parser.get_default("seeds"),
         args.variants,
-        args.repeats != 1,
+        args.repeats != 1 or args.first_repeat != 0,
         args.train_steps is not None,
     ]
     if any(partial):  # a partial run keeps the full one's file (and the other partial runs')
         name += f"_{'_'.join(parts)}_seeds{'_'.join(map(str, seeds))}"
         name += f"_{args.variants.replace(',', '_')}" if args.variants else ""
-        name += f"_repeats{args.repeats}" if args.repeats != 1 else ""
+        if args.repeats == 1 and args.first_repeat:  # one run, named by its number
+            name += f"_repeat{args.first_repeat}"
+        else:
+            name += f"_repeats{args.repeats}" if args.repeats != 1 else ""
+            name += f"_from{args.first_repeat}" if args.first_repeat else ""
         name += f"_steps{args.train_steps}" if args.train_steps is not None else ""
     report(name, rows + quality, summary, smoke=args.smoke)
 
