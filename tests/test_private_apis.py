@@ -259,7 +259,7 @@ APIS = [
         "Block / Attention -> MergingBlock / MergingAttention class swap (their attributes)",
         "timm",
         "1.0.31",
-        "vlp/platform/model/token_merging.py (apply_token_merging)",
+        "vlp/platform/model/vit_merging.py (apply_token_merging)",
         _timm_block_reads,
     ),
     PrivateAPI(

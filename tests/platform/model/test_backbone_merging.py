@@ -9,7 +9,8 @@ from vlp.platform.model.backbone import FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 from vlp.platform.model.momentum import MomentumConfig
-from vlp.platform.model.token_merging import TokenMergingConfig, token_merging_state
+from vlp.platform.model.token_merging import TokenMergingConfig
+from vlp.platform.model.vit_merging import token_merging_state
 from vlp.platform.run.flops import count_flops
 
 TOKENS = 1 + (32 // 8) ** 2  # [CLS] + 16 patches

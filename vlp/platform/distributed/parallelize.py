@@ -17,7 +17,7 @@ from torch import nn
 
 from vlp.platform.distributed.scalar_parameters import store_scalars_as_vectors
 from vlp.platform.model.backbone import FusionBackbone
-from vlp.platform.model.token_merging import token_merging_state
+from vlp.platform.model.vit_merging import token_merging_state
 
 # LightningModule methods that run the network: FSDP2 gathers the root's parameters around each of them
 STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")

@@ -29,15 +29,10 @@ from vlp.platform.model.fusion import (
 )
 from vlp.platform.model.length_buckets import by_length, trim
 from vlp.platform.model.momentum import MomentumConfig, MomentumModel
+from vlp.platform.model.text_merging import MergedText, merge_text_tokens
 from vlp.platform.model.token_index import gather_tokens
-from vlp.platform.model.token_merging import (
-    MergedText,
-    TokenMergingConfig,
-    apply_token_merging,
-    merge_text_tokens,
-    set_merge_r,
-    token_merging_state,
-)
+from vlp.platform.model.token_merging import TokenMergingConfig
+from vlp.platform.model.vit_merging import apply_token_merging, set_merge_r, token_merging_state
 
 T = TypeVar("T")
 

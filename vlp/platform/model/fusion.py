@@ -24,13 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.platform.model.packing import Packing, packing_for
+from vlp.platform.model.text_merging import merge_text_tokens, text_guided_merge
 from vlp.platform.model.token_index import gather_tokens
-from vlp.platform.model.token_merging import (
-    TokenMergingConfig,
-    merge_text_tokens,
-    proportional_attention_bias,
-    text_guided_merge,
-)
+from vlp.platform.model.token_merging import TokenMergingConfig, proportional_attention_bias
 
 
 @dataclass

@@ -1,30 +1,23 @@
-"""Token merging (ToMe-style bipartite soft matching, PuMer-style text-guided merging).
+"""Token merging's matching, its per-layer schedule and its settings (ToMe's bipartite soft matching).
 
 Merging averages similar tokens instead of dropping them, so a layer sees fewer tokens while every
 original token still contributes. Each merged token carries a *size* (how many originals it holds); the
 average is size-weighted and attention adds `log(size)` on the key axis (proportional attention) so a
-merged token is attended as much as the tokens it replaced. Implemented from the papers' descriptions:
-Bolya et al. 2023 (ToMe), Cao et al. 2023 (PuMer).
+merged token is attended as much as the tokens it replaced. Implemented from the paper's description:
+Bolya et al. 2023 (ToMe). Where the matching is applied: `vit_merging` (the ViT's blocks) and
+`text_merging` (captions, and PuMer's text-guided merging of image tokens in the fusion).
 
 A merge is a pair of closures: `merge_fn(x [B, N, C], mode) -> [B, N - r, C]` reduces tokens with a
 `torch.scatter_reduce` mode ("sum", "mean", "amax"), `unmerge_fn` maps merged tokens back to [B, N, C].
-
-A ViT merges in one of two ways: ToMe's (each block merges the tokens the last one left, so the output holds
-the merged tokens only) or ToMe for Stable Diffusion's (Bolya & Hoffman 2023: each block merges its input,
-computes attention and MLP on the merged tokens and unmerges their outputs into the residual stream, so every
-patch keeps a token of its own to the end; the output is merged once more for the readers of few tokens).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers.attention import Attention, maybe_add_mask
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from vlp.platform.model.token_index import gather_tokens, sum_tokens
@@ -33,7 +26,7 @@ MergeFn = Callable[..., Tensor]
 SCHEDULES = ("constant", "decreasing")
 
 
-def _keep(x: Tensor, mode: str = "mean") -> Tensor:
+def keep_all(x: Tensor, mode: str = "mean") -> Tensor:
     """The merge of r = 0: the input object itself."""
     return x
 
@@ -61,7 +54,7 @@ def bipartite_soft_matching(
     protected = int(protect_first)
     r = min(r, (n - protected) // 2)
     if r <= 0:
-        return _keep, _keep
+        return keep_all, keep_all
 
     with torch.no_grad():
         metric = F.normalize(metric, dim=-1)
@@ -124,7 +117,7 @@ def repeated_bipartite_matching(
         groups = merge_groups(unmerge, groups, metric.shape[1], metric)
         r -= step
     if groups is None:
-        return _keep, _keep
+        return keep_all, keep_all
     return grouped_merge(groups, metric.shape[1])
 
 
@@ -158,7 +151,7 @@ def merge_wavg(
     """
     if size is None:
         size = torch.ones_like(x[..., :1], dtype=torch.float32)
-    if merge_fn is _keep:
+    if merge_fn is keep_all:
         return x, size
     if mask is None:
         merged_size = merge_fn(size, mode="sum")
@@ -174,7 +167,7 @@ def merge_wavg(
 
 def merge_mask(merge_fn: MergeFn, mask: Tensor) -> Tensor:
     """Merge a [B, N] bool mask (True = real): a merged token is real if any member is."""
-    if merge_fn is _keep:
+    if merge_fn is keep_all:
         return mask
     return merge_fn(mask[..., None].float(), mode="amax")[..., 0] > 0
 
@@ -330,319 +323,3 @@ class TokenMergingConfig:
     @property
     def merges_fusion(self) -> bool:
         return self.fusion_r > 0 or self.text_r > 0 or self.text_entry_r > 0
-
-
-@dataclass
-class TokenMergingState:
-    """Per-model merging settings and the last forward's results (plain attribute, not in state_dict).
-
-    size: [B, N_final, 1] tokens held by each output token (None when nothing merged);
-    source: [B, N_final, N_original] membership map when `trace_source`;
-    groups: [B, N_original] the output token that holds each input token (long; None when nothing merged);
-    inputs: [B, N_original, C] the tokens that entered the first block of the last merging forward;
-    unmerge: the blocks merge, compute and unmerge (`TokenMergingConfig.vision_unmerge`), r counted from
-    all tokens; tokens: [B, N_original, C] then every token at the last block's output (before the ViT's
-    final norm), of which the output merges r[-1] when `merge_output` (else the output is all of them).
-    block_tokens: per block of the last forward, the mean of the token counts its attention and its MLP ran
-    on (a ToMe block: attention on the tokens that enter, MLP on those left after its merge; an unmerging
-    block: both on its merged tokens), what the blocks' work scales with.
-    """
-
-    r: list[int]
-    proportional_attention: bool = True
-    trace_source: bool = False
-    protect_first: bool = True
-    unmerge: bool = False
-    merge_output: bool = True
-    size: Tensor | None = None
-    source: Tensor | None = None
-    groups: Tensor | None = None
-    inputs: Tensor | None = None
-    tokens: Tensor | None = None
-    block_tokens: list[float] = field(default_factory=list)
-
-    @property
-    def tokens_kept(self) -> float:
-        """Fraction of the input tokens left after the last forward (1.0 without merging)."""
-        if self.size is None:
-            return 1.0
-        return self.size.shape[1] / float(self.size[0].sum())
-
-
-class MergingAttention(Attention):
-    """timm `Attention` that can add the proportional bias and return the keys' head mean as metric."""
-
-    def forward(
-        self,
-        x: Tensor,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-        size: Tensor | None = None,
-        return_metric: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """x [B, N, C], size [B, N, 1]; returns out [B, N, C] (and metric [B, N, head_dim])."""
-        if size is None and not return_metric:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if attn_mask is not None or is_causal:
-            raise ValueError("token merging does not support attn_mask or is_causal in the vision tower")
-        b, n, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        bias = None if size is None else proportional_attention_bias(size, dtype=q.dtype)
-        if self.fused_attn:
-            dropout_p = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-        else:
-            attn = maybe_add_mask((q * self.scale) @ k.transpose(-2, -1), bias)
-            out = self.attn_drop(attn.softmax(dim=-1)) @ v
-        out = self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))
-        if gate is not None:
-            out = out * gate
-        out = self.proj_drop(self.proj(out))
-        return (out, k.mean(dim=1)) if return_metric else out
-
-
-class MergingBlock(Block):
-    """timm `Block` that merges `r` tokens between attention and MLP (after the residual add)."""
-
-    _tome_state: TokenMergingState
-    _tome_layer: int
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        state = self._tome_state
-        if self._tome_layer == 0:
-            state.size, state.source, state.groups, state.inputs, state.tokens = None, None, None, None, None
-            state.block_tokens = []
-        if not any(state.r):
-            state.block_tokens.append(float(x.shape[1]))
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if self._tome_layer == 0:
-            state.inputs = x
-        if state.unmerge:
-            return self.unmerging_forward(x, attn_mask, is_causal)
-        size = state.size if state.proportional_attention else None
-        out, metric = self.attn(
-            self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, size=size, return_metric=True
-        )
-        x = x + self.drop_path1(self.ls1(out))
-        entered = x.shape[1]
-        r = state.r[self._tome_layer]
-        if r > 0:
-            merge, unmerge = bipartite_soft_matching(metric, r, protect_first=state.protect_first)
-            if state.trace_source:
-                state.source = merge_source(merge, state.source, x)
-            x, state.size = merge_wavg(merge, x, state.size)
-            state.groups = merge_groups(unmerge, state.groups, x.shape[1], x)
-        state.block_tokens.append((entered + x.shape[1]) / 2)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-    def unmerging_forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
-        """ToMe for Stable Diffusion's block (`TokenMergingConfig.vision_unmerge`): x [B, N, C] -> [B, N, C],
-        or, after the last block, [B, N - r[-1], C] with `state.tokens` = all N (unless `state.merge_output` is
-        False: then [B, N, C] there too, nothing merged at the output).
-
-        The merge is planned on the residual stream x (ToMeSD's metric) and serves both sub-blocks: attention
-        and MLP read the size-weighted averages of their normed inputs, attention in proportion to the sizes,
-        and each output goes back to every token its merged token holds."""
-        state, layer = self._tome_state, self._tome_layer
-        r = state.r[layer]
-        if r > 0:
-            merge, unmerge = repeated_bipartite_matching(x, r, state.protect_first)
-            merged, size = merge_wavg(merge, self.norm1(x))
-            attn_size = size if state.proportional_attention else None
-            out = self.attn(merged, attn_mask=attn_mask, is_causal=is_causal, size=attn_size)
-            x = x + unmerge(self.drop_path1(self.ls1(out)))
-            merged = merge(self.norm2(x), mode="sum") / size.to(x.dtype)  # the sizes of the same plan
-            x = x + unmerge(self.drop_path2(self.ls2(self.mlp(merged))))
-            state.block_tokens.append(float(merged.shape[1]))
-        else:
-            state.block_tokens.append(float(x.shape[1]))
-            x = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if layer < len(state.r) - 1 or state.r[-1] == 0 or not state.merge_output:
-            return x
-        state.tokens = x
-        merge, unmerge = repeated_bipartite_matching(x, state.r[-1], state.protect_first)
-        if state.trace_source:
-            state.source = merge_source(merge, None, x)
-        x, state.size = merge_wavg(merge, x)
-        state.groups = merge_groups(unmerge, None, x.shape[1], x)
-        return x
-
-
-def _num_tokens(vit: VisionTransformer) -> int:
-    return vit.patch_embed.num_patches + vit.num_prefix_tokens
-
-
-def apply_token_merging(
-    vit: VisionTransformer,
-    r: int | list[int],
-    proportional_attention: bool = True,
-    trace_source: bool = False,
-    schedule: str = "constant",
-    inflection: float = 0.0,
-    unmerge: bool = False,
-) -> None:
-    """Turn a timm VisionTransformer into a merging one in place; weights and state_dict keys unchanged.
-
-    Swaps each `Block`/`Attention` class for its merging subclass and attaches a shared
-    `vit._tome_state` (`TokenMergingState`). r = 0 everywhere runs timm's own forward (bitwise equal).
-    Not for use with `vit.set_grad_checkpointing()`: recomputation would reread the merged sizes.
-    """
-    if not isinstance(vit, VisionTransformer):
-        raise TypeError(f"vit must be a timm VisionTransformer, got {type(vit).__name__}")
-    if vit.num_prefix_tokens > 1:
-        raise ValueError(
-            f"only one prefix token ([CLS]) is supported, got num_prefix_tokens={vit.num_prefix_tokens}"
-        )
-    for i, block in enumerate(vit.blocks):
-        if type(block) not in (Block, MergingBlock) or type(block.attn) not in (Attention, MergingAttention):
-            raise TypeError(
-                f"block {i} is {type(block).__name__} with {type(block.attn).__name__}; "
-                "token merging supports timm Block with Attention"
-            )
-    per_layer = merge_schedule(
-        r, len(vit.blocks), _num_tokens(vit), schedule, vit.num_prefix_tokens, inflection, unmerge
-    )
-    state = TokenMergingState(
-        per_layer, proportional_attention, trace_source, vit.num_prefix_tokens == 1, unmerge
-    )
-    vit._tome_state = state
-    for i, block in enumerate(vit.blocks):
-        # in-place class swap (timm 1.0.31, tests/test_private_apis.py): the subclasses read timm Block's and
-        # Attention's attributes; timm has no hook between attention and MLP where merging could happen
-        block.__class__ = MergingBlock
-        block.attn.__class__ = MergingAttention
-        block._tome_state = state
-        block._tome_layer = i
-
-
-def token_merging_state(vit: VisionTransformer) -> TokenMergingState | None:
-    """The merging state of a ViT (sizes/source of its last forward), None if it does not merge."""
-    return getattr(vit, "_tome_state", None)
-
-
-def set_merge_r(
-    vit: VisionTransformer,
-    r: int | list[int],
-    schedule: str = "constant",
-    inflection: float = 0.0,
-    unmerge: bool | None = None,
-) -> None:
-    """Change how many tokens a merging ViT merges per layer (e.g. raising r during training), and with
-    `unmerge` whether its blocks unmerge (None: as they do)."""
-    state = token_merging_state(vit)
-    if state is None:
-        raise ValueError("vit has no token merging; call apply_token_merging first")
-    if unmerge is not None:
-        state.unmerge = unmerge
-    state.r = merge_schedule(
-        r, len(vit.blocks), _num_tokens(vit), schedule, int(state.protect_first), inflection, state.unmerge
-    )
-
-
-def text_guided_merge(
-    image_tokens: Tensor,
-    cross_attn_weights: Tensor,
-    r: int,
-    size: Tensor | None = None,
-    text_mask: Tensor | None = None,
-    protect_first: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """PuMer-style: merge the `r` image tokens least attended by the real text into their most similar
-    remaining token (cosine, size-weighted). Kept tokens stay in their original order.
-
-    image_tokens [B, Ni, D]; cross_attn_weights text->image [B, H, Nt, Ni] or [B, Nt, Ni];
-    size [B, Ni, 1]; text_mask [B, Nt] (True/1 = real). Returns (tokens [B, Ni - r, D], size).
-    """
-    if r < 0:
-        raise ValueError(f"r must be >= 0, got {r}")
-    b, n, _ = image_tokens.shape
-    attn = cross_attn_weights.mean(dim=1) if cross_attn_weights.dim() == 4 else cross_attn_weights
-    if attn.dim() != 3 or attn.shape[0] != b or attn.shape[2] != n:
-        raise ValueError(
-            f"cross_attn_weights must be [B, H, Nt, Ni] or [B, Nt, Ni] with B={b}, Ni={n}, "
-            f"got {tuple(cross_attn_weights.shape)}"
-        )
-    if text_mask is None:
-        text_mask = torch.ones(attn.shape[:2], dtype=torch.bool, device=attn.device)
-    if text_mask.shape != attn.shape[:2]:
-        raise ValueError(f"text_mask must have shape {tuple(attn.shape[:2])}, got {tuple(text_mask.shape)}")
-    protected = int(protect_first)
-    r = min(r, max(n - protected - 1, 0))
-    if r == 0:
-        return merge_wavg(_keep, image_tokens, size)
-
-    with torch.no_grad():
-        weight = text_mask.to(attn.dtype)[..., None]
-        received = (attn * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)  # [B, Ni]
-        if protect_first:
-            received[:, 0] = torch.inf
-        order = received.argsort(dim=-1)[..., None]
-        src_idx = order[:, :r]
-        keep_idx = order[:, r:].sort(dim=1).values
-        metric = F.normalize(image_tokens, dim=-1)
-        d = metric.shape[-1]
-        similarity = metric.gather(1, src_idx.expand(-1, -1, d)) @ metric.gather(
-            1, keep_idx.expand(-1, -1, d)
-        ).transpose(1, 2)  # [B, r, Ni - r]
-        if protect_first:
-            similarity[..., 0] = -torch.inf
-        dst_idx = similarity.argmax(dim=-1)[..., None]
-
-    def merge(x: Tensor, mode: str = "mean") -> Tensor:
-        c = x.shape[-1]
-        kept = x.gather(1, keep_idx.expand(-1, -1, c))
-        moved = x.gather(1, src_idx.expand(-1, -1, c))
-        return kept.scatter_reduce(1, dst_idx.expand(-1, -1, c), moved, reduce=mode)
-
-    return merge_wavg(merge, image_tokens, size)
-
-
-class MergedText(NamedTuple):
-    """A caption batch after one text merge, real tokens first in each row (`merge_text_tokens`)."""
-
-    tokens: Tensor  # [B, Nt - r, D]
-    size: Tensor  # [B, Nt - r, 1] real tokens held by each token (padding ones by padding groups)
-    mask: Tensor  # [B, Nt - r], text_mask's dtype: real tokens first, then padding
-    unmerge: Callable[[Tensor], Tensor]  # [B, Nt - r, C] -> [B, Nt, C]: each position its group's row
-
-
-def merge_text_tokens(
-    text_tokens: Tensor,
-    r: int,
-    text_mask: Tensor,
-    size: Tensor | None = None,
-    metric: Tensor | None = None,
-    protect_first: bool = True,
-) -> MergedText:
-    """Merge `r` tokens of a right-padded caption batch by bipartite matching, padding never mixed into text.
-
-    Real-real links go before padding-padding ones and the real tokens are moved back in front after the
-    merge (stable), so which tokens of a caption merge, and where they end up, does not depend on how much
-    padding its row has: the merged batch is right-padded again, fit for packing and length groups.
-    text_tokens [B, Nt, D], text_mask [B, Nt] (bool or 0/1), size [B, Nt, 1], metric [B, Nt, C] (defaults to
-    the tokens). [CLS] (position 0) never merges with `protect_first` and stays first.
-    """
-    if text_mask.shape != text_tokens.shape[:2]:
-        raise ValueError(
-            f"text_mask must have shape {tuple(text_tokens.shape[:2])}, got {tuple(text_mask.shape)}"
-        )
-    real = text_mask.bool()
-    merge, unmerge = bipartite_soft_matching(
-        text_tokens if metric is None else metric, r, protect_first=protect_first, mask=real, real_first=True
-    )
-    tokens, size = merge_wavg(merge, text_tokens, size, mask=real)
-    real = merge_mask(merge, real)
-    order = torch.sort((~real).to(torch.uint8), dim=1, stable=True).indices  # [B, Nt - r]: real first
-    inverse = order.argsort(dim=1)
-
-    def unmerge_text(x: Tensor) -> Tensor:
-        return unmerge(gather_tokens(x, inverse))
-
-    return MergedText(
-        gather_tokens(tokens, order),
-        gather_tokens(size, order),
-        real.gather(1, order).to(text_mask.dtype),
-        unmerge_text,
-    )
