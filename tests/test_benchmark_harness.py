@@ -4,14 +4,11 @@ the instruction set torch's kernels use."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-
-HARNESS = Path(__file__).parents[1] / "benchmarks" / "harness.py"
+from benchmark_script import load_benchmark
 
 # two processors of one CPU, as Linux lists them (fields trimmed); the second block must not override the first
 CPUINFO = """processor\t: 0
@@ -32,10 +29,7 @@ model name\t: another name
 
 @pytest.fixture(scope="module")
 def harness():
-    spec = importlib.util.spec_from_file_location("harness", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("harness")
 
 
 def test_cpu_identity_reads_the_first_processor_and_torchs_instruction_set(harness, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -11,15 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmark_script import load_benchmark
+
 ROOT = Path(__file__).parents[1]
 CSV_PATH = ROOT / "benchmarks" / "results" / "make-train.csv"
 
 
 def load_record_run():
-    spec = importlib.util.spec_from_file_location("record_run", ROOT / "benchmarks" / "record_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("record_run")
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:

@@ -5,27 +5,13 @@ is replaced by a recorder."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+from benchmark_script import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def token_merging():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling harness.py
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "token_merging_benchmark", BENCHMARKS / "token_merging.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return load_benchmark("token_merging")
 
 
 def run_list(module, monkeypatch, **numbering) -> list[tuple[str, int, int, list[str]]]:
