@@ -10,7 +10,7 @@ from vlp.platform.model.backbone import FeatureCache, FusionBackbone
 from vlp.platform.model.encoders import TextConfig, VisionConfig
 from vlp.platform.model.fusion import FusionConfig
 from vlp.tasks.itc import ITCObjective
-from vlp.tasks.merge import MergeObjective
+from vlp.tasks.merge import MergeObjective, normalised_squared_distance
 from vlp.tasks.multitask import MultiTaskModule
 
 
@@ -114,3 +114,16 @@ def test_runs_in_the_multitask_mix_with_the_runners_step(backbone, batch):
     torch.testing.assert_close(loss, logged["train/itc/loss"] + logged["train/merge/loss"])
     loss.backward()
     assert backbone.vision.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_the_target_is_the_plain_model_whatever_the_backbone_merges(backbone, batch):
+    """A merge the backbone's setting holds beside the objective's r (here the entry merge) is off in the
+    full forward the merged one learns from."""
+    backbone.set_merging(vision_entry_r=6)
+    out = loss_at(MergeObjective(backbone, r_start=0, r_end=0, ramp_steps=0), batch, step=0)
+    with torch.no_grad():
+        merged = backbone.encode_image(batch["image"]).embedding
+        with backbone.merging_override(vision_entry_r=0):
+            plain = backbone.encode_image(batch["image"]).embedding
+    assert out.logs["itc_distance"] > 0
+    torch.testing.assert_close(out.logs["itc_distance"], normalised_squared_distance(merged, plain))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlp.platform.model.backbone import FeatureCache, FusionBackbone
+from vlp.platform.model.token_merging import MERGING_OFF
 from vlp.platform.optim import OptimConfig
 from vlp.tasks.base import Objective, ObjectiveOutput
 
@@ -82,7 +83,7 @@ class MergeObjective(Objective):
 
     def distill(self, batch: dict, features: FeatureCache, r: int) -> ObjectiveOutput:
         text, backbone = features.text, self.backbone
-        with torch.no_grad(), backbone.merging_override(vision_r=0, fusion_r=0, text_r=0, text_entry_r=0):
+        with torch.no_grad(), backbone.merging_override(**MERGING_OFF):
             full_image = backbone.encode_image(batch["image"])
             full_fused = backbone.fuse(full_image, text.tokens, text.attention_mask)
         with backbone.merging_override(vision_r=r, fusion_r=self.fusion_r, text_r=self.text_r):

@@ -152,6 +152,10 @@ def test_bad_merging_settings_are_rejected(shapes):
         TokenMergingConfig(fusion_r=-1)
     with pytest.raises(ValueError, match="merging.schedule"):
         TokenMergingConfig(schedule="linear")
+    with pytest.raises(ValueError, match="merging.vision_entry_r .*merging.vision_unmerge"):
+        TokenMergingConfig(vision_r=4, vision_entry_r=4, vision_unmerge=True)
+    with pytest.raises(ValueError, match="merging.vision_entry_r"):
+        TokenMergingConfig(vision_entry_r=-2)
     with pytest.raises(ValueError, match="vision_merge_output: false .*merging.vision_unmerge: true"):
         TokenMergingConfig(vision_r=4, vision_merge_output=False)  # ToMe's blocks keep no token per patch
     with pytest.raises(ValueError, match="one entry per layer"):
@@ -264,13 +268,17 @@ def test_entry_merging_lowers_fusion_flops(shapes, batch, monkeypatch):
     assert merged < full * (length - 5) / length
 
 
+@pytest.mark.parametrize("entry_r", [0, 6])
 @pytest.mark.parametrize("detail", ["positions", "inputs"])
-def test_patch_grid_gives_each_patch_its_merged_token_and_its_place(shapes, batch, detail):
-    """Grounding's view of a merged image: position j holds the token its patch went to (ToMe's source map)
-    plus position embedding j (or the token that entered the ViT at j); keys and values taken from the merged
-    tokens' by linearity equal those projected from the grid itself, and so do the fused outputs and every
-    gradient (float64)."""
-    backbone = build(shapes.tokenizer, TokenMergingConfig(vision_r=3, trace_source=True)).double()
+def test_patch_grid_gives_each_patch_its_merged_token_and_its_place(shapes, batch, detail, entry_r):
+    """Grounding's view of a merged image: position j holds the token its patch went to (ToMe's source map,
+    the entry merge's included) plus position embedding j (or the token that entered the ViT at j); keys and
+    values taken from the merged tokens' by linearity equal those projected from the grid itself, and so do
+    the fused outputs and every gradient (float64)."""
+    merging = TokenMergingConfig(
+        vision_r=3 if entry_r == 0 else [2, 1], vision_entry_r=entry_r, trace_source=True
+    )
+    backbone = build(shapes.tokenizer, merging).double()
     images = batch["image"].double()
     image = backbone.encode_image(images)
     vit = backbone.vision.vit
@@ -322,6 +330,19 @@ def test_patch_grid_leaves_unmerged_and_patch_dropped_images_alone(shapes, batch
         assert torch.equal(part.grid.inputs, all_patches.grid.inputs[rows])
     with pytest.raises(ValueError, match="positions"):
         backbone.patch_grid(all_patches, "pixels")
+
+
+def test_entry_merging_runs_under_patch_dropout_on_the_kept_patches(shapes, batch):
+    """Patch dropout keeps 8 of the 16 patches in training; the entry merge then merges among the kept tokens
+    (matched on the tokens themselves: the kept patches' embeddings are not at hand) and keeps no grid."""
+    backbone = build(shapes.tokenizer, TokenMergingConfig(vision_entry_r=4))
+    backbone.vision.set_patch_dropout(0.5)
+    backbone.train()
+    image = backbone.encode_image(batch["image"])
+    assert image.tokens.shape[1] == 1 + 8 - 4 and image.grid is None
+    assert torch.equal(image.sizes.sum(dim=1), torch.full((8,), 9.0))
+    everything = backbone.encode_image(batch["image"], all_patches=True)
+    assert everything.tokens.shape[1] == TOKENS - 4 and everything.grid.groups.shape == (8, TOKENS)
 
 
 def test_unmerging_vision_keeps_every_patch_for_the_tokens_grid(shapes, batch):

@@ -14,6 +14,7 @@ from vlp.platform.model.token_merging import (
     repeated_bipartite_matching,
 )
 from vlp.platform.model.vit_merging import (
+    ENTRY_ROUND_SHARE,
     MergingAttention,
     MergingBlock,
     apply_token_merging,
@@ -23,7 +24,7 @@ from vlp.platform.model.vit_merging import (
 from vlp.platform.run.flops import count_flops
 
 
-def tiny_vit(depth: int = 3, **kwargs) -> VisionTransformer:
+def tiny_vit(depth: int = 3, class_token: bool = True, **kwargs) -> VisionTransformer:
     torch.manual_seed(0)
     return VisionTransformer(
         img_size=32,
@@ -32,7 +33,8 @@ def tiny_vit(depth: int = 3, **kwargs) -> VisionTransformer:
         depth=depth,
         num_heads=2,
         num_classes=0,
-        class_token=True,
+        class_token=class_token,
+        global_pool="token" if class_token else "avg",
         **kwargs,
     )
 
@@ -279,3 +281,101 @@ def test_unmerge_can_be_switched_with_the_schedule():
     assert not state.unmerge and state.r == [8, 4, 2]
     vit(torch.randn(1, 3, 32, 32))
     assert state.tokens is None and state.size.shape[1] == 17 - 14
+
+
+# --- merging as the image enters -----------------------------------------------------------------------
+
+
+def test_entry_merging_runs_every_block_on_fewer_tokens_and_tracks_sizes_and_source():
+    vit = tiny_vit()
+    apply_token_merging(vit, [2, 1, 0], trace_source=True, entry_r=6)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    tokens = vit.forward_features(x)
+    state = vit._tome_state
+    assert tokens.shape == (2, 17 - 6 - 3, 32) and state.r == [2, 1, 0]
+    assert torch.equal(state.size.sum(dim=1), torch.full((2, 1), 17.0))
+    assert state.source.shape == (2, 8, 17) and torch.equal(state.source.sum(dim=1), torch.ones(2, 17))
+    assert torch.equal(state.source[:, 0, 0], torch.ones(2))  # [CLS] stays first and alone
+    assert torch.equal(state.groups, state.source.argmax(dim=1))
+    assert state.inputs.shape == (2, 17, 32)  # every token as it came, before the entry merge
+    assert state.block_tokens == [(11 + 9) / 2, (9 + 8) / 2, 8.0]
+    tokens.sum().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in vit.parameters() if p.requires_grad)
+    set_merge_r(vit, 0, entry_r=0)
+    reference = tiny_vit()
+    assert torch.equal(vit(x), reference(x)) and state.size is None and state.patch_tokens is None
+
+
+@pytest.mark.parametrize("proportional", [True, False])
+def test_entry_merging_patches_that_show_the_same_equals_the_plain_vit_with_proportional_attention(
+    proportional,
+):
+    """A plain image without position embeddings: every patch token is the same, so the 16 merge into one of
+    size 16, which attention weighs as the 16 it holds (exact only with proportional attention)."""
+    vit = tiny_vit().eval()
+    with torch.no_grad():
+        vit.pos_embed.zero_()
+    reference = copy.deepcopy(vit)
+    apply_token_merging(vit, 0, proportional_attention=proportional, entry_r=15)
+    x = torch.randn(2, 3, 1, 1).expand(2, 3, 32, 32)
+    merged_cls, dense_cls = vit(x), reference(x)
+    assert vit._tome_state.tokens_kept == pytest.approx(2 / 17)
+    assert torch.allclose(merged_cls, dense_cls, atol=1e-5) == proportional
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_entry_merging_reads_what_the_patches_show_not_where_they_lie(class_token):
+    """The entry merge's plan does not move with the position embeddings (it reads the patch embeddings),
+    while the same matching on the tokens with their positions does; with a class token or without one."""
+    vit = tiny_vit(class_token=class_token).eval()
+    apply_token_merging(vit, 0, entry_r=8)
+    x = torch.randn(2, 3, 32, 32)
+    plans = []
+    for std in (0.02, 2.0):
+        with torch.no_grad():
+            vit.pos_embed.normal_(std=std)
+            vit(x)
+            positioned = vit._pos_embed(vit.patch_embed(x))
+        _, unmerge = repeated_bipartite_matching(positioned, 8, class_token, ENTRY_ROUND_SHARE)
+        left = positioned.shape[1] - 8
+        plans.append((vit._tome_state.groups, merge_groups(unmerge, None, left, positioned)))
+    (content, placed), (content_moved, placed_moved) = plans
+    assert torch.equal(content, content_moved) and not torch.equal(placed, placed_moved)
+
+
+def test_repeated_matching_in_smaller_rounds_merges_only_the_strongest_links():
+    """12 copies of one token and 4 distinct ones, merged by 10: rounds of half the tokens (every token of
+    set A merges in the first) merge distinct tokens into others; rounds of a quarter leave the 4 apart."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 17, 16)
+    distinct = [2, 6, 11, 14]
+    copies = [i for i in range(1, 17) if i not in distinct]
+    x[:, copies] = x[:, 1:2].clone()
+    for share, apart in ((0.5, False), (0.25, True)):
+        _, unmerge = repeated_bipartite_matching(x, 10, round_share=share)
+        groups = merge_groups(unmerge, None, 7, x)[0]
+        alone = all((groups == groups[i]).sum() == 1 for i in distinct)
+        assert alone == apart, share
+
+
+def test_entry_merging_counts_the_schedule_from_the_tokens_left_and_excludes_unmerging_blocks():
+    vit = tiny_vit()
+    apply_token_merging(vit, 8, entry_r=6)
+    assert token_merging_state(vit).r == merge_schedule(8, 3, 11)
+    with pytest.raises(ValueError, match="entry merging .* unmerge"):
+        apply_token_merging(tiny_vit(), 4, unmerge=True, entry_r=2)
+    with pytest.raises(ValueError, match="entry merging .* unmerge"):
+        set_merge_r(vit, 4, unmerge=True)
+    with pytest.raises(ValueError, match="entry_r must be a non-negative integer"):
+        set_merge_r(vit, 4, entry_r=-1)
+
+
+def test_deep_copied_vit_reads_its_own_patch_embedding():
+    """The momentum model is a deep copy: its patch embedding's hook fills the copy's state, not the
+    original's."""
+    vit = tiny_vit()
+    apply_token_merging(vit, 0, entry_r=4)
+    momentum = copy.deepcopy(vit)
+    (hook,) = momentum.patch_embed._forward_hooks.values()
+    assert hook.args[0] is token_merging_state(momentum) is not token_merging_state(vit)
+    assert momentum(torch.randn(1, 3, 32, 32)).shape == vit(torch.randn(1, 3, 32, 32)).shape

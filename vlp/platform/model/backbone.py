@@ -300,9 +300,17 @@ class FusionBackbone(nn.Module):
                 config.schedule,
                 config.inflection,
                 config.vision_unmerge,
+                config.vision_entry_r,
             )
         else:
-            set_merge_r(vit, config.vision_r, config.schedule, config.inflection, config.vision_unmerge)
+            set_merge_r(
+                vit,
+                config.vision_r,
+                config.schedule,
+                config.inflection,
+                config.vision_unmerge,
+                config.vision_entry_r,
+            )
             state.proportional_attention = config.proportional_attention
             state.trace_source = config.trace_source
         token_merging_state(vit).merge_output = config.vision_merge_output

@@ -24,6 +24,9 @@ from vlp.platform.model.token_index import gather_tokens, sum_tokens
 
 MergeFn = Callable[..., Tensor]
 SCHEDULES = ("constant", "decreasing")
+# every field of `TokenMergingConfig` that merges, at 0: `backbone.merging_override(**MERGING_OFF)` runs the
+# plain model whatever the setting
+MERGING_OFF = {"vision_r": 0, "vision_entry_r": 0, "fusion_r": 0, "text_r": 0, "text_entry_r": 0}
 
 
 def keep_all(x: Tensor, mode: str = "mean") -> Tensor:
@@ -99,17 +102,19 @@ def bipartite_soft_matching(
 
 
 def repeated_bipartite_matching(
-    metric: Tensor, r: int, protect_first: bool = True
+    metric: Tensor, r: int, protect_first: bool = True, round_share: float = 0.5
 ) -> tuple[MergeFn, MergeFn]:
     """Plan the merge of `r` tokens of `metric` [B, N, C] that may exceed half of them: bipartite soft
-    matching repeated on its own size-weighted result, each round merging at most half the mergeable tokens
-    left (ToMe for Stable Diffusion merges up to 3/4 of a block's tokens at once). r is capped so that
+    matching repeated on its own size-weighted result, each round merging at most `round_share` (at most half)
+    of the mergeable tokens left (ToMe for Stable Diffusion merges up to 3/4 of a block's tokens at once; a
+    smaller share merges only the strongest links of each round). r is capped so that
     `protect_first` + 1 tokens remain. Returns one merge and one unmerge, as `bipartite_soft_matching`, each a
     single scatter or gather over the rounds' groups (`grouped_merge`): a "mean" merge is each group's mean."""
     metric, size = metric.detach(), None  # a plan, as each matching's: no gradient through it
     groups = None
     while r > 0:
-        step = min(r, (metric.shape[1] - int(protect_first)) // 2)
+        mergeable = metric.shape[1] - int(protect_first)
+        step = min(r, mergeable // 2, max(1, int(mergeable * round_share)))
         if step <= 0:
             break
         merge, unmerge = bipartite_soft_matching(metric, step, protect_first)
@@ -277,8 +282,12 @@ class TokenMergingConfig:
     """Where and how much a `FusionBackbone` merges; all zeros is the plain model (bitwise).
 
     vision_r: tokens merged per ViT block (an int, or one entry per block), shaped by `schedule`
-    ("constant" or "decreasing") or ToMe's `inflection` in [-1, 1] (`merge_schedule`); fusion_r: image tokens merged after each fusion layer's cross-attention,
-    least attended by the real text first (PuMer); text_r: caption tokens merged per fusion layer
+    ("constant" or "decreasing") or ToMe's `inflection` in [-1, 1] (`merge_schedule`); vision_entry_r: patch
+    tokens merged once as the image enters the ViT, before its first block, by ToMe's matching on what the
+    patches show (their patch embeddings, in rounds: `MergingBlock.entry_merge`), so every block runs on the
+    fewer tokens and alike patches (a plain background) share one while an object keeps its own (the
+    vision side's `text_entry_r`; not with `vision_unmerge`); fusion_r: image tokens merged after each fusion
+    layer's cross-attention, least attended by the real text first (PuMer); text_r: caption tokens merged per fusion layer
     (unmerged again before the fused output, so it keeps length L); text_entry_r: caption tokens merged
     once as the caption enters the fusion, before its first layer (ToMe's matching on the text tower's
     output), so every fusion layer and every pass over the caption (ITM's pairs share one merge) runs on
@@ -294,6 +303,7 @@ class TokenMergingConfig:
     """
 
     vision_r: int | list[int] = 0
+    vision_entry_r: int = 0
     schedule: str = "constant"
     inflection: float = 0.0
     proportional_attention: bool = True
@@ -310,10 +320,17 @@ class TokenMergingConfig:
         if not -1.0 <= self.inflection <= 1.0:
             raise ValueError(f"merging.inflection must lie in [-1, 1], got {self.inflection}")
         rs = self.vision_r if isinstance(self.vision_r, list) else [self.vision_r]
-        singles = {name: [getattr(self, name)] for name in ("fusion_r", "text_r", "text_entry_r")}
+        singles = {
+            name: [getattr(self, name)] for name in ("vision_entry_r", "fusion_r", "text_r", "text_entry_r")
+        }
         for name, values in (("vision_r", rs), *singles.items()):
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
                 raise ValueError(f"merging.{name} must be non-negative integers, got {getattr(self, name)}")
+        if self.vision_entry_r and self.vision_unmerge:
+            raise ValueError(
+                "merging.vision_entry_r merges tokens before the ViT's first block, and merging.vision_unmerge's "
+                "blocks keep a token for every patch: set one of them to 0 / false"
+            )
         if not self.vision_merge_output and not self.vision_unmerge:
             raise ValueError(
                 "merging.vision_merge_output: false keeps every patch's token, which only blocks that unmerge "

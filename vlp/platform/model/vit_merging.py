@@ -1,7 +1,8 @@
 """Token merging inside a timm ViT: its blocks merge as they run, in one of two ways.
 
 ToMe's (Bolya et al. 2023): each block merges the tokens the last one left, between its attention and its MLP,
-so the output holds the merged tokens only. ToMe for Stable Diffusion's (Bolya & Hoffman 2023): each block merges
+so the output holds the merged tokens only; before them, the tokens may merge once as they enter (on what the
+patches show, `MergingBlock.entry_merge`). ToMe for Stable Diffusion's (Bolya & Hoffman 2023): each block merges
 its input, computes attention and MLP on the merged tokens and unmerges their outputs into the residual stream,
 so every patch keeps a token of its own to the end; the output is merged once more for the readers of few tokens.
 `apply_token_merging` swaps the classes of a timm ViT's blocks in place (weights and state_dict keys unchanged).
@@ -10,7 +11,9 @@ so every patch keeps a token of its own to the end; the output is merged once mo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
+import torch
 import torch.nn.functional as F
 from timm.layers.attention import Attention, maybe_add_mask
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -26,10 +29,18 @@ from vlp.platform.model.token_merging import (
     repeated_bipartite_matching,
 )
 
+# each round of the entry matching merges at most this share of the mergeable tokens: a token merges only where
+# its best link ranks among the round's strongest (one round of ToMe's matching, which takes up to half, merges
+# every token of set A when r nears half, objects into background too)
+ENTRY_ROUND_SHARE = 0.25
+
 
 @dataclass
 class TokenMergingState:
     """Per-model merging settings and the last forward's results (plain attribute, not in state_dict).
+
+    entry_r: tokens merged as the image enters the first block (`TokenMergingConfig.vision_entry_r`);
+    patch_tokens: [B, N_patches, C] the patch embedding's output of the running forward, which that merge reads.
 
     size: [B, N_final, 1] tokens held by each output token (None when nothing merged);
     source: [B, N_final, N_original] membership map when `trace_source`;
@@ -45,6 +56,8 @@ class TokenMergingState:
 
     r: list[int]
     proportional_attention: bool = True
+    entry_r: int = 0
+    patch_tokens: Tensor | None = None
     trace_source: bool = False
     protect_first: bool = True
     unmerge: bool = False
@@ -109,11 +122,13 @@ class MergingBlock(Block):
         if self._tome_layer == 0:
             state.size, state.source, state.groups, state.inputs, state.tokens = None, None, None, None, None
             state.block_tokens = []
-        if not any(state.r):
+        if not any(state.r) and not state.entry_r:
             state.block_tokens.append(float(x.shape[1]))
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         if self._tome_layer == 0:
             state.inputs = x
+            if state.entry_r:
+                x = self.entry_merge(x)
         if state.unmerge:
             return self.unmerging_forward(x, attn_mask, is_causal)
         size = state.size if state.proportional_attention else None
@@ -131,6 +146,29 @@ class MergingBlock(Block):
             state.groups = merge_groups(unmerge, state.groups, x.shape[1], x)
         state.block_tokens.append((entered + x.shape[1]) / 2)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def entry_merge(self, x: Tensor) -> Tensor:
+        """The tokens x [B, N, C] that enter the first block, `entry_r` of them merged (size-weighted averages):
+        [B, N - entry_r, C], sizes and the token -> patch map set as the blocks' merges set them.
+
+        The matching reads what each patch shows, its patch embedding before the position embedding, so alike
+        patches merge wherever they lie (a plain background into a few tokens) while an object's patches keep
+        tokens apart from it; it runs in rounds of at most `ENTRY_ROUND_SHARE` of the tokens. Under patch dropout
+        (the kept patches' embeddings are not at hand) it reads the tokens themselves, position included."""
+        state = self._tome_state
+        metric = x
+        patches, state.patch_tokens = state.patch_tokens, None
+        prefix = int(state.protect_first)  # [CLS] first, never merged
+        if patches is not None and patches.shape[1] + prefix == x.shape[1]:
+            metric = torch.cat([x[:, :prefix], patches], dim=1)
+        merge, unmerge = repeated_bipartite_matching(
+            metric, state.entry_r, state.protect_first, ENTRY_ROUND_SHARE
+        )
+        if state.trace_source:
+            state.source = merge_source(merge, None, x)
+        x, state.size = merge_wavg(merge, x)
+        state.groups = merge_groups(unmerge, None, x.shape[1], x)
+        return x
 
     def unmerging_forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
         """ToMe for Stable Diffusion's block (`TokenMergingConfig.vision_unmerge`): x [B, N, C] -> [B, N, C],
@@ -165,8 +203,27 @@ class MergingBlock(Block):
         return x
 
 
-def _num_tokens(vit: VisionTransformer) -> int:
-    return vit.patch_embed.num_patches + vit.num_prefix_tokens
+def _keep_patch_tokens(state: TokenMergingState, module: object, args: object, output: Tensor) -> None:
+    """Forward hook of the ViT's patch embedding: its output [B, N, C] for the entry merge to read."""
+    if state.entry_r:
+        state.patch_tokens = output
+
+
+def _num_tokens(vit: VisionTransformer, entry_r: int = 0) -> int:
+    """Tokens entering the first block's attention: [CLS] and every patch, less the entry merge's
+    (capped as its matching caps it: [CLS] and one patch token remain)."""
+    patches = vit.patch_embed.num_patches
+    return vit.num_prefix_tokens + patches - min(entry_r, max(patches - 1, 0))
+
+
+def _check_entry(entry_r: int, unmerge: bool) -> None:
+    if isinstance(entry_r, bool) or not isinstance(entry_r, int) or entry_r < 0:
+        raise ValueError(f"entry_r must be a non-negative integer, got {entry_r!r}")
+    if entry_r and unmerge:
+        raise ValueError(
+            "entry merging removes tokens before the first block, and blocks that unmerge keep a token for "
+            "every patch: use one or the other"
+        )
 
 
 def apply_token_merging(
@@ -177,12 +234,15 @@ def apply_token_merging(
     schedule: str = "constant",
     inflection: float = 0.0,
     unmerge: bool = False,
+    entry_r: int = 0,
 ) -> None:
     """Turn a timm VisionTransformer into a merging one in place; weights and state_dict keys unchanged.
 
     Swaps each `Block`/`Attention` class for its merging subclass and attaches a shared
     `vit._tome_state` (`TokenMergingState`). r = 0 everywhere runs timm's own forward (bitwise equal).
-    Not for use with `vit.set_grad_checkpointing()`: recomputation would reread the merged sizes.
+    `entry_r` tokens merge as the image enters the first block (`MergingBlock.entry_merge`; ToMe's blocks
+    only), and the schedule counts from the tokens left. Not for use with `vit.set_grad_checkpointing()`:
+    recomputation would reread the merged sizes.
     """
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"vit must be a timm VisionTransformer, got {type(vit).__name__}")
@@ -196,13 +256,17 @@ def apply_token_merging(
                 f"block {i} is {type(block).__name__} with {type(block.attn).__name__}; "
                 "token merging supports timm Block with Attention"
             )
+    _check_entry(entry_r, unmerge)
     per_layer = merge_schedule(
-        r, len(vit.blocks), _num_tokens(vit), schedule, vit.num_prefix_tokens, inflection, unmerge
+        r, len(vit.blocks), _num_tokens(vit, entry_r), schedule, vit.num_prefix_tokens, inflection, unmerge
     )
     state = TokenMergingState(
-        per_layer, proportional_attention, trace_source, vit.num_prefix_tokens == 1, unmerge
+        per_layer, proportional_attention, entry_r, None, trace_source, vit.num_prefix_tokens == 1, unmerge
     )
     vit._tome_state = state
+    if getattr(vit, "_tome_patch_hook", None) is not None:
+        vit._tome_patch_hook.remove()
+    vit._tome_patch_hook = vit.patch_embed.register_forward_hook(partial(_keep_patch_tokens, state))
     for i, block in enumerate(vit.blocks):
         # in-place class swap (timm 1.0.31, tests/test_private_apis.py): the subclasses read timm Block's and
         # Attention's attributes; timm has no hook between attention and MLP where merging could happen
@@ -223,14 +287,18 @@ def set_merge_r(
     schedule: str = "constant",
     inflection: float = 0.0,
     unmerge: bool | None = None,
+    entry_r: int | None = None,
 ) -> None:
-    """Change how many tokens a merging ViT merges per layer (e.g. raising r during training), and with
-    `unmerge` whether its blocks unmerge (None: as they do)."""
+    """Change how many tokens a merging ViT merges per layer (e.g. raising r during training), with
+    `unmerge` whether its blocks unmerge and with `entry_r` how many merge as the image enters (None: as
+    they do)."""
     state = token_merging_state(vit)
     if state is None:
         raise ValueError("vit has no token merging; call apply_token_merging first")
-    if unmerge is not None:
-        state.unmerge = unmerge
+    unmerge = state.unmerge if unmerge is None else unmerge
+    entry_r = state.entry_r if entry_r is None else entry_r
+    _check_entry(entry_r, unmerge)
+    state.unmerge, state.entry_r = unmerge, entry_r
     state.r = merge_schedule(
-        r, len(vit.blocks), _num_tokens(vit), schedule, int(state.protect_first), inflection, state.unmerge
+        r, len(vit.blocks), _num_tokens(vit, entry_r), schedule, int(state.protect_first), inflection, unmerge
     )
