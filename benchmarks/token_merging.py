@@ -8,7 +8,8 @@ Parts (--parts; costs, goals and quality by default, side by side in one run and
 - goals: the issue's cost goals. Merge config: the overlay's merging (and patch dropout 0.5 / 0.75 without
   merging) against neither, batch 64; ViT-B/16 224 px + BERT-base 6 + 6: the joint ITC + ITM + MLM step
   (ALBEF's objectives, all rows) at vision_r 16 against 0, batch 8;
-- quality: `vlp fit` of the merge config unmerged, merged (the overlay; `merged_dense`: with
+- quality: `vlp fit` of the merge config unmerged, merged (the overlay; `merged_tome`: ToMe's blocks in its
+  place, `vision_r: [32, 16, 8]` with no entry merge, the overlay's setting before it; `merged_dense`: with
   configs/overlays/merge-dense.yaml on top, blocks that unmerge; `merged_whole`: those blocks with the ViT's
   output kept whole, `merging.vision_merge_output: false`; `merged_whole_lean`: the same at `vision_r: [32, 48,
   56]`, within the FLOPs goal; `vit6_unmerged` and `vit6_merged_whole`: the same config with a 6-block ViT,
@@ -62,6 +63,7 @@ import yaml
 from harness import ROOT, add_smoke_flag, build_from_config, report, revision_tree, run_isolated
 
 from vlp.cli import run as vlp_run
+from vlp.platform.model.token_merging import MERGING_OFF as MERGING_OFF_FIELDS
 from vlp.platform.model.token_merging import TokenMergingConfig
 from vlp.platform.run.flops import count_flops
 from vlp.platform.run.perf import training_step_flops
@@ -110,7 +112,7 @@ def merging_arg(merging: dict) -> str:
     return f"{BACKBONE}.merging={json.dumps(merging)}"
 
 
-MERGING_OFF = [merging_arg(dict(vision_r=0, text_r=0, text_entry_r=0, fusion_r=0))]
+MERGING_OFF = [merging_arg(MERGING_OFF_FIELDS)]
 # the merge config with a 6-block ViT: does merging keep the scores where the ViT has blocks to spare?
 DEEP = [f"{BACKBONE}.vision.depth=6"]
 DEEP12 = [f"{BACKBONE}.vision.depth=12"]  # and with ViT-B's 12 blocks
@@ -145,6 +147,7 @@ SMOKE_SETTINGS = (
     "r8+fusion16",
     "r32,16,8+entry12",
     "overlay",
+    "tome",
     "overlay_grounding_none",
     "overlay_dense",
     "overlay_whole",
@@ -270,14 +273,16 @@ WHOLE_LEAN_MERGING = {**WHOLE_MERGING, "vision_r": [32, 48, 56]}
 DEEP_WHOLE_MERGING = {**WHOLE_MERGING, "vision_r": [16, 32, 32, 48, 48, 56]}
 # the same share of its tokens as three blocks keep at [32, 48, 56] (0.30 of the token-blocks): depth alone
 DEEP_WHOLE_SHARE_MERGING = {**WHOLE_MERGING, "vision_r": [24, 40, 48, 48, 56, 56]}
+# ToMe's blocks on the merge config (merge.yaml's setting before the entry merge): 65 -> 33 -> 17 -> 9 image tokens
+TOME_MERGING = {**merging_of_overlay(), "vision_entry_r": 0, "vision_r": [32, 16, 8]}
 # configs/overlays/merge-vit12.yaml: the 6-block schedule with each block twice on the 12-block ViT (49, 49,
 # 33 x 4, 17 x 4, 9, 9 tokens per block), merge-dense.yaml's blocks, the output whole
 DEEP12_WHOLE_MERGING = merging_of_overlay(VIT12)
 # the same schedule one block sooner (49, 33 x 4, 17 x 4, 9 x 3 tokens per block; 0.430x): room under the time goal
 DEEP12_WHOLE_LEAN_MERGING = {**WHOLE_MERGING, "vision_r": [16, 32, 32, 32, 32, 48, 48, 48, 48, 56, 56, 56]}
-# the overlay's ToMe (output merged to 9 tokens, grounding on the patch grid) spread over 12 blocks, at the FLOPs of
+# ToMe's blocks (output merged to 9 tokens, grounding on the patch grid) spread over 12 blocks, at the FLOPs of
 # the whole output above: 65 -> 49 -> 33 -> 17 -> 9 tokens, merged in blocks 1, 3, 7 and 11
-DEEP12_TOME_MERGING = {**merging_of_overlay(), "vision_r": [16, 0, 16, 0, 0, 0, 16, 0, 0, 0, 8, 0]}
+DEEP12_TOME_MERGING = {**TOME_MERGING, "vision_r": [16, 0, 16, 0, 0, 0, 16, 0, 0, 0, 8, 0]}
 
 
 def whole_variant() -> Variant:
@@ -292,6 +297,7 @@ def named_settings() -> dict[str, Setting]:
     return {
         **SETTINGS,
         "overlay": overlay,
+        "tome": TokenMergingConfig(**TOME_MERGING),
         **{f"overlay_grounding_{grid}": Variant(overlay, grounding_patch_grid=grid) for grid in OTHER_GRIDS},
         "overlay_dense": dense_variant(),
         "overlay_whole": whole_variant(),
@@ -375,7 +381,7 @@ def fit(overrides: list[str], steps: int, batch_size: int, root: Path, seed: int
     # the same weights validated on every token (FLIP's reading: train on fewer tokens, evaluate on all)
     backbone = cli.model.backbone
     if backbone.merging is not None and backbone.merging != TokenMergingConfig():
-        with backbone.merging_override(vision_r=0, fusion_r=0, text_r=0, text_entry_r=0):
+        with backbone.merging_override(**MERGING_OFF_FIELDS):
             (validated,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
         scores |= {f"{key}_all_tokens": validated.get(SCORES[key]) for key in GOAL_SCORES}
     return {**scores, "wall_s": wall_s}
@@ -456,6 +462,7 @@ def goals(costs: list[dict], quality: list[dict]) -> dict:
             found[f"{name}_goal_met"] = value <= bound
     prefixes = {  # merged variant: (its unmerged variant, the prefix of its summary keys)
         "merged": ("unmerged", ""),
+        "merged_tome": ("unmerged", "tome_"),
         "merged_dense": ("unmerged", "dense_"),
         "merged_whole": ("unmerged", "whole_"),
         "merged_whole_lean": ("unmerged", "whole_lean_"),
@@ -541,7 +548,7 @@ def main() -> None:
         if "costs" not in parts or args.quick:
             dropout = [f"patch_dropout{p}{too}" for p in PATCH_DROPOUT for too in ("", "_grounding_too")]
             grids = [f"overlay_grounding_{grid}" for grid in OTHER_GRIDS]
-            goal_settings = ("r0", "overlay", *grids, "overlay_dense", "overlay_whole", *dropout)
+            goal_settings = ("r0", "overlay", "tome", *grids, "overlay_dense", "overlay_whole", *dropout)
             batch, rounds = size((64, 3), (16, 1), (2, 1))
             rows += cost_rows("shapes-tiny-64px", batch, {k: every[k] for k in goal_settings}, rounds)
         vit_b = {"r0": SETTINGS["r0"], "r16": SETTINGS["r16"]}
@@ -582,6 +589,7 @@ def main() -> None:
         variants = {
             "unmerged": MERGING_OFF,
             "merged": [],
+            "merged_tome": [merging_arg(TOME_MERGING)],
             "merged_dense": [f"--config={DENSE}"],
             "merged_whole": [merging_arg(WHOLE_MERGING)],
             "merged_whole_lean": [merging_arg(WHOLE_LEAN_MERGING)],
