@@ -20,6 +20,7 @@ MERGINGS = {
     "text+fusion": TokenMergingConfig(text_r=4, fusion_r=3),
     "text, no proportional attention": TokenMergingConfig(vision_r=4, text_r=3, proportional_attention=False),
     "vision+text entry": TokenMergingConfig(vision_r=4, text_entry_r=4),
+    "vision entry+text entry+text": TokenMergingConfig(vision_entry_r=6, text_entry_r=4, text_r=2),
     "text entry+text+fusion": TokenMergingConfig(text_entry_r=3, text_r=2, fusion_r=3),
     "text entry, no proportional attention": TokenMergingConfig(
         vision_r=4, text_entry_r=4, proportional_attention=False
