@@ -287,8 +287,8 @@ class TokenMergingConfig:
     patches show (their patch embeddings, in rounds: `MergingBlock.entry_merge`), so every block runs on the
     fewer tokens and alike patches (a plain background) share one while an object keeps its own (the
     vision side's `text_entry_r`; not with `vision_unmerge`); fusion_r: image tokens merged after each fusion
-    layer's cross-attention, least attended by the real text first (PuMer); text_r: caption tokens merged per fusion layer
-    (unmerged again before the fused output, so it keeps length L); text_entry_r: caption tokens merged
+    layer's cross-attention, least attended by the real text first (PuMer); text_r: caption tokens merged per
+    fusion layer (unmerged again before the fused output, so it keeps length L); text_entry_r: caption tokens merged
     once as the caption enters the fusion, before its first layer (ToMe's matching on the text tower's
     output), so every fusion layer and every pass over the caption (ITM's pairs share one merge) runs on
     the shorter caption; proportional_attention: log(size)

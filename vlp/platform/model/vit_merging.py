@@ -261,7 +261,12 @@ def apply_token_merging(
         r, len(vit.blocks), _num_tokens(vit, entry_r), schedule, vit.num_prefix_tokens, inflection, unmerge
     )
     state = TokenMergingState(
-        per_layer, proportional_attention, entry_r, None, trace_source, vit.num_prefix_tokens == 1, unmerge
+        per_layer,
+        proportional_attention,
+        entry_r=entry_r,
+        trace_source=trace_source,
+        protect_first=vit.num_prefix_tokens == 1,
+        unmerge=unmerge,
     )
     vit._tome_state = state
     if getattr(vit, "_tome_patch_hook", None) is not None:
