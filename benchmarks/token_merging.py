@@ -8,16 +8,18 @@ Parts (--parts; costs, goals and quality by default, side by side in one run and
 - goals: the issue's cost goals. Merge config: the overlay's merging (and patch dropout 0.5 / 0.75 without
   merging) against neither, batch 64; ViT-B/16 224 px + BERT-base 6 + 6: the joint ITC + ITM + MLM step
   (ALBEF's objectives, all rows) at vision_r 16 against 0, batch 8;
-- quality: `vlp fit` of the merge config unmerged, merged (the overlay; `merged_tome`: ToMe's blocks in its
-  place, `vision_r: [32, 16, 8]` with no entry merge, the overlay's setting before it; `merged_dense`: with
-  configs/overlays/merge-dense.yaml on top, blocks that unmerge; `merged_whole`: those blocks with the ViT's
-  output kept whole, `merging.vision_merge_output: false`; `merged_whole_lean`: the same at `vision_r: [32, 48,
-  56]`, within the FLOPs goal; `vit6_unmerged` and `vit6_merged_whole`: the same config with a 6-block ViT,
-  unmerged and with the whole output at `vision_r: [16, 32, 32, 48, 48, 56]`; `vit6_merged_whole_share` at
+- quality: `vlp fit` of the merge config unmerged, merged (the overlay; `merged_entry40_captions`: its setting
+  before, 40 patch tokens merged at entry and each caption in the fusion, `merged_entry40` and `merged_captions`
+  each part of that alone; `merged_tome`: ToMe's blocks in the entry merge's place, `vision_r: [32, 16, 8]`, the
+  setting before those; `merged_dense`: with configs/overlays/merge-dense.yaml on top, blocks that unmerge;
+  `merged_whole`: those blocks with the ViT's output kept whole, `merging.vision_merge_output: false`;
+  `merged_whole_lean`: the same at `vision_r: [32, 48, 56]`, within the FLOPs goal; `vit6_unmerged` and
+  `vit6_merged_whole`: the same config with a 6-block ViT, unmerged and with the whole output at
+  `vision_r: [16, 32, 32, 48, 48, 56]`; `vit6_merged_whole_share` at
   `[24, 40, 48, 48, 56, 56]`, the share of tokens three blocks keep at `[32, 48, 56]`; `vit12_unmerged` and
   `vit12_merged_whole`: a 12-block ViT, the 6-block schedule with each block twice; `vit12_merged_whole_lean`: the
-  same one block sooner, `[16, 32, 32, 32, 32, 48, 48, 48, 48, 56, 56, 56]`; `vit12_merged`: the overlay's
-  ToMe on it, `vision_r: [16, 0, 16, 0, 0, 0, 16, 0, 0, 0, 8, 0]`) and with patch dropout, the
+  same one block sooner, `[16, 32, 32, 32, 32, 48, 48, 48, 48, 56, 56, 56]`; `vit12_merged`:
+  `merged_tome`'s ToMe on it, `vision_r: [16, 0, 16, 0, 0, 0, 16, 0, 0, 0, 8, 0]`) and with patch dropout, the
   config's 1000 steps (--train-steps) at seeds 0 and 1, then validation t2i R@1, ITM accuracy and grounding
   Acc@0.5; the summary gives each drop against unmerged and whether it is within 0.03. Shorter runs cannot
   judge merging: after 300 steps grounding had not left 0.2-0.26 with or without it. One run moves each score
@@ -273,8 +275,16 @@ WHOLE_LEAN_MERGING = {**WHOLE_MERGING, "vision_r": [32, 48, 56]}
 DEEP_WHOLE_MERGING = {**WHOLE_MERGING, "vision_r": [16, 32, 32, 48, 48, 56]}
 # the same share of its tokens as three blocks keep at [32, 48, 56] (0.30 of the token-blocks): depth alone
 DEEP_WHOLE_SHARE_MERGING = {**WHOLE_MERGING, "vision_r": [24, 40, 48, 48, 56, 56]}
+# each caption merged by 12 tokens as it enters the fusion and by 4 after its first layer's attention (merge.yaml's
+# until 2026-12-06, merge-dense.yaml's and merge-vit12.yaml's)
+CAPTION_MERGING = {"text_entry_r": 12, "text_r": 4}
 # ToMe's blocks on the merge config (merge.yaml's setting before the entry merge): 65 -> 33 -> 17 -> 9 image tokens
-TOME_MERGING = {**merging_of_overlay(), "vision_entry_r": 0, "vision_r": [32, 16, 8]}
+TOME_MERGING = {**merging_of_overlay(), **CAPTION_MERGING, "vision_entry_r": 0, "vision_r": [32, 16, 8]}
+# merge.yaml's entry merge before it took 48 (25 tokens through every block), with the caption merging; and each
+# of its two parts alone: which one costs ITM accuracy
+ENTRY40_CAPTIONS_MERGING = {**merging_of_overlay(), **CAPTION_MERGING, "vision_entry_r": 40}
+ENTRY40_MERGING = {**ENTRY40_CAPTIONS_MERGING, "text_entry_r": 0, "text_r": 0}
+CAPTIONS_MERGING = {**ENTRY40_CAPTIONS_MERGING, "vision_entry_r": 0}
 # configs/overlays/merge-vit12.yaml: the 6-block schedule with each block twice on the 12-block ViT (49, 49,
 # 33 x 4, 17 x 4, 9, 9 tokens per block), merge-dense.yaml's blocks, the output whole
 DEEP12_WHOLE_MERGING = merging_of_overlay(VIT12)
@@ -298,6 +308,7 @@ def named_settings() -> dict[str, Setting]:
         **SETTINGS,
         "overlay": overlay,
         "tome": TokenMergingConfig(**TOME_MERGING),
+        "entry40_captions": TokenMergingConfig(**ENTRY40_CAPTIONS_MERGING),
         **{f"overlay_grounding_{grid}": Variant(overlay, grounding_patch_grid=grid) for grid in OTHER_GRIDS},
         "overlay_dense": dense_variant(),
         "overlay_whole": whole_variant(),
@@ -463,6 +474,9 @@ def goals(costs: list[dict], quality: list[dict]) -> dict:
     prefixes = {  # merged variant: (its unmerged variant, the prefix of its summary keys)
         "merged": ("unmerged", ""),
         "merged_tome": ("unmerged", "tome_"),
+        "merged_entry40_captions": ("unmerged", "entry40_captions_"),
+        "merged_entry40": ("unmerged", "entry40_"),
+        "merged_captions": ("unmerged", "captions_"),
         "merged_dense": ("unmerged", "dense_"),
         "merged_whole": ("unmerged", "whole_"),
         "merged_whole_lean": ("unmerged", "whole_lean_"),
@@ -548,7 +562,16 @@ def main() -> None:
         if "costs" not in parts or args.quick:
             dropout = [f"patch_dropout{p}{too}" for p in PATCH_DROPOUT for too in ("", "_grounding_too")]
             grids = [f"overlay_grounding_{grid}" for grid in OTHER_GRIDS]
-            goal_settings = ("r0", "overlay", "tome", *grids, "overlay_dense", "overlay_whole", *dropout)
+            goal_settings = (
+                "r0",
+                "overlay",
+                "tome",
+                "entry40_captions",
+                *grids,
+                "overlay_dense",
+                "overlay_whole",
+                *dropout,
+            )
             batch, rounds = size((64, 3), (16, 1), (2, 1))
             rows += cost_rows("shapes-tiny-64px", batch, {k: every[k] for k in goal_settings}, rounds)
         vit_b = {"r0": SETTINGS["r0"], "r16": SETTINGS["r16"]}
@@ -590,6 +613,9 @@ def main() -> None:
             "unmerged": MERGING_OFF,
             "merged": [],
             "merged_tome": [merging_arg(TOME_MERGING)],
+            "merged_entry40_captions": [merging_arg(ENTRY40_CAPTIONS_MERGING)],
+            "merged_entry40": [merging_arg(ENTRY40_MERGING)],
+            "merged_captions": [merging_arg(CAPTIONS_MERGING)],
             "merged_dense": [f"--config={DENSE}"],
             "merged_whole": [merging_arg(WHOLE_MERGING)],
             "merged_whole_lean": [merging_arg(WHOLE_LEAN_MERGING)],
